@@ -1,0 +1,17 @@
+//! Compiles `proto/covd/v1/*.proto` with protox (pure Rust, no system `protoc`) and generates
+//! the tonic client and server into `OUT_DIR`, plus the encoded descriptor set that server
+//! reflection serves.
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["covd/v1/covd.proto"], ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("covd_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

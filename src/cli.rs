@@ -1,0 +1,651 @@
+//! The `covd` command line: one subcommand per task, each a thin use of the library.
+
+use std::fs::File;
+use std::io::{self, BufReader, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand};
+use covd::client::{Batcher, Client, ClientError, PushOptions, PushTarget};
+use covd::formats::lcov;
+use covd::model::path::PathRules;
+use covd::model::{Coverage, Totals};
+use covd::server::{self, Settings};
+use covd::service::{RunParams, RunStatus, ShardState};
+use tokio::sync::mpsc;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (also: push could not reach the daemon, without --fail-on-error)
+  1  an unexpected error
+  2  bad input: a malformed file, bad arguments, or the daemon refused the request
+  3  the daemon is unreachable or unavailable
+  4  fetch --wait: the deadline passed before the run was complete (the output is written)";
+
+/// covd: merges coverage from parallel CI shards while they run.
+#[derive(Debug, Parser)]
+#[command(version, about, after_help = EXIT_CODES)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (in memory; loopback only unless told otherwise).
+    Serve(ServeArgs),
+    /// Open a run and declare the shards it expects.
+    Open(OpenArgs),
+    /// Stream a shard's coverage files (LCOV) into a run, then finish the shard.
+    Push(PushArgs),
+    /// Write the merged coverage of a run, optionally waiting until every shard finished.
+    Fetch(FetchArgs),
+    /// Show a run's shards and totals.
+    Status(StatusArgs),
+    /// Show one file's merged line coverage.
+    File(FileArgs),
+    /// Show coverage totals of a directory and its children.
+    Dir(DirArgs),
+    /// List the runs the daemon holds.
+    Runs(ServerArg),
+    /// Delete a run.
+    Delete(RunArg),
+}
+
+#[derive(Debug, Args)]
+struct ServerArg {
+    /// The daemon's address.
+    #[arg(
+        long,
+        env = "COVD_SERVER",
+        default_value = "http://127.0.0.1:8417",
+        global = true
+    )]
+    server: String,
+}
+
+#[derive(Debug, Args)]
+struct RunArg {
+    #[command(flatten)]
+    server: ServerArg,
+    /// The run (e.g. the CI pipeline id).
+    #[arg(long, env = "COVD_RUN")]
+    run: String,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on. Loopback by default: covd has no authentication yet.
+    #[arg(long, default_value = "127.0.0.1:8417")]
+    listen: SocketAddr,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, default_value_t = Settings::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Largest line number accepted.
+    #[arg(long, default_value_t = Settings::default().limits.max_line)]
+    max_line: u32,
+    /// Most distinct files in one run.
+    #[arg(long, default_value_t = Settings::default().limits.max_files_per_run)]
+    max_files_per_run: usize,
+    /// Most shards in one run.
+    #[arg(long, default_value_t = Settings::default().limits.max_shards_per_run)]
+    max_shards_per_run: usize,
+    /// Most runs held at once.
+    #[arg(long, default_value_t = Settings::default().limits.max_runs)]
+    max_runs: usize,
+}
+
+#[derive(Debug, Args)]
+struct RunMeta {
+    /// The project the run belongs to.
+    #[arg(long, env = "COVD_PROJECT", default_value = "")]
+    project: String,
+    /// The commit tested.
+    #[arg(long, env = "COVD_COMMIT", default_value = "")]
+    commit: String,
+    /// The branch tested.
+    #[arg(long, env = "COVD_BRANCH", default_value = "")]
+    branch: String,
+    /// A label such as `unit` (repeatable).
+    #[arg(long = "flag")]
+    flags: Vec<String>,
+}
+
+impl RunMeta {
+    fn params(&self, expected_shards: Vec<String>) -> RunParams {
+        RunParams {
+            project: self.project.clone(),
+            commit: self.commit.clone(),
+            branch: self.branch.clone(),
+            flags: self.flags.iter().cloned().collect(),
+            expected_shards,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct OpenArgs {
+    #[command(flatten)]
+    run: RunArg,
+    /// Expect shards named 0..N-1.
+    #[arg(
+        long,
+        conflicts_with = "shard_ids",
+        required_unless_present = "shard_ids"
+    )]
+    shards: Option<u32>,
+    /// Expect shards with these names.
+    #[arg(long, value_delimiter = ',')]
+    shard_ids: Vec<String>,
+    #[command(flatten)]
+    meta: RunMeta,
+}
+
+#[derive(Debug, Args)]
+struct PushArgs {
+    #[command(flatten)]
+    run: RunArg,
+    /// This shard's name.
+    #[arg(long, env = "COVD_SHARD")]
+    shard: String,
+    /// The attempt: a higher one replaces what earlier attempts of the shard sent.
+    #[arg(long, env = "COVD_ATTEMPT", default_value_t = 1)]
+    attempt: u32,
+    /// Remove this prefix from source paths (repeatable; the first that matches applies).
+    #[arg(long)]
+    strip_prefix: Vec<String>,
+    /// Replace the prefix FROM with TO in source paths (repeatable).
+    #[arg(long, value_name = "FROM=TO", value_parser = parse_mapping)]
+    map_prefix: Vec<(String, String)>,
+    /// Make source paths under this directory relative to it.
+    #[arg(long)]
+    root: Option<String>,
+    /// Fail (exit 3) when the daemon cannot be reached; by default a push warns and exits 0
+    /// so that coverage never fails a test suite.
+    #[arg(long)]
+    fail_on_error: bool,
+    /// Reconnection attempts after failures.
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    #[command(flatten)]
+    meta: RunMeta,
+    /// LCOV files to send.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct FetchArgs {
+    #[command(flatten)]
+    run: RunArg,
+    /// Wait until every expected shard has finished.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits at most (e.g. 90s, 10m).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(long, default_value = "lcov", value_parser = ["lcov"])]
+    format: String,
+    /// Write here instead of standard output.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    run: RunArg,
+    /// Keep printing the status as it changes, until the run is complete.
+    #[arg(long)]
+    watch: bool,
+}
+
+#[derive(Debug, Args)]
+struct FileArgs {
+    #[command(flatten)]
+    run: RunArg,
+    /// The file's path as the run knows it.
+    path: String,
+}
+
+#[derive(Debug, Args)]
+struct DirArgs {
+    #[command(flatten)]
+    run: RunArg,
+    /// The directory; the root when omitted.
+    #[arg(default_value = "")]
+    path: String,
+}
+
+fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not FROM=TO"))
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) error: anyhow::Error,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        let code = if e.is_unavailable() {
+            3
+        } else if e.is_invalid_input() {
+            2
+        } else {
+            1
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure { code: 1, error }
+    }
+}
+
+fn bad_input(error: anyhow::Error) -> Failure {
+    Failure { code: 2, error }
+}
+
+impl Cli {
+    pub(crate) async fn run(self) -> Result<ExitCode, Failure> {
+        match self.command {
+            Command::Serve(a) => serve(a).await,
+            Command::Open(a) => open(a).await,
+            Command::Push(a) => push(a).await,
+            Command::Fetch(a) => fetch(a).await,
+            Command::Status(a) => status(a).await,
+            Command::File(a) => file(a).await,
+            Command::Dir(a) => dir(a).await,
+            Command::Runs(a) => runs(a).await,
+            Command::Delete(a) => {
+                client(&a.server)?.delete_run(&a.run).await?;
+                eprintln!("deleted run {}", a.run);
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+fn client(server: &ServerArg) -> Result<Client, Failure> {
+    Client::connect(&server.server).map_err(|e| bad_input(e.into()))
+}
+
+async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
+    let mut settings = Settings {
+        max_message_bytes: a.max_message_bytes,
+        ..Settings::default()
+    };
+    settings.limits.max_line = a.max_line;
+    settings.limits.max_files_per_run = a.max_files_per_run;
+    settings.limits.max_shards_per_run = a.max_shards_per_run;
+    settings.limits.max_runs = a.max_runs;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let addr = listener.local_addr().context("no local address")?;
+    eprintln!("covd listening on http://{addr} (in memory)");
+    server::run(listener, settings, shutdown_signal())
+        .await
+        .context("the server failed")?;
+    eprintln!("covd stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn open(a: OpenArgs) -> Result<ExitCode, Failure> {
+    let expected = match a.shards {
+        Some(0) => return Err(bad_input(anyhow!("--shards must be at least 1"))),
+        Some(n) => (0..n).map(|i| i.to_string()).collect(),
+        None => a.shard_ids.clone(),
+    };
+    let (created, status) = client(&a.run.server)?
+        .open_run(&a.run.run, a.meta.params(expected))
+        .await?;
+    eprintln!(
+        "run {} {} expecting {} shards",
+        status.run_id,
+        if created { "opened," } else { "already open," },
+        status.params.expected_shards.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
+    let rules = PathRules {
+        strip: a.strip_prefix.clone(),
+        map: a.map_prefix.clone(),
+        root: a.root.clone(),
+    };
+    // Check every file opens before anything is sent.
+    let mut inputs = Vec::new();
+    let mut total_bytes = 0;
+    for path in &a.files {
+        let f = File::open(path)
+            .with_context(|| format!("cannot open {}", path.display()))
+            .map_err(bad_input)?;
+        total_bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
+        inputs.push((path.clone(), f));
+    }
+    let progress = progress_bar(total_bytes);
+    let (tx, rx) = mpsc::channel(4);
+    let reader_progress = progress.clone();
+    // Parsing is CPU work: it runs on a blocking thread and hands deltas over a bounded channel.
+    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let mut batcher = Batcher::default();
+        // Several records for one path (gcov writes one per object file) are summed before
+        // sending; the daemon would sum them too, but one entry per file is smaller.
+        let mut files = 0u64;
+        for (path, f) in inputs {
+            let mut reader = lcov::Reader::new(BufReader::with_capacity(256 * 1024, f));
+            let mut pending = Coverage::default();
+            let mut consumed = 0;
+            while let Some(record) = reader
+                .next_record()
+                .with_context(|| format!("{}", path.display()))?
+            {
+                pending.add(&rules.apply(&record.path), &record.file);
+                reader_progress.inc(reader.bytes_read() - consumed);
+                consumed = reader.bytes_read();
+            }
+            for (p, file) in pending.files {
+                covd::model::path::check(&p).map_err(|e| {
+                    anyhow!(
+                        "{}: source path `{p}` after path rules: {e}",
+                        path.display()
+                    )
+                })?;
+                files += 1;
+                if let Some(delta) = batcher.push(p, file) {
+                    if tx.blocking_send(delta).is_err() {
+                        return Ok(files); // the push ended early; its error is reported
+                    }
+                }
+            }
+        }
+        if let Some(delta) = batcher.finish() {
+            let _ = tx.blocking_send(delta);
+        }
+        Ok(files)
+    });
+    let target = PushTarget {
+        run_id: a.run.run.clone(),
+        shard_id: a.shard.clone(),
+        attempt: a.attempt,
+        params: a.meta.params(Vec::new()),
+        telemetry: None,
+    };
+    let options = PushOptions {
+        retries: a.retries,
+        ..PushOptions::default()
+    };
+    let pushed = client(&a.run.server)?.push(&target, rx, &options).await;
+    let parsed = reader
+        .await
+        .map_err(|e| anyhow!("the reader failed: {e}"))?;
+    progress.finish_and_clear();
+    // A malformed file is the root cause even if the push then failed for lack of input.
+    let files = parsed.map_err(bad_input)?;
+    match pushed {
+        Ok(report) => {
+            let run = report.run.as_ref();
+            eprintln!(
+                "shard {} of run {}: {files} files in {} deltas{}{}",
+                a.shard,
+                a.run.run,
+                report.deltas,
+                if report.reconnects > 0 {
+                    format!(", {} reconnects", report.reconnects)
+                } else {
+                    String::new()
+                },
+                run.map(|r| format!("; run {}", completeness(r)))
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if e.is_unavailable() && !a.fail_on_error => {
+            eprintln!("covd: warning: coverage not sent: {e} (use --fail-on-error to fail)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} pushing [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
+    let mut c = client(&a.run.server)?;
+    let wait = a.wait.then_some(a.timeout);
+    let header = match &a.output {
+        Some(path) => {
+            // Written beside the target and renamed, so a reader never sees half a file.
+            let tmp = path.with_extension("covd-partial");
+            let mut out = io::BufWriter::new(
+                File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+            );
+            let header = c.export(&a.run.run, wait, &mut out).await;
+            drop(out);
+            match header {
+                Ok(h) => {
+                    std::fs::rename(&tmp, path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    h
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            }
+        }
+        None => {
+            let stdout = io::stdout();
+            let mut out = io::BufWriter::new(stdout.lock());
+            c.export(&a.run.run, wait, &mut out).await?
+        }
+    };
+    let t = header.totals;
+    eprintln!(
+        "run {}: {} files, lines {}, branches {}, functions {}",
+        a.run.run,
+        t.files,
+        ratio(t.lines_covered, t.lines),
+        ratio(t.branches_taken, t.branches),
+        ratio(t.functions_hit, t.functions)
+    );
+    if header.complete {
+        eprintln!("complete: every expected shard finished");
+    } else if !header.expectations_declared {
+        eprintln!("completeness unknown: the run declared no expected shards (use `covd open`)");
+    } else {
+        eprintln!(
+            "INCOMPLETE: missing shards {}",
+            header.missing_shards.join(", ")
+        );
+    }
+    if a.wait && header.timed_out {
+        return Ok(ExitCode::from(4));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ratio(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "0/0".into();
+    }
+    format!(
+        "{part}/{whole} ({:.1}%)",
+        part as f64 * 100.0 / whole as f64
+    )
+}
+
+fn completeness(s: &RunStatus) -> String {
+    if s.complete {
+        "complete".into()
+    } else if !s.expectations_declared {
+        "has no expected shards declared".into()
+    } else {
+        format!("waits for {} shards", s.missing_shards.len())
+    }
+}
+
+async fn status(a: StatusArgs) -> Result<ExitCode, Failure> {
+    let mut c = client(&a.run.server)?;
+    if a.watch {
+        c.watch(&a.run.run, |s| {
+            print_status(s);
+            println!();
+        })
+        .await?;
+    } else {
+        print_status(&c.status(&a.run.run).await?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(s: &RunStatus) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "run {}: {}", s.run_id, completeness(s));
+    if !s.params.project.is_empty() || !s.params.commit.is_empty() {
+        let _ = writeln!(
+            out,
+            "  project {} commit {} branch {}",
+            s.params.project, s.params.commit, s.params.branch
+        );
+    }
+    for sh in &s.shards {
+        let state = match sh.state {
+            ShardState::Pending => "missing (nothing received)",
+            ShardState::Streaming => "streaming",
+            ShardState::Interrupted => "interrupted (stream closed without finish)",
+            ShardState::Finished => "finished",
+        };
+        let _ = writeln!(
+            out,
+            "  shard {:<12} {:<44} attempt {} deltas {}{}",
+            sh.shard_id,
+            state,
+            sh.attempt,
+            sh.last_seq,
+            if sh.expected { "" } else { " (not declared)" }
+        );
+    }
+    print_totals(&mut out, &s.totals);
+}
+
+fn print_totals(out: &mut impl Write, t: &Totals) {
+    let _ = writeln!(
+        out,
+        "  files {}  lines {}  branches {}  functions {}",
+        t.files,
+        ratio(t.lines_covered, t.lines),
+        ratio(t.branches_taken, t.branches),
+        ratio(t.functions_hit, t.functions)
+    );
+}
+
+async fn file(a: FileArgs) -> Result<ExitCode, Failure> {
+    let f = client(&a.run.server)?.file(&a.run.run, &a.path).await?;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{}", a.path);
+    print_totals(&mut out, &f.totals());
+    let branches = f.branches();
+    for (line, hits) in f.line_hits() {
+        let on_line: Vec<_> = branches.iter().filter(|(k, _)| k.line == line).collect();
+        let taken = on_line
+            .iter()
+            .filter(|(_, t)| t.is_some_and(|n| n > 0))
+            .count();
+        let mark = if hits == 0 {
+            "uncovered"
+        } else if taken < on_line.len() {
+            "partial"
+        } else {
+            "covered"
+        };
+        let branch_note = if on_line.is_empty() {
+            String::new()
+        } else {
+            format!("  branches {taken}/{}", on_line.len())
+        };
+        let _ = writeln!(out, "{line:>7}  {hits:>10}  {mark}{branch_note}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dir(a: DirArgs) -> Result<ExitCode, Failure> {
+    let d = client(&a.run.server)?
+        .directory(&a.run.run, &a.path)
+        .await?;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{}", if d.path.is_empty() { "/" } else { &d.path });
+    print_totals(&mut out, &d.totals);
+    for e in &d.entries {
+        let t = e.totals;
+        let _ = writeln!(
+            out,
+            "  {:<60} lines {}",
+            format!("{}{}", e.path, if e.is_directory { "/" } else { "" }),
+            ratio(t.lines_covered, t.lines)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn runs(a: ServerArg) -> Result<ExitCode, Failure> {
+    let runs = client(&a)?.list_runs(100).await?;
+    for r in &runs {
+        println!(
+            "{:<32} {:<28} shards {:>3}  lines {}",
+            r.run_id,
+            completeness(r),
+            r.shards.len(),
+            ratio(r.totals.lines_covered, r.totals.lines)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

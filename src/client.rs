@@ -1,0 +1,489 @@
+//! The typed client the CLI and the tests use. It speaks domain types; the wire stays here and
+//! in `rpc`.
+//!
+//! [`Client::push`] is the shard side of ingest: it numbers deltas, keeps the unacknowledged
+//! ones, and after a dropped connection reconnects, learns the last acknowledged sequence and
+//! re-sends only what is missing.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::model::FileCoverage;
+use crate::rpc::convert::{self, file_to_proto};
+use crate::rpc::proto::coverage_client::CoverageClient;
+use crate::rpc::proto::{self, ingest_request, ingest_response};
+use crate::service::{DirectorySummary, ExportHeader, RunParams, RunStatus, TestTelemetry};
+
+/// Deltas sent but not yet acknowledged, at most.
+const WINDOW: usize = 16;
+/// A delta is closed once it holds this many lines or files, keeping messages near 1 MB,
+/// far below the daemon's message limit.
+const DELTA_LINES: usize = 400_000;
+const DELTA_FILES: usize = 2_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server address `{0}`")]
+    Address(String),
+    /// The daemon answered with an error, or could not be reached.
+    #[error("{}", describe(.0))]
+    Status(#[from] Status),
+    #[error("the daemon broke the protocol: {0}")]
+    Protocol(String),
+    #[error(
+        "the daemon no longer has deltas it acknowledged (up to {acked}; it says {resume}); was it restarted without a data directory?"
+    )]
+    LostAcknowledged { acked: u64, resume: u64 },
+    #[error(
+        "attempt {attempt} of shard `{shard}` already holds {last_seq} deltas from another push; push with a higher --attempt to replace it"
+    )]
+    AttemptTaken {
+        shard: String,
+        attempt: u32,
+        last_seq: u64,
+    },
+    #[error("writing the export failed: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+fn describe(s: &Status) -> String {
+    match s.code() {
+        Code::Unavailable => format!("the daemon is unavailable: {}", s.message()),
+        code => format!("{}: {}", code.description(), s.message()),
+    }
+}
+
+impl ClientError {
+    /// Whether the daemon was unreachable or down (as opposed to refusing the request).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ClientError::Status(s) if s.code() == Code::Unavailable)
+    }
+
+    /// Whether the daemon refused the request's content.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, ClientError::Status(s) if matches!(
+            s.code(),
+            Code::InvalidArgument | Code::FailedPrecondition | Code::ResourceExhausted
+                | Code::AlreadyExists | Code::NotFound | Code::Unimplemented
+        ))
+    }
+}
+
+/// Which shard attempt a push feeds.
+#[derive(Debug, Clone, Default)]
+pub struct PushTarget {
+    pub run_id: String,
+    pub shard_id: String,
+    pub attempt: u32,
+    /// Used if the push opens the run.
+    pub params: RunParams,
+    pub telemetry: Option<TestTelemetry>,
+}
+
+/// How hard a push tries.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Reconnects after a dropped connection or an unavailable daemon.
+    pub retries: u32,
+    pub initial_backoff: Duration,
+}
+
+impl Default for PushOptions {
+    fn default() -> PushOptions {
+        PushOptions {
+            retries: 5,
+            initial_backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What a push achieved.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    pub deltas: u64,
+    pub reconnects: u32,
+    pub run: Option<RunStatus>,
+}
+
+/// Groups files into deltas of a sensible size.
+#[derive(Debug, Default)]
+pub struct Batcher {
+    files: Vec<(String, FileCoverage)>,
+    lines: usize,
+}
+
+impl Batcher {
+    /// Adds a file; returns a full delta when this one closed it.
+    pub fn push(
+        &mut self,
+        path: String,
+        file: FileCoverage,
+    ) -> Option<Vec<(String, FileCoverage)>> {
+        self.lines += file.lines().len() as usize + file.branches().len() + file.functions().len();
+        self.files.push((path, file));
+        (self.lines >= DELTA_LINES || self.files.len() >= DELTA_FILES).then(|| self.take())
+    }
+
+    /// The last, partial delta.
+    pub fn finish(mut self) -> Option<Vec<(String, FileCoverage)>> {
+        (!self.files.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> Vec<(String, FileCoverage)> {
+        self.lines = 0;
+        std::mem::take(&mut self.files)
+    }
+}
+
+/// A connection to a covd daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: CoverageClient<Channel>,
+}
+
+impl Client {
+    /// Connects lazily: the first call fails with UNAVAILABLE if nobody listens, and later
+    /// calls reconnect by themselves.
+    pub fn connect(url: &str) -> Result<Client, ClientError> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|_| ClientError::Address(url.to_owned()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let inner = CoverageClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        Ok(Client { inner })
+    }
+
+    pub async fn open_run(
+        &mut self,
+        run_id: &str,
+        params: RunParams,
+    ) -> Result<(bool, RunStatus), ClientError> {
+        let r = self
+            .inner
+            .open_run(proto::OpenRunRequest {
+                run_id: run_id.to_owned(),
+                params: Some(convert::params_to_proto(params)),
+            })
+            .await?
+            .into_inner();
+        let status = r
+            .status
+            .ok_or_else(|| ClientError::Protocol("OpenRun answered without a status".into()))?;
+        Ok((r.created, convert::status_from_proto(status)))
+    }
+
+    pub async fn status(&mut self, run_id: &str) -> Result<RunStatus, ClientError> {
+        let s = self
+            .inner
+            .get_run_status(proto::GetRunStatusRequest {
+                run_id: run_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(convert::status_from_proto(s))
+    }
+
+    /// Calls `on_status` with the run's status now and on every change until it completes.
+    pub async fn watch(
+        &mut self,
+        run_id: &str,
+        mut on_status: impl FnMut(&RunStatus),
+    ) -> Result<(), ClientError> {
+        let mut stream = self
+            .inner
+            .watch_run(proto::WatchRunRequest {
+                run_id: run_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        while let Some(s) = stream.message().await? {
+            on_status(&convert::status_from_proto(s));
+        }
+        Ok(())
+    }
+
+    pub async fn list_runs(&mut self, limit: u32) -> Result<Vec<RunStatus>, ClientError> {
+        let r = self
+            .inner
+            .list_runs(proto::ListRunsRequest {
+                limit,
+                project: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.runs.into_iter().map(convert::status_from_proto).collect())
+    }
+
+    pub async fn delete_run(&mut self, run_id: &str) -> Result<(), ClientError> {
+        self.inner
+            .delete_run(proto::DeleteRunRequest {
+                run_id: run_id.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn file(&mut self, run_id: &str, path: &str) -> Result<FileCoverage, ClientError> {
+        let f = self
+            .inner
+            .get_file(proto::GetFileRequest {
+                run_id: run_id.to_owned(),
+                path: path.to_owned(),
+            })
+            .await?
+            .into_inner();
+        convert::file_coverage_from_proto(f).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub async fn directory(
+        &mut self,
+        run_id: &str,
+        path: &str,
+    ) -> Result<DirectorySummary, ClientError> {
+        let d = self
+            .inner
+            .get_directory(proto::GetDirectoryRequest {
+                run_id: run_id.to_owned(),
+                path: path.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(convert::directory_from_proto(d))
+    }
+
+    /// Exports the run as LCOV into `out`; with `wait`, waits up to that long for completeness.
+    pub async fn export(
+        &mut self,
+        run_id: &str,
+        wait: Option<Duration>,
+        out: &mut impl Write,
+    ) -> Result<ExportHeader, ClientError> {
+        let mut stream = self
+            .inner
+            .export(proto::ExportRequest {
+                run_id: run_id.to_owned(),
+                format: proto::ExportFormat::Lcov as i32,
+                wait: wait.is_some(),
+                timeout: wait.and_then(|w| prost_types::Duration::try_from(w).ok()),
+            })
+            .await?
+            .into_inner();
+        let header = match stream.message().await?.and_then(|c| c.msg) {
+            Some(proto::export_chunk::Msg::Header(h)) => convert::export_header_from_proto(h).0,
+            _ => {
+                return Err(ClientError::Protocol(
+                    "export did not start with a header".into(),
+                ));
+            }
+        };
+        while let Some(chunk) = stream.message().await? {
+            if let Some(proto::export_chunk::Msg::Data(data)) = chunk.msg {
+                out.write_all(&data)?;
+            }
+        }
+        out.flush()?;
+        Ok(header)
+    }
+
+    /// Streams the deltas received on `deltas` as one shard attempt, then finishes it.
+    /// Reconnects and resumes after transient failures, up to `options.retries` times in a row.
+    pub async fn push(
+        &mut self,
+        target: &PushTarget,
+        mut deltas: mpsc::Receiver<Vec<(String, FileCoverage)>>,
+        options: &PushOptions,
+    ) -> Result<PushReport, ClientError> {
+        let mut unacked: VecDeque<proto::Delta> = VecDeque::new();
+        let mut next_seq = 1u64;
+        let mut input_done = false;
+        let mut reconnects = 0u32;
+        let mut failures = 0u32;
+        loop {
+            let attempt = self
+                .push_once(
+                    target,
+                    &mut deltas,
+                    &mut unacked,
+                    &mut next_seq,
+                    &mut input_done,
+                )
+                .await;
+            match attempt {
+                Ok(run) => {
+                    return Ok(PushReport {
+                        deltas: next_seq - 1,
+                        reconnects,
+                        run,
+                    });
+                }
+                Err(PushFailure { error, progressed }) => {
+                    if progressed {
+                        failures = 0;
+                    }
+                    if !retryable(&error) || failures >= options.retries {
+                        return Err(error);
+                    }
+                    let backoff = options.initial_backoff * 2u32.saturating_pow(failures.min(5));
+                    failures += 1;
+                    reconnects += 1;
+                    tokio::time::sleep(backoff.min(Duration::from_secs(10))).await;
+                }
+            }
+        }
+    }
+
+    /// One connection's worth of a push.
+    async fn push_once(
+        &mut self,
+        target: &PushTarget,
+        deltas: &mut mpsc::Receiver<Vec<(String, FileCoverage)>>,
+        unacked: &mut VecDeque<proto::Delta>,
+        next_seq: &mut u64,
+        input_done: &mut bool,
+    ) -> Result<Option<RunStatus>, PushFailure> {
+        let fail = |error: ClientError| PushFailure {
+            error,
+            progressed: false,
+        };
+        let (tx, rx) = mpsc::channel::<proto::IngestRequest>(WINDOW + 2);
+        let request = |msg| proto::IngestRequest { msg: Some(msg) };
+        let header = proto::ShardHeader {
+            run_id: target.run_id.clone(),
+            shard_id: target.shard_id.clone(),
+            attempt: target.attempt,
+            params: Some(convert::params_to_proto(target.params.clone())),
+        };
+        // The channel has room: these sends cannot wait.
+        let _ = tx.send(request(ingest_request::Msg::Header(header))).await;
+        let mut responses = self
+            .inner
+            .ingest(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| fail(s.into()))?
+            .into_inner();
+        let resume = match responses.next().await {
+            Some(Ok(proto::IngestResponse {
+                msg: Some(ingest_response::Msg::Resume(r)),
+            })) => r,
+            Some(Err(s)) => return Err(fail(s.into())),
+            None => {
+                return Err(fail(
+                    Status::unavailable("the daemon closed the stream").into(),
+                ));
+            }
+            Some(Ok(_)) => {
+                return Err(fail(ClientError::Protocol(
+                    "expected a resume first".into(),
+                )));
+            }
+        };
+        let acked_before = *next_seq - 1 - unacked.len() as u64;
+        if resume.last_seq < acked_before {
+            return Err(fail(ClientError::LostAcknowledged {
+                acked: acked_before,
+                resume: resume.last_seq,
+            }));
+        }
+        let sent = *next_seq - 1;
+        if resume.last_seq > sent || (resume.finished && (!*input_done || !unacked.is_empty())) {
+            // Another client fed this attempt: sending ours would mix or lose data.
+            return Err(fail(ClientError::AttemptTaken {
+                shard: target.shard_id.clone(),
+                attempt: resume.attempt,
+                last_seq: resume.last_seq,
+            }));
+        }
+        unacked.retain(|d| d.seq > resume.last_seq);
+        let mut progressed = false;
+        let mut finish_sent = resume.finished;
+        if resume.finished {
+            let _ = tx
+                .send(request(ingest_request::Msg::Finish(proto::Finish {
+                    final_seq: resume.last_seq,
+                    telemetry: None,
+                })))
+                .await;
+        }
+        for d in unacked.iter() {
+            if tx
+                .send(request(ingest_request::Msg::Delta(d.clone())))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        loop {
+            if !finish_sent && *input_done && unacked.is_empty() {
+                let finish = proto::Finish {
+                    final_seq: *next_seq - 1,
+                    telemetry: target.telemetry.clone().map(convert::telemetry_to_proto),
+                };
+                let _ = tx.send(request(ingest_request::Msg::Finish(finish))).await;
+                finish_sent = true;
+            }
+            let can_send = !*input_done && unacked.len() < WINDOW;
+            tokio::select! {
+                batch = deltas.recv(), if can_send => match batch {
+                    Some(files) => {
+                        let delta = proto::Delta {
+                            seq: *next_seq,
+                            files: files.into_iter().map(|(p, f)| file_to_proto(p, &f)).collect(),
+                            test: None,
+                        };
+                        *next_seq += 1;
+                        unacked.push_back(delta.clone());
+                        let _ = tx.send(request(ingest_request::Msg::Delta(delta))).await;
+                    }
+                    None => *input_done = true,
+                },
+                response = responses.next() => match response {
+                    Some(Ok(proto::IngestResponse { msg: Some(ingest_response::Msg::Ack(ack)) })) => {
+                        while unacked.front().is_some_and(|d| d.seq <= ack.seq) {
+                            unacked.pop_front();
+                            progressed = true;
+                        }
+                    }
+                    Some(Ok(proto::IngestResponse { msg: Some(ingest_response::Msg::Finished(f)) })) => {
+                        return Ok(f.run.map(convert::status_from_proto));
+                    }
+                    Some(Ok(_)) => {
+                        return Err(PushFailure {
+                            error: ClientError::Protocol("unexpected message on the ingest stream".into()),
+                            progressed,
+                        });
+                    }
+                    Some(Err(s)) => return Err(PushFailure { error: s.into(), progressed }),
+                    None => {
+                        return Err(PushFailure {
+                            error: Status::unavailable("the daemon closed the stream before the finish").into(),
+                            progressed,
+                        });
+                    }
+                },
+            }
+        }
+    }
+}
+
+struct PushFailure {
+    error: ClientError,
+    /// Whether this connection got any delta acknowledged (resets the retry count).
+    progressed: bool,
+}
+
+fn retryable(e: &ClientError) -> bool {
+    matches!(e, ClientError::Status(s) if matches!(
+        s.code(),
+        Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    ))
+}

@@ -1,0 +1,497 @@
+//! LCOV tracefiles (geninfo's `.info`), in and out.
+//!
+//! Reading accepts what geninfo 1.x/2.x, coverage.py, c8, grcov and llvm-cov write: `TN`, `SF`,
+//! `DA` (with or without a checksum), `FN` in both the 2-field and the 3-field
+//! (`FN:start,end,name`) form, `FNDA`, lcov 2.2's `FNL`/`FNA`, `BRDA` with `-`, the summary
+//! lines (`LF`, `LH`, `FNF`, `FNH`, `BRF`, `BRH`; checked to be numbers, then recomputed), and
+//! `end_of_record`. Unknown record types are skipped. Anything malformed is an error naming the
+//! line; nothing here panics on any input.
+//!
+//! Writing follows geninfo's record order, so lcov and genhtml read the result.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, Write};
+
+use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE};
+
+use super::ParseError;
+
+/// One `SF` … `end_of_record` block.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The `TN:` in force for this record; empty when none.
+    pub test_name: String,
+    /// The path exactly as `SF:` gave it.
+    pub path: String,
+    pub file: FileCoverage,
+}
+
+/// Reads records one at a time, so a tracefile of any size is never held whole in memory.
+#[derive(Debug)]
+pub struct Reader<R> {
+    input: R,
+    line_no: u64,
+    buf: Vec<u8>,
+    test_name: String,
+    bytes_read: u64,
+}
+
+/// The record being read.
+#[derive(Default)]
+struct Open {
+    path: String,
+    builder: FileBuilder,
+    // (name, start, end) from FN; hits from FNDA, matched by name at end_of_record.
+    functions: Vec<(String, u32, u32)>,
+    function_hits: HashMap<String, u64>,
+    // lcov 2.2: FNL:index,start[,end] then FNA:index,hits,name.
+    function_locations: HashMap<u64, (u32, u32)>,
+}
+
+impl<R: BufRead> Reader<R> {
+    pub fn new(input: R) -> Reader<R> {
+        Reader {
+            input,
+            line_no: 0,
+            buf: Vec::with_capacity(256),
+            test_name: String::new(),
+            bytes_read: 0,
+        }
+    }
+
+    /// Bytes consumed so far (for progress reporting).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    /// The next record, `Ok(None)` at a clean end of input.
+    pub fn next_record(&mut self) -> Result<Option<Record>, ParseError> {
+        let mut open: Option<Open> = None;
+        loop {
+            self.buf.clear();
+            let n = self
+                .input
+                .read_until(b'\n', &mut self.buf)
+                .map_err(|e| ParseError::io(self.line_no + 1, e))?;
+            if n == 0 {
+                return match open {
+                    None => Ok(None),
+                    Some(o) => Err(self.error(format!(
+                        "the input ends inside the record for SF:{} (no end_of_record; \
+                         is the file truncated?)",
+                        o.path
+                    ))),
+                };
+            }
+            self.bytes_read += n as u64;
+            self.line_no += 1;
+            let line = trim(&self.buf);
+            if line.is_empty() {
+                continue;
+            }
+            if line == b"end_of_record" {
+                match open.take() {
+                    Some(o) => return Ok(Some(self.finish(o))),
+                    None => {
+                        return Err(self.error("end_of_record without a record (no SF before it)"));
+                    }
+                }
+            }
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue; // not a record line; unknown content is skipped
+            };
+            let (tag, value) = (&line[..colon], &line[colon + 1..]);
+            match tag {
+                b"TN" => self.test_name = utf8(value, self.line_no)?.to_owned(),
+                b"SF" => {
+                    if let Some(o) = &open {
+                        return Err(self.error(format!(
+                            "SF while the record for SF:{} is still open (missing end_of_record)",
+                            o.path
+                        )));
+                    }
+                    let path = utf8(value, self.line_no)?;
+                    if path.is_empty() {
+                        return Err(self.error("SF with an empty path"));
+                    }
+                    open = Some(Open {
+                        path: path.to_owned(),
+                        ..Open::default()
+                    });
+                }
+                b"DA" | b"FN" | b"FNDA" | b"FNL" | b"FNA" | b"BRDA" => {
+                    let line_no = self.line_no;
+                    let Some(o) = open.as_mut() else {
+                        return Err(self.error(format!(
+                            "{} outside a record (no SF before it)",
+                            String::from_utf8_lossy(tag)
+                        )));
+                    };
+                    parse_entry(o, tag, value).map_err(|m| ParseError::at(line_no, m))?;
+                }
+                b"LF" | b"LH" | b"FNF" | b"FNH" | b"BRF" | b"BRH" => {
+                    number::<u64>(value, "count").map_err(|m| self.error(m))?;
+                }
+                _ => {} // VER, MCDC and future record types: skipped
+            }
+        }
+    }
+
+    fn finish(&self, mut o: Open) -> Record {
+        for (name, start, end) in o.functions.drain(..) {
+            let hits = o.function_hits.remove(&name).unwrap_or(0);
+            o.builder.function(&name, start, end, hits);
+        }
+        // FNDA without a matching FN: keep the hits, with the start line unknown.
+        for (name, hits) in o.function_hits.drain() {
+            o.builder.function(&name, 0, 0, hits);
+        }
+        Record {
+            test_name: self.test_name.clone(),
+            path: o.path,
+            file: o.builder.build(),
+        }
+    }
+
+    fn error(&self, message: impl Into<String>) -> ParseError {
+        ParseError::at(self.line_no, message)
+    }
+}
+
+fn parse_entry(o: &mut Open, tag: &[u8], value: &[u8]) -> Result<(), String> {
+    match tag {
+        b"DA" => {
+            let mut parts = value.splitn(3, |&b| b == b',');
+            let line = line_number(parts.next(), "DA")?;
+            let hits = count(parts.next(), "DA hit count")?;
+            o.builder.line(line, hits);
+        }
+        b"FN" => {
+            let (start, rest) = split_once(value, "FN")?;
+            let start = line_number(Some(start), "FN")?;
+            // lcov 2.x: FN:start,end,name. A name never starts with digits and a comma.
+            let (end, name) = match split_once(rest, "FN") {
+                Ok((end, name)) if !end.is_empty() && end.iter().all(u8::is_ascii_digit) => {
+                    (line_number(Some(end), "FN end")?, name)
+                }
+                _ => (0, rest),
+            };
+            o.functions.push((function_name(name)?, start, end));
+        }
+        b"FNDA" => {
+            let (hits, name) = split_once(value, "FNDA")?;
+            let hits = count(Some(hits), "FNDA hit count")?;
+            let slot = o.function_hits.entry(function_name(name)?).or_default();
+            *slot = slot.saturating_add(hits);
+        }
+        b"FNL" => {
+            let mut parts = value.splitn(3, |&b| b == b',');
+            let index = number::<u64>(parts.next().unwrap_or_default(), "FNL index")?;
+            let start = line_number(parts.next(), "FNL")?;
+            let end = match parts.next() {
+                Some(e) => line_number(Some(e), "FNL end")?,
+                None => 0,
+            };
+            o.function_locations.insert(index, (start, end));
+        }
+        b"FNA" => {
+            let mut parts = value.splitn(3, |&b| b == b',');
+            let index = number::<u64>(parts.next().unwrap_or_default(), "FNA index")?;
+            let hits = count(parts.next(), "FNA hit count")?;
+            let name = function_name(parts.next().ok_or("FNA without a name")?)?;
+            let (start, end) = *o.function_locations.get(&index).ok_or_else(|| {
+                format!("FNA refers to function index {index}, which no FNL declared")
+            })?;
+            o.builder.function(&name, start, end, hits);
+        }
+        b"BRDA" => {
+            // BRDA:line,block,branch,taken — the branch may be a label containing commas, so
+            // the taken count is after the last comma.
+            let (line, rest) = split_once(value, "BRDA")?;
+            let line = line_number(Some(line), "BRDA")?;
+            let (block, rest) = split_once(rest, "BRDA")?;
+            let block = number::<u32>(block, "BRDA block")?;
+            let comma = rest
+                .iter()
+                .rposition(|&b| b == b',')
+                .ok_or("BRDA needs 4 fields: line,block,branch,taken")?;
+            let (branch, taken) = (&rest[..comma], &rest[comma + 1..]);
+            if branch.is_empty() {
+                return Err("BRDA with an empty branch field".into());
+            }
+            let arm = match std::str::from_utf8(branch) {
+                Ok(s) if s.bytes().all(|b| b.is_ascii_digit()) => {
+                    BranchArm::Index(number::<u32>(branch, "BRDA branch")?)
+                }
+                Ok(s) => BranchArm::Label(s.into()),
+                Err(_) => return Err("BRDA branch label is not UTF-8".into()),
+            };
+            let taken = if taken == b"-" {
+                None
+            } else {
+                Some(count(Some(taken), "BRDA taken count")?)
+            };
+            o.builder.branch(BranchKey { line, block, arm }, taken);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if first.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = s {
+        if last.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+fn utf8(bytes: &[u8], line: u64) -> Result<&str, ParseError> {
+    std::str::from_utf8(bytes).map_err(|_| ParseError::at(line, "the text is not valid UTF-8"))
+}
+
+fn split_once<'a>(value: &'a [u8], what: &str) -> Result<(&'a [u8], &'a [u8]), String> {
+    let comma = value
+        .iter()
+        .position(|&b| b == b',')
+        .ok_or_else(|| format!("{what} is missing a field (no comma)"))?;
+    Ok((&value[..comma], &value[comma + 1..]))
+}
+
+fn function_name(name: &[u8]) -> Result<String, String> {
+    match std::str::from_utf8(name) {
+        Ok("") => Err("empty function name".into()),
+        Ok(s) => Ok(s.to_owned()),
+        Err(_) => Err("function name is not UTF-8".into()),
+    }
+}
+
+fn number<T: std::str::FromStr>(field: &[u8], what: &str) -> Result<T, String> {
+    std::str::from_utf8(field)
+        .ok()
+        .and_then(|s| s.trim().parse::<T>().ok())
+        .ok_or_else(|| {
+            format!(
+                "{what} `{}` is not a number in range",
+                String::from_utf8_lossy(&field[..field.len().min(40)])
+            )
+        })
+}
+
+fn line_number(field: Option<&[u8]>, what: &str) -> Result<u32, String> {
+    let field = field.ok_or_else(|| format!("{what} is missing its line number"))?;
+    let n: u64 = number(field, &format!("{what} line number"))?;
+    if n == 0 {
+        return Err(format!("{what} line number 0 (lines start at 1)"));
+    }
+    if n > u64::from(MAX_LINE) {
+        return Err(format!(
+            "{what} line number {n} is beyond the largest accepted line ({MAX_LINE})"
+        ));
+    }
+    Ok(n as u32)
+}
+
+fn count(field: Option<&[u8]>, what: &str) -> Result<u64, String> {
+    let field = field.ok_or_else(|| format!("{what} is missing"))?;
+    if field.first() == Some(&b'-') {
+        return Err(format!("{what} is negative"));
+    }
+    // Counts beyond u64 (seen from broken gcov builds) saturate rather than fail the file.
+    if !field.is_empty() && field.iter().all(u8::is_ascii_digit) {
+        return Ok(number::<u64>(field, what).unwrap_or(u64::MAX));
+    }
+    number(field, what)
+}
+
+/// Writes one file's record in geninfo's order.
+pub fn write_record(w: &mut impl Write, path: &str, file: &FileCoverage) -> io::Result<()> {
+    let mut n = itoa::Buffer::new();
+    w.write_all(b"SF:")?;
+    w.write_all(path.as_bytes())?;
+    w.write_all(b"\n")?;
+    let functions = file.functions();
+    for f in functions.iter().filter(|f| f.start_line > 0) {
+        w.write_all(b"FN:")?;
+        w.write_all(n.format(f.start_line).as_bytes())?;
+        if f.end_line > 0 {
+            w.write_all(b",")?;
+            w.write_all(n.format(f.end_line).as_bytes())?;
+        }
+        w.write_all(b",")?;
+        w.write_all(f.name.as_bytes())?;
+        w.write_all(b"\n")?;
+    }
+    for f in functions {
+        w.write_all(b"FNDA:")?;
+        w.write_all(n.format(f.hits).as_bytes())?;
+        w.write_all(b",")?;
+        w.write_all(f.name.as_bytes())?;
+        w.write_all(b"\n")?;
+    }
+    let totals = file.totals();
+    if !functions.is_empty() {
+        writeln!(w, "FNF:{}\nFNH:{}", totals.functions, totals.functions_hit)?;
+    }
+    let branches = file.branches();
+    for (key, taken) in branches {
+        w.write_all(b"BRDA:")?;
+        w.write_all(n.format(key.line).as_bytes())?;
+        w.write_all(b",")?;
+        w.write_all(n.format(key.block).as_bytes())?;
+        w.write_all(b",")?;
+        match &key.arm {
+            BranchArm::Index(i) => w.write_all(n.format(*i).as_bytes())?,
+            BranchArm::Label(l) => w.write_all(l.as_bytes())?,
+        }
+        w.write_all(b",")?;
+        match taken {
+            Some(t) => w.write_all(n.format(*t).as_bytes())?,
+            None => w.write_all(b"-")?,
+        }
+        w.write_all(b"\n")?;
+    }
+    if !branches.is_empty() {
+        writeln!(w, "BRF:{}\nBRH:{}", totals.branches, totals.branches_taken)?;
+    }
+    for (line, hits) in file.line_hits() {
+        w.write_all(b"DA:")?;
+        w.write_all(n.format(line).as_bytes())?;
+        w.write_all(b",")?;
+        w.write_all(n.format(hits).as_bytes())?;
+        w.write_all(b"\n")?;
+    }
+    writeln!(
+        w,
+        "LF:{}\nLH:{}\nend_of_record",
+        totals.lines, totals.lines_covered
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(text: &str) -> Result<Vec<Record>, ParseError> {
+        let mut r = Reader::new(text.as_bytes());
+        let mut out = Vec::new();
+        while let Some(rec) = r.next_record()? {
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn reads_every_record_type() {
+        let recs = parse_all(
+            "TN:unit\nSF:src/a.c\nFN:3,9,outer, with comma\nFN:12,inner\nFNDA:4,outer, with comma\n\
+             FNF:2\nFNH:1\nBRDA:4,0,0,3\nBRDA:4,0,1,-\nBRDA:5,0,jump to line 7, maybe,1\n\
+             BRF:3\nBRH:2\nDA:3,4\nDA:4,4,abcdef\nDA:5,0\nDA:3,1\nLF:3\nLH:2\nVER:2\n\
+             end_of_record\n",
+        )
+        .unwrap();
+        assert_eq!(recs.len(), 1);
+        let r = &recs[0];
+        assert_eq!(r.test_name, "unit");
+        let f = &r.file;
+        assert_eq!(
+            f.line_hits().collect::<Vec<_>>(),
+            vec![(3, 5), (4, 4), (5, 0)]
+        );
+        assert_eq!(f.functions().len(), 2);
+        assert_eq!(&*f.functions()[0].name, "outer, with comma");
+        assert_eq!((f.functions()[0].end_line, f.functions()[0].hits), (9, 4));
+        assert_eq!(f.functions()[1].hits, 0);
+        let labels: Vec<_> = f
+            .branches()
+            .iter()
+            .map(|(k, t)| (k.arm.to_string(), *t))
+            .collect();
+        assert_eq!(
+            labels,
+            vec![
+                ("0".into(), Some(3)),
+                ("1".into(), None),
+                ("jump to line 7, maybe".into(), Some(1))
+            ]
+        );
+    }
+
+    #[test]
+    fn round_trips_through_the_writer() {
+        let text = "SF:x.py\nFN:1,4,f\nFNDA:2,f\nFNF:1\nFNH:1\nBRDA:2,0,jump to line 3,-\nBRF:1\nBRH:0\nDA:1,2\nDA:2,0\nLF:2\nLH:1\nend_of_record\n";
+        let recs = parse_all(text).unwrap();
+        let mut out = Vec::new();
+        write_record(&mut out, &recs[0].path, &recs[0].file).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), text);
+    }
+
+    #[test]
+    fn lcov_2_2_function_records() {
+        let recs =
+            parse_all("SF:a.c\nFNL:0,10,20\nFNA:0,7,main\nDA:10,7\nend_of_record\n").unwrap();
+        let f = &recs[0].file.functions()[0];
+        assert_eq!(
+            (&*f.name, f.start_line, f.end_line, f.hits),
+            ("main", 10, 20, 7)
+        );
+    }
+
+    #[test]
+    fn malformed_input_names_the_line() {
+        let cases = [
+            ("SF:a\nDA:1,1\n", 2, "ends inside the record"),
+            ("SF:a\nDA:0,1\nend_of_record\n", 2, "line number 0"),
+            (
+                "SF:a\nDA:4294967295,1\nend_of_record\n",
+                2,
+                "beyond the largest",
+            ),
+            (
+                "SF:a\nDA:99999999999999,1\nend_of_record\n",
+                2,
+                "beyond the largest",
+            ),
+            ("SF:a\nDA:12\nend_of_record\n", 2, "DA hit count is missing"),
+            ("SF:a\nDA:x,1\nend_of_record\n", 2, "not a number"),
+            ("SF:a\nDA:3,-1\nend_of_record\n", 2, "negative"),
+            ("DA:1,1\n", 1, "outside a record"),
+            ("SF:a\nSF:b\n", 2, "still open"),
+            ("SF:a\nBRDA:1,0\nend_of_record\n", 2, "missing a field"),
+            ("SF:a\nLF:many\nend_of_record\n", 2, "not a number"),
+            ("SF:\n", 1, "empty path"),
+            ("end_of_record\n", 1, "without a record"),
+            ("SF:a\nFNA:3,1,f\nend_of_record\n", 2, "no FNL declared"),
+        ];
+        for (text, line, needle) in cases {
+            let err = parse_all(text).expect_err(text);
+            assert_eq!(err.line, line, "{text:?}: {err}");
+            assert!(err.to_string().contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_records_and_blank_lines_are_skipped() {
+        let recs = parse_all(
+            "\n\nVER:1\nSF:a\n  DA:1,1  \nMCDC:1,2,t,0,1,x\ngarbage line\nend_of_record\n",
+        )
+        .unwrap();
+        assert_eq!(recs[0].file.totals().lines_covered, 1);
+    }
+
+    #[test]
+    fn huge_counts_saturate() {
+        let recs = parse_all("SF:a\nDA:1,99999999999999999999999\nend_of_record\n").unwrap();
+        assert_eq!(recs[0].file.hits_of(1), Some(u64::MAX));
+    }
+}

@@ -1,0 +1,273 @@
+//! One source file's coverage and the merge that combines two of them.
+//!
+//! The same type serves as a delta (what one shard saw) and as the aggregate (the union of all
+//! shards), because merging is the same operation either way: union the line sets, sum the hits.
+
+use std::cmp::Ordering;
+
+use roaring::RoaringBitmap;
+
+use super::{BranchArm, BranchKey, Totals};
+
+/// A branch outcome: `None` when the block never ran (LCOV's `-`), otherwise times taken.
+pub type Taken = Option<u64>;
+
+/// One function, keyed by `(name, start_line)`. `start_line` 0 means the tool did not say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Function {
+    pub name: Box<str>,
+    pub start_line: u32,
+    /// 0 when unknown.
+    pub end_line: u32,
+    pub hits: u64,
+}
+
+impl Function {
+    fn key_cmp(&self, other: &Function) -> Ordering {
+        (self.start_line, &self.name).cmp(&(other.start_line, &other.name))
+    }
+}
+
+/// Coverage of one source file.
+///
+/// Invariants: `hits[i]` is the count of the i-th line of `lines` in ascending order;
+/// `covered` is exactly the lines whose count is non-zero; `branches` and `functions` are sorted
+/// by key without duplicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileCoverage {
+    lines: RoaringBitmap,
+    covered: RoaringBitmap,
+    hits: Vec<u64>,
+    branches: Vec<(BranchKey, Taken)>,
+    functions: Vec<Function>,
+}
+
+/// Sums two branch outcomes: `-` + n = n, `-` + `-` = `-`.
+pub fn add_taken(a: Taken, b: Taken) -> Taken {
+    match (a, b) {
+        (None, None) => None,
+        (Some(x), None) | (None, Some(x)) => Some(x),
+        (Some(x), Some(y)) => Some(x.saturating_add(y)),
+    }
+}
+
+impl FileCoverage {
+    /// Builds a file from ascending, distinct lines and their hits. Returns `None` when the
+    /// input breaks that contract (callers validate untrusted input first and name the field).
+    pub fn from_sorted_lines(lines: &[u32], hits: &[u64]) -> Option<FileCoverage> {
+        if lines.len() != hits.len() || lines.windows(2).any(|w| w[0] >= w[1]) {
+            return None;
+        }
+        let mut bitmap = RoaringBitmap::new();
+        // Ascending input lets roaring append without searching.
+        bitmap.append(lines.iter().copied()).ok()?;
+        let covered = RoaringBitmap::from_sorted_iter(
+            lines
+                .iter()
+                .zip(hits)
+                .filter(|(_, h)| **h > 0)
+                .map(|(l, _)| *l),
+        )
+        .ok()?;
+        Some(FileCoverage {
+            lines: bitmap,
+            covered,
+            hits: hits.to_vec(),
+            branches: Vec::new(),
+            functions: Vec::new(),
+        })
+    }
+
+    /// Executable lines.
+    pub fn lines(&self) -> &RoaringBitmap {
+        &self.lines
+    }
+
+    /// Lines with a non-zero count.
+    pub fn covered(&self) -> &RoaringBitmap {
+        &self.covered
+    }
+
+    /// `(line, hits)` for every executable line, ascending.
+    pub fn line_hits(&self) -> impl ExactSizeIterator<Item = (u32, u64)> + '_ {
+        self.lines.iter().zip(self.hits.iter().copied())
+    }
+
+    /// The hits of one line, `None` when it is not executable.
+    pub fn hits_of(&self, line: u32) -> Option<u64> {
+        if !self.lines.contains(line) {
+            return None;
+        }
+        let index = self.lines.rank(line) as usize - 1;
+        self.hits.get(index).copied()
+    }
+
+    pub fn branches(&self) -> &[(BranchKey, Taken)] {
+        &self.branches
+    }
+
+    pub fn functions(&self) -> &[Function] {
+        &self.functions
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.branches.is_empty() && self.functions.is_empty()
+    }
+
+    /// Replaces the branches with `branches`, summing duplicate keys.
+    pub fn set_branches(&mut self, mut branches: Vec<(BranchKey, Taken)>) {
+        branches.sort_by(|a, b| a.0.cmp(&b.0));
+        branches.dedup_by(|later, kept| {
+            if later.0 == kept.0 {
+                kept.1 = add_taken(kept.1, later.1);
+                true
+            } else {
+                false
+            }
+        });
+        self.branches = branches;
+    }
+
+    /// Replaces the functions with `functions`, summing duplicate keys.
+    pub fn set_functions(&mut self, mut functions: Vec<Function>) {
+        functions.sort_by(Function::key_cmp);
+        functions.dedup_by(|later, kept| {
+            if later.key_cmp(kept) == Ordering::Equal {
+                merge_function(kept, later);
+                true
+            } else {
+                false
+            }
+        });
+        self.functions = functions;
+    }
+
+    /// Adds `other` into `self`: union of lines, sum of hits, branch and function outcomes.
+    pub fn merge(&mut self, other: &FileCoverage) {
+        if self.is_empty() {
+            self.clone_from(other);
+            return;
+        }
+        self.merge_lines(other);
+        if !other.branches.is_empty() {
+            self.branches = merge_sorted(
+                std::mem::take(&mut self.branches),
+                &other.branches,
+                |a, b| a.0.cmp(&b.0),
+                |kept, new| kept.1 = add_taken(kept.1, new.1),
+            );
+        }
+        if !other.functions.is_empty() {
+            self.functions = merge_sorted(
+                std::mem::take(&mut self.functions),
+                &other.functions,
+                Function::key_cmp,
+                merge_function,
+            );
+        }
+    }
+
+    fn merge_lines(&mut self, other: &FileCoverage) {
+        if other.lines.is_empty() {
+            return;
+        }
+        if other.lines.is_subset(&self.lines) {
+            // The common case once the first shard has declared the file's executable lines:
+            // walk both ascending sequences and add in place, no reallocation.
+            let mut mine = self.lines.iter().enumerate();
+            for (line, hits) in other.line_hits() {
+                if hits == 0 {
+                    continue;
+                }
+                if let Some((index, _)) = mine.find(|(_, l)| *l == line) {
+                    self.hits[index] = self.hits[index].saturating_add(hits);
+                }
+            }
+        } else {
+            let union = &self.lines | &other.lines;
+            let mut hits = Vec::with_capacity(union.len() as usize);
+            {
+                let mut mine = self.line_hits().peekable();
+                let mut theirs = other.line_hits().peekable();
+                for line in &union {
+                    let mut sum = 0u64;
+                    if let Some((_, h)) = mine.next_if(|(l, _)| *l == line) {
+                        sum = h;
+                    }
+                    if let Some((_, h)) = theirs.next_if(|(l, _)| *l == line) {
+                        sum = sum.saturating_add(h);
+                    }
+                    hits.push(sum);
+                }
+            }
+            self.lines = union;
+            self.hits = hits;
+        }
+        self.covered |= &other.covered;
+    }
+
+    /// Totals of this file; percentages are left to readers.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            files: 1,
+            lines: self.lines.len(),
+            lines_covered: self.covered.len(),
+            branches: self.branches.len() as u64,
+            branches_taken: self
+                .branches
+                .iter()
+                .filter(|(_, t)| t.is_some_and(|n| n > 0))
+                .count() as u64,
+            functions: self.functions.len() as u64,
+            functions_hit: self.functions.iter().filter(|f| f.hits > 0).count() as u64,
+        }
+    }
+
+    /// Approximate heap size, for memory limits and reports.
+    pub fn heap_bytes(&self) -> usize {
+        self.lines.serialized_size()
+            + self.covered.serialized_size()
+            + self.hits.capacity() * 8
+            + self.branches.capacity() * std::mem::size_of::<(BranchKey, Taken)>()
+            + self
+                .branches
+                .iter()
+                .map(|(k, _)| match &k.arm {
+                    BranchArm::Label(s) => s.len(),
+                    BranchArm::Index(_) => 0,
+                })
+                .sum::<usize>()
+            + self
+                .functions
+                .iter()
+                .map(|f| std::mem::size_of::<Function>() + f.name.len())
+                .sum::<usize>()
+    }
+}
+
+fn merge_function(kept: &mut Function, new: &Function) {
+    kept.hits = kept.hits.saturating_add(new.hits);
+    kept.end_line = kept.end_line.max(new.end_line);
+}
+
+/// Merges two sorted, duplicate-free sequences, combining equal keys with `combine`.
+fn merge_sorted<T: Clone>(
+    mine: Vec<T>,
+    theirs: &[T],
+    cmp: impl Fn(&T, &T) -> Ordering,
+    combine: impl Fn(&mut T, &T),
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(mine.len().max(theirs.len()));
+    let mut theirs = theirs.iter().peekable();
+    for mut item in mine {
+        while let Some(t) = theirs.next_if(|t| cmp(t, &item) == Ordering::Less) {
+            out.push(t.clone());
+        }
+        if let Some(t) = theirs.next_if(|t| cmp(t, &item) == Ordering::Equal) {
+            combine(&mut item, t);
+        }
+        out.push(item);
+    }
+    out.extend(theirs.cloned());
+    out
+}

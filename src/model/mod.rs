@@ -1,0 +1,100 @@
+//! The pure domain: what coverage is and how it merges. No I/O, no async, no wire types.
+//!
+//! - [`FileCoverage`]: one file's executable and covered lines (roaring bitmaps), summed hits,
+//!   branches and functions, and [`FileCoverage::merge`], the one merge every layer uses.
+//! - [`FileBuilder`]: accumulates a file from records in any order (parsers use it).
+//! - [`Coverage`]: many files by path, e.g. everything one input file held.
+//! - [`path`]: path rules (strip, map, relative-to-root) and the check of hostile paths.
+
+mod builder;
+mod file;
+pub mod path;
+
+use std::collections::BTreeMap;
+
+pub use builder::FileBuilder;
+pub use file::{FileCoverage, Function, Taken, add_taken};
+
+/// Which branch of a block: numbered (gcc, llvm) or named (coverage.py's "jump to line 27").
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BranchArm {
+    Index(u32),
+    Label(Box<str>),
+}
+
+impl std::fmt::Display for BranchArm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BranchArm::Index(i) => write!(f, "{i}"),
+            BranchArm::Label(l) => f.write_str(l),
+        }
+    }
+}
+
+/// The identity of a branch within a file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BranchKey {
+    pub line: u32,
+    pub block: u32,
+    pub arm: BranchArm,
+}
+
+/// Coverage counts of a file, a directory or a run. Percentages are computed by readers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub files: u64,
+    pub lines: u64,
+    pub lines_covered: u64,
+    pub branches: u64,
+    pub branches_taken: u64,
+    pub functions: u64,
+    pub functions_hit: u64,
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, o: Totals) {
+        self.files += o.files;
+        self.lines += o.lines;
+        self.lines_covered += o.lines_covered;
+        self.branches += o.branches;
+        self.branches_taken += o.branches_taken;
+        self.functions += o.functions;
+        self.functions_hit += o.functions_hit;
+    }
+}
+
+/// Coverage of many files, by path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    pub files: BTreeMap<String, FileCoverage>,
+}
+
+impl Coverage {
+    /// Merges one file's coverage in (several records for one path are summed).
+    pub fn add(&mut self, path: &str, file: &FileCoverage) {
+        match self.files.get_mut(path) {
+            Some(existing) => existing.merge(file),
+            None => {
+                self.files.insert(path.to_owned(), file.clone());
+            }
+        }
+    }
+
+    pub fn merge(&mut self, other: &Coverage) {
+        for (path, file) in &other.files {
+            self.add(path, file);
+        }
+    }
+
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for f in self.files.values() {
+            t += f.totals();
+        }
+        t
+    }
+}
+
+/// The largest line number accepted anywhere. Real sources stay far below it; a larger number
+/// is a corrupt or hostile input, and refusing it keeps bitmaps and hit vectors bounded.
+pub const MAX_LINE: u32 = 10_000_000;

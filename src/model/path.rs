@@ -1,0 +1,148 @@
+//! Source paths: the rules that make shards' paths agree, and the check that refuses hostile
+//! ones before they reach the aggregate (or, later, an HTML report's output directory).
+
+/// Why a path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path is empty")]
+    Empty,
+    #[error("the path is {len} bytes long; the limit is {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("the path contains a `..` component")]
+    ParentComponent,
+    #[error("the path contains a control character (byte {0:#04x})")]
+    ControlCharacter(u8),
+}
+
+/// The longest path accepted, in bytes (Linux's PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Refuses paths that are empty, too long, carry control characters (NUL included), or climb
+/// out of their root with `..`. Absolute paths are accepted: without path rules, that is what
+/// most tools write.
+pub fn check(path: &str) -> Result<(), PathError> {
+    if path.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if path.len() > MAX_PATH_BYTES {
+        return Err(PathError::TooLong {
+            len: path.len(),
+            max: MAX_PATH_BYTES,
+        });
+    }
+    if let Some(b) = path.bytes().find(|b| b.is_ascii_control()) {
+        return Err(PathError::ControlCharacter(b));
+    }
+    if path.split(['/', '\\']).any(|c| c == "..") {
+        return Err(PathError::ParentComponent);
+    }
+    Ok(())
+}
+
+/// Rewrites the paths one shard reports so that all shards agree. Applied in order: the first
+/// matching `map` rule, then the first matching `strip` prefix, then `root`; finally `./` and
+/// repeated slashes are removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathRules {
+    /// Literal prefixes removed from the start of a path (`/builds/shard-3/`).
+    pub strip: Vec<String>,
+    /// `(from, to)`: a path starting with `from` has it replaced by `to`.
+    pub map: Vec<(String, String)>,
+    /// Paths under this directory are made relative to it (component-wise: `/src` does not
+    /// match `/srcx/a`).
+    pub root: Option<String>,
+}
+
+impl PathRules {
+    pub fn is_empty(&self) -> bool {
+        self.strip.is_empty() && self.map.is_empty() && self.root.is_none()
+    }
+
+    pub fn apply(&self, path: &str) -> String {
+        let mut p = path.to_owned();
+        if let Some((from, to)) = self
+            .map
+            .iter()
+            .find(|(from, _)| p.starts_with(from.as_str()))
+        {
+            p = format!("{to}{}", &p[from.len()..]);
+        }
+        if let Some(prefix) = self.strip.iter().find(|s| p.starts_with(s.as_str())) {
+            p = p[prefix.len()..].to_owned();
+        }
+        if let Some(root) = &self.root {
+            let root = root.trim_end_matches('/');
+            if let Some(rest) = p.strip_prefix(root) {
+                if let Some(rest) = rest.strip_prefix('/') {
+                    p = rest.to_owned();
+                }
+            }
+        }
+        normalize(&p)
+    }
+}
+
+/// Removes `.` components and repeated slashes, keeping a leading `/`.
+fn normalize(path: &str) -> String {
+    if !path.contains("//") && !path.contains("./") {
+        return path.to_owned();
+    }
+    let absolute = path.starts_with('/');
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    let joined = parts.join("/");
+    if absolute {
+        format!("/{joined}")
+    } else {
+        joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        assert_eq!(check(""), Err(PathError::Empty));
+        assert_eq!(
+            check("src/../../etc/passwd"),
+            Err(PathError::ParentComponent)
+        );
+        assert_eq!(check("..\\x"), Err(PathError::ParentComponent));
+        assert_eq!(check("a\0b"), Err(PathError::ControlCharacter(0)));
+        assert!(matches!(
+            check(&"a".repeat(5000)),
+            Err(PathError::TooLong { len: 5000, .. })
+        ));
+        assert_eq!(check("src/a..b/c.rs"), Ok(()));
+        assert_eq!(check("/abs/path.c"), Ok(()));
+    }
+
+    #[test]
+    fn rules_make_shard_paths_agree() {
+        let rules = PathRules {
+            strip: vec!["/srv/ci/shard2/toolz-1.2.0/".into()],
+            ..PathRules::default()
+        };
+        assert_eq!(
+            rules.apply("/srv/ci/shard2/toolz-1.2.0/toolz/a.py"),
+            "toolz/a.py"
+        );
+        let rules = PathRules {
+            map: vec![("/builds/shard-3/".into(), "repo/".into())],
+            ..PathRules::default()
+        };
+        assert_eq!(rules.apply("/builds/shard-3/src/x.c"), "repo/src/x.c");
+        let rules = PathRules {
+            root: Some("/work/repo/".into()),
+            ..PathRules::default()
+        };
+        assert_eq!(rules.apply("/work/repo/src/x.c"), "src/x.c");
+        assert_eq!(rules.apply("/work/repox/src/x.c"), "/work/repox/src/x.c");
+        assert_eq!(rules.apply("/usr/include/stdio.h"), "/usr/include/stdio.h");
+        assert_eq!(PathRules::default().apply("./src//a.c"), "src/a.c");
+    }
+}

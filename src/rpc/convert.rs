@@ -1,0 +1,472 @@
+//! Conversions between wire messages and domain types. Everything from the wire is validated
+//! here, and a refusal names the field (`delta.files[3].line_gaps[17]`).
+
+use std::time::{Duration, SystemTime};
+
+use super::proto;
+use crate::model::{self, BranchArm, BranchKey, FileCoverage, Function, Totals};
+use crate::service::{
+    self, Delta, DirectorySummary, Error, ExportHeader, Limits, RunParams, RunStatus, ShardState,
+    TestTelemetry,
+};
+
+pub(crate) fn params_from_proto(p: Option<proto::RunParams>) -> RunParams {
+    let p = p.unwrap_or_default();
+    RunParams {
+        project: p.project,
+        commit: p.commit,
+        branch: p.branch,
+        flags: p.flags.into_iter().collect(),
+        expected_shards: p.expected_shards,
+    }
+}
+
+pub(crate) fn params_to_proto(p: RunParams) -> proto::RunParams {
+    proto::RunParams {
+        project: p.project,
+        commit: p.commit,
+        branch: p.branch,
+        flags: p.flags.into_iter().collect(),
+        expected_shards: p.expected_shards,
+    }
+}
+
+pub(crate) fn totals_to_proto(t: Totals) -> proto::Totals {
+    proto::Totals {
+        files: t.files,
+        lines: t.lines,
+        lines_covered: t.lines_covered,
+        branches: t.branches,
+        branches_taken: t.branches_taken,
+        functions: t.functions,
+        functions_hit: t.functions_hit,
+    }
+}
+
+pub(crate) fn totals_from_proto(t: Option<proto::Totals>) -> Totals {
+    let t = t.unwrap_or_default();
+    Totals {
+        files: t.files,
+        lines: t.lines,
+        lines_covered: t.lines_covered,
+        branches: t.branches,
+        branches_taken: t.branches_taken,
+        functions: t.functions,
+        functions_hit: t.functions_hit,
+    }
+}
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+pub(crate) fn status_to_proto(s: RunStatus) -> proto::RunStatus {
+    proto::RunStatus {
+        run_id: s.run_id,
+        params: Some(params_to_proto(s.params)),
+        shards: s
+            .shards
+            .into_iter()
+            .map(|sh| proto::ShardStatus {
+                shard_id: sh.shard_id,
+                state: match sh.state {
+                    ShardState::Pending => proto::ShardState::Pending,
+                    ShardState::Streaming => proto::ShardState::Streaming,
+                    ShardState::Interrupted => proto::ShardState::Interrupted,
+                    ShardState::Finished => proto::ShardState::Finished,
+                } as i32,
+                attempt: sh.attempt,
+                last_seq: sh.last_seq,
+                expected: sh.expected,
+                finished_at: sh.finished_at.map(timestamp),
+                telemetry: sh.telemetry.map(telemetry_to_proto),
+            })
+            .collect(),
+        complete: s.complete,
+        missing_shards: s.missing_shards,
+        expectations_declared: s.expectations_declared,
+        totals: Some(totals_to_proto(s.totals)),
+        created_at: Some(timestamp(s.created_at)),
+        completed_at: s.completed_at.map(timestamp),
+    }
+}
+
+pub(crate) fn telemetry_from_proto(t: proto::TestTelemetry) -> Result<TestTelemetry, Error> {
+    let duration = match t.duration {
+        None => None,
+        Some(d) => Some(Duration::try_from(d).map_err(|e| {
+            Error::invalid(
+                "finish.telemetry.duration",
+                format!("not a valid duration: {e}"),
+            )
+        })?),
+    };
+    if t.platform.len() > 256 {
+        return Err(Error::invalid(
+            "finish.telemetry.platform",
+            "is longer than 256 bytes",
+        ));
+    }
+    Ok(TestTelemetry {
+        passed: t.passed,
+        failed: t.failed,
+        skipped: t.skipped,
+        errored: t.errored,
+        duration,
+        peak_memory_bytes: t.peak_memory_bytes,
+        platform: t.platform,
+    })
+}
+
+pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
+    proto::TestTelemetry {
+        passed: t.passed,
+        failed: t.failed,
+        skipped: t.skipped,
+        errored: t.errored,
+        duration: t
+            .duration
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        peak_memory_bytes: t.peak_memory_bytes,
+        platform: t.platform,
+    }
+}
+
+/// Validates and converts a delta from the wire. Nothing of it reaches the aggregate unless
+/// all of it is valid.
+pub(crate) fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta, Error> {
+    if d.test.is_some() {
+        return Err(Error::Unimplemented(
+            "delta.test: per-test attribution is not implemented by this daemon yet".into(),
+        ));
+    }
+    let files = d
+        .files
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| file_from_proto(f, limits, &format!("delta.files[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Delta { seq: d.seq, files })
+}
+
+pub(crate) fn file_from_proto(
+    f: proto::FileDelta,
+    limits: &Limits,
+    at: &str,
+) -> Result<(String, FileCoverage), Error> {
+    model::path::check(&f.path).map_err(|e| Error::invalid(format!("{at}.path"), e.to_string()))?;
+    if f.hits.len() != f.line_gaps.len() {
+        return Err(Error::invalid(
+            format!("{at}.hits"),
+            format!(
+                "has {} counts for {} lines; there must be one per line",
+                f.hits.len(),
+                f.line_gaps.len()
+            ),
+        ));
+    }
+    let mut lines = Vec::with_capacity(f.line_gaps.len());
+    let mut line: u64 = 0;
+    for (j, gap) in f.line_gaps.iter().enumerate() {
+        if *gap == 0 {
+            let reason = if j == 0 {
+                "line 0 is not a line (lines start at 1)"
+            } else {
+                "a gap of 0 repeats a line (lines must be ascending and distinct)"
+            };
+            return Err(Error::invalid(format!("{at}.line_gaps[{j}]"), reason));
+        }
+        line += u64::from(*gap);
+        if line > u64::from(limits.max_line) {
+            return Err(Error::invalid(
+                format!("{at}.line_gaps[{j}]"),
+                format!(
+                    "line {line} is beyond the largest accepted line number ({})",
+                    limits.max_line
+                ),
+            ));
+        }
+        lines.push(line as u32);
+    }
+    let mut file = FileCoverage::from_sorted_lines(&lines, &f.hits)
+        .ok_or_else(|| Error::invalid(format!("{at}.line_gaps"), "lines are not ascending"))?;
+    let branches = f
+        .branches
+        .into_iter()
+        .enumerate()
+        .map(|(j, b)| {
+            let field = format!("{at}.branches[{j}]");
+            check_line(b.line, limits, &format!("{field}.line"))?;
+            let arm = if b.label.is_empty() {
+                BranchArm::Index(b.branch)
+            } else {
+                check_name(&b.label, limits, &format!("{field}.label"))?;
+                BranchArm::Label(b.label.into())
+            };
+            Ok((
+                BranchKey {
+                    line: b.line,
+                    block: b.block,
+                    arm,
+                },
+                b.taken,
+            ))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    file.set_branches(branches);
+    let functions = f
+        .functions
+        .into_iter()
+        .enumerate()
+        .map(|(j, func)| {
+            let field = format!("{at}.functions[{j}]");
+            check_name(&func.name, limits, &format!("{field}.name"))?;
+            for (what, line) in [("start_line", func.start_line), ("end_line", func.end_line)] {
+                if line > limits.max_line {
+                    return Err(Error::invalid(
+                        format!("{field}.{what}"),
+                        format!("line {line} is beyond the largest accepted line number"),
+                    ));
+                }
+            }
+            Ok(Function {
+                name: func.name.into(),
+                start_line: func.start_line,
+                end_line: func.end_line,
+                hits: func.hits,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    file.set_functions(functions);
+    Ok((f.path, file))
+}
+
+fn check_line(line: u32, limits: &Limits, field: &str) -> Result<(), Error> {
+    if line == 0 {
+        return Err(Error::invalid(
+            field,
+            "line 0 is not a line (lines start at 1)",
+        ));
+    }
+    if line > limits.max_line {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "line {line} is beyond the largest accepted line number ({})",
+                limits.max_line
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_name(name: &str, limits: &Limits, field: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if name.len() > limits.max_name_bytes {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {} bytes long; the limit is {}",
+                name.len(),
+                limits.max_name_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes one file for the wire (the client side of `file_from_proto`).
+pub fn file_to_proto(path: String, file: &FileCoverage) -> proto::FileDelta {
+    let mut line_gaps = Vec::with_capacity(file.lines().len() as usize);
+    let mut hits = Vec::with_capacity(line_gaps.capacity());
+    let mut previous = 0;
+    for (line, h) in file.line_hits() {
+        line_gaps.push(line - previous);
+        hits.push(h);
+        previous = line;
+    }
+    proto::FileDelta {
+        path,
+        line_gaps,
+        hits,
+        branches: branches_to_proto(file),
+        functions: functions_to_proto(file),
+    }
+}
+
+fn branches_to_proto(file: &FileCoverage) -> Vec<proto::Branch> {
+    file.branches()
+        .iter()
+        .map(|(k, taken)| {
+            let (branch, label) = match &k.arm {
+                BranchArm::Index(i) => (*i, String::new()),
+                BranchArm::Label(l) => (0, l.to_string()),
+            };
+            proto::Branch {
+                line: k.line,
+                block: k.block,
+                branch,
+                label,
+                taken: *taken,
+            }
+        })
+        .collect()
+}
+
+fn functions_to_proto(file: &FileCoverage) -> Vec<proto::Function> {
+    file.functions()
+        .iter()
+        .map(|f| proto::Function {
+            name: f.name.to_string(),
+            start_line: f.start_line,
+            end_line: f.end_line,
+            hits: f.hits,
+        })
+        .collect()
+}
+
+pub(crate) fn file_coverage_to_proto(path: String, file: &FileCoverage) -> proto::FileCoverage {
+    proto::FileCoverage {
+        path,
+        lines: file
+            .line_hits()
+            .map(|(line, hits)| proto::LineCoverage { line, hits })
+            .collect(),
+        branches: branches_to_proto(file),
+        functions: functions_to_proto(file),
+        totals: Some(totals_to_proto(file.totals())),
+    }
+}
+
+/// Rebuilds a file from a query answer (the client side of `file_coverage_to_proto`).
+pub fn file_coverage_from_proto(f: proto::FileCoverage) -> Result<FileCoverage, Error> {
+    let mut builder = model::FileBuilder::new();
+    for l in f.lines {
+        builder.line(l.line, l.hits);
+    }
+    for b in f.branches {
+        let arm = if b.label.is_empty() {
+            BranchArm::Index(b.branch)
+        } else {
+            BranchArm::Label(b.label.into())
+        };
+        builder.branch(
+            BranchKey {
+                line: b.line,
+                block: b.block,
+                arm,
+            },
+            b.taken,
+        );
+    }
+    for func in f.functions {
+        builder.function(&func.name, func.start_line, func.end_line, func.hits);
+    }
+    Ok(builder.build())
+}
+
+pub(crate) fn export_header_to_proto(h: ExportHeader) -> proto::ExportHeader {
+    proto::ExportHeader {
+        complete: h.complete,
+        missing_shards: h.missing_shards,
+        expectations_declared: h.expectations_declared,
+        timed_out: h.timed_out,
+        totals: Some(totals_to_proto(h.totals)),
+        content_type: h.content_type.to_owned(),
+    }
+}
+
+pub(crate) fn export_format_from_proto(f: i32) -> Result<service::ExportFormat, Error> {
+    match proto::ExportFormat::try_from(f) {
+        Ok(proto::ExportFormat::Unspecified | proto::ExportFormat::Lcov) => {
+            Ok(service::ExportFormat::Lcov)
+        }
+        Err(_) => Err(Error::invalid(
+            "format",
+            format!("unknown export format {f}"),
+        )),
+    }
+}
+
+pub(crate) fn directory_to_proto(d: DirectorySummary) -> proto::DirectorySummary {
+    proto::DirectorySummary {
+        path: d.path,
+        totals: Some(totals_to_proto(d.totals)),
+        entries: d
+            .entries
+            .into_iter()
+            .map(|e| proto::DirectoryEntry {
+                path: e.path.to_string(),
+                is_directory: e.is_directory,
+                totals: Some(totals_to_proto(e.totals)),
+            })
+            .collect(),
+    }
+}
+
+// The client's direction: answers from the daemon into domain types.
+
+pub(crate) fn status_from_proto(s: proto::RunStatus) -> RunStatus {
+    let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
+    RunStatus {
+        run_id: s.run_id,
+        params: params_from_proto(s.params),
+        shards: s
+            .shards
+            .into_iter()
+            .map(|sh| service::ShardStatus {
+                state: match proto::ShardState::try_from(sh.state) {
+                    Ok(proto::ShardState::Streaming) => ShardState::Streaming,
+                    Ok(proto::ShardState::Interrupted) => ShardState::Interrupted,
+                    Ok(proto::ShardState::Finished) => ShardState::Finished,
+                    _ => ShardState::Pending,
+                },
+                shard_id: sh.shard_id,
+                attempt: sh.attempt,
+                last_seq: sh.last_seq,
+                expected: sh.expected,
+                finished_at: time(sh.finished_at),
+                telemetry: sh.telemetry.and_then(|t| telemetry_from_proto(t).ok()),
+            })
+            .collect(),
+        complete: s.complete,
+        missing_shards: s.missing_shards,
+        expectations_declared: s.expectations_declared,
+        totals: totals_from_proto(s.totals),
+        created_at: time(s.created_at).unwrap_or(SystemTime::UNIX_EPOCH),
+        completed_at: time(s.completed_at),
+    }
+}
+
+/// An export header as the client sees it (the content type is the daemon's string).
+pub(crate) fn export_header_from_proto(h: proto::ExportHeader) -> (ExportHeader, String) {
+    (
+        ExportHeader {
+            complete: h.complete,
+            missing_shards: h.missing_shards,
+            expectations_declared: h.expectations_declared,
+            timed_out: h.timed_out,
+            totals: totals_from_proto(h.totals),
+            content_type: "",
+        },
+        h.content_type,
+    )
+}
+
+pub(crate) fn directory_from_proto(d: proto::DirectorySummary) -> DirectorySummary {
+    DirectorySummary {
+        path: d.path,
+        totals: totals_from_proto(d.totals),
+        entries: d
+            .entries
+            .into_iter()
+            .map(|e| service::DirectoryEntry {
+                path: e.path.into(),
+                is_directory: e.is_directory,
+                totals: totals_from_proto(e.totals),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,261 @@
+//! The gRPC edge: the generated `covd.v1` code, the adapter from the `Coverage` service to the
+//! domain [`CoverageService`], conversions with validation (`convert`) and the one error→status
+//! table (`status`). Nothing below this layer sees a tonic type.
+
+pub mod convert;
+mod status;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::service::{CoverageService, Error, ShardHeader};
+use convert::*;
+
+/// The generated protocol types, client and server.
+#[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("covd.v1");
+
+    /// The encoded descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/covd_descriptor.bin"));
+}
+
+use proto::coverage_server::Coverage;
+use proto::ingest_request::Msg as In;
+use proto::ingest_response::Msg as Out;
+
+/// Default wait of an export that asks to wait without a timeout.
+const DEFAULT_EXPORT_WAIT: Duration = Duration::from_secs(600);
+
+/// The tonic service over the domain service.
+#[derive(Debug, Clone)]
+pub struct CoverageRpc {
+    service: CoverageService,
+}
+
+impl CoverageRpc {
+    pub fn new(service: CoverageService) -> CoverageRpc {
+        CoverageRpc { service }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Coverage for CoverageRpc {
+    async fn open_run(
+        &self,
+        request: Request<proto::OpenRunRequest>,
+    ) -> Result<Response<proto::OpenRunResponse>, Status> {
+        let r = request.into_inner();
+        let (created, status) = self
+            .service
+            .open_run(&r.run_id, params_from_proto(r.params))?;
+        Ok(Response::new(proto::OpenRunResponse {
+            created,
+            status: Some(status_to_proto(status)),
+        }))
+    }
+
+    async fn get_run_status(
+        &self,
+        request: Request<proto::GetRunStatusRequest>,
+    ) -> Result<Response<proto::RunStatus>, Status> {
+        let status = self.service.run_status(&request.into_inner().run_id)?;
+        Ok(Response::new(status_to_proto(status)))
+    }
+
+    type WatchRunStream = ReceiverStream<Result<proto::RunStatus, Status>>;
+
+    async fn watch_run(
+        &self,
+        request: Request<proto::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let run_id = request.into_inner().run_id;
+        let mut changes = self.service.watch_run(&run_id)?;
+        let service = self.service.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                changes.borrow_and_update();
+                let status = service.run_status(&run_id).map_err(Status::from);
+                let done = status.as_ref().map_or(true, |s| s.complete);
+                if tx.send(status.map(status_to_proto)).await.is_err() || done {
+                    return;
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<proto::ListRunsRequest>,
+    ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+        let project = (!r.project.is_empty()).then_some(r.project.as_str());
+        let runs = self.service.list_runs(limit, project);
+        Ok(Response::new(proto::ListRunsResponse {
+            runs: runs.into_iter().map(status_to_proto).collect(),
+        }))
+    }
+
+    type IngestStream = ReceiverStream<Result<proto::IngestResponse, Status>>;
+
+    async fn ingest(
+        &self,
+        request: Request<Streaming<proto::IngestRequest>>,
+    ) -> Result<Response<Self::IngestStream>, Status> {
+        let mut inbound = request.into_inner();
+        let service = self.service.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            if let Err(status) = ingest(&service, &mut inbound, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type ExportStream = BoxStream<proto::ExportChunk>;
+
+    async fn export(
+        &self,
+        request: Request<proto::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let r = request.into_inner();
+        let format = export_format_from_proto(r.format)?;
+        let wait = if r.wait {
+            Some(match r.timeout {
+                Some(t) => Duration::try_from(t).map_err(|e| {
+                    Status::invalid_argument(format!("timeout: not a valid duration: {e}"))
+                })?,
+                None => DEFAULT_EXPORT_WAIT,
+            })
+        } else {
+            None
+        };
+        let export = self.service.export(&r.run_id, format, wait).await?;
+        let header = proto::ExportChunk {
+            msg: Some(proto::export_chunk::Msg::Header(export_header_to_proto(
+                export.header,
+            ))),
+        };
+        let data = ReceiverStream::new(export.chunks).map(|chunk| {
+            chunk
+                .map(|bytes| proto::ExportChunk {
+                    msg: Some(proto::export_chunk::Msg::Data(bytes.to_vec())),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(header)).chain(data),
+        )))
+    }
+
+    async fn get_file(
+        &self,
+        request: Request<proto::GetFileRequest>,
+    ) -> Result<Response<proto::FileCoverage>, Status> {
+        let r = request.into_inner();
+        let file = self.service.file(&r.run_id, &r.path)?;
+        Ok(Response::new(file_coverage_to_proto(r.path, &file)))
+    }
+
+    async fn get_directory(
+        &self,
+        request: Request<proto::GetDirectoryRequest>,
+    ) -> Result<Response<proto::DirectorySummary>, Status> {
+        let r = request.into_inner();
+        let summary = self.service.directory(&r.run_id, &r.path)?;
+        Ok(Response::new(directory_to_proto(summary)))
+    }
+
+    async fn delete_run(
+        &self,
+        request: Request<proto::DeleteRunRequest>,
+    ) -> Result<Response<proto::DeleteRunResponse>, Status> {
+        self.service.delete_run(&request.into_inner().run_id)?;
+        Ok(Response::new(proto::DeleteRunResponse {}))
+    }
+}
+
+/// One ingest stream: header, deltas, finish. Messages are pulled one at a time, so HTTP/2
+/// flow control slows a sender that outpaces the merge.
+async fn ingest(
+    service: &CoverageService,
+    inbound: &mut Streaming<proto::IngestRequest>,
+    tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
+) -> Result<(), Status> {
+    let reply = |msg: Out| proto::IngestResponse { msg: Some(msg) };
+    let first = inbound.message().await.map_err(status::inbound)?;
+    let header = match first.and_then(|m| m.msg) {
+        Some(In::Header(h)) => h,
+        Some(_) => {
+            return Err(
+                Error::invalid("header", "the first message of a stream must be a header").into(),
+            );
+        }
+        None => return Ok(()),
+    };
+    let session = service
+        .begin_shard(ShardHeader {
+            run_id: header.run_id,
+            shard_id: header.shard_id,
+            attempt: header.attempt,
+            params: params_from_proto(header.params),
+        })
+        .await?;
+    let resume = proto::Resume {
+        attempt: session.attempt(),
+        last_seq: session.resume_from(),
+        finished: session.already_finished(),
+    };
+    if tx.send(Ok(reply(Out::Resume(resume)))).await.is_err() {
+        return Ok(());
+    }
+    while let Some(message) = inbound.message().await.map_err(status::inbound)? {
+        match message.msg {
+            Some(In::Delta(delta)) => {
+                let delta = delta_from_proto(delta, service.limits())?;
+                let applied = service.apply(&session, delta).await?;
+                let ack = proto::Ack {
+                    seq: applied.seq,
+                    duplicate: applied.duplicate,
+                    durable: false,
+                    unknown_paths: Vec::new(),
+                };
+                if tx.send(Ok(reply(Out::Ack(ack)))).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some(In::Finish(finish)) => {
+                let telemetry = finish.telemetry.map(telemetry_from_proto).transpose()?;
+                let run = service.finish(&session, finish.final_seq, telemetry)?;
+                let finished = proto::Finished {
+                    final_seq: finish.final_seq,
+                    run: Some(status_to_proto(run)),
+                };
+                let _ = tx.send(Ok(reply(Out::Finished(finished)))).await;
+                return Ok(());
+            }
+            Some(In::Header(_)) => {
+                return Err(Error::invalid("header", "a stream carries one header, first").into());
+            }
+            None => return Err(Error::invalid("msg", "an empty message").into()),
+        }
+    }
+    // The client closed the stream without a finish: the shard stays unfinished and resumable.
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! The one table from domain errors to gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::service::Error;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::RunNotFound(_) | Error::FileNotFound { .. } => Code::NotFound,
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Aborted(_) => Code::Aborted,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Unavailable(_) => Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Errors tonic raises while decoding a request stream. An oversized message is a limit, so it
+/// is reported as RESOURCE_EXHAUSTED like every other limit (tonic says OUT_OF_RANGE).
+pub(crate) fn inbound(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("too large") {
+        return Status::resource_exhausted(format!(
+            "message too large: {} (send smaller deltas)",
+            status.message()
+        ));
+    }
+    status
+}

@@ -1,0 +1,266 @@
+//! The domain service: runs, shard ingest, queries and export. It knows nothing of gRPC; the
+//! `rpc` module adapts it to the wire.
+//!
+//! - `run`: one run's state and the locking discipline;
+//! - `ingest`: shard streams (header, deltas, finish), attempts and resume;
+//! - `export`: rendering the aggregate in a format, optionally after waiting for completeness;
+//! - `query`: per-file and per-directory reads.
+
+mod error;
+mod export;
+mod ingest;
+mod query;
+mod run;
+mod types;
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+pub use error::{Error, Result};
+pub use export::Export;
+pub use ingest::ShardSession;
+pub use types::{
+    Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits,
+    RunParams, RunStatus, ShardHeader, ShardState, ShardStatus, TestTelemetry,
+};
+
+use crate::store::PathInterner;
+use run::Run;
+
+/// The coverage service. Cheap to clone: every clone shares the same runs.
+#[derive(Debug, Clone)]
+pub struct CoverageService {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    runs: DashMap<String, Arc<Run>>,
+    interner: PathInterner,
+    limits: Limits,
+}
+
+impl CoverageService {
+    pub fn new(limits: Limits) -> CoverageService {
+        CoverageService {
+            shared: Arc::new(Shared {
+                runs: DashMap::new(),
+                interner: PathInterner::default(),
+                limits,
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    /// Opens a run, or confirms an existing one. Returns whether it was created.
+    pub fn open_run(&self, run_id: &str, params: RunParams) -> Result<(bool, RunStatus)> {
+        check_name("run_id", run_id, 256)?;
+        let params = normalize_params(params)?;
+        if params.expected_shards.len() > self.shared.limits.max_shards_per_run {
+            return Err(Error::ResourceExhausted(format!(
+                "{} expected shards exceed the limit of {} per run",
+                params.expected_shards.len(),
+                self.shared.limits.max_shards_per_run
+            )));
+        }
+        let (created, run) = self.get_or_create(run_id, &params)?;
+        if !created {
+            reconcile(&run, &params)?;
+        }
+        Ok((created, run.status()))
+    }
+
+    pub fn run_status(&self, run_id: &str) -> Result<RunStatus> {
+        Ok(self.run(run_id)?.status())
+    }
+
+    /// A receiver that changes whenever the run does.
+    pub fn watch_run(&self, run_id: &str) -> Result<tokio::sync::watch::Receiver<u64>> {
+        Ok(self.run(run_id)?.subscribe())
+    }
+
+    /// Runs, newest first.
+    pub fn list_runs(&self, limit: usize, project: Option<&str>) -> Vec<RunStatus> {
+        let mut runs: Vec<Arc<Run>> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
+        runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        runs.into_iter()
+            .filter(|r| project.is_none_or(|p| r.state().params.project == p))
+            .take(limit)
+            .map(|r| r.status())
+            .collect()
+    }
+
+    pub fn delete_run(&self, run_id: &str) -> Result<()> {
+        self.shared
+            .runs
+            .remove(run_id)
+            .ok_or_else(|| Error::RunNotFound(run_id.to_owned()))?;
+        self.shared.interner.prune();
+        Ok(())
+    }
+
+    fn run(&self, run_id: &str) -> Result<Arc<Run>> {
+        self.shared
+            .runs
+            .get(run_id)
+            .map(|r| r.value().clone())
+            .ok_or_else(|| Error::RunNotFound(run_id.to_owned()))
+    }
+
+    fn get_or_create(&self, run_id: &str, params: &RunParams) -> Result<(bool, Arc<Run>)> {
+        if let Some(run) = self.shared.runs.get(run_id) {
+            return Ok((false, run.value().clone()));
+        }
+        // Checked before the entry lock: `len` visits every map shard, including the one the
+        // entry would hold. A race can overshoot the limit by the number of concurrent opens.
+        if self.shared.runs.len() >= self.shared.limits.max_runs {
+            return Err(Error::ResourceExhausted(format!(
+                "the daemon holds {} runs, its limit; delete finished runs or raise --max-runs",
+                self.shared.limits.max_runs
+            )));
+        }
+        match self.shared.runs.entry(run_id.to_owned()) {
+            Entry::Occupied(e) => Ok((false, e.get().clone())),
+            Entry::Vacant(e) => {
+                let run = Arc::new(Run::new(run_id.to_owned(), params.clone()));
+                e.insert(run.clone());
+                Ok((true, run))
+            }
+        }
+    }
+}
+
+/// Run and shard names: printable ASCII without spaces, so they are safe in logs, file names
+/// and URLs.
+fn check_name(field: &str, name: &str, max: usize) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if name.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes long; the limit is {max}", name.len()),
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(Error::invalid(
+            field,
+            format!("contains {c:?}; only printable ASCII without spaces is allowed"),
+        ));
+    }
+    Ok(())
+}
+
+fn normalize_params(mut params: RunParams) -> Result<RunParams> {
+    for (i, s) in params.expected_shards.iter().enumerate() {
+        check_name(&format!("params.expected_shards[{i}]"), s, 128)?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = params.expected_shards.iter().find(|s| !seen.insert(*s)) {
+        return Err(Error::invalid(
+            "params.expected_shards",
+            format!("shard `{dup}` is listed twice"),
+        ));
+    }
+    for (field, value) in [
+        ("params.project", &params.project),
+        ("params.commit", &params.commit),
+        ("params.branch", &params.branch),
+    ] {
+        if value.len() > 1024 || value.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                field,
+                "must be at most 1024 bytes without control characters",
+            ));
+        }
+    }
+    params.expected_shards.sort_by(|a, b| natural_cmp(a, b));
+    Ok(params)
+}
+
+/// Orders `2` before `10`, so `--shards 16` lists shards as people count them.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    }
+}
+
+/// Checks a second open against the run's parameters; may declare expectations on a run a
+/// push opened implicitly.
+fn reconcile(run: &Run, params: &RunParams) -> Result<()> {
+    let mut state = run.state();
+    let current = &mut state.params;
+    for (field, have, want) in [
+        ("project", &current.project, &params.project),
+        ("commit", &current.commit, &params.commit),
+        ("branch", &current.branch, &params.branch),
+    ] {
+        if !have.is_empty() && !want.is_empty() && have != want {
+            return Err(Error::AlreadyExists(format!(
+                "run `{}` exists with {field} `{have}`, not `{want}`",
+                run.id
+            )));
+        }
+    }
+    if !current.flags.is_empty() && !params.flags.is_empty() && current.flags != params.flags {
+        return Err(Error::AlreadyExists(format!(
+            "run `{}` exists with different flags ({:?})",
+            run.id, current.flags
+        )));
+    }
+    let declare = current.expected_shards.is_empty() && !params.expected_shards.is_empty();
+    if !current.expected_shards.is_empty()
+        && !params.expected_shards.is_empty()
+        && current.expected_shards != params.expected_shards
+    {
+        return Err(Error::AlreadyExists(format!(
+            "run `{}` exists expecting shards ({}), not ({})",
+            run.id,
+            run::abbreviate(&current.expected_shards),
+            run::abbreviate(&params.expected_shards)
+        )));
+    }
+    if declare {
+        if let Some(stray) = state
+            .shards
+            .keys()
+            .find(|s| !params.expected_shards.contains(s))
+        {
+            return Err(Error::AlreadyExists(format!(
+                "run `{}` already received shard `{stray}`, which the expected shards ({}) \
+                 do not include",
+                run.id,
+                run::abbreviate(&params.expected_shards)
+            )));
+        }
+    }
+    let current = &mut state.params;
+    for (have, want) in [
+        (&mut current.project, &params.project),
+        (&mut current.commit, &params.commit),
+        (&mut current.branch, &params.branch),
+    ] {
+        if have.is_empty() {
+            have.clone_from(want);
+        }
+    }
+    if current.flags.is_empty() {
+        current.flags.clone_from(&params.flags);
+    }
+    if declare {
+        current.expected_shards.clone_from(&params.expected_shards);
+        for id in &params.expected_shards {
+            state.shards.entry(id.clone()).or_default().expected = true;
+        }
+        state.update_completion();
+    }
+    drop(state);
+    run.notify();
+    Ok(())
+}

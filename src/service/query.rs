@@ -1,0 +1,73 @@
+//! Reads of a run's aggregate: one file, one directory's rollup.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{CoverageService, DirectoryEntry, DirectorySummary, Error, Result};
+use crate::model::{FileCoverage, Totals};
+
+impl CoverageService {
+    /// One file's merged coverage.
+    pub fn file(&self, run_id: &str, path: &str) -> Result<FileCoverage> {
+        let run = self.run(run_id)?;
+        let _gate = run.gate_shared();
+        run.aggregate.file(path).ok_or_else(|| Error::FileNotFound {
+            run: run_id.to_owned(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Totals of `dir` (empty for the root) and of each direct child.
+    pub fn directory(&self, run_id: &str, dir: &str) -> Result<DirectorySummary> {
+        let run = self.run(run_id)?;
+        let dir = dir.trim_end_matches('/');
+        let files = {
+            let _gate = run.gate_shared();
+            run.aggregate.file_totals()
+        };
+        let mut total = Totals::default();
+        // Keyed (is_file, path): directories sort before files.
+        let mut children: BTreeMap<(bool, Arc<str>), Totals> = BTreeMap::new();
+        for (path, totals) in files {
+            let rest = if dir.is_empty() {
+                &*path
+            } else {
+                match path.strip_prefix(dir).and_then(|r| r.strip_prefix('/')) {
+                    Some(rest) => rest,
+                    None => continue,
+                }
+            };
+            total += totals;
+            let (child, is_dir) = match rest.find('/') {
+                // An absolute path's first component is empty: show it as `/`.
+                Some(0) => ("/", true),
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            let full: Arc<str> = if dir.is_empty() {
+                child.into()
+            } else {
+                format!("{dir}/{child}").into()
+            };
+            *children.entry((!is_dir, full)).or_default() += totals;
+        }
+        if total.files == 0 && !dir.is_empty() {
+            return Err(Error::FileNotFound {
+                run: run_id.to_owned(),
+                path: dir.to_owned(),
+            });
+        }
+        Ok(DirectorySummary {
+            path: dir.to_owned(),
+            totals: total,
+            entries: children
+                .into_iter()
+                .map(|((is_file, path), totals)| DirectoryEntry {
+                    path,
+                    is_directory: !is_file,
+                    totals,
+                })
+                .collect(),
+        })
+    }
+}

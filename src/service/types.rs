@@ -1,0 +1,157 @@
+//! The service's request and answer types: plain data, free of wire types.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::model::{FileCoverage, Totals};
+
+/// Limits on what one client can make the daemon hold. Each is a named setting of `serve`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The largest line number accepted.
+    pub max_line: u32,
+    /// Distinct files in one run.
+    pub max_files_per_run: usize,
+    /// Files in one delta.
+    pub max_files_per_delta: usize,
+    /// Shards in one run.
+    pub max_shards_per_run: usize,
+    /// Runs held at once.
+    pub max_runs: usize,
+    /// Bytes of a function name or branch label.
+    pub max_name_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_line: crate::model::MAX_LINE,
+            max_files_per_run: 1_000_000,
+            max_files_per_delta: 100_000,
+            max_shards_per_run: 10_000,
+            max_runs: 10_000,
+            max_name_bytes: 4096,
+        }
+    }
+}
+
+/// What a run is about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunParams {
+    pub project: String,
+    pub commit: String,
+    pub branch: String,
+    pub flags: BTreeSet<String>,
+    /// Empty: no expectations declared.
+    pub expected_shards: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardState {
+    Pending,
+    Streaming,
+    Interrupted,
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    pub shard_id: String,
+    pub state: ShardState,
+    pub attempt: u32,
+    pub last_seq: u64,
+    pub expected: bool,
+    pub finished_at: Option<SystemTime>,
+    /// What the shard's finish reported about its tests.
+    pub telemetry: Option<TestTelemetry>,
+}
+
+/// A shard's test results, as its finish message reported them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestTelemetry {
+    pub passed: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub errored: u64,
+    pub duration: Option<std::time::Duration>,
+    pub peak_memory_bytes: u64,
+    pub platform: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStatus {
+    pub run_id: String,
+    pub params: RunParams,
+    pub shards: Vec<ShardStatus>,
+    pub complete: bool,
+    pub missing_shards: Vec<String>,
+    pub expectations_declared: bool,
+    pub totals: Totals,
+    pub created_at: SystemTime,
+    pub completed_at: Option<SystemTime>,
+}
+
+/// The first message of an ingest stream.
+#[derive(Debug, Clone)]
+pub struct ShardHeader {
+    pub run_id: String,
+    pub shard_id: String,
+    /// 0 is read as 1.
+    pub attempt: u32,
+    /// Used when the push opens the run implicitly; `expected_shards` is ignored.
+    pub params: RunParams,
+}
+
+/// A validated delta: files with their coverage, applied whole or not at all.
+#[derive(Debug, Clone)]
+pub struct Delta {
+    pub seq: u64,
+    pub files: Vec<(String, FileCoverage)>,
+}
+
+/// What became of a delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub seq: u64,
+    /// Applied before; nothing changed.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    Lcov,
+}
+
+impl ExportFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ExportFormat::Lcov => "text/x-lcov",
+        }
+    }
+}
+
+/// What an export says about itself before its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportHeader {
+    pub complete: bool,
+    pub missing_shards: Vec<String>,
+    pub expectations_declared: bool,
+    pub timed_out: bool,
+    pub totals: Totals,
+    pub content_type: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    pub path: Arc<str>,
+    pub is_directory: bool,
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectorySummary {
+    pub path: String,
+    pub totals: Totals,
+    pub entries: Vec<DirectoryEntry>,
+}

@@ -1,0 +1,137 @@
+//! The in-memory aggregate: per run, every file's merged coverage, merged concurrently by many
+//! shard streams. No I/O.
+//!
+//! - [`Aggregate`]: files by path in a `DashMap`, so streams merging different files do not
+//!   contend, and two streams merging the same file lock only that file's shard of the map.
+//! - [`PathInterner`]: one allocation per distinct path across all runs; successive runs of a
+//!   project name the same files, and the daemon keeps many runs.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::model::{FileCoverage, Totals};
+
+/// Shares path strings between runs.
+#[derive(Debug, Default)]
+pub struct PathInterner {
+    paths: DashMap<Arc<str>, ()>,
+}
+
+impl PathInterner {
+    pub fn intern(&self, path: &str) -> Arc<str> {
+        if let Some(entry) = self.paths.get(path) {
+            return entry.key().clone();
+        }
+        let arc: Arc<str> = Arc::from(path);
+        // Another thread may have inserted meanwhile; keep whichever is in the map.
+        self.paths.entry(arc).or_default().key().clone()
+    }
+
+    /// Forgets paths no run refers to any more (call after dropping runs).
+    pub fn prune(&self) {
+        self.paths.retain(|k, _| Arc::strong_count(k) > 1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+}
+
+/// One run's merged coverage.
+#[derive(Debug, Default)]
+pub struct Aggregate {
+    files: DashMap<Arc<str>, FileCoverage>,
+}
+
+impl Aggregate {
+    pub fn new() -> Aggregate {
+        Aggregate::default()
+    }
+
+    /// The number of files.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// How many of `paths` the aggregate does not hold yet (for the file-count limit).
+    pub fn count_new<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> usize {
+        paths
+            .into_iter()
+            .filter(|p| !self.files.contains_key(*p))
+            .count()
+    }
+
+    /// Merges one file in. Never holds more than this file's map shard.
+    pub fn merge_file(&self, interner: &PathInterner, path: &str, file: &FileCoverage) {
+        if let Some(mut existing) = self.files.get_mut(path) {
+            existing.merge(file);
+            return;
+        }
+        self.files
+            .entry(interner.intern(path))
+            .or_default()
+            .merge(file);
+    }
+
+    pub fn clear(&self) {
+        self.files.clear();
+    }
+
+    /// A copy of one file.
+    pub fn file(&self, path: &str) -> Option<FileCoverage> {
+        self.files.get(path).map(|f| f.clone())
+    }
+
+    /// Every path, sorted.
+    pub fn paths(&self) -> Vec<Arc<str>> {
+        let mut paths: Vec<Arc<str>> = self.files.iter().map(|e| e.key().clone()).collect();
+        paths.sort_unstable();
+        paths
+    }
+
+    /// Calls `f` for each file in path order, holding one file's guard at a time.
+    pub fn for_each_sorted<E>(
+        &self,
+        mut f: impl FnMut(&str, &FileCoverage) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for path in self.paths() {
+            if let Some(file) = self.files.get(&*path) {
+                f(&path, &file)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Totals of every file, or of those under `prefix` when given.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for e in self.files.iter() {
+            t += e.value().totals();
+        }
+        t
+    }
+
+    /// `(path, totals)` of every file, for directory rollups.
+    pub fn file_totals(&self) -> Vec<(Arc<str>, Totals)> {
+        self.files
+            .iter()
+            .map(|e| (e.key().clone(), e.value().totals()))
+            .collect()
+    }
+
+    /// A deep copy, for a consistent export while deltas keep arriving.
+    pub fn snapshot(&self) -> Aggregate {
+        Aggregate {
+            files: self.files.clone(),
+        }
+    }
+}
