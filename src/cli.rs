@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
-use covd::client::{Batcher, Client, ClientError, PushOptions, PushTarget};
+use covd::client::{Batcher, Client, ClientError, PushInput, PushOptions, PushTarget};
 use covd::formats::lcov;
 use covd::model::path::PathRules;
 use covd::model::{Coverage, Totals};
@@ -390,15 +390,16 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
                 })?;
                 files += 1;
                 if let Some(delta) = batcher.push(p, file) {
-                    if tx.blocking_send(delta).is_err() {
+                    if tx.blocking_send(PushInput::Delta(delta)).is_err() {
                         return Ok(files); // the push ended early; its error is reported
                     }
                 }
             }
         }
         if let Some(delta) = batcher.finish() {
-            let _ = tx.blocking_send(delta);
+            let _ = tx.blocking_send(PushInput::Delta(delta));
         }
+        let _ = tx.blocking_send(PushInput::Done);
         Ok(files)
     });
     let target = PushTarget {

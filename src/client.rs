@@ -49,6 +49,8 @@ pub enum ClientError {
         attempt: u32,
         last_seq: u64,
     },
+    #[error("the input ended early (a file could not be read); the shard was left unfinished")]
+    InputAborted,
     #[error("writing the export failed: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -110,6 +112,15 @@ pub struct PushReport {
     pub deltas: u64,
     pub reconnects: u32,
     pub run: Option<RunStatus>,
+}
+
+/// What a push reads from its producer. The producer ends with `Done`; a channel that closes
+/// without it means the input failed (a malformed file), and the shard is then left
+/// unfinished rather than finished with part of its coverage.
+#[derive(Debug)]
+pub enum PushInput {
+    Delta(Vec<(String, FileCoverage)>),
+    Done,
 }
 
 /// Groups files into deltas of a sensible size.
@@ -299,7 +310,7 @@ impl Client {
     pub async fn push(
         &mut self,
         target: &PushTarget,
-        mut deltas: mpsc::Receiver<Vec<(String, FileCoverage)>>,
+        mut deltas: mpsc::Receiver<PushInput>,
         options: &PushOptions,
     ) -> Result<PushReport, ClientError> {
         let mut unacked: VecDeque<proto::Delta> = VecDeque::new();
@@ -345,7 +356,7 @@ impl Client {
     async fn push_once(
         &mut self,
         target: &PushTarget,
-        deltas: &mut mpsc::Receiver<Vec<(String, FileCoverage)>>,
+        deltas: &mut mpsc::Receiver<PushInput>,
         unacked: &mut VecDeque<proto::Delta>,
         next_seq: &mut u64,
         input_done: &mut bool,
@@ -434,7 +445,7 @@ impl Client {
             let can_send = !*input_done && unacked.len() < WINDOW;
             tokio::select! {
                 batch = deltas.recv(), if can_send => match batch {
-                    Some(files) => {
+                    Some(PushInput::Delta(files)) => {
                         let delta = proto::Delta {
                             seq: *next_seq,
                             files: files.into_iter().map(|(p, f)| file_to_proto(p, &f)).collect(),
@@ -444,7 +455,10 @@ impl Client {
                         unacked.push_back(delta.clone());
                         let _ = tx.send(request(ingest_request::Msg::Delta(delta))).await;
                     }
-                    None => *input_done = true,
+                    Some(PushInput::Done) => *input_done = true,
+                    None => {
+                        return Err(PushFailure { error: ClientError::InputAborted, progressed });
+                    }
                 },
                 response = responses.next() => match response {
                     Some(Ok(proto::IngestResponse { msg: Some(ingest_response::Msg::Ack(ack)) })) => {

@@ -1,0 +1,226 @@
+//! Bad input gets a precise status, nothing half-applied, and the daemon and other runs carry on.
+
+use covd::rpc::proto;
+use covd::server::Settings;
+use tonic::Code;
+
+use crate::ingest::{Stream, file, raw};
+use crate::support::*;
+
+/// Sends one delta on a fresh stream of run `bad` and returns the refusal.
+async fn refuse(daemon: &Daemon, files: Vec<proto::FileDelta>) -> tonic::Status {
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "bad", "s", 1).await.unwrap();
+    s.delta(1, files)
+        .await
+        .expect_err("the delta must be refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    // A healthy run first: it must come through everything below unchanged.
+    let (mut good, _) = Stream::open(&mut c, "good", "s", 1).await.unwrap();
+    good.delta(1, vec![file("ok.c", &[(1, 3), (2, 0)])])
+        .await
+        .unwrap();
+    good.finish(1).await.unwrap();
+    let mut client = daemon.client();
+    let before = fetch(&mut client, "good").await.1;
+
+    let cases: Vec<(Vec<proto::FileDelta>, &str, &str)> = vec![
+        (
+            vec![file("a.c", &[(0, 1)])],
+            "delta.files[0].line_gaps[0]",
+            "line 0",
+        ),
+        (
+            vec![file("a.c", &[(u32::MAX - 1, 1)])],
+            "delta.files[0].line_gaps[0]",
+            "beyond the largest accepted line",
+        ),
+        (
+            vec![proto::FileDelta {
+                line_gaps: vec![u32::MAX, u32::MAX],
+                hits: vec![1, 1],
+                ..file("a.c", &[])
+            }],
+            "delta.files[0].line_gaps[0]",
+            "beyond",
+        ),
+        (
+            vec![proto::FileDelta {
+                line_gaps: vec![3, 0],
+                hits: vec![1, 1],
+                ..file("a.c", &[])
+            }],
+            "delta.files[0].line_gaps[1]",
+            "ascending and distinct",
+        ),
+        (vec![file("", &[(1, 1)])], "delta.files[0].path", "empty"),
+        (
+            vec![
+                file("ok.c", &[(1, 1)]),
+                file("src/../../etc/passwd", &[(1, 1)]),
+            ],
+            "delta.files[1].path",
+            "`..`",
+        ),
+        (
+            vec![file("a\0b", &[(1, 1)])],
+            "delta.files[0].path",
+            "control character",
+        ),
+        (
+            vec![proto::FileDelta {
+                hits: vec![1],
+                ..file("a.c", &[(1, 1), (2, 1)])
+            }],
+            "delta.files[0].hits",
+            "one per line",
+        ),
+        (
+            vec![proto::FileDelta {
+                branches: vec![proto::Branch {
+                    line: 0,
+                    ..Default::default()
+                }],
+                ..file("a.c", &[(1, 1)])
+            }],
+            "delta.files[0].branches[0].line",
+            "line 0",
+        ),
+        (
+            vec![proto::FileDelta {
+                functions: vec![proto::Function {
+                    name: String::new(),
+                    ..Default::default()
+                }],
+                ..file("a.c", &[(1, 1)])
+            }],
+            "delta.files[0].functions[0].name",
+            "empty",
+        ),
+    ];
+    for (files, field, needle) in cases {
+        let e = refuse(&daemon, files).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {}", e.message());
+        assert!(
+            e.message().starts_with(field),
+            "expected {field}: {}",
+            e.message()
+        );
+        assert!(
+            e.message().contains(needle),
+            "expected {needle}: {}",
+            e.message()
+        );
+    }
+
+    // Nothing of the refused deltas was applied: not even the valid file beside a bad one.
+    let (_, resume) = Stream::open(&mut c, "bad", "s", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 0);
+    assert_eq!(client.status("bad").await.unwrap().totals.files, 0);
+    assert_eq!(fetch(&mut client, "good").await.1, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_resource_exhausted() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "big", "s", 1).await.unwrap();
+    // 64 MB of path: four times the default message limit.
+    let e = s
+        .delta(1, vec![file(&"p".repeat(64 << 20), &[(1, 1)])])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("too large"), "{}", e.message());
+    // The daemon is still up and the shard resumable.
+    let (mut s, resume) = Stream::open(&mut c, "big", "s", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 0);
+    s.delta(1, vec![file("a.c", &[(1, 1)])]).await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_protobuf_is_refused() {
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    // Field 2 of IngestRequest is the `delta` message; sending a varint there is not protobuf
+    // that any IngestRequest decodes from.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Bogus {
+        #[prost(uint64, tag = "2")]
+        delta: u64,
+    }
+    let daemon = Daemon::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(daemon.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<Bogus, proto::IngestResponse>::default();
+    let path = PathAndQuery::from_static("/covd.v1.Coverage/Ingest");
+    let request = tonic::Request::new(tokio_stream::once(Bogus { delta: 7 }));
+    let result = match grpc.streaming(request, path, codec).await {
+        Ok(response) => response.into_inner().message().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let e = result.expect_err("garbage must be refused");
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert!(e.message().contains("decode"), "{}", e.message());
+    // Still serving.
+    daemon.client().list_runs(10).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_file_limit_of_a_run_is_resource_exhausted() {
+    let mut settings = Settings::default();
+    settings.limits.max_files_per_run = 3;
+    let daemon = Daemon::with(settings).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(1, vec![file("a", &[(1, 1)]), file("b", &[(1, 1)])])
+        .await
+        .unwrap();
+    let e = s
+        .delta(2, vec![file("c", &[(1, 1)]), file("d", &[(1, 1)])])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("beyond the limit of 3"),
+        "{}",
+        e.message()
+    );
+    let (mut s, resume) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 1);
+    // Files already present do not count again.
+    s.delta(2, vec![file("a", &[(2, 1)]), file("c", &[(1, 1)])])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bad_names_are_refused() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    for (run, shard, field) in [
+        ("", "s", "header.run_id"),
+        ("has space", "s", "header.run_id"),
+        ("r", "", "header.shard_id"),
+        ("r", "s\n", "header.shard_id"),
+    ] {
+        let e = Stream::open(&mut c, run, shard, 1).await.err().unwrap();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with(field), "{}", e.message());
+    }
+    let missing = daemon.client().status("nope").await.unwrap_err();
+    assert!(
+        missing.to_string().contains("run `nope` does not exist"),
+        "{missing}"
+    );
+}

@@ -1,0 +1,224 @@
+//! The `covd` binary as a user runs it: serve, open, push in parallel, fetch.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use covd::model::path::PathRules;
+
+use crate::support::*;
+
+const COVD: &str = env!("CARGO_BIN_EXE_covd");
+
+/// `covd serve` on port 0; the address is read from its first line of output, no sleeping.
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Served {
+    fn start() -> Served {
+        let mut child = Command::new(COVD)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        Served { child, url }
+    }
+
+    fn covd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(COVD);
+        c.args(args).env("COVD_SERVER", &self.url);
+        c
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn quickstart_open_push_in_parallel_fetch() {
+    let served = Served::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged.info");
+    let ok = served
+        .covd(&["open", "--run", "q", "--shards", "2"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let pushes: Vec<_> = [
+        ("0", "gcc-lcov/shard1.info", "/builds/shard-1/"),
+        ("1", "gcc-lcov/shard2.info", "/builds/shard-2/"),
+    ]
+    .into_iter()
+    .map(|(shard, file, prefix)| {
+        served
+            .covd(&[
+                "push",
+                "--run",
+                "q",
+                "--shard",
+                shard,
+                "--strip-prefix",
+                prefix,
+            ])
+            .arg(fixture(file))
+            .spawn()
+            .unwrap()
+    })
+    .collect();
+    for mut p in pushes {
+        assert!(p.wait().unwrap().success());
+    }
+    let fetched = served
+        .covd(&[
+            "fetch",
+            "--run",
+            "q",
+            "--wait",
+            "--timeout",
+            "30s",
+            "--output",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        fetched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    assert!(String::from_utf8_lossy(&fetched.stderr).contains("complete"));
+
+    let mut expected = read_lcov(
+        &fixture("gcc-lcov/shard1.info"),
+        &PathRules {
+            strip: vec!["/builds/shard-1/".into()],
+            ..Default::default()
+        },
+    );
+    expected.merge(&read_lcov(
+        &fixture("gcc-lcov/shard2.info"),
+        &PathRules {
+            strip: vec!["/builds/shard-2/".into()],
+            ..Default::default()
+        },
+    ));
+    assert_eq!(read_lcov(&out, &PathRules::default()), expected);
+
+    let file = served
+        .covd(&["file", "--run", "q", "src/calc.c"])
+        .output()
+        .unwrap();
+    assert!(file.status.success());
+    let text = String::from_utf8_lossy(&file.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["57", "0", "uncovered"]),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_truncated_file_is_exit_2_naming_the_line_and_sends_nothing() {
+    let served = Served::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.info");
+    let full = std::fs::read_to_string(fixture("gcc-lcov/shard1.info")).unwrap();
+    let lines: Vec<&str> = full.lines().collect();
+    std::fs::write(&cut, lines[..40].join("\n")).unwrap();
+    let r = served
+        .covd(&["push", "--run", "t", "--shard", "0"])
+        .arg(&cut)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("line 40") && err.contains("truncated"),
+        "{err}"
+    );
+    // The shard did not finish: a truncated file never passes for a complete shard.
+    let s = served.covd(&["status", "--run", "t"]).output().unwrap();
+    let text = String::from_utf8_lossy(&s.stdout);
+    assert!(!text.contains("finished"), "{text}");
+}
+
+#[test]
+fn fetch_wait_that_times_out_is_exit_4_and_names_the_missing_shards() {
+    let served = Served::start();
+    assert!(
+        served
+            .covd(&["open", "--run", "w", "--shard-ids", "a,b"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = served
+        .covd(&["push", "--run", "w", "--shard", "a"])
+        .arg(fixture("gcc-lcov/shard1.info"))
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = served
+        .covd(&["fetch", "--run", "w", "--wait", "--timeout", "300ms"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("INCOMPLETE: missing shards b"));
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("end_of_record"),
+        "the partial merge is written"
+    );
+}
+
+#[test]
+fn push_without_a_daemon_warns_unless_asked_to_fail() {
+    // A port nobody listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let push = |extra: &[&str]| {
+        Command::new(COVD)
+            .args([
+                "push",
+                "--run",
+                "x",
+                "--shard",
+                "0",
+                "--retries",
+                "0",
+                "--server",
+                &url,
+            ])
+            .args(extra)
+            .arg(fixture("gcc-lcov/shard1.info"))
+            .output()
+            .unwrap()
+    };
+    let r = push(&[]);
+    assert_eq!(r.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("coverage not sent"));
+    let r = push(&["--fail-on-error"]);
+    assert_eq!(
+        r.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}

@@ -1,0 +1,480 @@
+//! The ingest protocol as PRODUCT.md defines it: resume, replays, attempts, completeness.
+
+use std::time::Duration;
+
+use covd::rpc::proto::coverage_client::CoverageClient;
+use covd::rpc::proto::{self, ingest_request::Msg as In, ingest_response::Msg as Out};
+use covd::service::{RunParams, ShardState};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use crate::support::*;
+
+/// One raw ingest stream, driven message by message.
+pub(crate) struct Stream {
+    tx: mpsc::Sender<proto::IngestRequest>,
+    rx: Streaming<proto::IngestResponse>,
+}
+
+pub(crate) async fn raw(url: &str) -> CoverageClient<Channel> {
+    CoverageClient::connect(url.to_owned()).await.unwrap()
+}
+
+impl Stream {
+    /// Opens a stream and sends the header; returns the stream and the resume answer.
+    pub(crate) async fn open(
+        client: &mut CoverageClient<Channel>,
+        run: &str,
+        shard: &str,
+        attempt: u32,
+    ) -> Result<(Stream, proto::Resume), tonic::Status> {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(msg(In::Header(proto::ShardHeader {
+            run_id: run.into(),
+            shard_id: shard.into(),
+            attempt,
+            params: None,
+        })))
+        .await
+        .unwrap();
+        let mut rx = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
+        match rx.message().await?.and_then(|m| m.msg) {
+            Some(Out::Resume(r)) => Ok((Stream { tx, rx }, r)),
+            other => panic!("expected a resume, got {other:?}"),
+        }
+    }
+
+    pub(crate) async fn send(&mut self, m: In) -> Result<Out, tonic::Status> {
+        self.tx.send(msg(m)).await.unwrap();
+        Ok(self
+            .rx
+            .message()
+            .await?
+            .and_then(|m| m.msg)
+            .expect("an answer"))
+    }
+
+    pub(crate) async fn delta(
+        &mut self,
+        seq: u64,
+        files: Vec<proto::FileDelta>,
+    ) -> Result<proto::Ack, tonic::Status> {
+        match self
+            .send(In::Delta(proto::Delta {
+                seq,
+                files,
+                test: None,
+            }))
+            .await?
+        {
+            Out::Ack(a) => Ok(a),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+
+    pub(crate) async fn finish(
+        &mut self,
+        final_seq: u64,
+    ) -> Result<proto::Finished, tonic::Status> {
+        match self
+            .send(In::Finish(proto::Finish {
+                final_seq,
+                telemetry: None,
+            }))
+            .await?
+        {
+            Out::Finished(f) => Ok(f),
+            other => panic!("expected finished, got {other:?}"),
+        }
+    }
+}
+
+fn msg(m: In) -> proto::IngestRequest {
+    proto::IngestRequest { msg: Some(m) }
+}
+
+/// A file delta with the given (line, hits).
+pub(crate) fn file(path: &str, lines: &[(u32, u64)]) -> proto::FileDelta {
+    let mut prev = 0;
+    proto::FileDelta {
+        path: path.into(),
+        line_gaps: lines
+            .iter()
+            .map(|(l, _)| {
+                let g = l - prev;
+                prev = *l;
+                g
+            })
+            .collect(),
+        hits: lines.iter().map(|(_, h)| *h).collect(),
+        branches: vec![],
+        functions: vec![],
+    }
+}
+
+async fn open(daemon: &Daemon, run: &str, shards: &[&str]) {
+    daemon
+        .client()
+        .open_run(
+            run,
+            RunParams {
+                expected_shards: shards.iter().map(|s| s.to_string()).collect(),
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_reconnecting_shard_resumes_and_a_resent_delta_counts_once() {
+    let daemon = Daemon::start().await;
+    open(&daemon, "r", &["a", "b"]).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, resume) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    assert_eq!((resume.last_seq, resume.finished), (0, false));
+    s.delta(1, vec![file("x.c", &[(1, 1), (2, 0)])])
+        .await
+        .unwrap();
+    s.delta(2, vec![file("x.c", &[(2, 10)])]).await.unwrap();
+    drop(s); // the connection drops without a finish
+
+    let mut client = daemon.client();
+    let shard = wait_for_state(&mut client, "r", "a", ShardState::Interrupted).await;
+    assert_eq!(shard.last_seq, 2);
+
+    let (mut s, resume) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 2);
+    let again = s.delta(2, vec![file("x.c", &[(2, 10)])]).await.unwrap();
+    assert!(
+        again.duplicate,
+        "a re-sent delta is recognised by its sequence number"
+    );
+    let ack = s.delta(3, vec![file("x.c", &[(3, 7)])]).await.unwrap();
+    assert!(!ack.duplicate);
+    let finished = s.finish(3).await.unwrap();
+    assert!(!finished.run.unwrap().complete, "shard b is still missing");
+
+    let f = client.file("r", "x.c").await.unwrap();
+    assert_eq!(
+        f.line_hits().collect::<Vec<_>>(),
+        vec![(1, 1), (2, 10), (3, 7)]
+    );
+}
+
+async fn wait_for_state(
+    client: &mut covd::client::Client,
+    run: &str,
+    shard: &str,
+    state: ShardState,
+) -> covd::service::ShardStatus {
+    let mut found = None;
+    // The server notices the closed stream asynchronously; the watch stream reports it.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.watch(run, |s| {
+            if let Some(sh) = s
+                .shards
+                .iter()
+                .find(|x| x.shard_id == shard && x.state == state)
+            {
+                found.get_or_insert(sh.clone());
+            }
+        }),
+    )
+    .await;
+    // The watch ends only when the run completes; a timeout is expected here.
+    found.unwrap_or_else(|| panic!("shard {shard} never reached {state:?}"))
+}
+
+#[tokio::test]
+async fn a_higher_attempt_replaces_the_earlier_one() {
+    let daemon = Daemon::start().await;
+    open(&daemon, "r", &["a", "b"]).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    s.delta(1, vec![file("x.c", &[(1, 5)])]).await.unwrap();
+    s.finish(1).await.unwrap();
+    let (mut b, _) = Stream::open(&mut c, "r", "b", 1).await.unwrap();
+    b.delta(1, vec![file("x.c", &[(1, 1), (9, 1)])])
+        .await
+        .unwrap();
+
+    let (mut s2, resume) = Stream::open(&mut c, "r", "a", 2).await.unwrap();
+    assert_eq!((resume.attempt, resume.last_seq), (2, 0));
+    s2.delta(1, vec![file("x.c", &[(2, 3)])]).await.unwrap();
+    s2.finish(1).await.unwrap();
+
+    let mut client = daemon.client();
+    let f = client.file("r", "x.c").await.unwrap();
+    assert_eq!(
+        f.line_hits().collect::<Vec<_>>(),
+        vec![(1, 1), (2, 3), (9, 1)],
+        "attempt 1's five hits on line 1 are gone; shard b's stay"
+    );
+    let stale = Stream::open(&mut c, "r", "a", 1).await.err().unwrap();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(
+        stale.message().contains("superseded by attempt 2"),
+        "{}",
+        stale.message()
+    );
+    // A delta still in flight on shard b is unaffected.
+    b.delta(2, vec![file("y.c", &[(1, 1)])]).await.unwrap();
+    b.finish(2).await.unwrap();
+    assert!(client.status("r").await.unwrap().complete);
+}
+
+#[tokio::test]
+async fn a_complete_run_refuses_more_coverage() {
+    let daemon = Daemon::start().await;
+    open(&daemon, "r", &["only"]).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "only", 1).await.unwrap();
+    s.delta(1, vec![file("x.c", &[(1, 1)])]).await.unwrap();
+    let done = s.finish(1).await.unwrap();
+    assert!(done.run.unwrap().complete);
+
+    for attempt in [1, 2] {
+        let (mut again, resume) = match Stream::open(&mut c, "r", "only", attempt).await {
+            Ok(x) => x,
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "attempt {attempt}");
+                assert!(e.message().contains("is complete"), "{}", e.message());
+                continue;
+            }
+        };
+        // The same attempt may reconnect to confirm its finish, but not to add deltas.
+        assert_eq!(attempt, 1);
+        assert!(resume.finished);
+        let e = again
+            .delta(2, vec![file("x.c", &[(2, 1)])])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+    }
+    let (mut other, _) = match Stream::open(&mut c, "r", "late", 1).await {
+        Ok(x) => x,
+        Err(e) => {
+            assert_eq!(e.code(), Code::FailedPrecondition);
+            return;
+        }
+    };
+    panic!(
+        "a stream for an unexpected shard of a complete run was accepted: {:?}",
+        other.finish(0).await
+    );
+}
+
+#[tokio::test]
+async fn shards_the_run_does_not_expect_are_refused() {
+    let daemon = Daemon::start().await;
+    open(&daemon, "r", &["0", "1"]).await;
+    let mut c = raw(&daemon.url).await;
+    let e = Stream::open(&mut c, "r", "2", 1).await.err().unwrap();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("not among the expected shards"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+async fn sequence_gaps_and_short_finishes_are_refused() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    s.delta(1, vec![file("x.c", &[(1, 1)])]).await.unwrap();
+    let e = s.delta(3, vec![file("x.c", &[(1, 1)])]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("expected sequence number 2"),
+        "{}",
+        e.message()
+    );
+
+    let (mut s, resume) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 1, "the refused delta left nothing behind");
+    let e = s.finish(5).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("but 1 were acknowledged"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+async fn opening_is_idempotent_and_conflicts_are_refused() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let params = RunParams {
+        project: "shop".into(),
+        expected_shards: vec!["0".into(), "1".into()],
+        ..RunParams::default()
+    };
+    let (created, _) = client.open_run("r", params.clone()).await.unwrap();
+    assert!(created);
+    let (created, status) = client.open_run("r", params.clone()).await.unwrap();
+    assert!(!created);
+    assert_eq!(status.missing_shards, vec!["0", "1"]);
+
+    let conflicting = RunParams {
+        expected_shards: vec!["0".into(), "1".into(), "2".into()],
+        ..params.clone()
+    };
+    let e = client.open_run("r", conflicting).await.unwrap_err();
+    assert!(e.to_string().contains("expecting shards"), "{e}");
+    let other_project = RunParams {
+        project: "elsewhere".into(),
+        ..params
+    };
+    let e = client.open_run("r", other_project).await.unwrap_err();
+    assert!(e.to_string().contains("project `shop`"), "{e}");
+}
+
+#[tokio::test]
+async fn a_push_before_the_open_is_given_its_expectations_later() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let cov = read_lcov(
+        &fixture("../../examples/quickstart/shard-a.info"),
+        &Default::default(),
+    );
+    push(&mut client, "r", "1", 1, cov).await;
+    let status = client.status("r").await.unwrap();
+    assert!(!status.expectations_declared && !status.complete);
+    let (created, status) = client
+        .open_run(
+            "r",
+            RunParams {
+                expected_shards: vec!["1".into(), "2".into()],
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(status.missing_shards, vec!["2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_wait_returns_when_the_last_shard_finishes_or_says_what_is_missing() {
+    let daemon = Daemon::start().await;
+    open(&daemon, "r", &["a", "b"]).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut a, _) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    a.delta(1, vec![file("x.c", &[(1, 1)])]).await.unwrap();
+    a.finish(1).await.unwrap();
+
+    let mut client = daemon.client();
+    let mut out = Vec::new();
+    let header = client
+        .export("r", Some(Duration::from_millis(200)), &mut out)
+        .await
+        .unwrap();
+    assert!(header.timed_out && !header.complete);
+    assert_eq!(header.missing_shards, vec!["b"]);
+    assert_eq!(
+        parse_lcov_bytes(&out).files.len(),
+        1,
+        "the partial result is still exported"
+    );
+
+    let waiting = {
+        let mut client = daemon.client();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let h = client
+                .export("r", Some(Duration::from_secs(60)), &mut out)
+                .await
+                .unwrap();
+            (h, out)
+        })
+    };
+    let (mut b, _) = Stream::open(&mut c, "r", "b", 1).await.unwrap();
+    b.delta(1, vec![file("y.c", &[(4, 2)])]).await.unwrap();
+    assert!(!waiting.is_finished());
+    b.finish(1).await.unwrap();
+    let (header, out) = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiting export returns once the last shard finished")
+        .unwrap();
+    assert!(header.complete && !header.timed_out);
+    assert_eq!(parse_lcov_bytes(&out).files.len(), 2);
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let daemon = Daemon::start().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&daemon).await);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "covd.v1.Coverage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1 as refl;
+    let mut client =
+        refl::server_reflection_client::ServerReflectionClient::new(channel(&daemon).await);
+    let request = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"covd.v1.Coverage"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut client =
+        alpha::server_reflection_client::ServerReflectionClient::new(channel(&daemon).await);
+    let request = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "covd.v1.Coverage".into(),
+            ),
+        ),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert!(matches!(
+        answer.message_response,
+        Some(alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
+            if !f.file_descriptor_proto.is_empty()
+    ));
+}
+
+async fn channel(daemon: &Daemon) -> Channel {
+    tonic::transport::Endpoint::from_shared(daemon.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}

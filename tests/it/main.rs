@@ -1,0 +1,9 @@
+//! Integration tests: a real daemon on 127.0.0.1:0, real clients, real coverage files.
+
+mod bad_input;
+mod cli;
+mod corpus;
+mod gcc;
+mod ingest;
+mod merge_laws;
+mod support;

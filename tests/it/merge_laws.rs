@@ -1,0 +1,178 @@
+//! The merge's laws, checked on random deltas: order and grouping do not matter, a replayed
+//! delta changes nothing, and the result equals a naive set/sum model.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use covd::model::{BranchArm, BranchKey, Coverage, FileBuilder, FileCoverage, Taken};
+use covd::service::{CoverageService, Delta, Limits, ShardHeader};
+use proptest::prelude::*;
+
+fn file_strategy() -> impl Strategy<Value = FileCoverage> {
+    let lines = prop::collection::vec((1u32..60, 0u64..4), 0..20);
+    let branches = prop::collection::vec(
+        (
+            1u32..60,
+            0u32..2,
+            prop_oneof![
+                (0u32..3).prop_map(BranchArm::Index),
+                "[a-c]".prop_map(|s| BranchArm::Label(s.into()))
+            ],
+            prop::option::of(0u64..3),
+        ),
+        0..8,
+    );
+    let functions = prop::collection::vec(("[fg]", 1u32..5, 0u64..3), 0..4);
+    (lines, branches, functions).prop_map(|(lines, branches, functions)| {
+        let mut b = FileBuilder::new();
+        for (l, h) in lines {
+            b.line(l, h);
+        }
+        for (line, block, arm, taken) in branches {
+            b.branch(BranchKey { line, block, arm }, taken);
+        }
+        for (name, start, hits) in functions {
+            b.function(&name, start, 0, hits);
+        }
+        b.build()
+    })
+}
+
+fn deltas_strategy() -> impl Strategy<Value = Vec<(String, FileCoverage)>> {
+    prop::collection::vec(("[xyz]\\.c", file_strategy()), 1..12)
+}
+
+/// The naive model: sets and sums in ordinary maps.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Naive {
+    lines: BTreeMap<String, BTreeMap<u32, u64>>,
+    branches: BTreeMap<String, BTreeMap<BranchKey, Taken>>,
+    functions: BTreeMap<String, BTreeMap<(String, u32), u64>>,
+}
+
+impl Naive {
+    fn of(deltas: &[(String, FileCoverage)]) -> Naive {
+        let mut n = Naive::default();
+        for (path, f) in deltas {
+            let lines = n.lines.entry(path.clone()).or_default();
+            for (l, h) in f.line_hits() {
+                *lines.entry(l).or_default() += h;
+            }
+            let branches = n.branches.entry(path.clone()).or_default();
+            for (k, t) in f.branches() {
+                let slot = branches.entry(k.clone()).or_insert(None);
+                *slot = match (*slot, *t) {
+                    (None, t) => t,
+                    (s, None) => s,
+                    (Some(a), Some(b)) => Some(a + b),
+                };
+            }
+            let functions = n.functions.entry(path.clone()).or_default();
+            for func in f.functions() {
+                *functions
+                    .entry((func.name.to_string(), func.start_line))
+                    .or_default() += func.hits;
+            }
+        }
+        n
+    }
+
+    fn from_coverage(c: &Coverage) -> Naive {
+        let deltas: Vec<_> = c
+            .files
+            .iter()
+            .map(|(p, f)| (p.clone(), f.clone()))
+            .collect();
+        Naive::of(&deltas)
+    }
+}
+
+fn merge_in_order(deltas: &[(String, FileCoverage)]) -> Coverage {
+    let mut c = Coverage::default();
+    for (p, f) in deltas {
+        c.add(p, f);
+    }
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn order_and_grouping_do_not_matter(
+        deltas in deltas_strategy(),
+        seed in any::<u64>(),
+        cut in 0usize..12,
+    ) {
+        let expected = merge_in_order(&deltas);
+        // Another order.
+        let mut shuffled = deltas.clone();
+        let mut rng = seed;
+        for i in (1..shuffled.len()).rev() {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            shuffled.swap(i, (rng >> 33) as usize % (i + 1));
+        }
+        prop_assert_eq!(&merge_in_order(&shuffled), &expected);
+        // Another grouping: merge two halves separately, then merge the halves.
+        let cut = cut.min(deltas.len());
+        let mut left = merge_in_order(&deltas[..cut]);
+        left.merge(&merge_in_order(&deltas[cut..]));
+        prop_assert_eq!(&left, &expected);
+    }
+
+    #[test]
+    fn the_merge_equals_the_naive_model(deltas in deltas_strategy()) {
+        let merged = merge_in_order(&deltas);
+        prop_assert_eq!(Naive::from_coverage(&merged), Naive::of(&deltas));
+        for f in merged.files.values() {
+            let covered: BTreeSet<u32> = f.line_hits().filter(|(_, h)| *h > 0).map(|(l, _)| l).collect();
+            prop_assert_eq!(covered, f.covered().iter().collect::<BTreeSet<_>>());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Through the service: shards merging concurrently, with replays, equal the naive model.
+    #[test]
+    fn concurrent_shards_with_replays_equal_the_naive_model(
+        shards in prop::collection::vec(deltas_strategy(), 1..4),
+        replays in prop::collection::vec(0usize..12, 0..6),
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let all: Vec<_> = shards.iter().flatten().cloned().collect();
+        let merged = runtime.block_on(async {
+            let service = CoverageService::new(Limits::default());
+            let tasks = shards.iter().enumerate().map(|(i, deltas)| {
+                let service = service.clone();
+                let deltas = deltas.clone();
+                let replays = replays.clone();
+                tokio::spawn(async move {
+                    let session = service.begin_shard(ShardHeader {
+                        run_id: "r".into(), shard_id: i.to_string(), attempt: 1, params: Default::default(),
+                    }).await.unwrap();
+                    for (seq, d) in deltas.iter().enumerate() {
+                        let seq = seq as u64 + 1;
+                        let applied = service.apply(&session, Delta { seq, files: vec![d.clone()] }).await.unwrap();
+                        assert!(!applied.duplicate);
+                        // Replay an earlier delta: acknowledged as a duplicate, not applied.
+                        for r in &replays {
+                            if (*r as u64) < seq {
+                                let again = Delta { seq: *r as u64 + 1, files: vec![deltas[*r].clone()] };
+                                assert!(service.apply(&session, again).await.unwrap().duplicate);
+                            }
+                        }
+                    }
+                    service.finish(&session, deltas.len() as u64, None).unwrap();
+                })
+            }).collect::<Vec<_>>();
+            for t in tasks { t.await.unwrap(); }
+            let mut out = Coverage::default();
+            for path in ["x.c", "y.c", "z.c"] {
+                if let Ok(f) = service.file("r", path) { out.add(path, &f); }
+            }
+            out
+        });
+        prop_assert_eq!(Naive::from_coverage(&merged), Naive::of(&all));
+    }
+}
