@@ -1,3 +1,27 @@
+//! covd merges code coverage from many parallel CI shards while they run, and serves the merged
+//! result the moment the last shard finishes.
+//!
+//! Shards stream coverage deltas over gRPC (`covd.v1`); the daemon merges them incrementally
+//! into roaring bitmaps per file; `covd fetch --wait` writes the merged LCOV; tools query one
+//! file or one directory at any time. See `PRODUCT.md` in the design folder for the concepts
+//! (runs, shards, attempts, deltas) and the merge semantics.
+//!
+//! # Layout
+//!
+//! Dependencies point one way: `server`/`client` → `rpc` → `service` → `store` → `model`, and
+//! `formats` → `model`.
+//!
+//! - [`model`]: pure domain types and the merge (no I/O, no async).
+//! - [`formats`]: coverage file formats, a streaming reader and a writer each (LCOV so far).
+//! - [`store`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
+//! - [`service`]: the domain service: runs, shard ingest with attempts and resume, export,
+//!   queries. No gRPC types.
+//! - [`rpc`]: the gRPC edge: generated code, conversions with validation, error → status.
+//! - [`server`]: wiring, limits, health and reflection, shutdown.
+//! - [`client`]: the typed client the CLI and tests use.
+//!
+//! The `covd` binary (`src/main.rs`, `src/cli.rs`) is a thin command line over these.
+
 pub mod client;
 pub mod formats;
 pub mod model;
@@ -5,3 +29,8 @@ pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod store;
+
+pub use client::Client;
+pub use model::{Coverage, FileCoverage};
+pub use server::Settings;
+pub use service::CoverageService;

@@ -277,20 +277,26 @@ fn function_name(name: &[u8]) -> Result<String, String> {
 }
 
 fn number<T: std::str::FromStr>(field: &[u8], what: &str) -> Result<T, String> {
-    std::str::from_utf8(field)
-        .ok()
-        .and_then(|s| s.trim().parse::<T>().ok())
-        .ok_or_else(|| {
-            format!(
-                "{what} `{}` is not a number in range",
-                String::from_utf8_lossy(&field[..field.len().min(40)])
-            )
-        })
+    parse_number(field).ok_or_else(|| not_a_number(field, what))
+}
+
+// Separate from `number` so the hot path formats no message.
+fn parse_number<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
+    std::str::from_utf8(field).ok()?.trim().parse::<T>().ok()
+}
+
+#[cold]
+fn not_a_number(field: &[u8], what: &str) -> String {
+    format!(
+        "{what} `{}` is not a number in range",
+        String::from_utf8_lossy(&field[..field.len().min(40)])
+    )
 }
 
 fn line_number(field: Option<&[u8]>, what: &str) -> Result<u32, String> {
     let field = field.ok_or_else(|| format!("{what} is missing its line number"))?;
-    let n: u64 = number(field, &format!("{what} line number"))?;
+    let n: u64 =
+        parse_number(field).ok_or_else(|| not_a_number(field, &format!("{what} line number")))?;
     if n == 0 {
         return Err(format!("{what} line number 0 (lines start at 1)"));
     }
@@ -309,7 +315,7 @@ fn count(field: Option<&[u8]>, what: &str) -> Result<u64, String> {
     }
     // Counts beyond u64 (seen from broken gcov builds) saturate rather than fail the file.
     if !field.is_empty() && field.iter().all(u8::is_ascii_digit) {
-        return Ok(number::<u64>(field, what).unwrap_or(u64::MAX));
+        return Ok(parse_number::<u64>(field).unwrap_or(u64::MAX));
     }
     number(field, what)
 }

@@ -133,7 +133,8 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
 }
 
 /// Validates and converts a delta from the wire. Nothing of it reaches the aggregate unless
-/// all of it is valid.
+/// all of it is valid. Field names for errors are formatted only when there is an error: this
+/// runs for every file of every delta.
 pub(crate) fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta, Error> {
     if d.test.is_some() {
         return Err(Error::Unimplemented(
@@ -144,20 +145,24 @@ pub(crate) fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta
         .files
         .into_iter()
         .enumerate()
-        .map(|(i, f)| file_from_proto(f, limits, &format!("delta.files[{i}]")))
+        .map(|(i, f)| {
+            file_from_proto(f, limits).map_err(|(field, reason)| {
+                Error::invalid(format!("delta.files[{i}].{field}"), reason)
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Delta { seq: d.seq, files })
 }
 
-pub(crate) fn file_from_proto(
+/// One file of a delta; an error is (field within the file, reason).
+fn file_from_proto(
     f: proto::FileDelta,
     limits: &Limits,
-    at: &str,
-) -> Result<(String, FileCoverage), Error> {
-    model::path::check(&f.path).map_err(|e| Error::invalid(format!("{at}.path"), e.to_string()))?;
+) -> Result<(String, FileCoverage), (String, String)> {
+    model::path::check(&f.path).map_err(|e| ("path".to_owned(), e.to_string()))?;
     if f.hits.len() != f.line_gaps.len() {
-        return Err(Error::invalid(
-            format!("{at}.hits"),
+        return Err((
+            "hits".into(),
             format!(
                 "has {} counts for {} lines; there must be one per line",
                 f.hits.len(),
@@ -174,104 +179,82 @@ pub(crate) fn file_from_proto(
             } else {
                 "a gap of 0 repeats a line (lines must be ascending and distinct)"
             };
-            return Err(Error::invalid(format!("{at}.line_gaps[{j}]"), reason));
+            return Err((format!("line_gaps[{j}]"), reason.into()));
         }
         line += u64::from(*gap);
         if line > u64::from(limits.max_line) {
-            return Err(Error::invalid(
-                format!("{at}.line_gaps[{j}]"),
-                format!(
-                    "line {line} is beyond the largest accepted line number ({})",
-                    limits.max_line
-                ),
-            ));
+            return Err((format!("line_gaps[{j}]"), beyond(line, limits)));
         }
         lines.push(line as u32);
     }
     let mut file = FileCoverage::from_sorted_lines(&lines, &f.hits)
-        .ok_or_else(|| Error::invalid(format!("{at}.line_gaps"), "lines are not ascending"))?;
-    let branches = f
-        .branches
-        .into_iter()
-        .enumerate()
-        .map(|(j, b)| {
-            let field = format!("{at}.branches[{j}]");
-            check_line(b.line, limits, &format!("{field}.line"))?;
-            let arm = if b.label.is_empty() {
-                BranchArm::Index(b.branch)
-            } else {
-                check_name(&b.label, limits, &format!("{field}.label"))?;
-                BranchArm::Label(b.label.into())
-            };
-            Ok((
-                BranchKey {
-                    line: b.line,
-                    block: b.block,
-                    arm,
-                },
-                b.taken,
-            ))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+        .ok_or_else(|| ("line_gaps".to_owned(), "lines are not ascending".to_owned()))?;
+    let mut branches = Vec::with_capacity(f.branches.len());
+    for (j, b) in f.branches.into_iter().enumerate() {
+        check_line(b.line, limits).map_err(|r| (format!("branches[{j}].line"), r))?;
+        let arm = if b.label.is_empty() {
+            BranchArm::Index(b.branch)
+        } else {
+            check_name(&b.label, limits).map_err(|r| (format!("branches[{j}].label"), r))?;
+            BranchArm::Label(b.label.into())
+        };
+        let key = BranchKey {
+            line: b.line,
+            block: b.block,
+            arm,
+        };
+        branches.push((key, b.taken));
+    }
     file.set_branches(branches);
-    let functions = f
-        .functions
-        .into_iter()
-        .enumerate()
-        .map(|(j, func)| {
-            let field = format!("{at}.functions[{j}]");
-            check_name(&func.name, limits, &format!("{field}.name"))?;
-            for (what, line) in [("start_line", func.start_line), ("end_line", func.end_line)] {
-                if line > limits.max_line {
-                    return Err(Error::invalid(
-                        format!("{field}.{what}"),
-                        format!("line {line} is beyond the largest accepted line number"),
-                    ));
-                }
+    let mut functions = Vec::with_capacity(f.functions.len());
+    for (j, func) in f.functions.into_iter().enumerate() {
+        check_name(&func.name, limits).map_err(|r| (format!("functions[{j}].name"), r))?;
+        for (what, line) in [("start_line", func.start_line), ("end_line", func.end_line)] {
+            if line > limits.max_line {
+                return Err((
+                    format!("functions[{j}].{what}"),
+                    beyond(u64::from(line), limits),
+                ));
             }
-            Ok(Function {
-                name: func.name.into(),
-                start_line: func.start_line,
-                end_line: func.end_line,
-                hits: func.hits,
-            })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+        }
+        functions.push(Function {
+            name: func.name.into(),
+            start_line: func.start_line,
+            end_line: func.end_line,
+            hits: func.hits,
+        });
+    }
     file.set_functions(functions);
     Ok((f.path, file))
 }
 
-fn check_line(line: u32, limits: &Limits, field: &str) -> Result<(), Error> {
+#[cold]
+fn beyond(line: u64, limits: &Limits) -> String {
+    format!(
+        "line {line} is beyond the largest accepted line number ({})",
+        limits.max_line
+    )
+}
+
+fn check_line(line: u32, limits: &Limits) -> Result<(), String> {
     if line == 0 {
-        return Err(Error::invalid(
-            field,
-            "line 0 is not a line (lines start at 1)",
-        ));
+        return Err("line 0 is not a line (lines start at 1)".into());
     }
     if line > limits.max_line {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "line {line} is beyond the largest accepted line number ({})",
-                limits.max_line
-            ),
-        ));
+        return Err(beyond(u64::from(line), limits));
     }
     Ok(())
 }
 
-fn check_name(name: &str, limits: &Limits, field: &str) -> Result<(), Error> {
+fn check_name(name: &str, limits: &Limits) -> Result<(), String> {
     if name.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
+        return Err("must not be empty".into());
     }
     if name.len() > limits.max_name_bytes {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "is {} bytes long; the limit is {}",
-                name.len(),
-                limits.max_name_bytes
-            ),
+        return Err(format!(
+            "is {} bytes long; the limit is {}",
+            name.len(),
+            limits.max_name_bytes
         ));
     }
     Ok(())

@@ -1,0 +1,378 @@
+//! End-to-end ingest benchmark: a real daemon (a child process), shards pushed concurrently
+//! through the real gRPC client, a waiting fetch, and grcov on the same files when installed.
+//!
+//! ```text
+//! cargo run --release --example bench_ingest -- --shards 16 --files 5000
+//! cargo run --release --example bench_ingest -- --data DIR     # shard_*.info already made
+//! ```
+//!
+//! Without `--data`, the shards are generated with `../shared/bench/gen_lcov.py` into
+//! `target/bench-data/` (once). Prints: input size and records; ingest wall time and
+//! throughput (MB/s of LCOV, file records/s); the daemon's CPU seconds for the ingest; the time
+//! from the last shard's finish to the merged LCOV on disk; the daemon's peak RSS; a check of
+//! the merged totals against the generator's ground truth; and grcov's wall time and peak RSS
+//! for merging the same files, with the ratio.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use covd::client::{Batcher, Client, PushInput, PushOptions, PushTarget};
+use covd::formats::lcov;
+use covd::model::Coverage;
+use covd::service::RunParams;
+use tokio::sync::mpsc;
+
+struct Args {
+    shards: usize,
+    files: usize,
+    data: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        shards: 16,
+        files: 5000,
+        data: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--shards" => a.shards = it.next().and_then(|v| v.parse().ok()).expect("--shards N"),
+            "--files" => a.files = it.next().and_then(|v| v.parse().ok()).expect("--files N"),
+            "--data" => a.data = it.next().map(PathBuf::from),
+            "--bench" => {} // passed by `cargo bench`-style runners; ignored
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn main() {
+    // The same executable serves as the daemon, so that its memory and CPU are its own.
+    if std::env::args().nth(1).as_deref() == Some("__daemon") {
+        daemon();
+        return;
+    }
+    let a = args();
+    let dir = a
+        .data
+        .clone()
+        .unwrap_or_else(|| generate(a.shards, a.files));
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("data directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "info"))
+        .collect();
+    shards.sort();
+    let bytes: u64 = shards.iter().map(|p| p.metadata().unwrap().len()).sum();
+    let records: u64 = shards.iter().map(|p| count_records(p)).sum();
+    println!(
+        "data: {} shards in {}, {:.1} MB of LCOV, {} file records",
+        shards.len(),
+        dir.display(),
+        bytes as f64 / 1e6,
+        records
+    );
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("__daemon")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let pid = child.id();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().to_owned();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let result = runtime.block_on(run(&url, &shards, pid));
+    let peak = peak_rss_kb(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    let (ingest, last_finish_to_written, cpu, totals) = result;
+
+    let mb = bytes as f64 / 1e6;
+    println!("\ncovd (release build, durable store: none — in memory):");
+    println!(
+        "  ingest wall time               {:>9.3} s   ({:.0} MB/s of LCOV, {:.0} file records/s)",
+        ingest.as_secs_f64(),
+        mb / ingest.as_secs_f64(),
+        records as f64 / ingest.as_secs_f64()
+    );
+    println!(
+        "  daemon CPU for the ingest      {:>9.3} s   ({:.2} µs per file record)",
+        cpu,
+        cpu * 1e6 / records as f64
+    );
+    println!(
+        "  last finish → merged LCOV on disk {:>6.3} s",
+        last_finish_to_written.as_secs_f64()
+    );
+    println!(
+        "  daemon peak RSS                {:>9.1} MB",
+        peak as f64 / 1024.0
+    );
+    check_truth(&dir, &totals);
+
+    match grcov(&shards) {
+        Some((wall, rss_kb)) => {
+            println!("\ngrcov (same files, lcov in, lcov out):");
+            println!(
+                "  merge wall time                {wall:>9.3} s   peak RSS {:.1} MB",
+                rss_kb as f64 / 1024.0
+            );
+            println!(
+                "\nratio: grcov's merge / covd's wait after the last finish = {:.0}×; \
+                 grcov / covd's whole ingest = {:.1}×",
+                wall / last_finish_to_written.as_secs_f64(),
+                wall / ingest.as_secs_f64()
+            );
+        }
+        None => println!(
+            "\ngrcov: not installed (cargo install grcov; or set GRCOV=path) — no comparison"
+        ),
+    }
+}
+
+fn daemon() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("http://{}", listener.local_addr().unwrap());
+        std::io::stdout().flush().unwrap();
+        covd::server::run(listener, covd::Settings::default(), std::future::pending())
+            .await
+            .unwrap();
+    });
+}
+
+async fn run(
+    url: &str,
+    shards: &[PathBuf],
+    pid: u32,
+) -> (Duration, Duration, f64, covd::model::Totals) {
+    let mut client = Client::connect(url).unwrap();
+    let ids: Vec<String> = (0..shards.len()).map(|i| i.to_string()).collect();
+    client
+        .open_run(
+            "bench",
+            RunParams {
+                expected_shards: ids.clone(),
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The final CI step: already waiting when the shards start.
+    let out_path = std::env::temp_dir().join(format!("covd-bench-{}.info", std::process::id()));
+    let fetch = {
+        let mut client = client.clone();
+        let out_path = out_path.clone();
+        tokio::spawn(async move {
+            let mut out = BufWriter::new(File::create(&out_path).unwrap());
+            let header = client
+                .export("bench", Some(Duration::from_secs(3600)), &mut out)
+                .await
+                .unwrap();
+            out.into_inner().unwrap().sync_all().unwrap();
+            (Instant::now(), header)
+        })
+    };
+    let cpu_before = cpu_seconds(pid);
+    let start = Instant::now();
+    let last_finish = Arc::new(std::sync::Mutex::new(start));
+    let pushes: Vec<_> = shards
+        .iter()
+        .zip(ids)
+        .map(|(path, id)| {
+            let mut client = client.clone();
+            let path = path.clone();
+            let last_finish = last_finish.clone();
+            tokio::spawn(async move {
+                let (tx, rx) = mpsc::channel(4);
+                let reader = tokio::task::spawn_blocking(move || {
+                    let mut r = lcov::Reader::new(BufReader::with_capacity(
+                        1 << 20,
+                        File::open(path).unwrap(),
+                    ));
+                    let mut batcher = Batcher::default();
+                    let mut pending = Coverage::default();
+                    while let Some(rec) = r.next_record().unwrap() {
+                        pending.add(&rec.path, &rec.file);
+                    }
+                    for (p, f) in pending.files {
+                        if let Some(d) = batcher.push(p, f) {
+                            tx.blocking_send(PushInput::Delta(d)).unwrap();
+                        }
+                    }
+                    if let Some(d) = batcher.finish() {
+                        tx.blocking_send(PushInput::Delta(d)).unwrap();
+                    }
+                    tx.blocking_send(PushInput::Done).unwrap();
+                });
+                let target = PushTarget {
+                    run_id: "bench".into(),
+                    shard_id: id,
+                    attempt: 1,
+                    ..PushTarget::default()
+                };
+                client
+                    .push(&target, rx, &PushOptions::default())
+                    .await
+                    .unwrap();
+                let now = Instant::now();
+                {
+                    let mut last = last_finish.lock().unwrap();
+                    *last = (*last).max(now);
+                }
+                reader.await.unwrap();
+            })
+        })
+        .collect();
+    for p in pushes {
+        p.await.unwrap();
+    }
+    let (written, header) = fetch.await.unwrap();
+    let last = *last_finish.lock().unwrap();
+    let ingest = last - start;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    assert!(header.complete);
+    let _ = std::fs::remove_file(&out_path);
+    (
+        ingest,
+        written.saturating_duration_since(last),
+        cpu,
+        header.totals,
+    )
+}
+
+fn generate(shards: usize, files: usize) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join(format!("target/bench-data/s{shards}_f{files}"));
+    if dir.join("manifest.json").exists() {
+        return dir;
+    }
+    eprintln!(
+        "generating {shards} shards × {files} files into {} …",
+        dir.display()
+    );
+    let status = Command::new("python3")
+        .arg(root.join("../shared/bench/gen_lcov.py"))
+        .args([
+            "--out",
+            dir.to_str().unwrap(),
+            "-S",
+            &shards.to_string(),
+            "-F",
+            &files.to_string(),
+            "-L",
+            "100",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("python3");
+    assert!(status.success(), "gen_lcov.py failed");
+    dir
+}
+
+fn count_records(path: &Path) -> u64 {
+    BufReader::new(File::open(path).unwrap())
+        .split(b'\n')
+        .filter(|l| l.as_ref().is_ok_and(|l| l.starts_with(b"SF:")))
+        .count() as u64
+}
+
+/// utime + stime of a process, from /proc (clock ticks of 1/100 s on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The generator's ground truth against the merged totals.
+fn check_truth(dir: &Path, t: &covd::model::Totals) {
+    let Ok(text) = std::fs::read_to_string(dir.join("manifest.json")) else {
+        return;
+    };
+    let field = |name: &str| -> Option<u64> {
+        let at = text.find(&format!("\"{name}\":"))?;
+        let rest = &text[at + name.len() + 3..];
+        rest.trim_start()
+            .split([',', '\n', '}'])
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let pairs = [
+        ("LF", field("LF"), t.lines),
+        ("LH", field("LH_union"), t.lines_covered),
+        ("FNF", field("FNF"), t.functions),
+        ("FNH", field("FNH_union"), t.functions_hit),
+        ("BRF", field("BRF"), t.branches),
+    ];
+    let ok = pairs
+        .iter()
+        .all(|(_, want, got)| want.is_none_or(|w| w == *got));
+    println!(
+        "  merged totals vs ground truth  {}: {}",
+        if ok { "equal" } else { "DIFFERENT" },
+        pairs
+            .iter()
+            .map(|(n, w, g)| format!("{n} {g}/{}", w.map_or("?".into(), |w| w.to_string())))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+/// grcov's wall time and peak RSS (KB) for merging the shards into one LCOV file.
+fn grcov(shards: &[PathBuf]) -> Option<(f64, u64)> {
+    let grcov = std::env::var("GRCOV").unwrap_or_else(|_| "grcov".into());
+    Command::new(&grcov).arg("--version").output().ok()?;
+    let out = std::env::temp_dir().join(format!("grcov-bench-{}.info", std::process::id()));
+    let start = Instant::now();
+    let r = Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(&grcov)
+        .args(shards)
+        .args(["-t", "lcov", "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .output()
+        .ok()?;
+    let wall = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&out);
+    if !r.status.success() {
+        eprintln!("grcov failed: {}", String::from_utf8_lossy(&r.stderr));
+        return None;
+    }
+    let rss = String::from_utf8_lossy(&r.stderr)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    Some((wall, rss))
+}
