@@ -1,1 +1,105 @@
-fn main() {}
+//! Micro-benchmarks of the ingest hot paths: LCOV parsing, merging a file into the aggregate,
+//! converting a delta from the wire, and LCOV export. Data: a synthetic tracefile of 1,000
+//! files × 100 executable lines with functions and two-way branches, made in memory.
+//!
+//! `cargo bench --bench ingest`; CI compiles it (`cargo clippy --all-targets`) so it cannot rot.
+
+use std::hint::black_box;
+
+use covd::formats::lcov;
+use covd::model::Coverage;
+use covd::rpc::convert::file_to_proto;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const FILES: usize = 1000;
+const LINES: u32 = 100;
+
+/// A tracefile where shard `seed` covers a different part of each file.
+fn tracefile(seed: u32) -> String {
+    let mut s = String::new();
+    for f in 0..FILES {
+        s.push_str(&format!("SF:src/module{}/file{f}.c\n", f % 20));
+        for func in 0..LINES / 10 {
+            s.push_str(&format!(
+                "FN:{},{},fn_{f}_{func}\n",
+                func * 10 + 1,
+                func * 10 + 9
+            ));
+        }
+        for func in 0..LINES / 10 {
+            s.push_str(&format!("FNDA:{},fn_{f}_{func}\n", (func + seed) % 3));
+        }
+        for line in (1..=LINES).step_by(5) {
+            let taken = (line + seed) % 4;
+            s.push_str(&format!("BRDA:{line},0,0,{taken}\nBRDA:{line},0,1,-\n"));
+        }
+        for line in 1..=LINES {
+            s.push_str(&format!("DA:{line},{}\n", (line * 7 + seed) % 5));
+        }
+        s.push_str("end_of_record\n");
+    }
+    s
+}
+
+fn parse(text: &str) -> Coverage {
+    let mut reader = lcov::Reader::new(text.as_bytes());
+    let mut c = Coverage::default();
+    while let Some(r) = reader.next_record().unwrap() {
+        c.add(&r.path, &r.file);
+    }
+    c
+}
+
+fn benches(c: &mut Criterion) {
+    let text = tracefile(1);
+    let shard = parse(&text);
+    let other = parse(&tracefile(2));
+
+    let mut g = c.benchmark_group("lcov");
+    g.throughput(Throughput::Bytes(text.len() as u64));
+    g.bench_function("parse", |b| b.iter(|| parse(black_box(&text))));
+    g.bench_function("write", |b| {
+        let mut out = Vec::with_capacity(text.len());
+        b.iter(|| {
+            out.clear();
+            for (p, f) in &shard.files {
+                lcov::write_record(&mut out, p, f).unwrap();
+            }
+            black_box(out.len())
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("merge");
+    g.throughput(Throughput::Elements(FILES as u64));
+    // The common case: the aggregate already knows every executable line.
+    g.bench_function("same_lines_into_aggregate", |b| {
+        let mut aggregate = shard.clone();
+        b.iter(|| aggregate.merge(black_box(&other)))
+    });
+    // The first shard into an empty aggregate.
+    g.bench_function("into_empty", |b| {
+        b.iter(|| {
+            let mut aggregate = Coverage::default();
+            aggregate.merge(black_box(&other));
+            aggregate
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("wire");
+    g.throughput(Throughput::Elements(FILES as u64));
+    g.bench_function("encode_files", |b| {
+        b.iter(|| {
+            shard
+                .files
+                .iter()
+                .map(|(p, f)| file_to_proto(p.clone(), f))
+                .collect::<Vec<_>>()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(ingest, benches);
+criterion_main!(ingest);
