@@ -11,8 +11,8 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use covd::client::{Batcher, Client, ClientError, PushInput, PushOptions, PushTarget};
 use covd::formats::lcov;
+use covd::model::Totals;
 use covd::model::path::PathRules;
-use covd::model::{Coverage, Totals};
 use covd::server::{self, Settings};
 use covd::service::{RunParams, RunStatus, ShardState};
 use tokio::sync::mpsc;
@@ -366,34 +366,33 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
     // Parsing is CPU work: it runs on a blocking thread and hands deltas over a bounded channel.
     let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut batcher = Batcher::default();
-        // Several records for one path (gcov writes one per object file) are summed before
-        // sending; the daemon would sum them too, but one entry per file is smaller.
         let mut files = 0u64;
         for (path, f) in inputs {
             let mut reader = lcov::Reader::new(BufReader::with_capacity(256 * 1024, f));
-            let mut pending = Coverage::default();
             let mut consumed = 0;
+            // Records go out as they are read, so a file of any size streams in bounded
+            // memory. Several records for one path (gcov writes one per object file) are
+            // summed by the daemon like any two deltas.
             while let Some(record) = reader
                 .next_record()
                 .with_context(|| format!("{}", path.display()))?
             {
-                pending.add(&rules.apply(&record.path), &record.file);
-                reader_progress.inc(reader.bytes_read() - consumed);
-                consumed = reader.bytes_read();
-            }
-            for (p, file) in pending.files {
-                covd::model::path::check(&p).map_err(|e| {
+                let source = rules.apply(&record.path);
+                covd::model::path::check(&source).map_err(|e| {
                     anyhow!(
-                        "{}: source path `{p}` after path rules: {e}",
-                        path.display()
+                        "{}: source path `{source}` (from `{}`): {e}",
+                        path.display(),
+                        record.path
                     )
                 })?;
                 files += 1;
-                if let Some(delta) = batcher.push(p, file) {
+                if let Some(delta) = batcher.push(source, record.file) {
                     if tx.blocking_send(PushInput::Delta(delta)).is_err() {
                         return Ok(files); // the push ended early; its error is reported
                     }
                 }
+                reader_progress.inc(reader.bytes_read() - consumed);
+                consumed = reader.bytes_read();
             }
         }
         if let Some(delta) = batcher.finish() {
@@ -424,7 +423,7 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
         Ok(report) => {
             let run = report.run.as_ref();
             eprintln!(
-                "shard {} of run {}: {files} files in {} deltas{}{}",
+                "shard {} of run {}: {files} file records in {} deltas{}{}",
                 a.shard,
                 a.run.run,
                 report.deltas,

@@ -7,7 +7,7 @@ use std::cmp::Ordering;
 
 use roaring::RoaringBitmap;
 
-use super::{BranchArm, BranchKey, Totals};
+use super::{BranchKey, Totals};
 
 /// A branch outcome: `None` when the block never ran (LCOV's `-`), otherwise times taken.
 pub type Taken = Option<u64>;
@@ -221,27 +221,6 @@ impl FileCoverage {
             functions: self.functions.len() as u64,
             functions_hit: self.functions.iter().filter(|f| f.hits > 0).count() as u64,
         }
-    }
-
-    /// Approximate heap size, for memory limits and reports.
-    pub fn heap_bytes(&self) -> usize {
-        self.lines.serialized_size()
-            + self.covered.serialized_size()
-            + self.hits.capacity() * 8
-            + self.branches.capacity() * std::mem::size_of::<(BranchKey, Taken)>()
-            + self
-                .branches
-                .iter()
-                .map(|(k, _)| match &k.arm {
-                    BranchArm::Label(s) => s.len(),
-                    BranchArm::Index(_) => 0,
-                })
-                .sum::<usize>()
-            + self
-                .functions
-                .iter()
-                .map(|f| std::mem::size_of::<Function>() + f.name.len())
-                .sum::<usize>()
     }
 }
 

@@ -111,7 +111,7 @@ impl Aggregate {
         Ok(())
     }
 
-    /// Totals of every file, or of those under `prefix` when given.
+    /// Totals of every file.
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
         for e in self.files.iter() {
