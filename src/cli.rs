@@ -35,7 +35,7 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the daemon (in memory; loopback only unless told otherwise).
+    /// Run the daemon (loopback only unless told otherwise; data in --data-dir).
     Serve(ServeArgs),
     /// Open a run and declare the shards it expects.
     Open(OpenArgs),
@@ -81,6 +81,23 @@ struct ServeArgs {
     /// Address to listen on. Loopback by default: covd has no authentication yet.
     #[arg(long, default_value = "127.0.0.1:8417")]
     listen: SocketAddr,
+    /// Where runs are stored (SQLite); acknowledged coverage survives a crash.
+    #[arg(long, env = "COVD_DATA_DIR", default_value = "covd-data")]
+    data_dir: PathBuf,
+    /// Cap the database at this many bytes; past it the daemon stops acknowledging.
+    #[arg(long)]
+    max_db_bytes: Option<u64>,
+    /// Keep everything in memory instead (lost when the daemon stops).
+    #[arg(long, conflicts_with = "data_dir")]
+    in_memory: bool,
+    /// Drop a run's raw data this long after it was opened (its summary stays); 0 keeps runs
+    /// until deleted.
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// On SIGTERM/SIGINT, wait this long for open calls before stopping; a second signal
+    /// stops at once.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = Settings::default().max_message_bytes)]
     max_message_bytes: usize,
@@ -287,6 +304,10 @@ fn client(server: &ServerArg) -> Result<Client, Failure> {
 async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     let mut settings = Settings {
         max_message_bytes: a.max_message_bytes,
+        data_dir: (!a.in_memory).then(|| a.data_dir.clone()),
+        retention: (!a.retention.is_zero()).then_some(a.retention),
+        shutdown_grace: a.shutdown_grace,
+        max_db_bytes: a.max_db_bytes,
         ..Settings::default()
     };
     settings.limits.max_line = a.max_line;
@@ -297,33 +318,44 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr().context("no local address")?;
-    eprintln!("covd listening on http://{addr} (in memory)");
-    server::run(listener, settings, shutdown_signal())
+    let (ready_tx, ready) = tokio::sync::oneshot::channel::<()>();
+    let storage = match &settings.data_dir {
+        Some(dir) => format!("data in {}", dir.display()),
+        None => "in memory".to_owned(),
+    };
+    // Announce the address once recovery is done and the port answers.
+    tokio::spawn(async move {
+        if ready.await.is_ok() {
+            eprintln!("covd listening on http://{addr} ({storage})");
+        }
+    });
+    let shutdown = async move {
+        shutdown_signal().await;
+        eprintln!("covd: stopping (a second signal stops at once)");
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("covd: stopped at once");
+            std::process::exit(130);
+        });
+    };
+    server::run_with_ready(listener, settings, shutdown, ready_tx)
         .await
         .context("the server failed")?;
     eprintln!("covd stopped");
     Ok(ExitCode::SUCCESS)
 }
 
+/// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 async fn open(a: OpenArgs) -> Result<ExitCode, Failure> {
@@ -386,10 +418,10 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
                     )
                 })?;
                 files += 1;
-                if let Some(delta) = batcher.push(source, record.file) {
-                    if tx.blocking_send(PushInput::Delta(delta)).is_err() {
-                        return Ok(files); // the push ended early; its error is reported
-                    }
+                if let Some(delta) = batcher.push(source, record.file)
+                    && tx.blocking_send(PushInput::Delta(delta)).is_err()
+                {
+                    return Ok(files); // the push ended early; its error is reported
                 }
                 reader_progress.inc(reader.bytes_read() - consumed);
                 consumed = reader.bytes_read();

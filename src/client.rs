@@ -63,9 +63,14 @@ fn describe(s: &Status) -> String {
 }
 
 impl ClientError {
-    /// Whether the daemon was unreachable or down (as opposed to refusing the request).
+    /// Whether the daemon was unreachable, down, or lost its state (as opposed to refusing
+    /// the request): what a push forgives unless told to fail.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, ClientError::Status(s) if s.code() == Code::Unavailable)
+        match self {
+            ClientError::Status(s) => retryable_code(s.code()),
+            ClientError::LostAcknowledged { .. } => true,
+            _ => false,
+        }
     }
 
     /// Whether the daemon refused the request's content.
@@ -496,8 +501,17 @@ struct PushFailure {
 }
 
 fn retryable(e: &ClientError) -> bool {
-    matches!(e, ClientError::Status(s) if matches!(
-        s.code(),
-        Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-    ))
+    matches!(e, ClientError::Status(s) if retryable_code(s.code()))
+}
+
+/// Codes a reconnect may cure.
+fn retryable_code(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+    )
 }

@@ -25,6 +25,7 @@
 pub mod client;
 pub mod formats;
 pub mod model;
+pub mod persist;
 pub mod rpc;
 pub mod server;
 pub mod service;

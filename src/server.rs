@@ -1,14 +1,19 @@
-//! Wiring: the domain service behind the gRPC edge, health checking, reflection (v1 and
-//! v1alpha), limits, and shutdown. Tests pass a listener bound to `127.0.0.1:0` and a future
-//! that resolves to stop, so nothing waits for a port.
+//! Wiring: the durable store and recovery, the domain service behind the gRPC edge, health
+//! checking, reflection (v1 and v1alpha), limits, retention, and shutdown with a deadline.
+//! Tests pass a listener bound to `127.0.0.1:0` and a future that resolves to stop, so nothing
+//! waits for a port.
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
+use crate::persist::{Store, StoreError};
 use crate::rpc::proto::coverage_server::CoverageServer;
 use crate::rpc::{CoverageRpc, proto};
 use crate::service::{CoverageService, Limits};
@@ -17,6 +22,15 @@ use crate::service::{CoverageService, Limits};
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub limits: Limits,
+    /// Where runs are stored; `None` keeps everything in memory (lost on restart).
+    pub data_dir: Option<PathBuf>,
+    /// A run's raw data is dropped this long after the run was opened; its summary stays.
+    /// `None` keeps runs until deleted.
+    pub retention: Option<Duration>,
+    /// A cap on the database size, in bytes; past it the store fails and refuses writes.
+    pub max_db_bytes: Option<u64>,
+    /// How long a shutdown waits for open calls before it stops anyway.
+    pub shutdown_grace: Duration,
     /// The largest gRPC message accepted, in bytes. Larger ones are refused with
     /// RESOURCE_EXHAUSTED before they are decoded; clients split their deltas below it.
     pub max_message_bytes: usize,
@@ -28,6 +42,10 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             limits: Limits::default(),
+            data_dir: None,
+            retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            max_db_bytes: None,
+            shutdown_grace: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
         }
@@ -40,21 +58,44 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("building the reflection service failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("opening the store was interrupted: {0}")]
+    Startup(String),
 }
 
-/// Serves until `shutdown` resolves, then lets open calls end and returns.
+/// Opens the store (when configured) and recovers every run; then serves until `shutdown`
+/// resolves; then ends open ingest streams, waits up to the grace period for calls in flight,
+/// and returns.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let service = CoverageService::new(settings.limits.clone());
-    let coverage = CoverageServer::new(CoverageRpc::new(service))
+    run_with_ready(
+        listener,
+        settings,
+        shutdown,
+        tokio::sync::oneshot::channel().0,
+    )
+    .await
+}
+
+/// [`run`], telling `ready` once the store is recovered and calls are served.
+pub async fn run_with_ready(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), ServerError> {
+    let service = open_service(&settings).await?;
+    let (stop, stopping) = watch::channel(false);
+    let coverage = CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone()))
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes)
-        // Clients may compress what they send. Answers go uncompressed: on the loopback and LAN
-        // links covd serves, gzip cost more time than it saved (it was 5% of the daemon's CPU
-        // in the ingest benchmark, and delayed the merged export).
+        // Clients may compress what they send. Answers go uncompressed: on the loopback and
+        // LAN links covd serves, gzip cost more time than it saved (it was 5% of the daemon's
+        // CPU in the ingest benchmark, and delayed the merged export).
         .accept_compressed(CompressionEncoding::Gzip);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -70,13 +111,80 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    Server::builder()
+    if let Some(retention) = settings.retention {
+        tokio::spawn(expire_periodically(
+            service.clone(),
+            retention,
+            stopping.clone(),
+        ));
+    }
+
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; ending open streams");
+        let _ = stop.send(true);
+    };
+    let serve = Server::builder()
         .max_concurrent_streams(settings.max_concurrent_streams)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(coverage)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let _ = ready.send(());
+    let mut stopping = stopping;
+    let grace = settings.shutdown_grace;
+    tokio::select! {
+        served = serve => served?,
+        _ = async { let _ = stopping.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("calls still open after {grace:?}; stopping anyway");
+        }
+    }
     Ok(())
+}
+
+async fn open_service(settings: &Settings) -> Result<CoverageService, ServerError> {
+    let Some(dir) = settings.data_dir.clone() else {
+        return Ok(CoverageService::new(settings.limits.clone()));
+    };
+    let limits = settings.limits.clone();
+    let max_bytes = settings.max_db_bytes;
+    let started = Instant::now();
+    // Recovery reads and merges everything stored: blocking work.
+    let (service, recovery) = tokio::task::spawn_blocking(move || {
+        let store = Store::open_with(&dir, max_bytes)?;
+        CoverageService::open(limits, store)
+    })
+    .await
+    .map_err(|e| ServerError::Startup(e.to_string()))??;
+    tracing::info!(
+        runs = recovery.runs,
+        complete = recovery.complete_runs,
+        files = recovery.files,
+        "recovered in {:?}",
+        started.elapsed()
+    );
+    Ok(service)
+}
+
+/// Drops expired runs now and then, until shutdown.
+async fn expire_periodically(
+    service: CoverageService,
+    retention: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        if let Some(cutoff) = SystemTime::now().checked_sub(retention) {
+            match service.expire_runs(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("{n} runs expired; their summaries are kept"),
+                Err(e) => tracing::warn!("expiring runs failed: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! `DA` (with or without a checksum), `FN` in both the 2-field and the 3-field
 //! (`FN:start,end,name`) form, `FNDA`, lcov 2.2's `FNL`/`FNA`, `BRDA` with `-`, the summary
 //! lines (`LF`, `LH`, `FNF`, `FNH`, `BRF`, `BRH`; checked to be numbers, then recomputed), and
-//! `end_of_record`. Unknown record types are skipped. Anything malformed is an error naming the
+//! `end_of_record`. Unknown record types are skipped, and so are `BRDA` records at line 0
+//! (old coverage.py's exit branches). Anything malformed is an error naming the
 //! line; nothing here panics on any input.
 //!
 //! Writing follows geninfo's record order, so lcov and genhtml read the result.
@@ -208,6 +209,11 @@ fn parse_entry(o: &mut Open, tag: &[u8], value: &[u8]) -> Result<(), String> {
             // BRDA:line,block,branch,taken — the branch may be a label containing commas, so
             // the taken count is after the last comma.
             let (line, rest) = split_once(value, "BRDA")?;
+            // coverage.py before 7.6.2 wrote exit branches at line 0 (coveragepy#1846): they
+            // name no source line, so they are skipped rather than refusing the file.
+            if line == b"0" {
+                return Ok(());
+            }
             let line = line_number(Some(line), "BRDA")?;
             let (block, rest) = split_once(rest, "BRDA")?;
             let block = number::<u32>(block, "BRDA block")?;
@@ -475,6 +481,7 @@ mod tests {
             ("SF:a\nSF:b\n", 2, "still open"),
             ("SF:a\nBRDA:1,0\nend_of_record\n", 2, "missing a field"),
             ("SF:a\nLF:many\nend_of_record\n", 2, "not a number"),
+            ("SF:a\nBRDA:00,0,0,1\nend_of_record\n", 2, "line number 0"),
             ("SF:\n", 1, "empty path"),
             ("end_of_record\n", 1, "without a record"),
             ("SF:a\nFNA:3,1,f\nend_of_record\n", 2, "no FNL declared"),
@@ -493,6 +500,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(recs[0].file.totals().lines_covered, 1);
+    }
+
+    #[test]
+    fn old_coverage_py_exit_branches_at_line_0_are_skipped() {
+        let recs = parse_all("SF:a.py\nBRDA:0,0,exit,1\nDA:1,1\nend_of_record\n").unwrap();
+        assert!(recs[0].file.branches().is_empty());
     }
 
     #[test]

@@ -72,10 +72,10 @@ impl PathRules {
         }
         if let Some(root) = &self.root {
             let root = root.trim_end_matches('/');
-            if let Some(rest) = p.strip_prefix(root) {
-                if let Some(rest) = rest.strip_prefix('/') {
-                    p = rest.to_owned();
-                }
+            if let Some(rest) = p.strip_prefix(root)
+                && let Some(rest) = rest.strip_prefix('/')
+            {
+                p = rest.to_owned();
             }
         }
         normalize(&p)

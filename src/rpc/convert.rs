@@ -196,6 +196,13 @@ fn file_from_proto(
             BranchArm::Index(b.branch)
         } else {
             check_name(&b.label, limits).map_err(|r| (format!("branches[{j}].label"), r))?;
+            if b.label.bytes().all(|c| c.is_ascii_digit()) {
+                // Written to LCOV, it would read back as a numbered branch.
+                return Err((
+                    format!("branches[{j}].label"),
+                    "a label of digits only is ambiguous; send it as `branch`".into(),
+                ));
+            }
             BranchArm::Label(b.label.into())
         };
         let key = BranchKey {
@@ -249,6 +256,10 @@ fn check_line(line: u32, limits: &Limits) -> Result<(), String> {
 fn check_name(name: &str, limits: &Limits) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
+    }
+    // A newline in a name would forge records in every line-based export.
+    if let Some(c) = name.bytes().find(|c| c.is_ascii_control()) {
+        return Err(format!("contains a control character (byte {c:#04x})"));
     }
     if name.len() > limits.max_name_bytes {
         return Err(format!(

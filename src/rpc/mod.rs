@@ -8,7 +8,7 @@ mod status;
 use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -37,11 +37,14 @@ const DEFAULT_EXPORT_WAIT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone)]
 pub struct CoverageRpc {
     service: CoverageService,
+    /// Turns true when the daemon shuts down: open ingest streams end (after the delta in
+    /// hand) with UNAVAILABLE, so their clients reconnect and resume.
+    stopping: watch::Receiver<bool>,
 }
 
 impl CoverageRpc {
-    pub fn new(service: CoverageService) -> CoverageRpc {
-        CoverageRpc { service }
+    pub fn new(service: CoverageService, stopping: watch::Receiver<bool>) -> CoverageRpc {
+        CoverageRpc { service, stopping }
     }
 }
 
@@ -56,7 +59,8 @@ impl Coverage for CoverageRpc {
         let r = request.into_inner();
         let (created, status) = self
             .service
-            .open_run(&r.run_id, params_from_proto(r.params))?;
+            .open_run(&r.run_id, params_from_proto(r.params))
+            .await?;
         Ok(Response::new(proto::OpenRunResponse {
             created,
             status: Some(status_to_proto(status)),
@@ -119,9 +123,10 @@ impl Coverage for CoverageRpc {
     ) -> Result<Response<Self::IngestStream>, Status> {
         let mut inbound = request.into_inner();
         let service = self.service.clone();
+        let mut stopping = self.stopping.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            if let Err(status) = ingest(&service, &mut inbound, &tx).await {
+            if let Err(status) = ingest(&service, &mut inbound, &tx, &mut stopping).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -169,7 +174,7 @@ impl Coverage for CoverageRpc {
         request: Request<proto::GetFileRequest>,
     ) -> Result<Response<proto::FileCoverage>, Status> {
         let r = request.into_inner();
-        let file = self.service.file(&r.run_id, &r.path)?;
+        let file = self.service.file(&r.run_id, &r.path).await?;
         Ok(Response::new(file_coverage_to_proto(r.path, &file)))
     }
 
@@ -178,7 +183,7 @@ impl Coverage for CoverageRpc {
         request: Request<proto::GetDirectoryRequest>,
     ) -> Result<Response<proto::DirectorySummary>, Status> {
         let r = request.into_inner();
-        let summary = self.service.directory(&r.run_id, &r.path)?;
+        let summary = self.service.directory(&r.run_id, &r.path).await?;
         Ok(Response::new(directory_to_proto(summary)))
     }
 
@@ -186,7 +191,9 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::DeleteRunRequest>,
     ) -> Result<Response<proto::DeleteRunResponse>, Status> {
-        self.service.delete_run(&request.into_inner().run_id)?;
+        self.service
+            .delete_run(&request.into_inner().run_id)
+            .await?;
         Ok(Response::new(proto::DeleteRunResponse {}))
     }
 }
@@ -197,6 +204,7 @@ async fn ingest(
     service: &CoverageService,
     inbound: &mut Streaming<proto::IngestRequest>,
     tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
+    stopping: &mut watch::Receiver<bool>,
 ) -> Result<(), Status> {
     let reply = |msg: Out| proto::IngestResponse { msg: Some(msg) };
     let first = inbound.message().await.map_err(status::inbound)?;
@@ -225,7 +233,17 @@ async fn ingest(
     if tx.send(Ok(reply(Out::Resume(resume)))).await.is_err() {
         return Ok(());
     }
-    while let Some(message) = inbound.message().await.map_err(status::inbound)? {
+    loop {
+        let message = tokio::select! {
+            m = inbound.message() => m.map_err(status::inbound)?,
+            _ = stopping.wait_for(|s| *s) => {
+                return Err(Status::unavailable("covd is shutting down; reconnect and resume"));
+            }
+        };
+        let Some(message) = message else {
+            // Closed without a finish: the shard stays unfinished and resumable.
+            return Ok(());
+        };
         match message.msg {
             Some(In::Delta(delta)) => {
                 let delta = delta_from_proto(delta, service.limits())?;
@@ -233,7 +251,7 @@ async fn ingest(
                 let ack = proto::Ack {
                     seq: applied.seq,
                     duplicate: applied.duplicate,
-                    durable: false,
+                    durable: service.is_durable(),
                     unknown_paths: Vec::new(),
                 };
                 if tx.send(Ok(reply(Out::Ack(ack)))).await.is_err() {
@@ -242,7 +260,9 @@ async fn ingest(
             }
             Some(In::Finish(finish)) => {
                 let telemetry = finish.telemetry.map(telemetry_from_proto).transpose()?;
-                let run = service.finish(&session, finish.final_seq, telemetry)?;
+                let run = service
+                    .finish(&session, finish.final_seq, telemetry)
+                    .await?;
                 let finished = proto::Finished {
                     final_seq: finish.final_seq,
                     run: Some(status_to_proto(run)),
@@ -256,6 +276,4 @@ async fn ingest(
             None => return Err(Error::invalid("msg", "an empty message").into()),
         }
     }
-    // The client closed the stream without a finish: the shard stays unfinished and resumable.
-    Ok(())
 }

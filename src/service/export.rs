@@ -16,6 +16,8 @@ use crate::store::Aggregate;
 /// Chunks of rendered output; the channel holds at most this many at once.
 const CHUNKS_IN_FLIGHT: usize = 8;
 const CHUNK_BYTES: usize = 256 * 1024;
+/// The longest an export waits for completeness, whatever it asks.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// An export in progress: its header, then its data.
 #[derive(Debug)]
@@ -36,9 +38,11 @@ impl CoverageService {
         let run = self.run(run_id)?;
         let mut timed_out = false;
         if let Some(timeout) = wait {
-            let deadline = tokio::time::Instant::now() + timeout;
+            // A timeout from the wire can be absurd; a day is more than any CI job waits.
+            let deadline = tokio::time::Instant::now() + timeout.min(MAX_WAIT);
             let mut changes = run.subscribe();
             while !run.state().settled() {
+                run.state().check_live(run_id)?;
                 match tokio::time::timeout_at(deadline, changes.changed()).await {
                     Ok(Ok(())) => {}
                     // The run was dropped (deleted) while waiting.
@@ -99,10 +103,10 @@ fn render(
         }
     }
     .and_then(|()| out.flush());
-    if let Err(e) = result {
-        if e.kind() != io::ErrorKind::BrokenPipe {
-            let _ = tx.blocking_send(Err(Error::Unavailable(format!("export failed: {e}"))));
-        }
+    if let Err(e) = result
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        let _ = tx.blocking_send(Err(Error::Unavailable(format!("export failed: {e}"))));
     }
 }
 

@@ -1,14 +1,20 @@
 //! Shard streams: the header that starts (or resumes, or replaces) an attempt, the deltas with
 //! their sequence numbers, and the finish.
+//!
+//! With a store, every step is on disk before it is answered: a delta is committed (in a group
+//! with whatever else arrived meanwhile), then merged in memory, then acknowledged. A crash
+//! between commit and merge loses nothing: recovery merges what the store holds.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::run::{LoggedDelta, Run, check_expected};
+use super::durable::shard_record;
+use super::run::{LoggedDelta, Run, RunState, Shard, check_expected};
 use super::{
     Applied, CoverageService, Delta, Error, Result, RunStatus, ShardHeader, TestTelemetry,
     check_name, normalize_params,
 };
+use crate::persist::{Write, codec};
 
 /// One open stream of one shard attempt. Dropping it marks the stream closed; a shard whose
 /// streams all closed without a finish shows as interrupted.
@@ -54,6 +60,47 @@ impl Drop for ShardSession {
     }
 }
 
+/// Releases a shard's busy mark when dropped, whatever path the operation took.
+struct Busy<'a> {
+    run: &'a Run,
+    shard_id: &'a str,
+    attempt: u32,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.run.state().shards.get_mut(self.shard_id)
+            && s.busy == Some(self.attempt)
+        {
+            s.busy = None;
+        }
+    }
+}
+
+/// Marks the shard busy for `attempt`, or says why it cannot be.
+fn mark_busy<'a>(
+    state: &mut RunState,
+    run: &'a Run,
+    shard_id: &'a str,
+    attempt: u32,
+) -> Result<Busy<'a>> {
+    let shard = state
+        .shards
+        .get_mut(shard_id)
+        .ok_or_else(|| Error::FailedPrecondition(format!("shard `{shard_id}` vanished")))?;
+    if shard.busy.is_some() {
+        return Err(Error::Aborted(format!(
+            "another stream of shard `{shard_id}` is writing; reconnect and resume"
+        )));
+    }
+    shard.busy = Some(attempt);
+    Ok(Busy {
+        run,
+        shard_id,
+        attempt,
+    })
+}
+
 impl CoverageService {
     /// Starts a stream for a shard attempt: opens the run if needed, replaces an older attempt,
     /// and says where to resume.
@@ -62,12 +109,18 @@ impl CoverageService {
         check_name("header.shard_id", &header.shard_id, 128)?;
         let mut params = normalize_params(header.params)?;
         params.expected_shards.clear(); // only OpenRun declares expectations
-        let (_, run) = self.get_or_create(&header.run_id, &params)?;
+        let (created, run) = self.get_or_create(&header.run_id, &params)?;
+        if created {
+            self.persist_run(&run).await?;
+        }
         let attempt = header.attempt.max(1);
         let shard_id = header.shard_id;
 
-        let replaced = {
+        // Bookkeeping first, under the lock; the store and the rebuild after it.
+        let (start, replaced) = {
             let mut state = run.state();
+            state.check_live(&run.id)?;
+            let stale = state.stale;
             if state.is_complete() {
                 let finished_again = state
                     .shards
@@ -97,17 +150,30 @@ impl CoverageService {
                     shard.attempt
                 )));
             }
-            let replaced =
-                attempt > shard.attempt && (shard.last_seq > 0 || shard.finished_at.is_some());
-            if attempt > shard.attempt {
+            let start = attempt > shard.attempt;
+            if start && shard.busy.is_some() {
+                // A delta of the earlier attempt is being stored; its record must not land
+                // after the new attempt's.
+                return Err(Error::Aborted(format!(
+                    "shard `{shard_id}` is still storing a delta of attempt {}; retry",
+                    shard.attempt
+                )));
+            }
+            let replaced = stale || (start && (shard.last_seq > 0 || shard.finished_at.is_some()));
+            if start {
                 shard.attempt = attempt;
                 shard.last_seq = 0;
                 shard.finished_at = None;
                 shard.log = Vec::new();
                 shard.telemetry = None;
+                shard.busy = Some(attempt);
             }
             shard.streams += 1;
-            replaced
+            let record = start.then(|| shard_record(&shard_id, shard));
+            if replaced {
+                state.stale = true;
+            }
+            (record, replaced)
         };
         // The session exists from here on, so an error below still closes the stream count.
         let mut session = ShardSession {
@@ -117,12 +183,30 @@ impl CoverageService {
             last_seq: 0,
             finished: false,
         };
+        if let Some(record) = start {
+            let _busy = Busy {
+                run: &run,
+                shard_id: &session.shard_id,
+                attempt,
+            };
+            if let Some(store) = &self.shared.store {
+                store
+                    .write(vec![Write::StartAttempt {
+                        run_id: run.id.clone(),
+                        shard: record,
+                    }])
+                    .await?;
+            }
+        }
         if replaced {
             let service = self.clone();
-            let run = run.clone();
-            tokio::task::spawn_blocking(move || run.rebuild(&service.shared.interner))
-                .await
-                .map_err(|e| Error::Unavailable(format!("rebuilding the aggregate failed: {e}")))?;
+            let rebuilt = run.clone();
+            tokio::task::spawn_blocking(move || {
+                rebuilt.rebuild(&service.shared.interner, service.shared.store.as_deref())
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("rebuilding the aggregate failed: {e}")))??;
+            run.state().stale = false;
         }
         {
             let state = run.state();
@@ -145,17 +229,18 @@ impl CoverageService {
                 limits.max_files_per_delta
             )));
         }
+        if delta.seq == 0 {
+            return Err(Error::invalid("delta.seq", "sequence numbers start at 1"));
+        }
         {
             let mut state = session.run.state();
+            state.check_live(&session.run.id)?;
             let shard = shard_of(&mut state, session)?;
             if shard.finished_at.is_some() {
                 return Err(Error::FailedPrecondition(format!(
                     "shard `{}` (attempt {}) has finished; start a new attempt to send more",
                     session.shard_id, session.attempt
                 )));
-            }
-            if delta.seq == 0 {
-                return Err(Error::invalid("delta.seq", "sequence numbers start at 1"));
             }
             if delta.seq <= shard.last_seq {
                 return Ok(Applied {
@@ -173,29 +258,38 @@ impl CoverageService {
                     ),
                 ));
             }
-            if shard.applying.is_some() {
-                return Err(Error::Aborted(format!(
-                    "another stream of shard `{}` is applying a delta; reconnect and resume",
-                    session.shard_id
-                )));
-            }
-            shard.applying = Some(session.attempt);
+            // Released by the blocking task (or here, if it never runs).
+            std::mem::forget(mark_busy(
+                &mut state,
+                &session.run,
+                &session.shard_id,
+                session.attempt,
+            )?);
         }
 
         let service = self.clone();
         let run = session.run.clone();
         let (shard_id, attempt) = (session.shard_id.clone(), session.attempt);
-        let outcome = tokio::task::spawn_blocking(move || {
-            service.merge_delta(&run, &shard_id, attempt, delta)
-        })
-        .await;
-        match outcome {
+        let task = tokio::task::spawn_blocking(move || {
+            let _busy = Busy {
+                run: &run,
+                shard_id: &shard_id,
+                attempt,
+            };
+            service.store_and_merge(&run, &shard_id, attempt, delta)
+        });
+        match task.await {
             Ok(result) => result,
             Err(e) => {
-                // The merge panicked: release the shard so the client can retry.
+                // The task panicked (its guard released the shard; the merge may be partial,
+                // so the aggregate is rebuilt at the next stream start) or was cancelled
+                // before it ran (then release the shard here).
                 let mut state = session.run.state();
-                if let Some(shard) = state.shards.get_mut(&session.shard_id) {
-                    shard.applying = None;
+                state.stale = true;
+                if let Some(shard) = state.shards.get_mut(&session.shard_id)
+                    && shard.busy == Some(session.attempt)
+                {
+                    shard.busy = None;
                 }
                 Err(Error::Unavailable(format!(
                     "applying the delta failed: {e}"
@@ -204,8 +298,9 @@ impl CoverageService {
         }
     }
 
-    /// Blocking part of `apply`: merge into the aggregate and log, under the shared gate.
-    fn merge_delta(
+    /// Blocking part of `apply`: store, then merge into the aggregate, under the shared gate
+    /// (so a rebuild or snapshot sees the delta in both places or in neither).
+    fn store_and_merge(
         &self,
         run: &Run,
         shard_id: &str,
@@ -214,20 +309,12 @@ impl CoverageService {
     ) -> Result<Applied> {
         let limits = self.limits();
         let _gate = run.gate_shared();
-        let release = |run: &Run| {
-            if let Some(s) = run.state().shards.get_mut(shard_id) {
-                if s.applying == Some(attempt) {
-                    s.applying = None;
-                }
-            }
-        };
         // Concurrent deltas may each pass this check and overshoot by at most one delta's
         // files; the limit guards memory, not an exact count.
         let new_files = run
             .aggregate
             .count_new(delta.files.iter().map(|(p, _)| p.as_str()));
         if new_files > 0 && run.aggregate.len() + new_files > limits.max_files_per_run {
-            release(run);
             return Err(Error::ResourceExhausted(format!(
                 "run `{}` would hold {} files, beyond the limit of {}",
                 run.id,
@@ -235,29 +322,41 @@ impl CoverageService {
                 limits.max_files_per_run
             )));
         }
+        if let Some(store) = &self.shared.store {
+            let shard = {
+                let state = run.state();
+                let s = state
+                    .shards
+                    .get(shard_id)
+                    .ok_or_else(|| vanished(shard_id))?;
+                ShardRecordAt::new(shard_id, s, delta.seq)
+            };
+            let body = codec::encode_files(delta.files.iter().map(|(p, f)| (p.as_str(), f)));
+            store.write_blocking(vec![Write::AppendDelta {
+                run_id: run.id.clone(),
+                shard: shard.0,
+                body,
+            }])?;
+        }
         let interner = &self.shared.interner;
-        let logged: LoggedDelta = delta
-            .files
-            .into_iter()
-            .map(|(path, file)| {
-                run.aggregate.merge_file(interner, &path, &file);
-                (interner.intern(&path), file)
-            })
-            .collect();
+        let durable = self.shared.store.is_some();
+        let mut logged = Vec::with_capacity(if durable { 0 } else { delta.files.len() });
+        for (path, file) in delta.files {
+            run.aggregate.merge_file(interner, &path, &file);
+            if !durable {
+                logged.push((interner.intern(&path), file));
+            }
+        }
         let mut state = run.state();
         let shard = state
             .shards
             .get_mut(shard_id)
-            .ok_or_else(|| Error::FailedPrecondition(format!("shard `{shard_id}` vanished")))?;
-        if shard.applying == Some(attempt) {
-            shard.applying = None;
+            .ok_or_else(|| vanished(shard_id))?;
+        // The busy mark kept other attempts from starting, so the attempt is still current.
+        debug_assert_eq!(shard.attempt, attempt);
+        if !durable {
+            shard.log.push(LoggedDelta::from(logged));
         }
-        if shard.attempt != attempt {
-            // Replaced while merging: the rebuild that follows (it waits for this gate) drops
-            // what was merged here, because it is not in the log.
-            return Err(superseded(shard_id, attempt, shard.attempt));
-        }
-        shard.log.push(logged);
         shard.last_seq = delta.seq;
         drop(state);
         run.notify();
@@ -268,14 +367,15 @@ impl CoverageService {
     }
 
     /// Ends the session's attempt. `final_seq` must equal the last acknowledged sequence.
-    pub fn finish(
+    pub async fn finish(
         &self,
         session: &ShardSession,
         final_seq: u64,
         telemetry: Option<TestTelemetry>,
     ) -> Result<RunStatus> {
-        {
-            let mut state = session.run.state();
+        let run = &session.run;
+        let (record, _busy) = {
+            let mut state = run.state();
             let shard = shard_of(&mut state, session)?;
             if shard.last_seq != final_seq {
                 return Err(Error::FailedPrecondition(format!(
@@ -284,36 +384,80 @@ impl CoverageService {
                     session.shard_id, shard.last_seq
                 )));
             }
-            if shard.finished_at.is_none() {
-                shard.finished_at = Some(SystemTime::now());
-                shard.telemetry = telemetry;
-                state.update_completion();
+            if shard.finished_at.is_some() {
+                drop(state);
+                return Ok(run.status());
             }
+            let mut finished = Shard {
+                finished_at: Some(SystemTime::now()),
+                telemetry: telemetry.clone(),
+                ..Shard::default()
+            };
+            finished.expected = shard.expected;
+            finished.attempt = shard.attempt;
+            finished.last_seq = shard.last_seq;
+            let record = shard_record(&session.shard_id, &finished);
+            let busy = mark_busy(&mut state, run, &session.shard_id, session.attempt)?;
+            (record, busy)
+        };
+        if let Some(store) = &self.shared.store {
+            store
+                .write(vec![Write::PutShard {
+                    run_id: run.id.clone(),
+                    shard: record.clone(),
+                }])
+                .await?;
         }
-        session.run.notify();
-        Ok(session.run.status())
+        let completed = {
+            let mut state = run.state();
+            let shard = shard_of(&mut state, session)?;
+            shard.finished_at = record.finished_at_ms.map(super::durable::from_ms);
+            shard.telemetry = telemetry;
+            let was = state.is_complete();
+            state.update_completion();
+            !was && state.is_complete()
+        };
+        run.notify();
+        if completed && let Some(store) = self.shared.store.clone() {
+            // Compaction is an optimisation (recovery redoes it), so the finish does not
+            // wait for it.
+            let service = self.clone();
+            let run = run.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = service.compact(&run, &store) {
+                    tracing::warn!(run = %run.id, "compacting the complete run failed: {e}");
+                }
+            });
+        }
+        Ok(run.status())
     }
 }
 
-fn shard_of<'a>(
-    state: &'a mut super::run::RunState,
-    session: &ShardSession,
-) -> Result<&'a mut super::run::Shard> {
-    let shard = state.shards.get_mut(&session.shard_id).ok_or_else(|| {
-        Error::FailedPrecondition(format!("shard `{}` vanished", session.shard_id))
-    })?;
+/// A shard's stored record as it will be once the delta `seq` is stored.
+struct ShardRecordAt(crate::persist::ShardRecord);
+
+impl ShardRecordAt {
+    fn new(id: &str, s: &Shard, seq: u64) -> ShardRecordAt {
+        let mut record = shard_record(id, s);
+        record.last_seq = seq;
+        ShardRecordAt(record)
+    }
+}
+
+fn vanished(shard_id: &str) -> Error {
+    Error::FailedPrecondition(format!("shard `{shard_id}` vanished"))
+}
+
+fn shard_of<'a>(state: &'a mut RunState, session: &ShardSession) -> Result<&'a mut Shard> {
+    let shard = state
+        .shards
+        .get_mut(&session.shard_id)
+        .ok_or_else(|| vanished(&session.shard_id))?;
     if shard.attempt != session.attempt {
-        return Err(superseded(
-            &session.shard_id,
-            session.attempt,
-            shard.attempt,
-        ));
+        return Err(Error::FailedPrecondition(format!(
+            "attempt {} of shard `{}` was superseded by attempt {}",
+            session.attempt, session.shard_id, shard.attempt
+        )));
     }
     Ok(shard)
-}
-
-fn superseded(shard: &str, attempt: u32, current: u32) -> Error {
-    Error::FailedPrecondition(format!(
-        "attempt {attempt} of shard `{shard}` was superseded by attempt {current}"
-    ))
 }

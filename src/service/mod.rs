@@ -6,6 +6,7 @@
 //! - `export`: rendering the aggregate in a format, optionally after waiting for completeness;
 //! - `query`: per-file and per-directory reads.
 
+mod durable;
 mod error;
 mod export;
 mod ingest;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+pub use durable::Recovery;
 pub use error::{Error, Result};
 pub use export::Export;
 pub use ingest::ShardSession;
@@ -26,6 +28,7 @@ pub use types::{
     RunParams, RunStatus, ShardHeader, ShardState, ShardStatus, TestTelemetry,
 };
 
+use crate::persist::{Store, StoreError, Write};
 use crate::store::PathInterner;
 use run::Run;
 
@@ -40,17 +43,54 @@ struct Shared {
     runs: DashMap<String, Arc<Run>>,
     interner: PathInterner,
     limits: Limits,
+    /// None: everything in memory, lost on restart.
+    store: Option<Arc<Store>>,
 }
 
 impl CoverageService {
+    /// A service that keeps everything in memory.
     pub fn new(limits: Limits) -> CoverageService {
+        CoverageService::with_store(limits, None)
+    }
+
+    fn with_store(limits: Limits, store: Option<Arc<Store>>) -> CoverageService {
         CoverageService {
             shared: Arc::new(Shared {
                 runs: DashMap::new(),
                 interner: PathInterner::default(),
                 limits,
+                store,
             }),
         }
+    }
+
+    /// A durable service over `store`, with every run it holds recovered. Blocking.
+    pub fn open(limits: Limits, store: Store) -> Result<(CoverageService, Recovery), StoreError> {
+        let store = Arc::new(store);
+        let service = CoverageService::with_store(limits, Some(store.clone()));
+        let recovery = service.recover(&store)?;
+        Ok((service, recovery))
+    }
+
+    /// Whether acknowledgements mean "on disk".
+    pub fn is_durable(&self) -> bool {
+        self.shared.store.is_some()
+    }
+
+    /// Why the store refuses writes, if it does.
+    pub fn store_failure(&self) -> Option<String> {
+        self.shared.store.as_ref().and_then(|s| s.failure())
+    }
+
+    /// Writes the run's record as it is now. Serialized per run so the newest lands last.
+    async fn persist_run(&self, run: &Run) -> Result<()> {
+        let Some(store) = &self.shared.store else {
+            return Ok(());
+        };
+        let _order = run.record_lock.lock().await;
+        let record = durable::run_record(run, &run.state());
+        store.write(vec![Write::PutRun(record)]).await?;
+        Ok(())
     }
 
     pub fn limits(&self) -> &Limits {
@@ -58,7 +98,7 @@ impl CoverageService {
     }
 
     /// Opens a run, or confirms an existing one. Returns whether it was created.
-    pub fn open_run(&self, run_id: &str, params: RunParams) -> Result<(bool, RunStatus)> {
+    pub async fn open_run(&self, run_id: &str, params: RunParams) -> Result<(bool, RunStatus)> {
         check_name("run_id", run_id, 256)?;
         let params = normalize_params(params)?;
         if params.expected_shards.len() > self.shared.limits.max_shards_per_run {
@@ -72,6 +112,9 @@ impl CoverageService {
         if !created {
             reconcile(&run, &params)?;
         }
+        // Every open stores the record: an open that was answered is on disk, even if an
+        // earlier one's write failed.
+        self.persist_run(&run).await?;
         Ok((created, run.status()))
     }
 
@@ -95,11 +138,21 @@ impl CoverageService {
             .collect()
     }
 
-    pub fn delete_run(&self, run_id: &str) -> Result<()> {
-        self.shared
-            .runs
-            .remove(run_id)
-            .ok_or_else(|| Error::RunNotFound(run_id.to_owned()))?;
+    /// Deletes a run, its data and its summary.
+    pub async fn delete_run(&self, run_id: &str) -> Result<()> {
+        self.run(run_id)?;
+        if let Some(store) = &self.shared.store {
+            store
+                .write(vec![Write::DeleteRun {
+                    run_id: run_id.to_owned(),
+                    summary: None,
+                }])
+                .await?;
+        }
+        if let Some((_, run)) = self.shared.runs.remove(run_id) {
+            run.state().deleted = true;
+            run.notify();
+        }
         self.shared.interner.prune();
         Ok(())
     }
@@ -226,19 +279,18 @@ fn reconcile(run: &Run, params: &RunParams) -> Result<()> {
             run::abbreviate(&params.expected_shards)
         )));
     }
-    if declare {
-        if let Some(stray) = state
+    if declare
+        && let Some(stray) = state
             .shards
             .keys()
             .find(|s| !params.expected_shards.contains(s))
-        {
-            return Err(Error::AlreadyExists(format!(
-                "run `{}` already received shard `{stray}`, which the expected shards ({}) \
+    {
+        return Err(Error::AlreadyExists(format!(
+            "run `{}` already received shard `{stray}`, which the expected shards ({}) \
                  do not include",
-                run.id,
-                run::abbreviate(&params.expected_shards)
-            )));
-        }
+            run.id,
+            run::abbreviate(&params.expected_shards)
+        )));
     }
     let current = &mut state.params;
     for (have, want) in [

@@ -8,23 +8,32 @@ use crate::model::{FileCoverage, Totals};
 
 impl CoverageService {
     /// One file's merged coverage.
-    pub fn file(&self, run_id: &str, path: &str) -> Result<FileCoverage> {
+    pub async fn file(&self, run_id: &str, path: &str) -> Result<FileCoverage> {
         let run = self.run(run_id)?;
-        let _gate = run.gate_shared();
-        run.aggregate.file(path).ok_or_else(|| Error::FileNotFound {
+        let key = path.to_owned();
+        // The gate may be held exclusively by a rebuild or snapshot: wait off the async threads.
+        let file = tokio::task::spawn_blocking(move || {
+            let _gate = run.gate_shared();
+            run.aggregate.file(&key)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("reading the file failed: {e}")))?;
+        file.ok_or_else(|| Error::FileNotFound {
             run: run_id.to_owned(),
             path: path.to_owned(),
         })
     }
 
     /// Totals of `dir` (empty for the root) and of each direct child.
-    pub fn directory(&self, run_id: &str, dir: &str) -> Result<DirectorySummary> {
+    pub async fn directory(&self, run_id: &str, dir: &str) -> Result<DirectorySummary> {
         let run = self.run(run_id)?;
         let dir = dir.trim_end_matches('/');
-        let files = {
+        let files = tokio::task::spawn_blocking(move || {
             let _gate = run.gate_shared();
             run.aggregate.file_totals()
-        };
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("reading the directory failed: {e}")))?;
         let mut total = Totals::default();
         // Keyed (is_file, path): directories sort before files.
         let mut children: BTreeMap<(bool, Arc<str>), Totals> = BTreeMap::new();

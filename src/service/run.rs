@@ -17,12 +17,14 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use crate::model::FileCoverage;
+use crate::persist::{Store, StoreError};
 use crate::store::{Aggregate, PathInterner};
 
 use super::{Error, Result, RunParams, RunStatus, ShardState, ShardStatus, TestTelemetry};
 
-/// The deltas of one shard's current attempt, kept until the run completes so that a higher
-/// attempt can replace them (the aggregate is rebuilt from the remaining logs).
+/// The deltas of one shard's current attempt, kept in memory until the run completes so that
+/// a higher attempt can replace them (the aggregate is rebuilt from the remaining logs). With a
+/// store, the log is the store's and this stays empty.
 pub(super) type LoggedDelta = Arc<[(Arc<str>, FileCoverage)]>;
 
 #[derive(Debug, Default)]
@@ -34,9 +36,11 @@ pub(super) struct Shard {
     pub(super) finished_at: Option<SystemTime>,
     /// Open streams for this shard.
     pub(super) streams: u32,
-    /// The attempt of a delta being merged right now, if any: one at a time per shard keeps
-    /// sequence numbers meaningful when a stale stream and its replacement overlap.
-    pub(super) applying: Option<u32>,
+    /// The attempt whose delta or finish is being stored and merged right now, if any. One at
+    /// a time per shard keeps sequence numbers meaningful when a stale stream and its
+    /// replacement overlap, and keeps the shard's stored record from being overwritten by a
+    /// superseded attempt.
+    pub(super) busy: Option<u32>,
     pub(super) log: Vec<LoggedDelta>,
     pub(super) telemetry: Option<TestTelemetry>,
 }
@@ -60,6 +64,11 @@ pub(super) struct RunState {
     pub(super) params: RunParams,
     pub(super) shards: BTreeMap<String, Shard>,
     pub(super) completed_at: Option<SystemTime>,
+    /// The run was deleted: sessions still holding it must stop.
+    pub(super) deleted: bool,
+    /// The aggregate may hold data of a replaced attempt (a rebuild failed or a merge
+    /// panicked); the next stream start rebuilds it.
+    pub(super) stale: bool,
 }
 
 impl RunState {
@@ -78,6 +87,14 @@ impl RunState {
 
     pub(super) fn is_complete(&self) -> bool {
         self.completed_at.is_some()
+    }
+
+    /// Refuses work on a run deleted while a session held it.
+    pub(super) fn check_live(&self, run: &str) -> Result<()> {
+        if self.deleted {
+            return Err(Error::RunNotFound(run.to_owned()));
+        }
+        Ok(())
     }
 
     /// Whether a waiting export may stop waiting: the run is complete, or it declared nothing
@@ -110,32 +127,55 @@ pub(super) struct Run {
     pub(super) aggregate: Aggregate,
     /// Bumped on every change; watchers and waiting exports subscribe.
     changed: watch::Sender<u64>,
+    /// Serializes writes of the run's stored record, so a stale copy never lands last. A tokio
+    /// mutex: it is held across the store's commit.
+    pub(super) record_lock: tokio::sync::Mutex<()>,
 }
 
 impl Run {
     pub(super) fn new(id: String, params: RunParams) -> Run {
-        let mut shards = BTreeMap::new();
-        for s in &params.expected_shards {
-            shards.insert(
-                s.clone(),
-                Shard {
-                    expected: true,
-                    ..Shard::default()
-                },
-            );
+        Run::restore(id, SystemTime::now(), params, BTreeMap::new())
+    }
+
+    /// A run as recovered from the store (its aggregate still empty); also a new run, with
+    /// no shards yet.
+    pub(super) fn restore(
+        id: String,
+        created_at: SystemTime,
+        params: RunParams,
+        shards: BTreeMap<String, Shard>,
+    ) -> Run {
+        let mut shards = shards;
+        for id in &params.expected_shards {
+            shards.entry(id.clone()).or_default().expected = true;
         }
+        let mut state = RunState {
+            params,
+            shards,
+            completed_at: None,
+            deleted: false,
+            stale: false,
+        };
+        state.update_completion();
         Run {
             id,
-            created_at: SystemTime::now(),
+            created_at,
             gate: RwLock::new(()),
-            state: Mutex::new(RunState {
-                params,
-                shards,
-                completed_at: None,
-            }),
+            state: Mutex::new(state),
             aggregate: Aggregate::new(),
             changed: watch::Sender::new(0),
+            record_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Each shard's current attempt (shards that have started one).
+    pub(super) fn current_attempts(&self) -> Vec<(String, u32)> {
+        self.state()
+            .shards
+            .iter()
+            .filter(|(_, s)| s.attempt > 0)
+            .map(|(id, s)| (id.clone(), s.attempt))
+            .collect()
     }
 
     // A panic while a lock was held cannot leave these structures half-updated in a way later
@@ -188,22 +228,34 @@ impl Run {
         }
     }
 
-    /// Recomputes the aggregate from the delta logs (after an attempt was replaced).
-    /// Blocking: call from a blocking thread.
-    pub(super) fn rebuild(&self, interner: &PathInterner) {
+    /// Recomputes the aggregate from the current attempts' deltas: from the store when there
+    /// is one, else from the in-memory logs. Blocking: call from a blocking thread.
+    pub(super) fn rebuild(
+        &self,
+        interner: &PathInterner,
+        store: Option<&Store>,
+    ) -> Result<(), StoreError> {
         let _gate = self.gate_exclusive();
+        self.aggregate.clear();
+        if let Some(store) = store {
+            return store.for_each_delta(&self.id, &self.current_attempts(), |_, files| {
+                for (path, file) in files {
+                    self.aggregate.merge_file(interner, &path, &file);
+                }
+            });
+        }
         let logs: Vec<LoggedDelta> = self
             .state()
             .shards
             .values()
             .flat_map(|s| s.log.iter().cloned())
             .collect();
-        self.aggregate.clear();
         for delta in logs {
             for (path, file) in delta.iter() {
                 self.aggregate.merge_file(interner, path, file);
             }
         }
+        Ok(())
     }
 }
 

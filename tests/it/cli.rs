@@ -7,18 +7,25 @@ use covd::model::path::PathRules;
 
 use crate::support::*;
 
-const COVD: &str = env!("CARGO_BIN_EXE_covd");
+pub(crate) const COVD: &str = env!("CARGO_BIN_EXE_covd");
 
 /// `covd serve` on port 0; the address is read from its first line of output, no sleeping.
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    url: String,
+    pub(crate) url: String,
+    pub(crate) data: tempfile::TempDir,
 }
 
 impl Served {
-    fn start() -> Served {
+    pub(crate) fn start() -> Served {
+        Served::on(tempfile::tempdir().unwrap(), "127.0.0.1:0")
+    }
+
+    /// Serves `data` on `listen`, waiting for the line that says it is ready.
+    pub(crate) fn on(data: tempfile::TempDir, listen: &str) -> Served {
         let mut child = Command::new(COVD)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data.path())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -31,10 +38,19 @@ impl Served {
             .find(|w| w.starts_with("http://"))
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_owned();
-        Served { child, url }
+        Served { child, url, data }
     }
 
-    fn covd(&self, args: &[&str]) -> Command {
+    /// Stops the daemon gracefully (SIGTERM) and waits for it.
+    pub(crate) fn terminate(&mut self) {
+        Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub(crate) fn covd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(COVD);
         c.args(args).env("COVD_SERVER", &self.url);
         c

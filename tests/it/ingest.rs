@@ -47,7 +47,11 @@ impl Stream {
     }
 
     pub(crate) async fn send(&mut self, m: In) -> Result<Out, tonic::Status> {
-        self.tx.send(msg(m)).await.unwrap();
+        // A closed request stream means the connection died: the response says why.
+        if self.tx.send(msg(m)).await.is_err() {
+            self.rx.message().await?;
+            return Err(tonic::Status::unavailable("the stream closed"));
+        }
         Ok(self
             .rx
             .message()

@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod corpus;
+mod durability;
 mod gcc;
 mod ingest;
 mod merge_laws;

@@ -163,13 +163,13 @@ proptest! {
                             }
                         }
                     }
-                    service.finish(&session, deltas.len() as u64, None).unwrap();
+                    service.finish(&session, deltas.len() as u64, None).await.unwrap();
                 })
             }).collect::<Vec<_>>();
             for t in tasks { t.await.unwrap(); }
             let mut out = Coverage::default();
             for path in ["x.c", "y.c", "z.c"] {
-                if let Ok(f) = service.file("r", path) { out.add(path, &f); }
+                if let Ok(f) = service.file("r", path).await { out.add(path, &f); }
             }
             out
         });

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 /// A daemon serving on a loopback port chosen by the OS; stops when dropped.
 pub(crate) struct Daemon {
     pub(crate) url: String,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
 }
 
 impl Daemon {
@@ -28,14 +29,29 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
+        let served = tokio::spawn(async move {
             server::run(listener, settings, async {
                 let _ = stopped.await;
             })
             .await
-            .unwrap();
         });
-        Daemon { url, _stop: stop }
+        Daemon {
+            url,
+            stop: Some(stop),
+            served: Some(served),
+        }
+    }
+
+    /// Shuts down gracefully and waits until the daemon has stopped (and released its
+    /// data directory).
+    pub(crate) async fn stop(mut self) -> Result<(), server::ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.served.take() {
+            Some(served) => served.await.unwrap(),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn client(&self) -> Client {

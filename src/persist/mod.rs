@@ -1,0 +1,611 @@
+//! Durability: runs, shard progress and deltas in an embedded SQLite database, so that an
+//! acknowledgement means "on disk" and a restarted daemon resumes where it was.
+//!
+//! - One writer thread owns the write connection and commits in groups: it takes every write
+//!   that queued up while the previous commit was syncing, commits them in one transaction
+//!   (WAL, `synchronous=FULL`: one fsync per group, not per delta), then answers them all.
+//! - After a failed write or commit the store refuses every later write (redb's discipline): it
+//!   never retries an fsync and carries on as if the data were safe.
+//! - A lock file keeps a second daemon off the same data directory.
+//! - Records are versioned blobs (`codec`); reads check them.
+
+pub mod codec;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::FileCoverage;
+pub use codec::{CodecError, FORMAT_VERSION};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "covd.sqlite3";
+const LOCK_FILE: &str = "LOCK";
+/// Writes gathered into one transaction at most; bounds a commit's latency and memory.
+const MAX_GROUP: usize = 512;
+/// Writes waiting for the writer at most; further writers wait (backpressure).
+const QUEUE: usize = 1024;
+/// Files per stored part of a compacted run.
+const FILES_PER_PART: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use data directory {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another covd (its LOCK file is held)")]
+    Locked(PathBuf),
+    #[error("the database {path} is damaged or not a covd database: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "the database {path} was written by a newer covd (format {found}; this one reads up to {FORMAT_VERSION})"
+    )]
+    NewerFormat { path: PathBuf, found: i64 },
+    #[error("the store failed and accepts no more writes: {0}")]
+    Failed(String),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("a stored record is unreadable: {0}")]
+    Record(#[from] CodecError),
+}
+
+/// What a run is, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub project: String,
+    pub commit: String,
+    pub branch: String,
+    pub flags: Vec<String>,
+    pub expected_shards: Vec<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    pub completed_at_ms: Option<u64>,
+}
+
+/// A shard's progress, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub shard_id: String,
+    pub expected: bool,
+    pub attempt: u32,
+    pub last_seq: u64,
+    pub finished_at_ms: Option<u64>,
+    pub telemetry: Option<TelemetryRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryRecord {
+    pub passed: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub errored: u64,
+    pub duration_ms: Option<u64>,
+    pub peak_memory_bytes: u64,
+    pub platform: String,
+}
+
+/// What is kept of a run after its raw data expires: enough for history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SummaryRecord {
+    pub run_id: String,
+    pub project: String,
+    pub commit: String,
+    pub branch: String,
+    pub created_at_ms: u64,
+    pub completed_at_ms: Option<u64>,
+    pub shards: u64,
+    pub files: u64,
+    pub lines: u64,
+    pub lines_covered: u64,
+    pub branches: u64,
+    pub branches_taken: u64,
+    pub functions: u64,
+    pub functions_hit: u64,
+}
+
+/// One change to the database. A group of them commits atomically.
+#[derive(Debug)]
+pub enum Write {
+    PutRun(RunRecord),
+    PutShard {
+        run_id: String,
+        shard: ShardRecord,
+    },
+    /// A delta and the shard progress that acknowledges it, together.
+    AppendDelta {
+        run_id: String,
+        shard: ShardRecord,
+        body: Vec<u8>,
+    },
+    /// Deletes the shard's deltas of attempts below `shard.attempt`, and stores `shard`.
+    StartAttempt {
+        run_id: String,
+        shard: ShardRecord,
+    },
+    /// Stores a complete run's merged files and summary and drops its delta log.
+    Compact {
+        run_id: String,
+        parts: Vec<Vec<u8>>,
+        summary: SummaryRecord,
+    },
+    /// Drops a run's raw data; keeps `summary` (if given) for history.
+    DeleteRun {
+        run_id: String,
+        summary: Option<SummaryRecord>,
+    },
+}
+
+struct Job {
+    writes: Vec<Write>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// A run as found on disk at start.
+#[derive(Debug)]
+pub struct LoadedRun {
+    pub run: RunRecord,
+    pub shards: Vec<ShardRecord>,
+    /// Whether merged files were stored (the run was compacted).
+    pub compacted: bool,
+}
+
+/// Counters of the group commit, for benchmarks and logs.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub commits: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// The durable store of one data directory.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    /// Taken on drop, which ends the writer thread.
+    queue: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    failure: Arc<Mutex<Option<String>>>,
+    reader: Mutex<Connection>,
+    stats: Arc<CommitStats>,
+    // Held for the store's life: the lock is released when the file closes.
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`. Refuses a directory another daemon
+    /// holds, and a damaged database.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, None)
+    }
+
+    /// [`Store::open`] with a cap on the database's size: a write that would grow it beyond
+    /// `max_bytes` fails, and the store then refuses writes like after any write failure.
+    pub fn open_with(dir: &Path, max_bytes: Option<u64>) -> Result<Store, StoreError> {
+        let io = |source| StoreError::Directory {
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dir.to_owned()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let path = dir.join(DB_FILE);
+        let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let writer = Connection::open(&path).map_err(corrupt)?;
+        configure(&writer).map_err(corrupt)?;
+        check(&writer, &path)?;
+        migrate(&writer, &path)?;
+        if let Some(max) = max_bytes {
+            let page: i64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = (max / page.max(1) as u64).clamp(1, i64::MAX as u64) as i64;
+            writer.pragma_update(None, "max_page_count", pages)?;
+        }
+        let reader = Connection::open(&path).map_err(corrupt)?;
+        reader.busy_timeout(std::time::Duration::from_secs(30))?;
+
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        let failure = Arc::new(Mutex::new(None));
+        let stats = Arc::new(CommitStats::default());
+        let writer = {
+            let failure = failure.clone();
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("covd-writer".into())
+                .spawn(move || writer_loop(writer, jobs, &failure, &stats))
+                .map_err(io)?
+        };
+        Ok(Store {
+            path,
+            queue: Some(queue),
+            writer: Some(writer),
+            failure,
+            reader: Mutex::new(reader),
+            stats,
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    /// Why the store stopped accepting writes, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Commits `writes` atomically (with whatever else is pending) and returns once they are
+    /// on disk.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if let Some(f) = self.failure() {
+            return Err(StoreError::Failed(f));
+        }
+        let (done, result) = oneshot::channel();
+        self.queue()?
+            .send(Job { writes, done })
+            .await
+            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?;
+        result
+            .await
+            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?
+            .map_err(StoreError::Failed)
+    }
+
+    /// Like [`Store::write`], from a blocking thread.
+    pub fn write_blocking(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if let Some(f) = self.failure() {
+            return Err(StoreError::Failed(f));
+        }
+        let (done, result) = oneshot::channel();
+        self.queue()?
+            .blocking_send(Job { writes, done })
+            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?;
+        result
+            .blocking_recv()
+            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?
+            .map_err(StoreError::Failed)
+    }
+
+    fn queue(&self) -> Result<&mpsc::Sender<Job>, StoreError> {
+        self.queue
+            .as_ref()
+            .ok_or_else(|| StoreError::Failed("the store is closed".into()))
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every run with its shards. Blocking.
+    pub fn load_runs(&self) -> Result<Vec<LoadedRun>, StoreError> {
+        let conn = self.reader();
+        let mut runs = Vec::new();
+        let mut stmt = conn.prepare("SELECT record FROM runs ORDER BY run_id")?;
+        let records = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut shards_stmt =
+            conn.prepare("SELECT record FROM shards WHERE run_id = ?1 ORDER BY shard_id")?;
+        let mut merged_stmt = conn.prepare("SELECT 1 FROM merged WHERE run_id = ?1 LIMIT 1")?;
+        for bytes in records {
+            let run: RunRecord = codec::unversioned(&bytes)?;
+            let shards = shards_stmt
+                .query_map([&run.run_id], |r| r.get::<_, Vec<u8>>(0))?
+                .map(|b| Ok(codec::unversioned::<ShardRecord>(&b?)?))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let compacted = merged_stmt
+                .query_row([&run.run_id], |_| Ok(()))
+                .optional()?
+                .is_some();
+            runs.push(LoadedRun {
+                run,
+                shards,
+                compacted,
+            });
+        }
+        Ok(runs)
+    }
+
+    /// Calls `f` with each stored delta of the given shard attempts, in sequence order per
+    /// shard. Blocking.
+    pub fn for_each_delta(
+        &self,
+        run_id: &str,
+        attempts: &[(String, u32)],
+        mut f: impl FnMut(&str, Vec<(Arc<str>, FileCoverage)>),
+    ) -> Result<(), StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare(
+            "SELECT body FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt = ?3 ORDER BY seq",
+        )?;
+        for (shard, attempt) in attempts {
+            let mut rows = stmt.query(params![run_id, shard, attempt])?;
+            while let Some(row) = rows.next()? {
+                let body: Vec<u8> = row.get(0)?;
+                f(shard, codec::decode_files(&body)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with each part of a compacted run's merged files. Blocking.
+    pub fn for_each_merged(
+        &self,
+        run_id: &str,
+        mut f: impl FnMut(Vec<(Arc<str>, FileCoverage)>),
+    ) -> Result<(), StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare("SELECT body FROM merged WHERE run_id = ?1 ORDER BY part")?;
+        let mut rows = stmt.query([run_id])?;
+        while let Some(row) = rows.next()? {
+            let body: Vec<u8> = row.get(0)?;
+            f(codec::decode_files(&body)?);
+        }
+        Ok(())
+    }
+
+    /// Summaries of runs, newest first.
+    pub fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare("SELECT record FROM summaries")?;
+        let mut out = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+            .map(|b| Ok(codec::unversioned::<SummaryRecord>(&b?)?))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        out.truncate(limit);
+        Ok(out)
+    }
+}
+
+impl Drop for Store {
+    /// Lets the writer finish what is queued and close its connection, which checkpoints the
+    /// WAL into the database file.
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Splits merged files into stored parts.
+pub fn merged_parts<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a FileCoverage)>,
+) -> Vec<Vec<u8>> {
+    let files: Vec<_> = files.into_iter().collect();
+    files
+        .chunks(FILES_PER_PART)
+        .map(|chunk| codec::encode_files(chunk.iter().copied()))
+        .collect()
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    // WAL: readers never block the writer. synchronous=FULL: a commit returns after the WAL
+    // is fsynced, which is what an acknowledgement promises.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(())
+}
+
+fn check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let verdict: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    if verdict != "ok" {
+        return Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: verdict,
+        });
+    }
+    Ok(())
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    };
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS shards (
+             run_id TEXT NOT NULL, shard_id TEXT NOT NULL, record BLOB NOT NULL,
+             PRIMARY KEY (run_id, shard_id));
+         CREATE TABLE IF NOT EXISTS deltas (
+             run_id TEXT NOT NULL, shard_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+             seq INTEGER NOT NULL, body BLOB NOT NULL,
+             PRIMARY KEY (run_id, shard_id, attempt, seq));
+         CREATE TABLE IF NOT EXISTS merged (
+             run_id TEXT NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL,
+             PRIMARY KEY (run_id, part));
+         CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);",
+    )
+    .map_err(corrupt)?;
+    let found: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'format_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(corrupt)?;
+    match found {
+        Some(v) if v > i64::from(FORMAT_VERSION) => Err(StoreError::NewerFormat {
+            path: path.to_owned(),
+            found: v,
+        }),
+        Some(_) => Ok(()),
+        None => {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('format_version', ?1)",
+                [i64::from(FORMAT_VERSION)],
+            )
+            .map_err(corrupt)?;
+            Ok(())
+        }
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    failure: &Mutex<Option<String>>,
+    stats: &CommitStats,
+) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let result = match failed {
+            Some(f) => Err(f),
+            None => commit(&mut conn, &group).map_err(|e| {
+                let message = format!(
+                    "a write to the database failed ({e}); restart covd once the cause is fixed"
+                );
+                tracing::error!("{message}");
+                *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+                message
+            }),
+        };
+        if result.is_ok() {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats.writes.fetch_add(
+                group.iter().map(|j| j.writes.len() as u64).sum(),
+                Ordering::Relaxed,
+            );
+        }
+        for job in group {
+            let _ = job.done.send(result.clone());
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, group: &[Job]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for job in group {
+        for w in &job.writes {
+            apply(&tx, w)?;
+        }
+    }
+    tx.commit()
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
+    match w {
+        Write::PutRun(run) => {
+            tx.prepare_cached("INSERT OR REPLACE INTO runs (run_id, record) VALUES (?1, ?2)")?
+                .execute(params![run.run_id, codec::versioned(run)])?;
+        }
+        Write::PutShard { run_id, shard } => put_shard(tx, run_id, shard)?,
+        Write::AppendDelta {
+            run_id,
+            shard,
+            body,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO deltas (run_id, shard_id, attempt, seq, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                run_id,
+                shard.shard_id,
+                shard.attempt,
+                shard.last_seq as i64,
+                body
+            ])?;
+            put_shard(tx, run_id, shard)?;
+        }
+        Write::StartAttempt { run_id, shard } => {
+            tx.prepare_cached(
+                "DELETE FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt < ?3",
+            )?
+            .execute(params![run_id, shard.shard_id, shard.attempt])?;
+            put_shard(tx, run_id, shard)?;
+        }
+        Write::Compact {
+            run_id,
+            parts,
+            summary,
+        } => {
+            tx.prepare_cached("DELETE FROM merged WHERE run_id = ?1")?
+                .execute([run_id])?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO merged (run_id, part, body) VALUES (?1, ?2, ?3)")?;
+            for (i, part) in parts.iter().enumerate() {
+                insert.execute(params![run_id, i as i64, part])?;
+            }
+            tx.prepare_cached("DELETE FROM deltas WHERE run_id = ?1")?
+                .execute([run_id])?;
+            put_summary(tx, summary)?;
+        }
+        Write::DeleteRun { run_id, summary } => {
+            for table in ["runs", "shards", "deltas", "merged"] {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
+                    .execute([run_id])?;
+            }
+            match summary {
+                Some(s) => put_summary(tx, s)?,
+                None => {
+                    tx.prepare_cached("DELETE FROM summaries WHERE run_id = ?1")?
+                        .execute([run_id])?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn put_shard(
+    tx: &rusqlite::Transaction<'_>,
+    run_id: &str,
+    shard: &ShardRecord,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO shards (run_id, shard_id, record) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![run_id, shard.shard_id, codec::versioned(shard)])?;
+    Ok(())
+}
+
+fn put_summary(tx: &rusqlite::Transaction<'_>, s: &SummaryRecord) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT OR REPLACE INTO summaries (run_id, record) VALUES (?1, ?2)")?
+        .execute(params![s.run_id, codec::versioned(s)])?;
+    Ok(())
+}

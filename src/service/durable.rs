@@ -1,0 +1,220 @@
+//! The service's side of durability: the records it stores, recovery at start, compaction of
+//! complete runs, and retention.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::run::{Run, RunState, Shard};
+use super::{CoverageService, Error, RunParams, RunStatus, TestTelemetry};
+use crate::persist::{
+    self, RunRecord, ShardRecord, Store, StoreError, SummaryRecord, TelemetryRecord, Write,
+};
+
+pub(super) fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(super) fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        Error::Unavailable(format!("not stored: {e}"))
+    }
+}
+
+pub(super) fn run_record(run: &Run, state: &RunState) -> RunRecord {
+    RunRecord {
+        run_id: run.id.clone(),
+        project: state.params.project.clone(),
+        commit: state.params.commit.clone(),
+        branch: state.params.branch.clone(),
+        flags: state.params.flags.iter().cloned().collect(),
+        expected_shards: state.params.expected_shards.clone(),
+        created_at_ms: to_ms(run.created_at),
+        completed_at_ms: state.completed_at.map(to_ms),
+    }
+}
+
+pub(super) fn shard_record(id: &str, s: &Shard) -> ShardRecord {
+    ShardRecord {
+        shard_id: id.to_owned(),
+        expected: s.expected,
+        attempt: s.attempt,
+        last_seq: s.last_seq,
+        finished_at_ms: s.finished_at.map(to_ms),
+        telemetry: s.telemetry.as_ref().map(|t| TelemetryRecord {
+            passed: t.passed,
+            failed: t.failed,
+            skipped: t.skipped,
+            errored: t.errored,
+            duration_ms: t.duration.map(|d| d.as_millis() as u64),
+            peak_memory_bytes: t.peak_memory_bytes,
+            platform: t.platform.clone(),
+        }),
+    }
+}
+
+fn shard_from_record(r: ShardRecord) -> Shard {
+    Shard {
+        expected: r.expected,
+        attempt: r.attempt,
+        last_seq: r.last_seq,
+        finished_at: r.finished_at_ms.map(from_ms),
+        telemetry: r.telemetry.map(|t| TestTelemetry {
+            passed: t.passed,
+            failed: t.failed,
+            skipped: t.skipped,
+            errored: t.errored,
+            duration: t.duration_ms.map(Duration::from_millis),
+            peak_memory_bytes: t.peak_memory_bytes,
+            platform: t.platform,
+        }),
+        ..Shard::default()
+    }
+}
+
+pub(super) fn summary(status: &RunStatus) -> SummaryRecord {
+    let t = status.totals;
+    SummaryRecord {
+        run_id: status.run_id.clone(),
+        project: status.params.project.clone(),
+        commit: status.params.commit.clone(),
+        branch: status.params.branch.clone(),
+        created_at_ms: to_ms(status.created_at),
+        completed_at_ms: status.completed_at.map(to_ms),
+        shards: status.shards.len() as u64,
+        files: t.files,
+        lines: t.lines,
+        lines_covered: t.lines_covered,
+        branches: t.branches,
+        branches_taken: t.branches_taken,
+        functions: t.functions,
+        functions_hit: t.functions_hit,
+    }
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recovery {
+    pub runs: usize,
+    pub complete_runs: usize,
+    pub files: usize,
+}
+
+impl CoverageService {
+    /// Rebuilds every run from the store: complete runs from their merged files, open runs
+    /// from the delta logs of their shards' current attempts. Blocking.
+    pub(super) fn recover(&self, store: &Store) -> Result<Recovery, StoreError> {
+        let mut report = Recovery::default();
+        for loaded in store.load_runs()? {
+            let r = loaded.run;
+            let params = RunParams {
+                project: r.project,
+                commit: r.commit,
+                branch: r.branch,
+                flags: r.flags.into_iter().collect(),
+                expected_shards: r.expected_shards,
+            };
+            let run = Arc::new(Run::restore(
+                r.run_id.clone(),
+                from_ms(r.created_at_ms),
+                params,
+                loaded
+                    .shards
+                    .into_iter()
+                    .map(|s| (s.shard_id.clone(), shard_from_record(s)))
+                    .collect(),
+            ));
+            let interner = &self.shared.interner;
+            if loaded.compacted {
+                store.for_each_merged(&run.id, |files| {
+                    for (path, file) in files {
+                        run.aggregate.merge_file(interner, &path, &file);
+                    }
+                })?;
+            } else {
+                let attempts = run.current_attempts();
+                store.for_each_delta(&run.id, &attempts, |_, files| {
+                    for (path, file) in files {
+                        run.aggregate.merge_file(interner, &path, &file);
+                    }
+                })?;
+            }
+            let complete = run.state().is_complete();
+            if complete && !loaded.compacted {
+                // The daemon stopped between the last finish and the compaction.
+                self.compact(&run, store)?;
+            }
+            report.runs += 1;
+            report.complete_runs += usize::from(complete);
+            report.files += run.aggregate.len();
+            self.shared.runs.insert(r.run_id, run);
+        }
+        Ok(report)
+    }
+
+    /// Stores a complete run's merged files and drops its delta log. Blocking.
+    pub(super) fn compact(&self, run: &Run, store: &Store) -> Result<(), StoreError> {
+        let mut parts = Vec::new();
+        let mut chunk = Vec::new();
+        let _gate = run.gate_shared();
+        let _ = run.aggregate.for_each_sorted(|path, file| {
+            chunk.push((Arc::<str>::from(path), file.clone()));
+            if chunk.len() >= 1000 {
+                parts.extend(persist::merged_parts(chunk.iter().map(|(p, f)| (&**p, f))));
+                chunk.clear();
+            }
+            Ok::<(), ()>(())
+        });
+        parts.extend(persist::merged_parts(chunk.iter().map(|(p, f)| (&**p, f))));
+        let record = run_record(run, &run.state());
+        let summary = summary(&run.status());
+        store.write_blocking(vec![
+            Write::PutRun(record),
+            Write::Compact {
+                run_id: run.id.clone(),
+                parts,
+                summary,
+            },
+        ])
+    }
+
+    /// Drops the raw data of runs created before `cutoff`, keeping their summaries. Returns
+    /// how many expired.
+    pub async fn expire_runs(&self, cutoff: SystemTime) -> Result<usize, Error> {
+        let old: Vec<Arc<Run>> = self
+            .shared
+            .runs
+            .iter()
+            .filter(|r| r.created_at < cutoff)
+            .map(|r| r.value().clone())
+            .collect();
+        for run in &old {
+            if let Some(store) = &self.shared.store {
+                let summary = summary(&run.status());
+                store
+                    .write(vec![Write::DeleteRun {
+                        run_id: run.id.clone(),
+                        summary: Some(summary),
+                    }])
+                    .await?;
+            }
+            self.shared.runs.remove(&run.id);
+        }
+        if !old.is_empty() {
+            self.shared.interner.prune();
+        }
+        Ok(old.len())
+    }
+
+    /// Summaries of runs (kept after their raw data expired), newest first.
+    pub fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, Error> {
+        match &self.shared.store {
+            Some(store) => Ok(store.summaries(limit)?),
+            None => Ok(Vec::new()),
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Durability: an acknowledgement means "on disk". Kill -9 loses nothing acknowledged; a
+//! restarted daemon resumes; a second daemon, a damaged database and a failed write are met
+//! with clear refusals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use covd::model::{BranchArm, BranchKey, Coverage, FileBuilder, FileCoverage};
+use covd::persist::Store;
+use covd::rpc::convert::file_to_proto;
+use covd::rpc::proto;
+use covd::server::Settings;
+use covd::service::{CoverageService, Delta, Limits, RunParams, ShardHeader};
+use tokio::sync::watch;
+use tonic::Code;
+
+use crate::cli::{COVD, Served};
+use crate::ingest::{Stream, raw};
+use crate::support::*;
+
+const SHARDS: usize = 4;
+const DELTAS: u64 = 200;
+
+/// The deterministic delta `seq` of shard `s`: a few files with lines, counts, a branch and a
+/// function, overlapping between shards.
+fn delta(s: usize, seq: u64) -> Vec<(String, FileCoverage)> {
+    (0..3)
+        .map(|k| {
+            let file = (s as u64 * 7 + seq * 3 + k) % 12;
+            let mut b = FileBuilder::new();
+            for line in 1..=(10 + file as u32) {
+                b.line(line, (s as u64 + seq + u64::from(line)) % 4);
+            }
+            let taken = (!seq.is_multiple_of(3)).then_some(seq % 2);
+            b.branch(
+                BranchKey {
+                    line: 2,
+                    block: 0,
+                    arm: BranchArm::Index(k as u32),
+                },
+                taken,
+            );
+            b.function("main", 1, 0, seq % 2);
+            (format!("src/f{file}.c"), b.build())
+        })
+        .collect()
+}
+
+fn expected() -> Coverage {
+    let mut c = Coverage::default();
+    for s in 0..SHARDS {
+        for seq in 1..=DELTAS {
+            for (p, f) in delta(s, seq) {
+                c.add(&p, &f);
+            }
+        }
+    }
+    c
+}
+
+/// A daemon child process, killed if the test ends early.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `covd serve` on a fixed port and data directory, ready when it says so.
+fn serve(port: u16, dir: &std::path::Path) -> Killed {
+    let mut child = Command::new(COVD)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening"), "covd did not start: {line}");
+    Killed(child)
+}
+
+/// Streams every delta of shard `s`, reconnecting (after the next restart) whenever the daemon
+/// dies, and finishes the shard. Returns how many times it resumed.
+async fn shard_client(url: String, s: usize, mut restarts: watch::Receiver<u32>) -> u32 {
+    let mut resumes = 0;
+    loop {
+        match stream_shard(&url, s).await {
+            Ok(()) => return resumes,
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+                    ),
+                    "shard {s}: unexpected refusal: {e}"
+                );
+                resumes += 1;
+                // Wait for the daemon to be back (or retry soon, if it never went down).
+                let _ = tokio::time::timeout(Duration::from_millis(500), restarts.changed()).await;
+            }
+        }
+    }
+}
+
+async fn stream_shard(url: &str, s: usize) -> Result<(), tonic::Status> {
+    let mut c = covd::rpc::proto::coverage_client::CoverageClient::connect(url.to_owned())
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (mut stream, resume) = Stream::open(&mut c, "crash", &s.to_string(), 1).await?;
+    if resume.finished {
+        return Ok(());
+    }
+    for seq in resume.last_seq + 1..=DELTAS {
+        let files = delta(s, seq)
+            .into_iter()
+            .map(|(p, f)| file_to_proto(p, &f))
+            .collect();
+        let ack = stream.delta(seq, files).await?;
+        assert_eq!(ack.seq, seq);
+        assert!(ack.durable);
+    }
+    stream.finish(DELTAS).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = serve(port, dir.path());
+    let mut client = covd::client::Client::connect(&url).unwrap();
+    client
+        .open_run(
+            "crash",
+            RunParams {
+                expected_shards: (0..SHARDS).map(|s| s.to_string()).collect(),
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let (restarted, restarts) = watch::channel(0u32);
+    let clients: Vec<_> = (0..SHARDS)
+        .map(|s| tokio::spawn(shard_client(url.clone(), s, restarts.clone())))
+        .collect();
+    // Kill the daemon at pseudo-random moments while the shards stream (so also in the middle
+    // of group commits), and restart it on the same directory.
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = 0;
+    for round in 0..6u32 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let pause = Duration::from_millis(20 + rng % 150);
+        tokio::time::sleep(pause).await;
+        if clients.iter().all(|c| c.is_finished()) {
+            break;
+        }
+        drop(child); // SIGKILL, and wait for the exit
+        kills += 1;
+        let dir = dir.path().to_owned();
+        child = tokio::task::spawn_blocking(move || serve(port, &dir))
+            .await
+            .unwrap();
+        restarted.send_replace(round + 1);
+    }
+    let mut resumes = 0;
+    for c in clients {
+        resumes += tokio::time::timeout(Duration::from_secs(120), c)
+            .await
+            .expect("every shard finishes")
+            .unwrap();
+    }
+    eprintln!("crash test: {kills} kills, {resumes} resumes");
+    assert!(
+        kills >= 3,
+        "the daemon was killed only {kills} times before the shards finished"
+    );
+    let (header, merged) = fetch(&mut client, "crash").await;
+    assert!(header.complete);
+    // Identical to the same deltas merged without crashes: nothing acknowledged is missing,
+    // nothing is counted twice.
+    assert_eq!(
+        merged,
+        expected(),
+        "after {kills} kills and {resumes} resumes"
+    );
+    drop(child);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_directory_is_refused() {
+    let served = Served::start();
+    let r = Command::new(COVD)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(served.data.path())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("in use by another covd"), "{err}");
+    // The first daemon is unharmed.
+    assert!(served.covd(&["runs"]).status().unwrap().success());
+}
+
+#[test]
+fn a_database_cut_in_half_is_reported_at_start() {
+    let served = Served::start();
+    for shard in 1..=3 {
+        let r = served
+            .covd(&["push", "--run", "big", "--shard", &shard.to_string()])
+            .arg(fixture(&format!("gcc-lcov/shard{shard}.info")))
+            .output()
+            .unwrap();
+        assert!(r.status.success());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A graceful stop checkpoints the WAL into the database file.
+    let mut served = served;
+    served.terminate();
+    let db = served.data.path().join(covd::persist::DB_FILE);
+    let bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 8192, "the database holds data");
+    std::fs::write(
+        dir.path().join(covd::persist::DB_FILE),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let r = Command::new(COVD)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("is damaged or not a covd database"), "{err}");
+}
+
+fn durable(dir: &std::path::Path) -> Settings {
+    Settings {
+        data_dir: Some(dir.to_owned()),
+        ..Settings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_answers_for_complete_and_open_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::with(durable(dir.path())).await;
+    let mut client = daemon.client();
+    let two = RunParams {
+        expected_shards: vec!["1".into(), "2".into()],
+        ..RunParams::default()
+    };
+    client.open_run("done", two.clone()).await.unwrap();
+    client.open_run("open", two).await.unwrap();
+    for (run, shard) in [("done", 1), ("done", 2), ("open", 1)] {
+        let c = read_lcov(
+            &fixture(&format!("gcc-lcov/shard{shard}.info")),
+            &Default::default(),
+        );
+        push(&mut client, run, &shard.to_string(), 1, c).await;
+    }
+    let (_, done_before) = fetch(&mut client, "done").await;
+    let open_before = client.status("open").await.unwrap();
+    client.open_run("gone", RunParams::default()).await.unwrap();
+    client.delete_run("gone").await.unwrap();
+    daemon.stop().await.unwrap();
+
+    let daemon = Daemon::with(durable(dir.path())).await;
+    let mut client = daemon.client();
+    let (header, done_after) = fetch(&mut client, "done").await;
+    assert!(header.complete);
+    assert_eq!(done_after, done_before);
+    let path = done_before.files.keys().next().unwrap();
+    assert_eq!(
+        &client.file("done", path).await.unwrap(),
+        &done_before.files[path]
+    );
+    let open_after = client.status("open").await.unwrap();
+    assert_eq!(open_after.totals, open_before.totals);
+    assert_eq!(open_after.missing_shards, vec!["2"]);
+    assert!(
+        client.status("gone").await.is_err(),
+        "a deleted run stays deleted"
+    );
+    // The open run resumes: its last shard completes it.
+    let c = read_lcov(&fixture("gcc-lcov/shard2.info"), &Default::default());
+    push(&mut client, "open", "2", 1, c).await;
+    assert_eq!(fetch(&mut client, "open").await.1, done_before);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_write_stops_acknowledgements() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        max_db_bytes: Some(96 * 1024),
+        ..durable(dir.path())
+    };
+    let daemon = Daemon::with(settings).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(1, vec![crate::ingest::file("small.c", &[(1, 1)])])
+        .await
+        .unwrap();
+    // Far more than the cap: the commit fails.
+    let big: Vec<proto::FileDelta> = (0..400)
+        .map(|i| {
+            crate::ingest::file(
+                &format!("f{i}.c"),
+                &(1..200).map(|l| (l, 1)).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let e = s.delta(2, big).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    // From now on nothing is acknowledged, however small: no retry of a failed write.
+    let e = daemon
+        .client()
+        .open_run("other", RunParams::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("the store failed"), "{e}");
+    // Nothing of the refused delta reached memory either.
+    let status = daemon.client().status("r").await.unwrap();
+    assert_eq!(status.totals.files, 1);
+}
+
+#[tokio::test]
+async fn expired_runs_keep_their_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, _) =
+        CoverageService::open(Limits::default(), Store::open(dir.path()).unwrap()).unwrap();
+    service
+        .open_run(
+            "old",
+            RunParams {
+                project: "shop".into(),
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    let session = service
+        .begin_shard(ShardHeader {
+            run_id: "old".into(),
+            shard_id: "0".into(),
+            attempt: 1,
+            params: RunParams::default(),
+        })
+        .await
+        .unwrap();
+    let files = delta(0, 1);
+    service
+        .apply(&session, Delta { seq: 1, files })
+        .await
+        .unwrap();
+    service.finish(&session, 1, None).await.unwrap();
+    drop(session);
+    let expired = service
+        .expire_runs(SystemTime::now() + Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(expired, 1);
+    assert!(service.run_status("old").is_err());
+    let summaries = service.summaries(10).unwrap();
+    assert_eq!(summaries.len(), 1);
+    assert_eq!(
+        (summaries[0].run_id.as_str(), summaries[0].project.as_str()),
+        ("old", "shop")
+    );
+    assert_eq!(summaries[0].files, 3);
+    drop(service);
+
+    // After a restart the run stays gone and its summary stays.
+    let (service, recovery) =
+        CoverageService::open(Limits::default(), Store::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(recovery.runs, 0);
+    assert_eq!(service.summaries(10).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_so_clients_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::with(durable(dir.path())).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(1, vec![crate::ingest::file("a.c", &[(1, 1)])])
+        .await
+        .unwrap();
+    let stopped = tokio::spawn(daemon.stop());
+    let e = s
+        .delta(2, vec![crate::ingest::file("a.c", &[(2, 1)])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{e}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), stopped)
+        .await
+        .expect("the daemon stops within its grace period")
+        .unwrap()
+        .unwrap();
+    // The acknowledged delta is there after a restart.
+    let daemon = Daemon::with(durable(dir.path())).await;
+    let mut c = raw(&daemon.url).await;
+    let (_, resume) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 1);
+}
