@@ -54,7 +54,7 @@ fn args() -> Args {
 fn main() {
     // The same executable serves as the daemon, so that its memory and CPU are its own.
     if std::env::args().nth(1).as_deref() == Some("__daemon") {
-        daemon();
+        daemon(std::env::args().nth(2).map(PathBuf::from));
         return;
     }
     let a = args();
@@ -78,47 +78,53 @@ fn main() {
         records
     );
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .arg("__daemon")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let pid = child.id();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().to_owned();
-
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let result = runtime.block_on(run(&url, &shards, pid));
-    let peak = peak_rss_kb(pid);
-    let _ = child.kill();
-    let _ = child.wait();
-    let (ingest, last_finish_to_written, cpu, totals) = result;
+    let memory = round(&shards, None);
+    let store = tempfile_dir();
+    let durable = round(&shards, Some(&store));
+    let _ = std::fs::remove_dir_all(&store);
 
     let mb = bytes as f64 / 1e6;
-    println!("\ncovd (release build, durable store: none — in memory):");
     println!(
-        "  ingest wall time               {:>9.3} s   ({:.0} MB/s of LCOV, {:.0} file records/s)",
-        ingest.as_secs_f64(),
-        mb / ingest.as_secs_f64(),
-        records as f64 / ingest.as_secs_f64()
+        "\ncovd (release build)                  in memory        durable (SQLite, fsync per group)"
     );
+    let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
+        println!("  {name:<36} {:<16} {}", f(&memory), f(&durable));
+    };
+    row("ingest wall time", &|f| {
+        format!("{:.3} s", f.ingest.as_secs_f64())
+    });
+    row("ingest throughput, MB/s of LCOV", &|f| {
+        format!("{:.0}", mb / f.ingest.as_secs_f64())
+    });
+    row("ingest throughput, file records/s", &|f| {
+        format!("{:.0}", records as f64 / f.ingest.as_secs_f64())
+    });
+    row("daemon CPU for the ingest", &|f| format!("{:.3} s", f.cpu));
+    row("daemon CPU per file record", &|f| {
+        format!("{:.2} µs", f.cpu * 1e6 / records as f64)
+    });
+    row("last finish → merged LCOV on disk", &|f| {
+        format!("{:.3} s", f.wait.as_secs_f64())
+    });
+    row("daemon peak RSS", &|f| {
+        format!("{:.1} MB", f.peak_kb as f64 / 1024.0)
+    });
     println!(
-        "  daemon CPU for the ingest      {:>9.3} s   ({:.2} µs per file record)",
-        cpu,
-        cpu * 1e6 / records as f64
+        "  durable / in-memory ingest throughput: {:.2}",
+        memory.ingest.as_secs_f64() / durable.ingest.as_secs_f64()
     );
-    println!(
-        "  last finish → merged LCOV on disk {:>6.3} s",
-        last_finish_to_written.as_secs_f64()
-    );
-    println!(
-        "  daemon peak RSS                {:>9.1} MB",
-        peak as f64 / 1024.0
-    );
-    check_truth(&dir, &totals);
+    if let Some(r) = durable.recovery {
+        println!(
+            "  recovery after kill -9 (a complete run + an open run of {} shards × {} files): {:.3} s",
+            shards.len(),
+            records / shards.len() as u64,
+            r.as_secs_f64()
+        );
+    }
+    check_truth(&dir, &memory.totals);
+    assert_eq!(memory.totals, durable.totals);
+    let last_finish_to_written = durable.wait;
+    let ingest = durable.ingest;
 
     match grcov(&shards) {
         Some((wall, rss_kb)) => {
@@ -140,28 +146,108 @@ fn main() {
     }
 }
 
-fn daemon() {
+fn daemon(data_dir: Option<PathBuf>) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("http://{}", listener.local_addr().unwrap());
-        std::io::stdout().flush().unwrap();
-        covd::server::run(listener, covd::Settings::default(), std::future::pending())
+        let addr = listener.local_addr().unwrap();
+        let (ready, is_ready) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if is_ready.await.is_ok() {
+                println!("http://{addr}");
+                std::io::stdout().flush().unwrap();
+            }
+        });
+        let settings = covd::Settings {
+            data_dir,
+            ..covd::Settings::default()
+        };
+        covd::server::run_with_ready(listener, settings, std::future::pending(), ready)
             .await
             .unwrap();
     });
+}
+
+/// Starts the daemon child; returns it, its URL, and how long it took to be ready.
+fn spawn_daemon(data_dir: Option<&Path>) -> (std::process::Child, String, Duration) {
+    let started = Instant::now();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.arg("__daemon");
+    if let Some(dir) = data_dir {
+        cmd.arg(dir);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_owned(), started.elapsed())
+}
+
+/// What one ingest round measured.
+struct Figures {
+    ingest: Duration,
+    wait: Duration,
+    cpu: f64,
+    peak_kb: u64,
+    totals: covd::model::Totals,
+    recovery: Option<Duration>,
+}
+
+/// Pushes every shard into a fresh daemon (durable when `data_dir` is given) while a fetch
+/// waits; with a store, then fills a second, never-complete run and measures a restart.
+fn round(shards: &[PathBuf], data_dir: Option<&Path>) -> Figures {
+    let (mut child, url, _) = spawn_daemon(data_dir);
+    let pid = child.id();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (ingest, wait, cpu, totals) =
+        runtime.block_on(run(&url, shards, pid, "bench", shards.len()));
+    let peak_kb = peak_rss_kb(pid);
+    let mut recovery = None;
+    if let Some(dir) = data_dir {
+        // A run expecting one shard more than it gets stays open, so a restart must replay
+        // its whole delta log.
+        runtime.block_on(run(&url, shards, pid, "open", shards.len() + 1));
+        let _ = child.kill(); // SIGKILL: no clean shutdown
+        let _ = child.wait();
+        let (again, url, took) = spawn_daemon(Some(dir));
+        child = again;
+        let status = runtime
+            .block_on(async { Client::connect(&url).unwrap().status("open").await })
+            .unwrap();
+        assert_eq!(
+            status.totals, totals,
+            "the recovered open run equals what was pushed"
+        );
+        recovery = Some(took);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Figures {
+        ingest,
+        wait,
+        cpu,
+        peak_kb,
+        totals,
+        recovery,
+    }
 }
 
 async fn run(
     url: &str,
     shards: &[PathBuf],
     pid: u32,
+    run_id: &'static str,
+    expect: usize,
 ) -> (Duration, Duration, f64, covd::model::Totals) {
     let mut client = Client::connect(url).unwrap();
-    let ids: Vec<String> = (0..shards.len()).map(|i| i.to_string()).collect();
+    let ids: Vec<String> = (0..expect).map(|i| i.to_string()).collect();
     client
         .open_run(
-            "bench",
+            run_id,
             RunParams {
                 expected_shards: ids.clone(),
                 ..RunParams::default()
@@ -169,17 +255,22 @@ async fn run(
         )
         .await
         .unwrap();
-    // The final CI step: already waiting when the shards start.
+    let ids_len = shards.len();
+    // The final CI step: already waiting when the shards start (for an incomplete run, it
+    // only exports once the pushes are done).
     let out_path = std::env::temp_dir().join(format!("covd-bench-{}.info", std::process::id()));
+    let (pushed_tx, pushed_rx) = tokio::sync::oneshot::channel::<()>();
     let fetch = {
         let mut client = client.clone();
         let out_path = out_path.clone();
+        let pushed = pushed_rx;
         tokio::spawn(async move {
+            if expect != ids_len {
+                let _ = pushed.await;
+            }
             let mut out = BufWriter::new(File::create(&out_path).unwrap());
-            let header = client
-                .export("bench", Some(Duration::from_secs(3600)), &mut out)
-                .await
-                .unwrap();
+            let wait = (expect == ids_len).then_some(Duration::from_secs(3600));
+            let header = client.export(run_id, wait, &mut out).await.unwrap();
             out.into_inner().unwrap().sync_all().unwrap();
             (Instant::now(), header)
         })
@@ -217,7 +308,7 @@ async fn run(
                     tx.blocking_send(PushInput::Done).unwrap();
                 });
                 let target = PushTarget {
-                    run_id: "bench".into(),
+                    run_id: run_id.into(),
                     shard_id: id,
                     attempt: 1,
                     ..PushTarget::default()
@@ -238,11 +329,12 @@ async fn run(
     for p in pushes {
         p.await.unwrap();
     }
+    let _ = pushed_tx.send(());
     let (written, header) = fetch.await.unwrap();
     let last = *last_finish.lock().unwrap();
     let ingest = last - start;
     let cpu = cpu_seconds(pid) - cpu_before;
-    assert!(header.complete);
+    assert_eq!(header.complete, expect == ids_len);
     let _ = std::fs::remove_file(&out_path);
     (
         ingest,
@@ -375,4 +467,10 @@ fn grcov(shards: &[PathBuf]) -> Option<(f64, u64)> {
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or(0);
     Some((wall, rss))
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("covd-bench-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }

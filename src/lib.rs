@@ -8,12 +8,14 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `server`/`client` → `rpc` → `service` → `store` → `model`, and
-//! `formats` → `model`.
+//! Dependencies point one way: `server`/`client` → `rpc` → `service` → `store`/`persist` →
+//! `model`, and `formats` → `model`.
 //!
 //! - [`model`]: pure domain types and the merge (no I/O, no async).
 //! - [`formats`]: coverage file formats, a streaming reader and a writer each (LCOV so far).
 //! - [`store`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
+//! - [`persist`]: durability on embedded SQLite: group commit, versioned records, recovery
+//!   reads.
 //! - [`service`]: the domain service: runs, shard ingest with attempts and resume, export,
 //!   queries. No gRPC types.
 //! - [`rpc`]: the gRPC edge: generated code, conversions with validation, error → status.
