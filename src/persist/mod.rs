@@ -517,12 +517,24 @@ fn writer_loop(
     }
 }
 
+/// Fault injection for the crash tests: with `COVD_FAULT_ABORT_IN_COMMIT=N`, the process
+/// dies (exit code 134) inside its N-th group commit, after the group's writes and before the commit, the
+/// way a power cut would find it. Unset in production.
+const ABORT_IN_COMMIT: &str = "COVD_FAULT_ABORT_IN_COMMIT";
+
 fn commit(conn: &mut Connection, group: &[Job]) -> rusqlite::Result<()> {
+    static COMMITS: AtomicU64 = AtomicU64::new(0);
     let tx = conn.transaction()?;
     for job in group {
         for w in &job.writes {
             apply(&tx, w)?;
         }
+    }
+    if let Some(n) = std::env::var_os(ABORT_IN_COMMIT).and_then(|v| v.to_str()?.parse::<u64>().ok())
+        && COMMITS.fetch_add(1, Ordering::Relaxed) + 1 == n
+    {
+        // Not `abort()`: the same for the database, but no core dump.
+        std::process::exit(134);
     }
     tx.commit()
 }

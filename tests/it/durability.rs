@@ -69,9 +69,11 @@ impl Drop for Killed {
     }
 }
 
-/// `covd serve` on a fixed port and data directory, ready when it says so.
-fn serve(port: u16, dir: &std::path::Path) -> Killed {
-    let mut child = Command::new(COVD)
+/// `covd serve` on a fixed port and data directory, ready when it says so. With
+/// `abort_in_commit`, it aborts inside that group commit (see `persist`).
+fn serve(port: u16, dir: &std::path::Path, abort_in_commit: Option<u32>) -> Killed {
+    let mut command = Command::new(COVD);
+    command
         .args([
             "serve",
             "--listen",
@@ -79,9 +81,11 @@ fn serve(port: u16, dir: &std::path::Path) -> Killed {
             "--data-dir",
         ])
         .arg(dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    if let Some(n) = abort_in_commit {
+        command.env("COVD_FAULT_ABORT_IN_COMMIT", n.to_string());
+    }
+    let mut child = command.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut line)
@@ -143,7 +147,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut child = serve(port, dir.path());
+    let mut child = serve(port, dir.path(), None);
     let mut client = covd::client::Client::connect(&url).unwrap();
     client
         .open_run(
@@ -164,19 +168,34 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     // of group commits), and restart it on the same directory.
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut kills = 0;
-    for round in 0..6u32 {
+    let mut aborts = 0;
+    for round in 0..8u32 {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let pause = Duration::from_millis(20 + rng % 150);
-        tokio::time::sleep(pause).await;
         if clients.iter().all(|c| c.is_finished()) {
             break;
         }
-        drop(child); // SIGKILL, and wait for the exit
+        if round % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(20 + rng % 150)).await;
+            drop(child); // SIGKILL, and wait for the exit
+        } else {
+            // This daemon aborts itself inside a group commit: writes made, commit not (or
+            // is killed, should the shards finish first).
+            for _ in 0..500 {
+                if let Some(status) = child.0.try_wait().unwrap() {
+                    aborts += usize::from(status.code() == Some(134));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            drop(child);
+        }
         kills += 1;
         let dir = dir.path().to_owned();
-        child = tokio::task::spawn_blocking(move || serve(port, &dir))
+        // Every other daemon is set to die inside its 5th to 40th group commit.
+        let abort = (round % 2 == 0).then_some(5 + (rng % 36) as u32);
+        child = tokio::task::spawn_blocking(move || serve(port, &dir, abort))
             .await
             .unwrap();
         restarted.send_replace(round + 1);
@@ -188,7 +207,8 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
             .expect("every shard finishes")
             .unwrap();
     }
-    eprintln!("crash test: {kills} kills, {resumes} resumes");
+    eprintln!("crash test: {kills} kills ({aborts} inside a commit), {resumes} resumes");
+    assert!(aborts >= 1, "no daemon died inside a group commit");
     assert!(
         kills >= 3,
         "the daemon was killed only {kills} times before the shards finished"
