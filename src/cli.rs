@@ -14,7 +14,7 @@ use covd::formats::lcov;
 use covd::model::Totals;
 use covd::model::path::PathRules;
 use covd::server::{self, Settings};
-use covd::service::{RunParams, RunStatus, ShardState};
+use covd::service::{ExportFormat, RunParams, RunStatus, ShardState};
 use tokio::sync::mpsc;
 
 const EXIT_CODES: &str = "\
@@ -204,8 +204,9 @@ struct FetchArgs {
     /// How long --wait waits at most (e.g. 90s, 10m).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// Output format.
-    #[arg(long, default_value = "lcov", value_parser = ["lcov"])]
+    /// Output format: lcov, cobertura (XML, for GitLab/Jenkins), json (covd's schema), or
+    /// markdown (a summary for a pull-request comment).
+    #[arg(long, default_value = "lcov", value_parser = ["lcov", "cobertura", "json", "markdown"])]
     format: String,
     /// Write here instead of standard output.
     #[arg(long, short)]
@@ -493,6 +494,12 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
     let mut c = client(&a.run.server)?;
     let wait = a.wait.then_some(a.timeout);
+    let format = match a.format.as_str() {
+        "cobertura" => ExportFormat::Cobertura,
+        "json" => ExportFormat::Json,
+        "markdown" => ExportFormat::Markdown,
+        _ => ExportFormat::Lcov,
+    };
     let header = match &a.output {
         Some(path) => {
             // Written beside the target and renamed, so a reader never sees half a file.
@@ -500,7 +507,7 @@ async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
             let mut out = io::BufWriter::new(
                 File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
             );
-            let header = c.export(&a.run.run, wait, &mut out).await;
+            let header = c.export_as(&a.run.run, format, wait, &mut out).await;
             drop(out);
             match header {
                 Ok(h) => {
@@ -517,7 +524,7 @@ async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
         None => {
             let stdout = io::stdout();
             let mut out = io::BufWriter::new(stdout.lock());
-            c.export(&a.run.run, wait, &mut out).await?
+            c.export_as(&a.run.run, format, wait, &mut out).await?
         }
     };
     let t = header.totals;

@@ -19,7 +19,9 @@ use crate::model::FileCoverage;
 use crate::rpc::convert::{self, file_to_proto};
 use crate::rpc::proto::coverage_client::CoverageClient;
 use crate::rpc::proto::{self, ingest_request, ingest_response};
-use crate::service::{DirectorySummary, ExportHeader, RunParams, RunStatus, TestTelemetry};
+use crate::service::{
+    DirectorySummary, ExportFormat, ExportHeader, RunParams, RunStatus, TestTelemetry,
+};
 
 /// Deltas sent but not yet acknowledged, at most.
 const WINDOW: usize = 16;
@@ -283,11 +285,22 @@ impl Client {
         wait: Option<Duration>,
         out: &mut impl Write,
     ) -> Result<ExportHeader, ClientError> {
+        self.export_as(run_id, ExportFormat::Lcov, wait, out).await
+    }
+
+    /// Exports the run in `format` into `out`.
+    pub async fn export_as(
+        &mut self,
+        run_id: &str,
+        format: ExportFormat,
+        wait: Option<Duration>,
+        out: &mut impl Write,
+    ) -> Result<ExportHeader, ClientError> {
         let mut stream = self
             .inner
             .export(proto::ExportRequest {
                 run_id: run_id.to_owned(),
-                format: proto::ExportFormat::Lcov as i32,
+                format: convert::export_format_to_proto(format) as i32,
                 wait: wait.is_some(),
                 timeout: wait.and_then(|w| prost_types::Duration::try_from(w).ok()),
             })

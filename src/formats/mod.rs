@@ -2,7 +2,10 @@
 //! `impl BufRead` and a writer over `impl Write`. Formats depend on the model only; they never
 //! open paths themselves.
 
+pub mod cobertura;
+pub mod json;
 pub mod lcov;
+pub mod markdown;
 
 /// A malformed input: where, and what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -377,6 +377,9 @@ pub(crate) fn export_format_from_proto(f: i32) -> Result<service::ExportFormat, 
         Ok(proto::ExportFormat::Unspecified | proto::ExportFormat::Lcov) => {
             Ok(service::ExportFormat::Lcov)
         }
+        Ok(proto::ExportFormat::Cobertura) => Ok(service::ExportFormat::Cobertura),
+        Ok(proto::ExportFormat::Json) => Ok(service::ExportFormat::Json),
+        Ok(proto::ExportFormat::Markdown) => Ok(service::ExportFormat::Markdown),
         Err(_) => Err(Error::invalid(
             "format",
             format!("unknown export format {f}"),
@@ -462,5 +465,14 @@ pub(crate) fn directory_from_proto(d: proto::DirectorySummary) -> DirectorySumma
                 totals: totals_from_proto(e.totals),
             })
             .collect(),
+    }
+}
+
+pub(crate) fn export_format_to_proto(f: service::ExportFormat) -> proto::ExportFormat {
+    match f {
+        service::ExportFormat::Lcov => proto::ExportFormat::Lcov,
+        service::ExportFormat::Cobertura => proto::ExportFormat::Cobertura,
+        service::ExportFormat::Json => proto::ExportFormat::Json,
+        service::ExportFormat::Markdown => proto::ExportFormat::Markdown,
     }
 }

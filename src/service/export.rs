@@ -8,9 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::durable;
 use super::run::Run;
 use super::{CoverageService, Error, ExportFormat, ExportHeader, Result};
-use crate::formats::lcov;
+use crate::formats::{cobertura, json, lcov, markdown};
 use crate::store::Aggregate;
 
 /// Chunks of rendered output; the channel holds at most this many at once.
@@ -82,12 +83,13 @@ fn render(
     let snapshot: Option<Aggregate> = (!complete).then(|| run.aggregate.snapshot());
     drop(gate);
     let aggregate = snapshot.as_ref().unwrap_or(&run.aggregate);
+    let totals = aggregate.totals();
     let header = ExportHeader {
         complete,
-        missing_shards: missing,
+        missing_shards: missing.clone(),
         expectations_declared: declared,
         timed_out,
-        totals: aggregate.totals(),
+        totals,
         content_type: format.content_type(),
     };
     if header_tx.send(header).is_err() {
@@ -100,6 +102,35 @@ fn render(
     let result = match format {
         ExportFormat::Lcov => {
             aggregate.for_each_sorted(|path, file| lcov::write_record(&mut out, path, file))
+        }
+        ExportFormat::Cobertura => {
+            let packages =
+                cobertura::package_totals(aggregate.file_totals().iter().map(|(p, t)| (&**p, *t)));
+            let now = durable::to_ms(std::time::SystemTime::now());
+            cobertura::Writer::begin(&mut out, totals, packages, now).and_then(|mut w| {
+                aggregate.for_each_sorted(|path, file| w.file(path, file))?;
+                w.finish().map(drop)
+            })
+        }
+        ExportFormat::Json => {
+            json::Writer::begin(&mut out, totals, complete, &missing).and_then(|mut w| {
+                aggregate.for_each_sorted(|path, file| w.file(path, file))?;
+                w.finish().map(drop)
+            })
+        }
+        ExportFormat::Markdown => {
+            let completeness = markdown::Completeness {
+                complete,
+                declared,
+                missing: missing.clone(),
+            };
+            markdown::write(
+                &mut out,
+                &run.id,
+                totals,
+                &completeness,
+                &aggregate.file_totals(),
+            )
         }
     }
     .and_then(|()| out.flush());

@@ -121,12 +121,18 @@ pub struct Applied {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
     Lcov,
+    Cobertura,
+    Json,
+    Markdown,
 }
 
 impl ExportFormat {
     pub fn content_type(self) -> &'static str {
         match self {
             ExportFormat::Lcov => "text/x-lcov",
+            ExportFormat::Cobertura => "application/xml",
+            ExportFormat::Json => "application/json",
+            ExportFormat::Markdown => "text/markdown",
         }
     }
 }

@@ -4,6 +4,7 @@ mod bad_input;
 mod cli;
 mod corpus;
 mod durability;
+mod export;
 mod gcc;
 mod ingest;
 mod merge_laws;
