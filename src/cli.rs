@@ -1,7 +1,7 @@
 //! The `covd` command line: one subcommand per task, each a thin use of the library.
 
 use std::fs::File;
-use std::io::{self, BufReader, IsTerminal, Write};
+use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use covd::client::{Batcher, Client, ClientError, PushInput, PushOptions, PushTarget};
-use covd::formats::lcov;
+use covd::formats::{self, Format};
 use covd::model::Totals;
 use covd::model::path::PathRules;
 use covd::server::{self, Settings};
@@ -39,7 +39,7 @@ enum Command {
     Serve(ServeArgs),
     /// Open a run and declare the shards it expects.
     Open(OpenArgs),
-    /// Stream a shard's coverage files (LCOV) into a run, then finish the shard.
+    /// Stream a shard's coverage files (LCOV, coverage.py JSON) into a run, then finish it.
     Push(PushArgs),
     /// Write the merged coverage of a run, optionally waiting until every shard finished.
     Fetch(FetchArgs),
@@ -189,7 +189,10 @@ struct PushArgs {
     retries: u32,
     #[command(flatten)]
     meta: RunMeta,
-    /// LCOV files to send.
+    /// The input format; detected from each file's content when not given.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
+    format: Option<String>,
+    /// Coverage files to send (LCOV, coverage.py JSON).
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }
@@ -397,35 +400,60 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
     let (tx, rx) = mpsc::channel(4);
     let reader_progress = progress.clone();
     // Parsing is CPU work: it runs on a blocking thread and hands deltas over a bounded channel.
+    let forced = a.format.as_deref().map(Format::from_name);
     let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut batcher = Batcher::default();
         let mut files = 0u64;
         for (path, f) in inputs {
-            let mut reader = lcov::Reader::new(BufReader::with_capacity(256 * 1024, f));
-            let mut consumed = 0;
+            let mut input = BufReader::with_capacity(
+                256 * 1024,
+                Counting {
+                    inner: f,
+                    progress: reader_progress.clone(),
+                },
+            );
+            let format = match forced {
+                Some(Some(format)) => format,
+                _ => {
+                    let head = input.fill_buf().context("cannot read")?;
+                    Format::detect(&head[..head.len().min(4096)]).ok_or_else(|| {
+                        anyhow!(
+                            "{}: not a coverage format covd recognises ({}); name it with --format",
+                            path.display(),
+                            Format::NAMES.join(", ")
+                        )
+                    })?
+                }
+            };
             // Records go out as they are read, so a file of any size streams in bounded
             // memory. Several records for one path (gcov writes one per object file) are
             // summed by the daemon like any two deltas.
-            while let Some(record) = reader
-                .next_record()
-                .with_context(|| format!("{}", path.display()))?
-            {
+            let mut failure = None;
+            let mut closed = false;
+            formats::read(format, input, |record| {
                 let source = rules.apply(&record.path);
-                covd::model::path::check(&source).map_err(|e| {
-                    anyhow!(
-                        "{}: source path `{source}` (from `{}`): {e}",
-                        path.display(),
+                if let Err(e) = covd::model::path::check(&source) {
+                    failure = Some(anyhow!(
+                        "source path `{source}` (from `{}`): {e}",
                         record.path
-                    )
-                })?;
+                    ));
+                    return false;
+                }
                 files += 1;
                 if let Some(delta) = batcher.push(source, record.file)
                     && tx.blocking_send(PushInput::Delta(delta)).is_err()
                 {
-                    return Ok(files); // the push ended early; its error is reported
+                    closed = true; // the push ended early; its error is reported
+                    return false;
                 }
-                reader_progress.inc(reader.bytes_read() - consumed);
-                consumed = reader.bytes_read();
+                true
+            })
+            .with_context(|| format!("{}", path.display()))?;
+            if let Some(e) = failure {
+                return Err(e.context(format!("{}", path.display())));
+            }
+            if closed {
+                return Ok(files);
             }
         }
         if let Some(delta) = batcher.finish() {
@@ -687,4 +715,18 @@ async fn runs(a: ServerArg) -> Result<ExitCode, Failure> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Counts what is read from a file into the progress bar.
+struct Counting<R> {
+    inner: R,
+    progress: indicatif::ProgressBar,
+}
+
+impl<R: io::Read> io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.inc(n as u64);
+        Ok(n)
+    }
 }

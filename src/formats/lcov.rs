@@ -16,16 +16,7 @@ use std::io::{self, BufRead, Write};
 use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE};
 
 use super::ParseError;
-
-/// One `SF` … `end_of_record` block.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// The `TN:` in force for this record; empty when none.
-    pub test_name: String,
-    /// The path exactly as `SF:` gave it.
-    pub path: String,
-    pub file: FileCoverage,
-}
+pub use super::Record;
 
 /// Reads records one at a time, so a tracefile of any size is never held whole in memory.
 #[derive(Debug)]

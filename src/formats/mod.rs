@@ -3,9 +3,84 @@
 //! open paths themselves.
 
 pub mod cobertura;
+pub mod coveragepy;
 pub mod json;
 pub mod lcov;
 pub mod markdown;
+
+use std::io::BufRead;
+
+use crate::model::FileCoverage;
+
+/// One source file's coverage as an input file reported it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The test (LCOV's `TN:`) in force for this record; empty when none.
+    pub test_name: String,
+    /// The path exactly as the file gave it (path rules apply later).
+    pub path: String,
+    pub file: FileCoverage,
+}
+
+/// The input formats `covd push` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Lcov,
+    CoveragePyJson,
+}
+
+impl Format {
+    pub const NAMES: &'static [&'static str] = &["lcov", "coveragepy-json"];
+
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "lcov" => Some(Format::Lcov),
+            "coveragepy-json" | "coverage.py" => Some(Format::CoveragePyJson),
+            _ => None,
+        }
+    }
+
+    /// Recognises a format from the start of a file.
+    pub fn detect(head: &[u8]) -> Option<Format> {
+        let text = String::from_utf8_lossy(head);
+        let trimmed = text.trim_start_matches('\u{feff}').trim_start();
+        if trimmed.starts_with('{') {
+            // coverage.py writes `meta` first, with its `format` and `version`.
+            if trimmed.contains("\"meta\"") && trimmed.contains("\"files\"")
+                || trimmed.contains("\"show_contexts\"")
+            {
+                return Some(Format::CoveragePyJson);
+            }
+            return None;
+        }
+        let first = trimmed.lines().find(|l| !l.trim().is_empty())?;
+        ["TN:", "SF:", "VER:"]
+            .iter()
+            .any(|p| first.starts_with(p))
+            .then_some(Format::Lcov)
+    }
+}
+
+/// Reads `input` in `format`, calling `on_record` for each file's record as it is read;
+/// `on_record` returning `false` stops early.
+pub fn read(
+    format: Format,
+    input: impl BufRead,
+    mut on_record: impl FnMut(Record) -> bool,
+) -> Result<(), ParseError> {
+    match format {
+        Format::Lcov => {
+            let mut reader = lcov::Reader::new(input);
+            while let Some(record) = reader.next_record()? {
+                if !on_record(record) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        Format::CoveragePyJson => coveragepy::read(input, on_record),
+    }
+}
 
 /// A malformed input: where, and what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -238,3 +238,46 @@ fn push_without_a_daemon_warns_unless_asked_to_fail() {
         String::from_utf8_lossy(&r.stderr)
     );
 }
+
+#[test]
+fn push_detects_coverage_py_json_and_refuses_unknown_formats() {
+    use std::io::Read;
+    let served = Served::start();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("coverage.json");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(corpus("python-toolz/same-path/shard2.json.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    std::fs::write(&json, text).unwrap();
+    let r = served
+        .covd(&["push", "--run", "j", "--shard", "0"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let lcov = read_lcov(
+        &corpus("python-toolz/same-path/shard2.lcov"),
+        &PathRules::default(),
+    );
+    let s = served.covd(&["status", "--run", "j"]).output().unwrap();
+    let lines = lcov.totals();
+    assert!(
+        String::from_utf8_lossy(&s.stdout)
+            .contains(&format!("lines {}/{}", lines.lines_covered, lines.lines)),
+        "{}",
+        String::from_utf8_lossy(&s.stdout)
+    );
+
+    let odd = dir.path().join("odd.txt");
+    std::fs::write(&odd, "hello\n").unwrap();
+    let r = served
+        .covd(&["push", "--run", "j2", "--shard", "0"])
+        .arg(&odd)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not a coverage format covd recognises"));
+}

@@ -93,3 +93,74 @@ async fn prefixed_shards_without_rules_do_not_merge() {
     assert_eq!(status.totals.files, 2 * one.files.len() as u64);
     assert!(!status.expectations_declared);
 }
+
+/// A coverage.py JSON report of the corpus, read through covd's reader.
+fn read_json(rel: &str, rules: &PathRules) -> covd::model::Coverage {
+    let gz = std::fs::File::open(corpus(rel)).unwrap();
+    let input = std::io::BufReader::new(flate2::read::GzDecoder::new(gz));
+    let mut coverage = covd::model::Coverage::default();
+    covd::formats::read(covd::formats::Format::CoveragePyJson, input, |r| {
+        coverage.add(&rules.apply(&r.path), &r.file);
+        true
+    })
+    .unwrap();
+    coverage
+}
+
+#[test]
+fn coverage_py_json_reads_as_the_same_coverage_as_its_lcov() {
+    for i in 1..=4 {
+        let json = read_json(
+            &format!("python-toolz/same-path/shard{i}.json.gz"),
+            &PathRules::default(),
+        );
+        let lcov = read_lcov(
+            &corpus(&format!("python-toolz/same-path/shard{i}.lcov")),
+            &PathRules::default(),
+        );
+        // Lines, counts, branch labels and outcomes, functions: identical (the JSON has no
+        // function end lines).
+        assert_eq!(
+            json.files.keys().collect::<Vec<_>>(),
+            lcov.files.keys().collect::<Vec<_>>()
+        );
+        for (path, l) in &lcov.files {
+            let j = &json.files[path];
+            assert_eq!(
+                j.line_hits().collect::<Vec<_>>(),
+                l.line_hits().collect::<Vec<_>>(),
+                "shard {i} {path}"
+            );
+            assert_eq!(j.branches(), l.branches(), "shard {i} {path}");
+            let key = |f: &covd::model::Function| (f.name.clone(), f.start_line, f.hits);
+            assert_eq!(
+                j.functions().iter().map(key).collect::<Vec<_>>(),
+                l.functions().iter().map(key).collect::<Vec<_>>(),
+                "shard {i} {path}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coverage_py_json_shards_merge_like_coverage_combine() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for i in 1..=4 {
+        let rules = PathRules {
+            strip: vec![format!("/srv/ci/shard{i}/toolz-1.2.0/")],
+            ..PathRules::default()
+        };
+        let c = read_json(
+            &format!("python-toolz/prefixed-paths/shard{i}.json.gz"),
+            &rules,
+        );
+        push(&mut client, "json", &i.to_string(), 1, c).await;
+    }
+    let (_, merged) = fetch(&mut client, "json").await;
+    let oracle = read_lcov(
+        &corpus("python-toolz/prefixed-paths/merged.lcov"),
+        &PathRules::default(),
+    );
+    assert_same_shapes(&merged, &oracle);
+}
