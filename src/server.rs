@@ -134,11 +134,27 @@ pub async fn run_with_ready(
     let _ = ready.send(());
     let mut stopping = stopping;
     let grace = settings.shutdown_grace;
+    let deadline = async {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::pin!(deadline);
     tokio::select! {
         served = serve => served?,
-        _ = async { let _ = stopping.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
+        () = &mut deadline => {
             tracing::warn!("calls still open after {grace:?}; stopping anyway");
+            return Ok(());
         }
+    }
+    // Let background work (stream tasks winding down, a compaction) drop its handles, so the
+    // store closes (WAL checkpointed, lock released) before this returns.
+    tokio::select! {
+        () = async {
+            while service.handles() > 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } => {}
+        () = &mut deadline => tracing::warn!("background work still running after {grace:?}"),
     }
     Ok(())
 }

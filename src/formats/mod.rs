@@ -3,6 +3,7 @@
 //! open paths themselves.
 
 pub mod cobertura;
+pub mod cobertura_in;
 pub mod coveragepy;
 pub mod json;
 pub mod lcov;
@@ -27,15 +28,17 @@ pub struct Record {
 pub enum Format {
     Lcov,
     CoveragePyJson,
+    Cobertura,
 }
 
 impl Format {
-    pub const NAMES: &'static [&'static str] = &["lcov", "coveragepy-json"];
+    pub const NAMES: &'static [&'static str] = &["lcov", "coveragepy-json", "cobertura"];
 
     pub fn from_name(name: &str) -> Option<Format> {
         match name {
             "lcov" => Some(Format::Lcov),
             "coveragepy-json" | "coverage.py" => Some(Format::CoveragePyJson),
+            "cobertura" => Some(Format::Cobertura),
             _ => None,
         }
     }
@@ -52,6 +55,10 @@ impl Format {
                 return Some(Format::CoveragePyJson);
             }
             return None;
+        }
+        if trimmed.starts_with('<') {
+            return (trimmed.contains("<coverage") && !trimmed.contains("<coverage generated"))
+                .then_some(Format::Cobertura);
         }
         let first = trimmed.lines().find(|l| !l.trim().is_empty())?;
         ["TN:", "SF:", "VER:"]
@@ -79,15 +86,19 @@ pub fn read(
             Ok(())
         }
         Format::CoveragePyJson => coveragepy::read(input, on_record),
+        Format::Cobertura => cobertura_in::read(input, on_record),
     }
 }
 
 /// A malformed input: where, and what was wrong.
 #[derive(Debug, thiserror::Error)]
-#[error("line {line}: {message}")]
+#[error("{}: {message}", if *.line > 0 { format!("line {}", .line) } else { format!("byte {}", .offset) })]
 pub struct ParseError {
-    /// 1-based line of the input where the problem was found.
+    /// 1-based line of the input where the problem was found; 0 when only the byte offset
+    /// is known (XML).
     pub line: u64,
+    /// Byte offset of the problem, when the reader knows it.
+    pub offset: u64,
     pub message: String,
     #[source]
     pub source: Option<std::io::Error>,
@@ -97,6 +108,16 @@ impl ParseError {
     pub(crate) fn at(line: u64, message: impl Into<String>) -> ParseError {
         ParseError {
             line,
+            offset: 0,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn at_byte(offset: u64, message: impl Into<String>) -> ParseError {
+        ParseError {
+            line: 0,
+            offset,
             message: message.into(),
             source: None,
         }
@@ -105,6 +126,7 @@ impl ParseError {
     pub(crate) fn io(line: u64, e: std::io::Error) -> ParseError {
         ParseError {
             line,
+            offset: 0,
             message: format!("read error: {e}"),
             source: Some(e),
         }

@@ -72,6 +72,12 @@ impl CoverageService {
         Ok((service, recovery))
     }
 
+    /// How many handles to this service exist (the daemon waits for its own to be the last
+    /// one before it stops, so the store closes and its lock is released).
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.shared)
+    }
+
     /// Whether acknowledgements mean "on disk".
     pub fn is_durable(&self) -> bool {
         self.shared.store.is_some()

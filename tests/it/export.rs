@@ -165,3 +165,62 @@ async fn json_and_markdown_exports_say_what_the_status_says() {
     );
     assert!(md.contains("**Most uncovered lines**"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cobertura_shards_merge_to_coverage_py_lines_and_a_branch_lower_bound() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for i in 1..=4 {
+        let rules = PathRules {
+            strip: vec!["/srv/ci/workspace/toolz-1.2.0/".into()],
+            ..PathRules::default()
+        };
+        let xml = gunzip(&corpus(&format!(
+            "python-toolz/same-path/shard{i}.cobertura.xml.gz"
+        )));
+        let mut c = covd::model::Coverage::default();
+        covd::formats::read(covd::formats::Format::Cobertura, xml.as_bytes(), |r| {
+            c.add(&rules.apply(&r.path), &r.file);
+            true
+        })
+        .unwrap();
+        push(&mut client, "cob", &i.to_string(), 1, c).await;
+    }
+    let mut out = Vec::new();
+    client
+        .export_as("cob", ExportFormat::Cobertura, None, &mut out)
+        .await
+        .unwrap();
+    let ours = read_cobertura(&String::from_utf8(out).unwrap(), "");
+    let oracle = read_cobertura(
+        &gunzip(&corpus("python-toolz/same-path/merged.cobertura.xml.gz")),
+        "toolz/",
+    );
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        oracle.keys().collect::<Vec<_>>()
+    );
+    let (mut exact, mut lower) = (0, 0);
+    for (file, (lines, covered, branches)) in &oracle {
+        let (our_lines, our_covered, our_branches) = &ours[file];
+        assert_eq!(our_lines, lines, "{file}");
+        assert_eq!(our_covered, covered, "{file}");
+        assert_eq!(
+            our_branches.keys().collect::<Vec<_>>(),
+            branches.keys().collect::<Vec<_>>()
+        );
+        for (line, (taken, total)) in branches {
+            let (our_taken, our_total) = our_branches[line];
+            assert_eq!(our_total, *total, "{file}:{line}");
+            // Cobertura names no arms: the merge is exact or a lower bound, never more.
+            assert!(our_taken <= *taken, "{file}:{line}");
+            if our_taken == *taken {
+                exact += 1
+            } else {
+                lower += 1
+            }
+        }
+    }
+    eprintln!("Cobertura branch lines: {exact} exact, {lower} lower bounds");
+    assert!(exact > 0);
+}
