@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use covd::client::{Batcher, Client, ClientError, PushInput, PushOptions, PushTarget};
 use covd::formats::{self, Format};
 use covd::model::Totals;
-use covd::model::path::PathRules;
+use covd::model::path::{PathFilter, PathRules};
 use covd::server::{self, Settings};
 use covd::service::{ExportFormat, RunParams, RunStatus, ShardState};
 use tokio::sync::mpsc;
@@ -189,6 +189,8 @@ struct PushArgs {
     retries: u32,
     #[command(flatten)]
     meta: RunMeta,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// The input format; detected from each file's content when not given.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
     format: Option<String>,
@@ -214,6 +216,18 @@ struct FetchArgs {
     /// Write here instead of standard output.
     #[arg(long, short)]
     output: Option<PathBuf>,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+struct FilterArgs {
+    /// Only source paths matching this glob (repeatable; `src/**/*.rs`).
+    #[arg(long)]
+    include: Vec<String>,
+    /// Leave out source paths matching this glob (repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -401,6 +415,8 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
     let reader_progress = progress.clone();
     // Parsing is CPU work: it runs on a blocking thread and hands deltas over a bounded channel.
     let forced = a.format.as_deref().map(Format::from_name);
+    let filter = PathFilter::new(&a.filter.include, &a.filter.exclude)
+        .map_err(|e| bad_input(anyhow!("--include/--exclude: {e}")))?;
     let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut batcher = Batcher::default();
         let mut files = 0u64;
@@ -432,6 +448,9 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
             let mut closed = false;
             formats::read(format, input, |record| {
                 let source = rules.apply(&record.path);
+                if !filter.keeps(&source) {
+                    return true;
+                }
                 if let Err(e) = covd::model::path::check(&source) {
                     failure = Some(anyhow!(
                         "source path `{source}` (from `{}`): {e}",
@@ -535,7 +554,16 @@ async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
             let mut out = io::BufWriter::new(
                 File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
             );
-            let header = c.export_as(&a.run.run, format, wait, &mut out).await;
+            let header = c
+                .export_filtered(
+                    &a.run.run,
+                    format,
+                    wait,
+                    &a.filter.include,
+                    &a.filter.exclude,
+                    &mut out,
+                )
+                .await;
             drop(out);
             match header {
                 Ok(h) => {
@@ -552,7 +580,15 @@ async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
         None => {
             let stdout = io::stdout();
             let mut out = io::BufWriter::new(stdout.lock());
-            c.export_as(&a.run.run, format, wait, &mut out).await?
+            c.export_filtered(
+                &a.run.run,
+                format,
+                wait,
+                &a.filter.include,
+                &a.filter.exclude,
+                &mut out,
+            )
+            .await?
         }
     };
     let t = header.totals;

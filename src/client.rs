@@ -296,6 +296,20 @@ impl Client {
         wait: Option<Duration>,
         out: &mut impl Write,
     ) -> Result<ExportHeader, ClientError> {
+        self.export_filtered(run_id, format, wait, &[], &[], out)
+            .await
+    }
+
+    /// Exports the files matching `include` (all when empty) and no `exclude` glob.
+    pub async fn export_filtered(
+        &mut self,
+        run_id: &str,
+        format: ExportFormat,
+        wait: Option<Duration>,
+        include: &[String],
+        exclude: &[String],
+        out: &mut impl Write,
+    ) -> Result<ExportHeader, ClientError> {
         let mut stream = self
             .inner
             .export(proto::ExportRequest {
@@ -303,6 +317,8 @@ impl Client {
                 format: convert::export_format_to_proto(format) as i32,
                 wait: wait.is_some(),
                 timeout: wait.and_then(|w| prost_types::Duration::try_from(w).ok()),
+                include: include.to_vec(),
+                exclude: exclude.to_vec(),
             })
             .await?
             .into_inner();

@@ -100,6 +100,46 @@ fn normalize(path: &str) -> String {
     }
 }
 
+/// Which paths to keep: those matching any `include` glob (all, when there is none) and no
+/// `exclude` glob. Globs use `**` for any number of directories (`src/**/*.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct PathFilter {
+    include: Option<globset::GlobSet>,
+    exclude: Option<globset::GlobSet>,
+}
+
+impl PathFilter {
+    pub fn new(include: &[String], exclude: &[String]) -> Result<PathFilter, globset::Error> {
+        let set = |globs: &[String]| -> Result<Option<globset::GlobSet>, globset::Error> {
+            if globs.is_empty() {
+                return Ok(None);
+            }
+            let mut b = globset::GlobSetBuilder::new();
+            for g in globs {
+                b.add(
+                    globset::GlobBuilder::new(g)
+                        .literal_separator(true)
+                        .build()?,
+                );
+            }
+            b.build().map(Some)
+        };
+        Ok(PathFilter {
+            include: set(include)?,
+            exclude: set(exclude)?,
+        })
+    }
+
+    pub fn is_everything(&self) -> bool {
+        self.include.is_none() && self.exclude.is_none()
+    }
+
+    pub fn keeps(&self, path: &str) -> bool {
+        self.include.as_ref().is_none_or(|g| g.is_match(path))
+            && !self.exclude.as_ref().is_some_and(|g| g.is_match(path))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +159,21 @@ mod tests {
         ));
         assert_eq!(check("src/a..b/c.rs"), Ok(()));
         assert_eq!(check("/abs/path.c"), Ok(()));
+    }
+
+    #[test]
+    fn filters_keep_included_and_drop_excluded_paths() {
+        let f = PathFilter::new(
+            &["src/**".into()],
+            &["**/tests/**".into(), "*.gen.c".into()],
+        )
+        .unwrap();
+        assert!(f.keeps("src/a/b.c"));
+        assert!(!f.keeps("lib/a.c"));
+        assert!(!f.keeps("src/tests/t.c"));
+        assert!(f.keeps("src/x.gen.c"), "`*` does not cross directories");
+        assert!(PathFilter::new(&[], &[]).unwrap().keeps("anything"));
+        assert!(PathFilter::new(&["[".into()], &[]).is_err());
     }
 
     #[test]

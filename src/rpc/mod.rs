@@ -151,7 +151,9 @@ impl Coverage for CoverageRpc {
         } else {
             None
         };
-        let export = self.service.export(&r.run_id, format, wait).await?;
+        let filter = crate::model::path::PathFilter::new(&r.include, &r.exclude)
+            .map_err(|e| Status::invalid_argument(format!("include/exclude: {e}")))?;
+        let export = self.service.export(&r.run_id, format, wait, filter).await?;
         let header = proto::ExportChunk {
             msg: Some(proto::export_chunk::Msg::Header(export_header_to_proto(
                 export.header,

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::run::{Run, RunState, Shard};
 use super::{CoverageService, Error, RunParams, RunStatus, TestTelemetry};
+use crate::model::path::PathFilter;
 use crate::persist::{
     self, RunRecord, ShardRecord, Store, StoreError, SummaryRecord, TelemetryRecord, Write,
 };
@@ -161,14 +162,16 @@ impl CoverageService {
         let mut parts = Vec::new();
         let mut chunk = Vec::new();
         let _gate = run.gate_shared();
-        let _ = run.aggregate.for_each_sorted(|path, file| {
-            chunk.push((Arc::<str>::from(path), file.clone()));
-            if chunk.len() >= 1000 {
-                parts.extend(persist::merged_parts(chunk.iter().map(|(p, f)| (&**p, f))));
-                chunk.clear();
-            }
-            Ok::<(), ()>(())
-        });
+        let _ = run
+            .aggregate
+            .for_each_sorted(&PathFilter::default(), |path, file| {
+                chunk.push((Arc::<str>::from(path), file.clone()));
+                if chunk.len() >= 1000 {
+                    parts.extend(persist::merged_parts(chunk.iter().map(|(p, f)| (&**p, f))));
+                    chunk.clear();
+                }
+                Ok::<(), ()>(())
+            });
         parts.extend(persist::merged_parts(chunk.iter().map(|(p, f)| (&**p, f))));
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());

@@ -12,6 +12,7 @@ use super::durable;
 use super::run::Run;
 use super::{CoverageService, Error, ExportFormat, ExportHeader, Result};
 use crate::formats::{cobertura, json, lcov, markdown};
+use crate::model::path::PathFilter;
 use crate::store::Aggregate;
 
 /// Chunks of rendered output; the channel holds at most this many at once.
@@ -35,6 +36,7 @@ impl CoverageService {
         run_id: &str,
         format: ExportFormat,
         wait: Option<Duration>,
+        filter: PathFilter,
     ) -> Result<Export> {
         let run = self.run(run_id)?;
         let mut timed_out = false;
@@ -57,7 +59,9 @@ impl CoverageService {
         }
         let (header_tx, header_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
-        tokio::task::spawn_blocking(move || render(&run, format, timed_out, header_tx, tx));
+        tokio::task::spawn_blocking(move || {
+            render(&run, format, &filter, timed_out, header_tx, tx)
+        });
         let header = header_rx
             .await
             .map_err(|_| Error::Unavailable("the export stopped before its header".into()))?;
@@ -69,6 +73,7 @@ impl CoverageService {
 fn render(
     run: &Run,
     format: ExportFormat,
+    filter: &PathFilter,
     timed_out: bool,
     header_tx: oneshot::Sender<ExportHeader>,
     tx: mpsc::Sender<Result<Bytes>>,
@@ -83,7 +88,7 @@ fn render(
     let snapshot: Option<Aggregate> = (!complete).then(|| run.aggregate.snapshot());
     drop(gate);
     let aggregate = snapshot.as_ref().unwrap_or(&run.aggregate);
-    let totals = aggregate.totals();
+    let totals = aggregate.totals_of(filter);
     let header = ExportHeader {
         complete,
         missing_shards: missing.clone(),
@@ -100,21 +105,25 @@ fn render(
         tx: tx.clone(),
     };
     let result = match format {
-        ExportFormat::Lcov => {
-            aggregate.for_each_sorted(|path, file| lcov::write_record(&mut out, path, file))
-        }
+        ExportFormat::Lcov => aggregate.for_each_sorted(filter, |path, file| {
+            lcov::write_record(&mut out, path, file)
+        }),
         ExportFormat::Cobertura => {
-            let packages =
-                cobertura::package_totals(aggregate.file_totals().iter().map(|(p, t)| (&**p, *t)));
+            let packages = cobertura::package_totals(
+                aggregate
+                    .file_totals(filter)
+                    .iter()
+                    .map(|(p, t)| (&**p, *t)),
+            );
             let now = durable::to_ms(std::time::SystemTime::now());
             cobertura::Writer::begin(&mut out, totals, packages, now).and_then(|mut w| {
-                aggregate.for_each_sorted(|path, file| w.file(path, file))?;
+                aggregate.for_each_sorted(filter, |path, file| w.file(path, file))?;
                 w.finish().map(drop)
             })
         }
         ExportFormat::Json => {
             json::Writer::begin(&mut out, totals, complete, &missing).and_then(|mut w| {
-                aggregate.for_each_sorted(|path, file| w.file(path, file))?;
+                aggregate.for_each_sorted(filter, |path, file| w.file(path, file))?;
                 w.finish().map(drop)
             })
         }
@@ -129,7 +138,7 @@ fn render(
                 &run.id,
                 totals,
                 &completeness,
-                &aggregate.file_totals(),
+                &aggregate.file_totals(filter),
             )
         }
     }

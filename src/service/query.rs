@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{CoverageService, DirectoryEntry, DirectorySummary, Error, Result};
+use crate::model::path::PathFilter;
 use crate::model::{FileCoverage, Totals};
 
 impl CoverageService {
@@ -30,7 +31,7 @@ impl CoverageService {
         let dir = dir.trim_end_matches('/');
         let files = tokio::task::spawn_blocking(move || {
             let _gate = run.gate_shared();
-            run.aggregate.file_totals()
+            run.aggregate.file_totals(&PathFilter::default())
         })
         .await
         .map_err(|e| Error::Unavailable(format!("reading the directory failed: {e}")))?;

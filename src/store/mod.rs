@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use crate::model::path::PathFilter;
 use crate::model::{FileCoverage, Totals};
 
 /// Shares path strings between runs.
@@ -91,19 +92,26 @@ impl Aggregate {
         self.files.get(path).map(|f| f.clone())
     }
 
-    /// Every path, sorted.
-    pub fn paths(&self) -> Vec<Arc<str>> {
-        let mut paths: Vec<Arc<str>> = self.files.iter().map(|e| e.key().clone()).collect();
+    /// Every path `filter` keeps, sorted.
+    pub fn paths(&self, filter: &PathFilter) -> Vec<Arc<str>> {
+        let mut paths: Vec<Arc<str>> = self
+            .files
+            .iter()
+            .filter(|e| filter.keeps(e.key()))
+            .map(|e| e.key().clone())
+            .collect();
         paths.sort_unstable();
         paths
     }
 
-    /// Calls `f` for each file in path order, holding one file's guard at a time.
+    /// Calls `f` for each file `filter` keeps, in path order, holding one file's guard at a
+    /// time.
     pub fn for_each_sorted<E>(
         &self,
+        filter: &PathFilter,
         mut f: impl FnMut(&str, &FileCoverage) -> Result<(), E>,
     ) -> Result<(), E> {
-        for path in self.paths() {
+        for path in self.paths(filter) {
             if let Some(file) = self.files.get(&*path) {
                 f(&path, &file)?;
             }
@@ -113,17 +121,23 @@ impl Aggregate {
 
     /// Totals of every file.
     pub fn totals(&self) -> Totals {
+        self.totals_of(&PathFilter::default())
+    }
+
+    /// Totals of the files `filter` keeps.
+    pub fn totals_of(&self, filter: &PathFilter) -> Totals {
         let mut t = Totals::default();
-        for e in self.files.iter() {
+        for e in self.files.iter().filter(|e| filter.keeps(e.key())) {
             t += e.value().totals();
         }
         t
     }
 
-    /// `(path, totals)` of every file, for directory rollups.
-    pub fn file_totals(&self) -> Vec<(Arc<str>, Totals)> {
+    /// `(path, totals)` of every file `filter` keeps, for rollups.
+    pub fn file_totals(&self, filter: &PathFilter) -> Vec<(Arc<str>, Totals)> {
         self.files
             .iter()
+            .filter(|e| filter.keeps(e.key()))
             .map(|e| (e.key().clone(), e.value().totals()))
             .collect()
     }

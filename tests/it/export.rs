@@ -224,3 +224,56 @@ async fn cobertura_shards_merge_to_coverage_py_lines_and_a_branch_lower_bound() 
     eprintln!("Cobertura branch lines: {exact} exact, {lower} lower bounds");
     assert!(exact > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_filter_files_by_glob_and_total_what_they_keep() {
+    let daemon = Daemon::start().await;
+    let mut client = toolz_run(&daemon).await;
+    let mut out = Vec::new();
+    let header = client
+        .export_filtered(
+            "toolz",
+            ExportFormat::Lcov,
+            None,
+            &["toolz/**".into()],
+            &["**/tests/**".into(), "toolz/sandbox/*".into()],
+            &mut out,
+        )
+        .await
+        .unwrap();
+    let kept = parse_lcov_bytes(&out);
+    assert!(!kept.files.is_empty());
+    for path in kept.files.keys() {
+        assert!(
+            !path.contains("/tests/") && !path.starts_with("toolz/sandbox/"),
+            "{path}"
+        );
+    }
+    let all = read_lcov(
+        &corpus("python-toolz/same-path/merged.lcov"),
+        &PathRules::default(),
+    );
+    let expected = all
+        .files
+        .keys()
+        .filter(|p| !p.contains("/tests/") && !p.starts_with("toolz/sandbox/"))
+        .count();
+    assert_eq!(kept.files.len(), expected);
+    assert_eq!(
+        header.totals,
+        kept.totals(),
+        "the header totals cover the exported files"
+    );
+    let bad = client
+        .export_filtered(
+            "toolz",
+            ExportFormat::Lcov,
+            None,
+            &["[".into()],
+            &[],
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("include/exclude"), "{bad}");
+}
