@@ -157,6 +157,10 @@ struct OpenArgs {
     /// Expect shards with these names.
     #[arg(long, value_delimiter = ',')]
     shard_ids: Vec<String>,
+    /// The repository's files, one path per line (`git ls-files > files.txt`; `-` reads
+    /// standard input): pushes are then told which of their paths match none.
+    #[arg(long)]
+    files_from: Option<PathBuf>,
     #[command(flatten)]
     meta: RunMeta,
 }
@@ -382,8 +386,25 @@ async fn open(a: OpenArgs) -> Result<ExitCode, Failure> {
         Some(n) => (0..n).map(|i| i.to_string()).collect(),
         None => a.shard_ids.clone(),
     };
+    let known_files = match &a.files_from {
+        None => Vec::new(),
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                io::read_to_string(io::stdin()).context("cannot read standard input")?
+            } else {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))
+                    .map_err(bad_input)?
+            };
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }
+    };
     let (created, status) = client(&a.run.server)?
-        .open_run(&a.run.run, a.meta.params(expected))
+        .open_run_with_files(&a.run.run, a.meta.params(expected), known_files)
         .await?;
     eprintln!(
         "run {} {} expecting {} shards",
@@ -501,6 +522,20 @@ async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
     let files = parsed.map_err(bad_input)?;
     match pushed {
         Ok(report) => {
+            if !report.unknown_paths.is_empty() {
+                eprintln!(
+                    "covd: warning: {}{} paths of this shard are not among the run's files, e.g.:",
+                    report.unknown_paths.len(),
+                    if report.unknown_paths.len() >= 100 {
+                        "+"
+                    } else {
+                        ""
+                    }
+                );
+                for p in report.unknown_paths.iter().take(5) {
+                    eprintln!("  {p}");
+                }
+            }
             let run = report.run.as_ref();
             eprintln!(
                 "shard {} of run {}: {files} file records in {} deltas{}{}",

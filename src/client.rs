@@ -119,7 +119,12 @@ pub struct PushReport {
     pub deltas: u64,
     pub reconnects: u32,
     pub run: Option<RunStatus>,
+    /// Paths the daemon reported as not among the run's known files (the first ones).
+    pub unknown_paths: Vec<String>,
 }
+
+/// Unknown paths a push keeps for its report at most.
+const UNKNOWN_KEPT: usize = 100;
 
 /// What a push reads from its producer. The producer ends with `Done`; a channel that closes
 /// without it means the input failed (a malformed file), and the shard is then left
@@ -185,11 +190,23 @@ impl Client {
         run_id: &str,
         params: RunParams,
     ) -> Result<(bool, RunStatus), ClientError> {
+        self.open_run_with_files(run_id, params, Vec::new()).await
+    }
+
+    /// Opens a run and gives it the repository's files (`git ls-files`): pushes then learn
+    /// which of their paths match none.
+    pub async fn open_run_with_files(
+        &mut self,
+        run_id: &str,
+        params: RunParams,
+        known_files: Vec<String>,
+    ) -> Result<(bool, RunStatus), ClientError> {
         let r = self
             .inner
             .open_run(proto::OpenRunRequest {
                 run_id: run_id.to_owned(),
                 params: Some(convert::params_to_proto(params)),
+                known_files,
             })
             .await?
             .into_inner();
@@ -352,6 +369,7 @@ impl Client {
         let mut input_done = false;
         let mut reconnects = 0u32;
         let mut failures = 0u32;
+        let mut unknown = Vec::new();
         loop {
             let attempt = self
                 .push_once(
@@ -360,6 +378,7 @@ impl Client {
                     &mut unacked,
                     &mut next_seq,
                     &mut input_done,
+                    &mut unknown,
                 )
                 .await;
             match attempt {
@@ -368,6 +387,7 @@ impl Client {
                         deltas: next_seq - 1,
                         reconnects,
                         run,
+                        unknown_paths: unknown,
                     });
                 }
                 Err(PushFailure { error, progressed }) => {
@@ -394,6 +414,7 @@ impl Client {
         unacked: &mut VecDeque<proto::Delta>,
         next_seq: &mut u64,
         input_done: &mut bool,
+        unknown: &mut Vec<String>,
     ) -> Result<Option<RunStatus>, PushFailure> {
         let fail = |error: ClientError| PushFailure {
             error,
@@ -499,6 +520,19 @@ impl Client {
                         while unacked.front().is_some_and(|d| d.seq <= ack.seq) {
                             unacked.pop_front();
                             progressed = true;
+                        }
+                        if !ack.unknown_paths.is_empty() && unknown.is_empty() {
+                            // Said once, while the shard still runs: a wrong path rule shows
+                            // on the first delta, not after the pipeline.
+                            tracing::warn!(
+                                "the run does not know some of this shard's paths (e.g. `{}`); check the path rules",
+                                ack.unknown_paths[0]
+                            );
+                        }
+                        for p in ack.unknown_paths {
+                            if unknown.len() < UNKNOWN_KEPT && !unknown.contains(&p) {
+                                unknown.push(p);
+                            }
                         }
                     }
                     Some(Ok(proto::IngestResponse { msg: Some(ingest_response::Msg::Finished(f)) })) => {

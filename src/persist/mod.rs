@@ -136,6 +136,11 @@ pub enum Write {
         parts: Vec<Vec<u8>>,
         summary: SummaryRecord,
     },
+    /// The repository's files for a run (`git ls-files`), replacing any earlier list.
+    PutFiles {
+        run_id: String,
+        files: Vec<String>,
+    },
     /// Drops a run's raw data; keeps `summary` (if given) for history.
     DeleteRun {
         run_id: String,
@@ -155,6 +160,8 @@ pub struct LoadedRun {
     pub shards: Vec<ShardRecord>,
     /// Whether merged files were stored (the run was compacted).
     pub compacted: bool,
+    /// The repository's files, when the run was given them.
+    pub files: Option<Vec<String>>,
 }
 
 /// Counters of the group commit, for benchmarks and logs.
@@ -314,6 +321,7 @@ impl Store {
         let mut shards_stmt =
             conn.prepare("SELECT record FROM shards WHERE run_id = ?1 ORDER BY shard_id")?;
         let mut merged_stmt = conn.prepare("SELECT 1 FROM merged WHERE run_id = ?1 LIMIT 1")?;
+        let mut files_stmt = conn.prepare("SELECT body FROM run_files WHERE run_id = ?1")?;
         for bytes in records {
             let run: RunRecord = codec::unversioned(&bytes)?;
             let shards = shards_stmt
@@ -324,10 +332,16 @@ impl Store {
                 .query_row([&run.run_id], |_| Ok(()))
                 .optional()?
                 .is_some();
+            let files = files_stmt
+                .query_row([&run.run_id], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?
+                .map(|b| codec::unversioned::<Vec<String>>(&b))
+                .transpose()?;
             runs.push(LoadedRun {
                 run,
                 shards,
                 compacted,
+                files,
             });
         }
         Ok(runs)
@@ -450,7 +464,8 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
          CREATE TABLE IF NOT EXISTS merged (
              run_id TEXT NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL,
              PRIMARY KEY (run_id, part));
-         CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);",
+         CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS run_files (run_id TEXT PRIMARY KEY, body BLOB NOT NULL);",
     )
     .map_err(corrupt)?;
     let found: Option<i64> = conn
@@ -587,8 +602,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 .execute([run_id])?;
             put_summary(tx, summary)?;
         }
+        Write::PutFiles { run_id, files } => {
+            tx.prepare_cached("INSERT OR REPLACE INTO run_files (run_id, body) VALUES (?1, ?2)")?
+                .execute(params![run_id, codec::versioned(files)])?;
+        }
         Write::DeleteRun { run_id, summary } => {
-            for table in ["runs", "shards", "deltas", "merged"] {
+            for table in ["runs", "shards", "deltas", "merged", "run_files"] {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
                     .execute([run_id])?;
             }

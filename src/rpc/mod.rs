@@ -59,7 +59,7 @@ impl Coverage for CoverageRpc {
         let r = request.into_inner();
         let (created, status) = self
             .service
-            .open_run(&r.run_id, params_from_proto(r.params))
+            .open_run_with_files(&r.run_id, params_from_proto(r.params), r.known_files)
             .await?;
         Ok(Response::new(proto::OpenRunResponse {
             created,
@@ -254,7 +254,7 @@ async fn ingest(
                     seq: applied.seq,
                     duplicate: applied.duplicate,
                     durable: service.is_durable(),
-                    unknown_paths: Vec::new(),
+                    unknown_paths: applied.unknown_paths,
                 };
                 if tx.send(Ok(reply(Out::Ack(ack)))).await.is_err() {
                     return Ok(());

@@ -129,6 +129,10 @@ impl CoverageService {
                     .map(|s| (s.shard_id.clone(), shard_from_record(s)))
                     .collect(),
             ));
+            if let Some(files) = loaded.files {
+                run.state().known_files =
+                    Some(Arc::new(files.into_iter().map(Into::into).collect()));
+            }
             let interner = &self.shared.interner;
             if loaded.compacted {
                 store.for_each_merged(&run.id, |files| {

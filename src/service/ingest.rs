@@ -11,8 +11,8 @@ use std::time::SystemTime;
 use super::durable::shard_record;
 use super::run::{LoggedDelta, Run, RunState, Shard, check_expected};
 use super::{
-    Applied, CoverageService, Delta, Error, Result, RunStatus, ShardHeader, TestTelemetry,
-    check_name, normalize_params,
+    Applied, CoverageService, Delta, Error, MAX_UNKNOWN_REPORTED, Result, RunStatus, ShardHeader,
+    TestTelemetry, check_name, normalize_params,
 };
 use crate::persist::{Write, codec};
 
@@ -246,6 +246,7 @@ impl CoverageService {
                 return Ok(Applied {
                     seq: delta.seq,
                     duplicate: true,
+                    unknown_paths: Vec::new(),
                 });
             }
             if delta.seq != shard.last_seq + 1 {
@@ -338,6 +339,18 @@ impl CoverageService {
                 body,
             }])?;
         }
+        let known = run.state().known_files.clone();
+        let unknown_paths: Vec<String> = match &known {
+            Some(known) => delta
+                .files
+                .iter()
+                .map(|(p, _)| p)
+                .filter(|p| !known.contains(p.as_str()))
+                .take(MAX_UNKNOWN_REPORTED)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         let interner = &self.shared.interner;
         let durable = self.shared.store.is_some();
         let mut logged = Vec::with_capacity(if durable { 0 } else { delta.files.len() });
@@ -363,6 +376,7 @@ impl CoverageService {
         Ok(Applied {
             seq: delta.seq,
             duplicate: false,
+            unknown_paths,
         })
     }
 

@@ -25,7 +25,8 @@ pub use export::Export;
 pub use ingest::ShardSession;
 pub use types::{
     Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits,
-    RunParams, RunStatus, ShardHeader, ShardState, ShardStatus, TestTelemetry,
+    MAX_UNKNOWN_REPORTED, RunParams, RunStatus, ShardHeader, ShardState, ShardStatus,
+    TestTelemetry,
 };
 
 use crate::persist::{Store, StoreError, Write};
@@ -105,6 +106,28 @@ impl CoverageService {
 
     /// Opens a run, or confirms an existing one. Returns whether it was created.
     pub async fn open_run(&self, run_id: &str, params: RunParams) -> Result<(bool, RunStatus)> {
+        self.open_run_with_files(run_id, params, Vec::new()).await
+    }
+
+    /// [`CoverageService::open_run`], also giving the repository's files (`git ls-files`),
+    /// which replace any list given before. Delta paths outside the list are reported back.
+    pub async fn open_run_with_files(
+        &self,
+        run_id: &str,
+        params: RunParams,
+        known_files: Vec<String>,
+    ) -> Result<(bool, RunStatus)> {
+        if known_files.len() > self.shared.limits.max_files_per_run {
+            return Err(Error::ResourceExhausted(format!(
+                "{} known files exceed the limit of {} per run",
+                known_files.len(),
+                self.shared.limits.max_files_per_run
+            )));
+        }
+        for (i, f) in known_files.iter().enumerate() {
+            crate::model::path::check(f)
+                .map_err(|e| Error::invalid(format!("known_files[{i}]"), e.to_string()))?;
+        }
         check_name("run_id", run_id, 256)?;
         let params = normalize_params(params)?;
         if params.expected_shards.len() > self.shared.limits.max_shards_per_run {
@@ -121,6 +144,18 @@ impl CoverageService {
         // Every open stores the record: an open that was answered is on disk, even if an
         // earlier one's write failed.
         self.persist_run(&run).await?;
+        if !known_files.is_empty() {
+            if let Some(store) = &self.shared.store {
+                store
+                    .write(vec![Write::PutFiles {
+                        run_id: run.id.clone(),
+                        files: known_files.clone(),
+                    }])
+                    .await?;
+            }
+            run.state().known_files =
+                Some(Arc::new(known_files.into_iter().map(Into::into).collect()));
+        }
         Ok((created, run.status()))
     }
 

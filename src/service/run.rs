@@ -10,7 +10,7 @@
 //! std locks rather than tokio's: they are held briefly, from blocking threads or without
 //! awaiting, and std's are cheaper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
@@ -69,6 +69,9 @@ pub(super) struct RunState {
     /// The aggregate may hold data of a replaced attempt (a rebuild failed or a merge
     /// panicked); the next stream start rebuilds it.
     pub(super) stale: bool,
+    /// The repository's files, when the run was given them: delta paths outside it are
+    /// reported back to the shard.
+    pub(super) known_files: Option<Arc<HashSet<Box<str>>>>,
 }
 
 impl RunState {
@@ -155,6 +158,7 @@ impl Run {
             completed_at: None,
             deleted: false,
             stale: false,
+            known_files: None,
         };
         state.update_completion();
         Run {

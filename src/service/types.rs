@@ -111,12 +111,18 @@ pub struct Delta {
 }
 
 /// What became of a delta.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub seq: u64,
     /// Applied before; nothing changed.
     pub duplicate: bool,
+    /// Paths of the delta that are not among the run's known files (at most
+    /// [`MAX_UNKNOWN_REPORTED`]); empty when the run has no file list.
+    pub unknown_paths: Vec<String>,
 }
+
+/// Unknown paths reported per acknowledgement at most; enough to show a wrong path rule.
+pub const MAX_UNKNOWN_REPORTED: usize = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {

@@ -164,3 +164,64 @@ async fn coverage_py_json_shards_merge_like_coverage_combine() {
     );
     assert_same_shapes(&merged, &oracle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_wrong_path_rules_is_told_which_paths_match_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = covd::server::Settings {
+        data_dir: Some(dir.path().to_owned()),
+        ..covd::server::Settings::default()
+    };
+    let daemon = Daemon::with(settings.clone()).await;
+    let mut client = daemon.client();
+    let repo = read_lcov(
+        &corpus("python-toolz/same-path/merged.lcov"),
+        &PathRules::default(),
+    );
+    let files: Vec<String> = repo.files.keys().cloned().collect();
+    client
+        .open_run_with_files("r", RunParams::default(), files)
+        .await
+        .unwrap();
+    let raw = read_lcov(
+        &corpus("python-toolz/prefixed-paths/shard1.lcov"),
+        &PathRules::default(),
+    );
+    let report = push(&mut client, "r", "wrong", 1, raw).await;
+    assert!(!report.unknown_paths.is_empty());
+    assert!(
+        report
+            .unknown_paths
+            .iter()
+            .all(|p| p.starts_with("/srv/ci/shard1/")),
+        "{:?}",
+        report.unknown_paths
+    );
+    daemon.stop().await.unwrap();
+
+    // The list is stored: after a restart, a shard with right rules hears nothing.
+    let daemon = Daemon::with(settings).await;
+    let mut client = daemon.client();
+    let rules = PathRules {
+        strip: vec!["/srv/ci/shard2/toolz-1.2.0/".into()],
+        ..PathRules::default()
+    };
+    let right = read_lcov(&corpus("python-toolz/prefixed-paths/shard2.lcov"), &rules);
+    assert!(
+        push(&mut client, "r", "right", 1, right)
+            .await
+            .unknown_paths
+            .is_empty()
+    );
+    let raw = read_lcov(
+        &corpus("python-toolz/prefixed-paths/shard3.lcov"),
+        &PathRules::default(),
+    );
+    assert!(
+        !push(&mut client, "r", "wrong-again", 1, raw)
+            .await
+            .unknown_paths
+            .is_empty()
+    );
+    daemon.stop().await.unwrap();
+}
