@@ -281,3 +281,80 @@ fn push_detects_coverage_py_json_and_refuses_unknown_formats() {
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("not a coverage format covd recognises"));
 }
+
+#[test]
+fn push_watch_streams_files_while_the_command_runs_and_exits_with_its_code() {
+    let served = Served::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cov = dir.path().join("cov");
+    // The "test command": writes one coverage file, waits until the daemon has merged it
+    // (proof that it was streamed while the command still ran), writes another, and fails.
+    let script = format!(
+        "mkdir -p {cov}; cp {a} {cov}/a.info; \
+         for i in $(seq 100); do {covd} status --run w | grep -q 'files 2' && break; sleep 0.1; done; \
+         {covd} status --run w | sed 's/^/during: /'; \
+         cp {b} {cov}/b.info; exit 3",
+        cov = cov.display(),
+        a = fixture("gcc-lcov/shard1.info").display(),
+        b = fixture("gcc-lcov/shard2.info").display(),
+        covd = COVD,
+    );
+    let r = served
+        .covd(&[
+            "push",
+            "--run",
+            "w",
+            "--shard",
+            "0",
+            "--settle",
+            "100ms",
+            "--strip-prefix",
+            "/builds/shard-1/",
+            "--strip-prefix",
+            "/builds/shard-2/",
+            "--watch",
+        ])
+        .arg(&cov)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        r.status.code(),
+        Some(3),
+        "the test command's own exit code; {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(stdout.contains("during: run w"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("during:") && l.contains("streaming")),
+        "{stdout}"
+    );
+
+    let out = dir.path().join("merged.info");
+    let f = served
+        .covd(&["fetch", "--run", "w", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(f.status.success());
+    let mut expected = read_lcov(
+        &fixture("gcc-lcov/shard1.info"),
+        &PathRules {
+            strip: vec!["/builds/shard-1/".into()],
+            ..Default::default()
+        },
+    );
+    expected.merge(&read_lcov(
+        &fixture("gcc-lcov/shard2.info"),
+        &PathRules {
+            strip: vec!["/builds/shard-2/".into()],
+            ..Default::default()
+        },
+    ));
+    assert_eq!(read_lcov(&out, &PathRules::default()), expected);
+    let s = served.covd(&["status", "--run", "w"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&s.stdout).contains("finished"));
+}

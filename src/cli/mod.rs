@@ -1,7 +1,10 @@
 //! The `covd` command line: one subcommand per task, each a thin use of the library.
+//! `push` (with its `--watch` mode) lives in `push`.
+
+mod push;
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, IsTerminal, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,13 +12,11 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
-use covd::client::{Batcher, Client, ClientError, PushInput, PushOptions, PushTarget};
-use covd::formats::{self, Format};
+use covd::client::{Client, ClientError};
+use covd::formats::Format;
 use covd::model::Totals;
-use covd::model::path::{PathFilter, PathRules};
 use covd::server::{self, Settings};
 use covd::service::{ExportFormat, RunParams, RunStatus, ShardState};
-use tokio::sync::mpsc;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -39,8 +40,9 @@ enum Command {
     Serve(ServeArgs),
     /// Open a run and declare the shards it expects.
     Open(OpenArgs),
-    /// Stream a shard's coverage files (LCOV, coverage.py JSON) into a run, then finish it.
-    Push(PushArgs),
+    /// Stream a shard's coverage files into a run (or, with --watch, those a test command
+    /// writes), then finish the shard.
+    Push(Box<PushArgs>),
     /// Write the merged coverage of a run, optionally waiting until every shard finished.
     Fetch(FetchArgs),
     /// Show a run's shards and totals.
@@ -166,7 +168,7 @@ struct OpenArgs {
 }
 
 #[derive(Debug, Args)]
-struct PushArgs {
+pub(crate) struct PushArgs {
     #[command(flatten)]
     run: RunArg,
     /// This shard's name.
@@ -198,9 +200,19 @@ struct PushArgs {
     /// The input format; detected from each file's content when not given.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
     format: Option<String>,
-    /// Coverage files to send (LCOV, coverage.py JSON).
-    #[arg(required = true)]
+    /// Run the command after `--` and send every coverage file that appears in DIR as soon as
+    /// it is complete; finish the shard when the command exits, and exit with its exit code.
+    #[arg(long, value_name = "DIR", requires = "command")]
+    watch: Option<PathBuf>,
+    /// With --watch: a file is complete once its size and time stay unchanged this long.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    settle: Duration,
+    /// Coverage files to send (LCOV, coverage.py JSON, Cobertura XML).
+    #[arg(required_unless_present = "watch", conflicts_with = "watch")]
     files: Vec<PathBuf>,
+    /// With --watch: the test command and its arguments.
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -304,7 +316,7 @@ impl Cli {
         match self.command {
             Command::Serve(a) => serve(a).await,
             Command::Open(a) => open(a).await,
-            Command::Push(a) => push(a).await,
+            Command::Push(a) => push::run(*a).await,
             Command::Fetch(a) => fetch(a).await,
             Command::Status(a) => status(a).await,
             Command::File(a) => file(a).await,
@@ -413,164 +425,6 @@ async fn open(a: OpenArgs) -> Result<ExitCode, Failure> {
         status.params.expected_shards.len()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-async fn push(a: PushArgs) -> Result<ExitCode, Failure> {
-    let rules = PathRules {
-        strip: a.strip_prefix.clone(),
-        map: a.map_prefix.clone(),
-        root: a.root.clone(),
-    };
-    // Check every file opens before anything is sent.
-    let mut inputs = Vec::new();
-    let mut total_bytes = 0;
-    for path in &a.files {
-        let f = File::open(path)
-            .with_context(|| format!("cannot open {}", path.display()))
-            .map_err(bad_input)?;
-        total_bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
-        inputs.push((path.clone(), f));
-    }
-    let progress = progress_bar(total_bytes);
-    let (tx, rx) = mpsc::channel(4);
-    let reader_progress = progress.clone();
-    // Parsing is CPU work: it runs on a blocking thread and hands deltas over a bounded channel.
-    let forced = a.format.as_deref().map(Format::from_name);
-    let filter = PathFilter::new(&a.filter.include, &a.filter.exclude)
-        .map_err(|e| bad_input(anyhow!("--include/--exclude: {e}")))?;
-    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-        let mut batcher = Batcher::default();
-        let mut files = 0u64;
-        for (path, f) in inputs {
-            let mut input = BufReader::with_capacity(
-                256 * 1024,
-                Counting {
-                    inner: f,
-                    progress: reader_progress.clone(),
-                },
-            );
-            let format = match forced {
-                Some(Some(format)) => format,
-                _ => {
-                    let head = input.fill_buf().context("cannot read")?;
-                    Format::detect(&head[..head.len().min(4096)]).ok_or_else(|| {
-                        anyhow!(
-                            "{}: not a coverage format covd recognises ({}); name it with --format",
-                            path.display(),
-                            Format::NAMES.join(", ")
-                        )
-                    })?
-                }
-            };
-            // Records go out as they are read, so a file of any size streams in bounded
-            // memory. Several records for one path (gcov writes one per object file) are
-            // summed by the daemon like any two deltas.
-            let mut failure = None;
-            let mut closed = false;
-            formats::read(format, input, |record| {
-                let source = rules.apply(&record.path);
-                if !filter.keeps(&source) {
-                    return true;
-                }
-                if let Err(e) = covd::model::path::check(&source) {
-                    failure = Some(anyhow!(
-                        "source path `{source}` (from `{}`): {e}",
-                        record.path
-                    ));
-                    return false;
-                }
-                files += 1;
-                if let Some(delta) = batcher.push(source, record.file)
-                    && tx.blocking_send(PushInput::Delta(delta)).is_err()
-                {
-                    closed = true; // the push ended early; its error is reported
-                    return false;
-                }
-                true
-            })
-            .with_context(|| format!("{}", path.display()))?;
-            if let Some(e) = failure {
-                return Err(e.context(format!("{}", path.display())));
-            }
-            if closed {
-                return Ok(files);
-            }
-        }
-        if let Some(delta) = batcher.finish() {
-            let _ = tx.blocking_send(PushInput::Delta(delta));
-        }
-        let _ = tx.blocking_send(PushInput::Done);
-        Ok(files)
-    });
-    let target = PushTarget {
-        run_id: a.run.run.clone(),
-        shard_id: a.shard.clone(),
-        attempt: a.attempt,
-        params: a.meta.params(Vec::new()),
-        telemetry: None,
-    };
-    let options = PushOptions {
-        retries: a.retries,
-        ..PushOptions::default()
-    };
-    let pushed = client(&a.run.server)?.push(&target, rx, &options).await;
-    let parsed = reader
-        .await
-        .map_err(|e| anyhow!("the reader failed: {e}"))?;
-    progress.finish_and_clear();
-    // A malformed file is the root cause even if the push then failed for lack of input.
-    let files = parsed.map_err(bad_input)?;
-    match pushed {
-        Ok(report) => {
-            if !report.unknown_paths.is_empty() {
-                eprintln!(
-                    "covd: warning: {}{} paths of this shard are not among the run's files, e.g.:",
-                    report.unknown_paths.len(),
-                    if report.unknown_paths.len() >= 100 {
-                        "+"
-                    } else {
-                        ""
-                    }
-                );
-                for p in report.unknown_paths.iter().take(5) {
-                    eprintln!("  {p}");
-                }
-            }
-            let run = report.run.as_ref();
-            eprintln!(
-                "shard {} of run {}: {files} file records in {} deltas{}{}",
-                a.shard,
-                a.run.run,
-                report.deltas,
-                if report.reconnects > 0 {
-                    format!(", {} reconnects", report.reconnects)
-                } else {
-                    String::new()
-                },
-                run.map(|r| format!("; run {}", completeness(r)))
-                    .unwrap_or_default()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) if e.is_unavailable() && !a.fail_on_error => {
-            eprintln!("covd: warning: coverage not sent: {e} (use --fail-on-error to fail)");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    if !io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} pushing [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
@@ -786,18 +640,4 @@ async fn runs(a: ServerArg) -> Result<ExitCode, Failure> {
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Counts what is read from a file into the progress bar.
-struct Counting<R> {
-    inner: R,
-    progress: indicatif::ProgressBar,
-}
-
-impl<R: io::Read> io::Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.progress.inc(n as u64);
-        Ok(n)
-    }
 }
