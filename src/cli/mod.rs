@@ -1,6 +1,7 @@
 //! The `covd` command line: one subcommand per task, each a thin use of the library.
-//! `push` (with its `--watch` mode) lives in `push`.
+//! `push` (with its `--watch` mode) lives in `push`, the HTML report's files in `html`.
 
+mod html;
 mod push;
 
 use std::fs::File;
@@ -16,7 +17,7 @@ use covd::client::{Client, ClientError};
 use covd::formats::Format;
 use covd::model::Totals;
 use covd::server::{self, Settings};
-use covd::service::{ExportFormat, RunParams, RunStatus, ShardState};
+use covd::service::{ExportFormat, ExportHeader, RunParams, RunStatus, ShardState};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -225,10 +226,14 @@ struct FetchArgs {
     /// How long --wait waits at most (e.g. 90s, 10m).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// Output format: lcov, cobertura (XML, for GitLab/Jenkins), json (covd's schema), or
-    /// markdown (a summary for a pull-request comment).
-    #[arg(long, default_value = "lcov", value_parser = ["lcov", "cobertura", "json", "markdown"])]
+    /// Output format: lcov, cobertura (XML, for GitLab/Jenkins), json (covd's schema),
+    /// markdown (a summary for a pull-request comment), or html (a report directory: needs
+    /// --output DIR).
+    #[arg(long, default_value = "lcov", value_parser = ["lcov", "cobertura", "json", "markdown", "html"])]
     format: String,
+    /// With --format html: the checkout the sources are read from, to show them marked.
+    #[arg(long)]
+    source_root: Option<PathBuf>,
     /// Write here instead of standard output.
     #[arg(long, short)]
     output: Option<PathBuf>,
@@ -428,6 +433,9 @@ async fn open(a: OpenArgs) -> Result<ExitCode, Failure> {
 }
 
 async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
+    if a.format == "html" {
+        return html::fetch(a).await;
+    }
     let mut c = client(&a.run.server)?;
     let wait = a.wait.then_some(a.timeout);
     let format = match a.format.as_str() {
@@ -480,6 +488,11 @@ async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
             .await?
         }
     };
+    Ok(conclude(&a, &header))
+}
+
+/// Says what a fetch got, and maps an incomplete wait to exit code 4.
+fn conclude(a: &FetchArgs, header: &ExportHeader) -> ExitCode {
     let t = header.totals;
     eprintln!(
         "run {}: {} files, lines {}, branches {}, functions {}",
@@ -500,9 +513,9 @@ async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
         );
     }
     if a.wait && header.timed_out {
-        return Ok(ExitCode::from(4));
+        return ExitCode::from(4);
     }
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 fn ratio(part: u64, whole: u64) -> String {

@@ -5,6 +5,7 @@
 pub mod cobertura;
 pub mod cobertura_in;
 pub mod coveragepy;
+pub mod html;
 pub mod json;
 pub mod lcov;
 pub mod markdown;

@@ -358,3 +358,67 @@ fn push_watch_streams_files_while_the_command_runs_and_exits_with_its_code() {
     let s = served.covd(&["status", "--run", "w"]).output().unwrap();
     assert!(String::from_utf8_lossy(&s.stdout).contains("finished"));
 }
+
+#[test]
+fn fetch_html_writes_a_report_with_marked_sources() {
+    let served = Served::start();
+    for (shard, prefix) in [("1", "/builds/shard-1/"), ("2", "/builds/shard-2/")] {
+        let r = served
+            .covd(&[
+                "push",
+                "--run",
+                "h",
+                "--shard",
+                shard,
+                "--strip-prefix",
+                prefix,
+            ])
+            .arg(fixture(&format!("gcc-lcov/shard{shard}.info")))
+            .output()
+            .unwrap();
+        assert!(r.status.success());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let r = served
+        .covd(&["fetch", "--run", "h", "--format", "html", "--output"])
+        .arg(&out)
+        .arg("--source-root")
+        .arg(fixture("gcc-lcov"))
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let index = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(index.contains("src/"), "{index}");
+    assert!(index.contains("Completeness unknown"));
+    // The directory page links both files; each file page shows its source, marked.
+    let pages: Vec<String> = std::fs::read_dir(out.join("f"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let calc = pages
+        .iter()
+        .find(|p| p.contains("src/calc.c"))
+        .expect("a page for calc.c");
+    // `clamp` (line 57) ran in no shard: marked as missed, with its source text.
+    let clamp = calc
+        .split("<tr")
+        .find(|r| r.contains(r#"<td class="num">57</td>"#))
+        .unwrap();
+    assert!(clamp.starts_with(r#" class="miss""#), "{clamp}");
+    assert!(clamp.contains("clamp"), "{clamp}");
+    assert!(calc.contains(r#"<tr class="hit">"#));
+    assert!(calc.contains(r#"<tr class="partial">"#));
+    // Nothing outside the report directory.
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("report")]);
+
+    let r = served
+        .covd(&["fetch", "--run", "h", "--format", "html"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2), "html needs --output");
+}
