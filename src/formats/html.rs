@@ -55,7 +55,7 @@ fn percent(part: u64, whole: u64) -> String {
 }
 
 fn bar(part: u64, whole: u64) -> String {
-    let width = if whole == 0 { 100 } else { part * 100 / whole };
+    let width = (part * 100).checked_div(whole).unwrap_or(100);
     format!(r#"<span class="bar" style="width:100px"><span style="width:{width}px"></span></span>"#)
 }
 
@@ -92,7 +92,7 @@ pub fn write(
     }
     let mut next = 0;
     number(&mut root, &mut next);
-    write_dir(pages, header, &root, "", 0)?;
+    write_dir(pages, header, &root, "")?;
     for (index, (path, file)) in files.iter().enumerate() {
         let text = source(path);
         write_file(pages, header, index, path, file, text.as_deref())?;
@@ -177,13 +177,7 @@ fn row(w: &mut dyn Write, link: &str, name: &str, t: &Totals) -> io::Result<()> 
     )
 }
 
-fn write_dir(
-    pages: &mut impl Pages,
-    header: &Header,
-    dir: &Dir,
-    path: &str,
-    depth: usize,
-) -> io::Result<()> {
+fn write_dir(pages: &mut impl Pages, header: &Header, dir: &Dir, path: &str) -> io::Result<()> {
     {
         let mut w = pages.create(&dir_page(dir.id))?;
         let page_depth = usize::from(dir.id != 0);
@@ -221,7 +215,7 @@ fn write_dir(
         } else {
             format!("{path}/{name}")
         };
-        write_dir(pages, header, d, &child, depth + 1)?;
+        write_dir(pages, header, d, &child)?;
     }
     Ok(())
 }
