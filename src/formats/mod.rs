@@ -5,6 +5,7 @@
 pub mod cobertura;
 pub mod cobertura_in;
 pub mod coveragepy;
+pub mod gocover;
 pub mod html;
 pub mod json;
 pub mod lcov;
@@ -30,16 +31,18 @@ pub enum Format {
     Lcov,
     CoveragePyJson,
     Cobertura,
+    GoCover,
 }
 
 impl Format {
-    pub const NAMES: &'static [&'static str] = &["lcov", "coveragepy-json", "cobertura"];
+    pub const NAMES: &'static [&'static str] = &["lcov", "coveragepy-json", "cobertura", "go"];
 
     pub fn from_name(name: &str) -> Option<Format> {
         match name {
             "lcov" => Some(Format::Lcov),
             "coveragepy-json" | "coverage.py" => Some(Format::CoveragePyJson),
             "cobertura" => Some(Format::Cobertura),
+            "go" | "gocover" => Some(Format::GoCover),
             _ => None,
         }
     }
@@ -62,6 +65,9 @@ impl Format {
                 .then_some(Format::Cobertura);
         }
         let first = trimmed.lines().find(|l| !l.trim().is_empty())?;
+        if first.starts_with("mode: ") {
+            return Some(Format::GoCover);
+        }
         ["TN:", "SF:", "VER:"]
             .iter()
             .any(|p| first.starts_with(p))
@@ -88,6 +94,7 @@ pub fn read(
         }
         Format::CoveragePyJson => coveragepy::read(input, on_record),
         Format::Cobertura => cobertura_in::read(input, on_record),
+        Format::GoCover => gocover::read(input, on_record),
     }
 }
 

@@ -225,3 +225,64 @@ async fn a_shard_with_wrong_path_rules_is_told_which_paths_match_no_file() {
     );
     daemon.stop().await.unwrap();
 }
+
+fn read_format(
+    format: covd::formats::Format,
+    path: &std::path::Path,
+    rules: &PathRules,
+) -> covd::model::Coverage {
+    let input = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let mut coverage = covd::model::Coverage::default();
+    covd::formats::read(format, input, |r| {
+        coverage.add(&rules.apply(&r.path), &r.file);
+        true
+    })
+    .unwrap();
+    coverage
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_profiles_of_two_shards_merge_like_one_run_of_all_tests() {
+    use covd::formats::Format;
+    let rules = PathRules {
+        map: vec![("covd.example/gofx/".into(), "".into())],
+        ..PathRules::default()
+    };
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    // count, then set and atomic modes for the same shards.
+    for (run, files) in [
+        ("count", ["shard1.out", "shard2.out"]),
+        ("modes", ["shard1.set.out", "shard2.atomic.out"]),
+    ] {
+        for (i, f) in files.iter().enumerate() {
+            let c = read_format(Format::GoCover, &fixture(&format!("go/{f}")), &rules);
+            push(&mut client, run, &i.to_string(), 1, c).await;
+        }
+    }
+    let full = read_format(Format::GoCover, &fixture("go/full.out"), &rules);
+    for run in ["count", "modes"] {
+        let (_, merged) = fetch(&mut client, run).await;
+        assert_eq!(
+            merged.files.keys().collect::<Vec<_>>(),
+            vec!["calc.go", "grade.go"]
+        );
+        for (path, f) in &full.files {
+            assert_eq!(merged.files[path].lines(), f.lines(), "{run} {path}");
+            assert_eq!(merged.files[path].covered(), f.covered(), "{run} {path}");
+        }
+    }
+    // In count mode, a line with one block has the summed count, as `go test` of all gives.
+    let (_, merged) = fetch(&mut client, "count").await;
+    let mut same = 0;
+    for (path, f) in &full.files {
+        for (line, hits) in f.line_hits() {
+            same += usize::from(merged.files[path].hits_of(line) == Some(hits));
+        }
+    }
+    assert!(
+        same * 10 >= full.totals().lines as usize * 9,
+        "{same} of {} lines",
+        full.totals().lines
+    );
+}
