@@ -5,6 +5,7 @@
 pub mod cobertura;
 pub mod cobertura_in;
 pub mod coveragepy;
+pub mod gcovr;
 pub mod gocover;
 pub mod html;
 pub mod json;
@@ -32,10 +33,12 @@ pub enum Format {
     CoveragePyJson,
     Cobertura,
     GoCover,
+    GcovrJson,
 }
 
 impl Format {
-    pub const NAMES: &'static [&'static str] = &["lcov", "coveragepy-json", "cobertura", "go"];
+    pub const NAMES: &'static [&'static str] =
+        &["lcov", "coveragepy-json", "cobertura", "go", "gcovr-json"];
 
     pub fn from_name(name: &str) -> Option<Format> {
         match name {
@@ -43,6 +46,7 @@ impl Format {
             "coveragepy-json" | "coverage.py" => Some(Format::CoveragePyJson),
             "cobertura" => Some(Format::Cobertura),
             "go" | "gocover" => Some(Format::GoCover),
+            "gcovr-json" | "gcovr" => Some(Format::GcovrJson),
             _ => None,
         }
     }
@@ -57,6 +61,9 @@ impl Format {
                 || trimmed.contains("\"show_contexts\"")
             {
                 return Some(Format::CoveragePyJson);
+            }
+            if trimmed.contains("\"gcovr/format_version\"") {
+                return Some(Format::GcovrJson);
             }
             return None;
         }
@@ -95,6 +102,7 @@ pub fn read(
         Format::CoveragePyJson => coveragepy::read(input, on_record),
         Format::Cobertura => cobertura_in::read(input, on_record),
         Format::GoCover => gocover::read(input, on_record),
+        Format::GcovrJson => gcovr::read(input, on_record),
     }
 }
 

@@ -286,3 +286,38 @@ async fn go_profiles_of_two_shards_merge_like_one_run_of_all_tests() {
         full.totals().lines
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcovr_json_shards_merge_to_exactly_gcovr_add_tracefile() {
+    use covd::formats::Format;
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for i in 1..=2 {
+        let c = read_format(
+            Format::GcovrJson,
+            &fixture(&format!("gcovr/shard{i}.json")),
+            &PathRules::default(),
+        );
+        push(&mut client, "gcovr", &i.to_string(), 1, c).await;
+    }
+    let (_, merged) = fetch(&mut client, "gcovr").await;
+    let oracle = read_format(
+        Format::GcovrJson,
+        &fixture("gcovr/merged.json"),
+        &PathRules::default(),
+    );
+    // Line counts, branch counts and function counts: all sums, all exact.
+    assert_eq!(merged, oracle);
+    assert_eq!(
+        merged.files["src/calc.c"]
+            .functions()
+            .iter()
+            .find(|f| &*f.name == "apply")
+            .unwrap()
+            .hits,
+        9
+    );
+    let detected =
+        covd::formats::Format::detect(&std::fs::read(fixture("gcovr/shard1.json")).unwrap()[..200]);
+    assert_eq!(detected, Some(Format::GcovrJson));
+}
