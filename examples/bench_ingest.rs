@@ -305,7 +305,7 @@ async fn run(
                     if let Some(d) = batcher.finish() {
                         tx.blocking_send(PushInput::Delta(d)).unwrap();
                     }
-                    tx.blocking_send(PushInput::Done).unwrap();
+                    tx.blocking_send(PushInput::Done(None)).unwrap();
                 });
                 let target = PushTarget {
                     run_id: run_id.into(),

@@ -132,7 +132,9 @@ const UNKNOWN_KEPT: usize = 100;
 #[derive(Debug)]
 pub enum PushInput {
     Delta(Vec<(String, FileCoverage)>),
-    Done,
+    /// The end; with the shard's test results, when it read any (they replace
+    /// `PushTarget::telemetry`).
+    Done(Option<TestTelemetry>),
 }
 
 /// Groups files into deltas of a sensible size.
@@ -364,30 +366,24 @@ impl Client {
         mut deltas: mpsc::Receiver<PushInput>,
         options: &PushOptions,
     ) -> Result<PushReport, ClientError> {
-        let mut unacked: VecDeque<proto::Delta> = VecDeque::new();
-        let mut next_seq = 1u64;
-        let mut input_done = false;
+        let mut state = PushState {
+            unacked: VecDeque::new(),
+            next_seq: 1,
+            input_done: false,
+            unknown: Vec::new(),
+            telemetry: target.telemetry.clone(),
+        };
         let mut reconnects = 0u32;
         let mut failures = 0u32;
-        let mut unknown = Vec::new();
         loop {
-            let attempt = self
-                .push_once(
-                    target,
-                    &mut deltas,
-                    &mut unacked,
-                    &mut next_seq,
-                    &mut input_done,
-                    &mut unknown,
-                )
-                .await;
+            let attempt = self.push_once(target, &mut deltas, &mut state).await;
             match attempt {
                 Ok(run) => {
                     return Ok(PushReport {
-                        deltas: next_seq - 1,
+                        deltas: state.next_seq - 1,
                         reconnects,
                         run,
-                        unknown_paths: unknown,
+                        unknown_paths: std::mem::take(&mut state.unknown),
                     });
                 }
                 Err(PushFailure { error, progressed }) => {
@@ -411,11 +407,15 @@ impl Client {
         &mut self,
         target: &PushTarget,
         deltas: &mut mpsc::Receiver<PushInput>,
-        unacked: &mut VecDeque<proto::Delta>,
-        next_seq: &mut u64,
-        input_done: &mut bool,
-        unknown: &mut Vec<String>,
+        state: &mut PushState,
     ) -> Result<Option<RunStatus>, PushFailure> {
+        let PushState {
+            unacked,
+            next_seq,
+            input_done,
+            unknown,
+            telemetry,
+        } = state;
         let fail = |error: ClientError| PushFailure {
             error,
             progressed: false,
@@ -492,7 +492,7 @@ impl Client {
             if !finish_sent && *input_done && unacked.is_empty() {
                 let finish = proto::Finish {
                     final_seq: *next_seq - 1,
-                    telemetry: target.telemetry.clone().map(convert::telemetry_to_proto),
+                    telemetry: telemetry.clone().map(convert::telemetry_to_proto),
                 };
                 let _ = tx.send(request(ingest_request::Msg::Finish(finish))).await;
                 finish_sent = true;
@@ -510,7 +510,12 @@ impl Client {
                         unacked.push_back(delta.clone());
                         let _ = tx.send(request(ingest_request::Msg::Delta(delta))).await;
                     }
-                    Some(PushInput::Done) => *input_done = true,
+                    Some(PushInput::Done(tests)) => {
+                        *input_done = true;
+                        if tests.is_some() {
+                            *telemetry = tests;
+                        }
+                    }
                     None => {
                         return Err(PushFailure { error: ClientError::InputAborted, progressed });
                     }
@@ -555,6 +560,16 @@ impl Client {
             }
         }
     }
+}
+
+/// What a push carries from one connection to the next.
+struct PushState {
+    /// Sent, not yet acknowledged; re-sent after a reconnect.
+    unacked: VecDeque<proto::Delta>,
+    next_seq: u64,
+    input_done: bool,
+    unknown: Vec<String>,
+    telemetry: Option<TestTelemetry>,
 }
 
 struct PushFailure {

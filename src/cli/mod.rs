@@ -569,9 +569,19 @@ fn print_status(s: &RunStatus) {
             ShardState::Interrupted => "interrupted (stream closed without finish)",
             ShardState::Finished => "finished",
         };
+        let tests = sh
+            .telemetry
+            .as_ref()
+            .map(|t| {
+                format!(
+                    "  tests {} passed, {} failed, {} skipped, {} errored",
+                    t.passed, t.failed, t.skipped, t.errored
+                )
+            })
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  shard {:<12} {:<44} attempt {} deltas {}{}",
+            "  shard {:<12} {:<44} attempt {} deltas {}{}{tests}",
             sh.shard_id,
             state,
             sh.attempt,

@@ -13,8 +13,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, anyhow};
 use covd::client::{Batcher, PushInput, PushOptions, PushTarget};
-use covd::formats::{self, Format};
+use covd::formats::{self, Format, junit};
 use covd::model::path::{PathFilter, PathRules};
+use covd::model::{TestCase, TestStatus};
+use covd::service::TestTelemetry;
 use tokio::sync::mpsc;
 
 use super::{Failure, PushArgs, bad_input, client, completeness};
@@ -33,6 +35,9 @@ struct Sender {
     tx: mpsc::Sender<PushInput>,
     records: u64,
     progress: indicatif::ProgressBar,
+    /// Test cases read from JUnit XML files, sent with the finish.
+    tests: Vec<TestCase>,
+    junit_files: u64,
 }
 
 /// Why sending stopped.
@@ -52,21 +57,23 @@ impl Sender {
                 progress: self.progress.clone(),
             },
         );
+        let head = input
+            .fill_buf()
+            .with_context(|| format!("cannot read {}", path.display()))
+            .map_err(Stop::Failed)?;
+        let head = &head[..head.len().min(4096)];
+        if self.forced.is_none() && junit::detect(head) {
+            return self.read_tests(path, input);
+        }
         let format = match self.forced {
             Some(format) => format,
-            None => {
-                let head = input
-                    .fill_buf()
-                    .with_context(|| format!("cannot read {}", path.display()))
-                    .map_err(Stop::Failed)?;
-                Format::detect(&head[..head.len().min(4096)]).ok_or_else(|| {
-                    Stop::Failed(anyhow!(
-                        "{}: not a coverage format covd recognises ({}); name it with --format",
-                        path.display(),
-                        Format::NAMES.join(", ")
-                    ))
-                })?
-            }
+            None => Format::detect(head).ok_or_else(|| {
+                Stop::Failed(anyhow!(
+                    "{}: not a coverage format covd recognises ({}); name it with --format",
+                    path.display(),
+                    Format::NAMES.join(", ")
+                ))
+            })?,
         };
         // Records go out as they are read, so a file of any size streams in bounded memory.
         // Several records for one path (gcov writes one per object file) are summed by the
@@ -112,12 +119,31 @@ impl Sender {
         Ok(())
     }
 
-    /// Sends the last delta and the end marker.
+    /// Reads a JUnit XML file's test cases, for the finish.
+    fn read_tests(&mut self, path: &Path, input: impl BufRead) -> Result<(), Stop> {
+        let tests = &mut self.tests;
+        junit::read(input, |mut case| {
+            // Parametrized test ids can hold newlines; the protocol wants single lines.
+            for s in [&mut case.name, &mut case.suite] {
+                if s.bytes().any(|b| b.is_ascii_control()) {
+                    *s = s.replace(|c: char| c.is_control(), " ");
+                }
+                s.truncate(s.floor_char_boundary(4096));
+            }
+            tests.push(case);
+        })
+        .map_err(|e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string())))?;
+        self.junit_files += 1;
+        Ok(())
+    }
+
+    /// Sends the last delta and the end marker, with the test results read.
     fn finish(mut self) -> u64 {
         if let Some(delta) = std::mem::take(&mut self.batcher).finish() {
             let _ = self.tx.blocking_send(PushInput::Delta(delta));
         }
-        let _ = self.tx.blocking_send(PushInput::Done);
+        let telemetry = (self.junit_files > 0).then(|| telemetry(std::mem::take(&mut self.tests)));
+        let _ = self.tx.blocking_send(PushInput::Done(telemetry));
         self.records
     }
 }
@@ -156,6 +182,8 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         tx,
         records: 0,
         progress: progress.clone(),
+        tests: Vec::new(),
+        junit_files: 0,
     };
 
     let mut command = None;
@@ -251,6 +279,21 @@ fn report(
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Counts and total time of test cases.
+fn telemetry(tests: Vec<TestCase>) -> TestTelemetry {
+    let count = |s: TestStatus| tests.iter().filter(|t| t.status == s).count() as u64;
+    TestTelemetry {
+        passed: count(TestStatus::Passed),
+        failed: count(TestStatus::Failed),
+        skipped: count(TestStatus::Skipped),
+        errored: count(TestStatus::Errored),
+        duration: Some(tests.iter().map(|t| t.duration).sum()),
+        peak_memory_bytes: 0,
+        platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+        tests,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod gcovr;
 pub mod gocover;
 pub mod html;
 pub mod json;
+pub mod junit;
 pub mod lcov;
 pub mod markdown;
 

@@ -9,11 +9,13 @@
 mod builder;
 mod file;
 pub mod path;
+mod testrun;
 
 use std::collections::BTreeMap;
 
 pub use builder::FileBuilder;
 pub use file::{FileCoverage, Function, Taken, add_taken};
+pub use testrun::{TestCase, TestStatus};
 
 /// Which branch of a block: numbered (gcc, llvm) or named (coverage.py's "jump to line 27").
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

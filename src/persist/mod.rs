@@ -90,6 +90,7 @@ pub struct TelemetryRecord {
     pub duration_ms: Option<u64>,
     pub peak_memory_bytes: u64,
     pub platform: String,
+    pub tests: Vec<crate::model::TestCase>,
 }
 
 /// What is kept of a run after its raw data expires: enough for history.

@@ -4,7 +4,9 @@
 use std::time::{Duration, SystemTime};
 
 use super::proto;
-use crate::model::{self, BranchArm, BranchKey, FileCoverage, Function, Totals};
+use crate::model::{
+    self, BranchArm, BranchKey, FileCoverage, Function, TestCase, TestStatus, Totals,
+};
 use crate::service::{
     self, Delta, DirectorySummary, Error, ExportHeader, Limits, RunParams, RunStatus, ShardState,
     TestTelemetry,
@@ -107,6 +109,56 @@ pub(crate) fn telemetry_from_proto(t: proto::TestTelemetry) -> Result<TestTeleme
             "is longer than 256 bytes",
         ));
     }
+    if t.tests.len() > MAX_TESTS {
+        return Err(Error::ResourceExhausted(format!(
+            "finish.telemetry.tests: {} test cases exceed the limit of {MAX_TESTS}",
+            t.tests.len()
+        )));
+    }
+    let tests = t
+        .tests
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            for (field, value) in [("name", &c.name), ("suite", &c.suite)] {
+                if value.len() > 4096 || value.bytes().any(|b| b.is_ascii_control()) {
+                    return Err(Error::invalid(
+                        format!("finish.telemetry.tests[{i}].{field}"),
+                        "must be at most 4096 bytes without control characters",
+                    ));
+                }
+            }
+            let status = match proto::TestStatus::try_from(c.status) {
+                Ok(proto::TestStatus::Passed) => TestStatus::Passed,
+                Ok(proto::TestStatus::Failed) => TestStatus::Failed,
+                Ok(proto::TestStatus::Skipped) => TestStatus::Skipped,
+                Ok(proto::TestStatus::Errored) => TestStatus::Errored,
+                _ => {
+                    return Err(Error::invalid(
+                        format!("finish.telemetry.tests[{i}].status"),
+                        "must be passed, failed, skipped or errored",
+                    ));
+                }
+            };
+            let duration = c
+                .duration
+                .map(Duration::try_from)
+                .transpose()
+                .map_err(|e| {
+                    Error::invalid(
+                        format!("finish.telemetry.tests[{i}].duration"),
+                        e.to_string(),
+                    )
+                })?
+                .unwrap_or_default();
+            Ok(TestCase {
+                suite: c.suite,
+                name: c.name,
+                status,
+                duration,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     Ok(TestTelemetry {
         passed: t.passed,
         failed: t.failed,
@@ -115,8 +167,12 @@ pub(crate) fn telemetry_from_proto(t: proto::TestTelemetry) -> Result<TestTeleme
         duration,
         peak_memory_bytes: t.peak_memory_bytes,
         platform: t.platform,
+        tests,
     })
 }
+
+/// Test cases one shard may report.
+const MAX_TESTS: usize = 1_000_000;
 
 pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
     proto::TestTelemetry {
@@ -129,6 +185,21 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
             .and_then(|d| prost_types::Duration::try_from(d).ok()),
         peak_memory_bytes: t.peak_memory_bytes,
         platform: t.platform,
+        tests: t
+            .tests
+            .into_iter()
+            .map(|c| proto::TestCase {
+                suite: c.suite,
+                name: c.name,
+                status: match c.status {
+                    TestStatus::Passed => proto::TestStatus::Passed,
+                    TestStatus::Failed => proto::TestStatus::Failed,
+                    TestStatus::Skipped => proto::TestStatus::Skipped,
+                    TestStatus::Errored => proto::TestStatus::Errored,
+                } as i32,
+                duration: prost_types::Duration::try_from(c.duration).ok(),
+            })
+            .collect(),
     }
 }
 

@@ -77,6 +77,8 @@ pub struct TestTelemetry {
     pub duration: Option<std::time::Duration>,
     pub peak_memory_bytes: u64,
     pub platform: String,
+    /// Each test case, when the shard reported them.
+    pub tests: Vec<crate::model::TestCase>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -422,3 +422,45 @@ fn fetch_html_writes_a_report_with_marked_sources() {
         .unwrap();
     assert_eq!(r.status.code(), Some(2), "html needs --output");
 }
+
+#[test]
+fn junit_results_pushed_with_coverage_are_stored_with_the_shard() {
+    let mut served = Served::start();
+    let r = served
+        .covd(&["push", "--run", "t", "--shard", "0"])
+        .arg(fixture("gcc-lcov/shard1.info"))
+        .arg(fixture("junit/pytest-junit.xml"))
+        .arg(fixture("junit/mocha-xunit.xml"))
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let expect = "tests 8 passed, 5 failed, 5 skipped, 2 errored";
+    let s = served.covd(&["status", "--run", "t"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&s.stdout).contains(expect),
+        "{}",
+        String::from_utf8_lossy(&s.stdout)
+    );
+    // Stored: a restarted daemon still has every test case.
+    served.terminate();
+    let served = Served::on(
+        std::mem::replace(&mut served.data, tempfile::tempdir().unwrap()),
+        "127.0.0.1:0",
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let status = runtime.block_on(async {
+        covd::client::Client::connect(&served.url)
+            .unwrap()
+            .status("t")
+            .await
+            .unwrap()
+    });
+    let telemetry = status.shards[0].telemetry.as_ref().unwrap();
+    assert_eq!(telemetry.tests.len(), 20);
+    let fail = telemetry
+        .tests
+        .iter()
+        .find(|t| t.name == "test_fail")
+        .unwrap();
+    assert_eq!(fail.status, covd::model::TestStatus::Failed);
+}

@@ -121,7 +121,7 @@ pub(crate) async fn try_push(
         if let Some(d) = batcher.finish() {
             let _ = tx.send(PushInput::Delta(d)).await;
         }
-        let _ = tx.send(PushInput::Done).await;
+        let _ = tx.send(PushInput::Done(None)).await;
     });
     let target = PushTarget {
         run_id: run.into(),

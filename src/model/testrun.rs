@@ -1,0 +1,21 @@
+//! What a shard's test run reported: each test case's outcome and duration.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum TestStatus {
+    Passed,
+    Failed,
+    Skipped,
+    Errored,
+}
+
+/// One test case's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TestCase {
+    /// The suite or class, empty when the tool gave none.
+    pub suite: String,
+    pub name: String,
+    pub status: TestStatus,
+    pub duration: Duration,
+}
