@@ -8,6 +8,7 @@ pub mod coveragepy;
 pub mod gcovr;
 pub mod gocover;
 pub mod html;
+pub mod istanbul;
 pub mod json;
 pub mod junit;
 pub mod lcov;
@@ -35,11 +36,18 @@ pub enum Format {
     Cobertura,
     GoCover,
     GcovrJson,
+    Istanbul,
 }
 
 impl Format {
-    pub const NAMES: &'static [&'static str] =
-        &["lcov", "coveragepy-json", "cobertura", "go", "gcovr-json"];
+    pub const NAMES: &'static [&'static str] = &[
+        "lcov",
+        "coveragepy-json",
+        "cobertura",
+        "go",
+        "gcovr-json",
+        "istanbul",
+    ];
 
     pub fn from_name(name: &str) -> Option<Format> {
         match name {
@@ -48,6 +56,7 @@ impl Format {
             "cobertura" => Some(Format::Cobertura),
             "go" | "gocover" => Some(Format::GoCover),
             "gcovr-json" | "gcovr" => Some(Format::GcovrJson),
+            "istanbul" | "nyc" | "c8" => Some(Format::Istanbul),
             _ => None,
         }
     }
@@ -65,6 +74,9 @@ impl Format {
             }
             if trimmed.contains("\"gcovr/format_version\"") {
                 return Some(Format::GcovrJson);
+            }
+            if trimmed.contains("\"statementMap\"") || trimmed.contains("\"fnMap\"") {
+                return Some(Format::Istanbul);
             }
             return None;
         }
@@ -104,6 +116,7 @@ pub fn read(
         Format::Cobertura => cobertura_in::read(input, on_record),
         Format::GoCover => gocover::read(input, on_record),
         Format::GcovrJson => gcovr::read(input, on_record),
+        Format::Istanbul => istanbul::read(input, on_record),
     }
 }
 

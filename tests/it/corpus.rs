@@ -321,3 +321,76 @@ async fn gcovr_json_shards_merge_to_exactly_gcovr_add_tracefile() {
         covd::formats::Format::detect(&std::fs::read(fixture("gcovr/shard1.json")).unwrap()[..200]);
     assert_eq!(detected, Some(Format::GcovrJson));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istanbul_shards_merge_like_nyc_merge() {
+    use covd::formats::Format;
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for tool in ["nyc", "c8"] {
+        for i in 1..=2 {
+            let rules = PathRules {
+                strip: vec![format!("/builds/shard-{i}/")],
+                ..PathRules::default()
+            };
+            let c = read_format(
+                Format::Istanbul,
+                &fixture(&format!("istanbul/{tool}-shard{i}.json")),
+                &rules,
+            );
+            push(&mut client, tool, &i.to_string(), 1, c).await;
+        }
+    }
+    // nyc instruments the same branches every time: everything merges exactly.
+    let (_, nyc) = fetch(&mut client, "nyc").await;
+    let oracle = read_format(
+        Format::Istanbul,
+        &fixture("istanbul/nyc-merged.json"),
+        &PathRules::default(),
+    );
+    assert_eq!(nyc, oracle);
+    let area = nyc.files["src/shapes.js"]
+        .functions()
+        .iter()
+        .find(|f| &*f.name == "area")
+        .unwrap();
+    assert_eq!(area.hits, 8, "4 + 4");
+
+    // c8: lines and functions exact (the placeholders of unloaded files add no function);
+    // branches at most what istanbul's containment heuristic gives.
+    let (_, c8) = fetch(&mut client, "c8").await;
+    let oracle = read_format(
+        Format::Istanbul,
+        &fixture("istanbul/c8-merged.json"),
+        &PathRules::default(),
+    );
+    assert_eq!(
+        c8.files.keys().collect::<Vec<_>>(),
+        oracle.files.keys().collect::<Vec<_>>()
+    );
+    for (path, theirs) in &oracle.files {
+        let ours = &c8.files[path];
+        assert_eq!(
+            ours.line_hits().collect::<Vec<_>>(),
+            theirs.line_hits().collect::<Vec<_>>(),
+            "{path}"
+        );
+        assert_eq!(ours.functions(), theirs.functions(), "{path}");
+        for (key, taken) in theirs.branches() {
+            let mine = ours
+                .branches()
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, t)| *t);
+            assert!(
+                mine.flatten().unwrap_or(0) <= taken.unwrap_or(0),
+                "{path} {key:?}"
+            );
+        }
+    }
+    assert_eq!(
+        c8.files["src/legacy.js"].totals().lines,
+        11,
+        "an unloaded file counts as uncovered"
+    );
+}
