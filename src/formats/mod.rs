@@ -12,6 +12,7 @@ pub mod istanbul;
 pub mod json;
 pub mod junit;
 pub mod lcov;
+pub mod llvmcov;
 pub mod markdown;
 
 use std::io::BufRead;
@@ -37,6 +38,7 @@ pub enum Format {
     GoCover,
     GcovrJson,
     Istanbul,
+    LlvmCov,
 }
 
 impl Format {
@@ -57,6 +59,7 @@ impl Format {
             "go" | "gocover" => Some(Format::GoCover),
             "gcovr-json" | "gcovr" => Some(Format::GcovrJson),
             "istanbul" | "nyc" | "c8" => Some(Format::Istanbul),
+            "llvm-cov" | "llvm-cov-json" => Some(Format::LlvmCov),
             _ => None,
         }
     }
@@ -77,6 +80,17 @@ impl Format {
             }
             if trimmed.contains("\"statementMap\"") || trimmed.contains("\"fnMap\"") {
                 return Some(Format::Istanbul);
+            }
+            // llvm-cov writes `type` last; its export starts with `data` and its files.
+            let compact: String = trimmed
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .take(64)
+                .collect();
+            if compact.starts_with("{\"data\":[{\"files\"")
+                || trimmed.contains("\"llvm.coverage.json.export\"")
+            {
+                return Some(Format::LlvmCov);
             }
             return None;
         }
@@ -117,6 +131,7 @@ pub fn read(
         Format::GoCover => gocover::read(input, on_record),
         Format::GcovrJson => gcovr::read(input, on_record),
         Format::Istanbul => istanbul::read(input, on_record),
+        Format::LlvmCov => llvmcov::read(input, on_record),
     }
 }
 

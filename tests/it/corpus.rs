@@ -394,3 +394,45 @@ async fn istanbul_shards_merge_like_nyc_merge() {
         "an unloaded file counts as uncovered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llvm_cov_exports_read_like_llvm_cov_lcov_and_merge_like_llvm_profdata() {
+    use covd::formats::Format;
+    // The reader's line rule is llvm-cov's own: the merged export reads as llvm-cov's LCOV.
+    let merged_json = read_format(
+        Format::LlvmCov,
+        &fixture("llvm-cov/merged.json"),
+        &PathRules::default(),
+    );
+    let merged_lcov = read_lcov(&fixture("llvm-cov/merged.info"), &PathRules::default());
+    assert_eq!(
+        merged_json.files.keys().collect::<Vec<_>>(),
+        merged_lcov.files.keys().collect::<Vec<_>>()
+    );
+    for (path, theirs) in &merged_lcov.files {
+        let ours = &merged_json.files[path];
+        assert_eq!(
+            ours.line_hits().collect::<Vec<_>>(),
+            theirs.line_hits().collect::<Vec<_>>(),
+            "{path}"
+        );
+        assert_eq!(shape(ours), shape(theirs), "{path}");
+    }
+    // Shards merged by covd equal the export of llvm-profdata's merged profile.
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for i in 1..=2 {
+        let rules = PathRules {
+            strip: vec![format!("/builds/shard-{i}/")],
+            ..PathRules::default()
+        };
+        let c = read_format(
+            Format::LlvmCov,
+            &fixture(&format!("llvm-cov/shard{i}.json")),
+            &rules,
+        );
+        push(&mut client, "llvm", &i.to_string(), 1, c).await;
+    }
+    let (_, merged) = fetch(&mut client, "llvm").await;
+    assert_eq!(merged, merged_json);
+}
