@@ -264,6 +264,9 @@ struct StatusArgs {
 struct FileArgs {
     #[command(flatten)]
     run: RunArg,
+    /// Also list the tests that covered each line (per-test attribution).
+    #[arg(long)]
+    tests: bool,
     /// The file's path as the run knows it.
     path: String,
 }
@@ -628,6 +631,11 @@ async fn file(a: FileArgs) -> Result<ExitCode, Failure> {
             format!("  branches {taken}/{}", on_line.len())
         };
         let _ = writeln!(out, "{line:>7}  {hits:>10}  {mark}{branch_note}");
+        if a.tests {
+            for t in f.tests_of(line) {
+                let _ = writeln!(out, "{:>21}{t}", "");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,13 +7,16 @@
 //! become branches on line `from` labelled as coverage.py's own LCOV report labels them
 //! ("jump to line 27", "return from function 'join'", "exit class 'Compose'", "exit the
 //! module"), so JSON and LCOV from coverage.py merge into the same branches. A missing arc
-//! whose line never ran is "never reached" (LCOV's `-`). Named functions become functions,
-//! hit when any of their lines ran
-//! (functions without executable lines are left out, as coverage.py's LCOV leaves them). The `contexts` maps are not read yet.
+//! whose line never ran is "never reached" (LCOV's `-`). The file-level `contexts` (written
+//! with `--show-contexts`) become per-test attribution: each label (`shard3|mod.test_x`, or
+//! a static context alone) is a test, with the lines it ran. Named functions become
+//! functions, hit when any of their lines ran (functions without executable lines are left out, as
+//! coverage.py's LCOV leaves them). The per-function `contexts` copies are skipped.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -35,6 +38,9 @@ struct FileReport {
     functions: HashMap<String, Region>,
     #[serde(default)]
     classes: HashMap<String, Region>,
+    /// Line (as a string) -> the contexts that ran it (`--show-contexts`).
+    #[serde(default)]
+    contexts: HashMap<String, Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +93,7 @@ impl<'de, F: FnMut(Record) -> bool> Visitor<'de> for Document<'_, F> {
                     saw_files = true;
                     map.next_value_seed(Files {
                         on_file: &mut *self.on_file,
+                        names: HashMap::new(),
                     })?;
                 }
                 _ => {
@@ -108,6 +115,8 @@ struct Meta {
 
 struct Files<'a, F> {
     on_file: &'a mut F,
+    /// Context labels, shared between files.
+    names: HashMap<String, Arc<str>>,
 }
 
 impl<'de, F: FnMut(Record) -> bool> DeserializeSeed<'de> for Files<'_, F> {
@@ -125,7 +134,7 @@ impl<'de, F: FnMut(Record) -> bool> Visitor<'de> for Files<'_, F> {
         f.write_str("an object of files")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
         let mut stopped = false;
         while let Some(path) = map.next_key::<String>()? {
             if stopped {
@@ -133,7 +142,7 @@ impl<'de, F: FnMut(Record) -> bool> Visitor<'de> for Files<'_, F> {
                 continue;
             }
             let report: FileReport = map.next_value()?;
-            let file = convert(&path, report).map_err(serde::de::Error::custom)?;
+            let file = convert(&path, report, &mut self.names).map_err(serde::de::Error::custom)?;
             stopped = !(self.on_file)(Record {
                 test_name: String::new(),
                 path,
@@ -151,8 +160,29 @@ fn check_line(path: &str, line: u32) -> Result<u32, String> {
     Ok(line)
 }
 
-fn convert(path: &str, r: FileReport) -> Result<FileCoverage, String> {
+fn convert(
+    path: &str,
+    r: FileReport,
+    names: &mut HashMap<String, Arc<str>>,
+) -> Result<FileCoverage, String> {
     let mut b = FileBuilder::new();
+    for (line, labels) in &r.contexts {
+        let line = line
+            .parse::<u32>()
+            .map_err(|_| format!("{path}: context line `{line}` is not a line number"))
+            .and_then(|l| check_line(path, l))?;
+        for label in labels.iter().filter(|l| !l.is_empty()) {
+            let name = match names.get(label) {
+                Some(n) => n.clone(),
+                None => {
+                    let n: Arc<str> = Arc::from(label.as_str());
+                    names.insert(label.clone(), n.clone());
+                    n
+                }
+            };
+            b.test_line(&name, line);
+        }
+    }
     for &l in &r.executed_lines {
         b.line(check_line(path, l)?, 1);
     }

@@ -14,6 +14,10 @@ use std::io::BufRead;
 use super::{ParseError, Record};
 use crate::model::{FileBuilder, MAX_LINE};
 
+/// The most lines one block may span. Real blocks (basic blocks of Go code) are far
+/// shorter; without a bound, a one-line profile could claim ten million lines.
+pub const MAX_BLOCK_LINES: u32 = 100_000;
+
 /// Reads a profile, calling `on_record` once per file (in path order, after the whole profile:
 /// a file's blocks may be scattered through it); `false` stops early.
 pub fn read(
@@ -116,6 +120,13 @@ fn block(text: &str) -> Result<(&str, u32, u32, u64, u64), String> {
             "block ends (line {end}) before it starts (line {start})"
         ));
     }
+    if end - start > MAX_BLOCK_LINES {
+        // A few bytes of input must not make millions of lines.
+        return Err(format!(
+            "block spans {} lines (more than {MAX_BLOCK_LINES}); not a real block",
+            end - start + 1
+        ));
+    }
     let number = |s: &str, what: &str| {
         s.parse::<u64>()
             .map_err(|_| format!("{what} `{s}` is not a number"))
@@ -177,6 +188,11 @@ mod tests {
             ("mode: set\nm/a.go:5.1,2.2 1 1\n", 2, "ends (line 2) before"),
             ("mode: set\nm/a.go:1.1,2.2 x 1\n", 2, "statement count"),
             ("mode: set\nm/a.go 1.1,2.2 1 1\n", 2, "is not `file"),
+            (
+                "mode: set\nm/a.go:1.1,9999999.2 1 1\n",
+                2,
+                "not a real block",
+            ),
             ("", 1, "empty"),
         ] {
             let e = read_all(text).expect_err(text);

@@ -9,7 +9,8 @@
 //!     "path": string, "totals": Totals,
 //!     "lines": [[line, hits], …],                   // every executable line, ascending
 //!     "branches": [ {"line": n, "block": n, "branch": n | string, "taken": n | null}, … ],
-//!     "functions": [ {"name": string, "start_line": n, "end_line": n, "hits": n}, … ]
+//!     "functions": [ {"name": string, "start_line": n, "end_line": n, "hits": n}, … ],
+//!     "tests": { "<test name>": [line, …], … }      // per-test attribution; {} without
 //!   } … ]
 //! }
 //! Totals = {"files", "lines", "lines_covered", "branches", "branches_taken",
@@ -78,6 +79,7 @@ struct FileJson<'a> {
     lines: Vec<(u32, u64)>,
     branches: Vec<BranchJson<'a>>,
     functions: Vec<FunctionJson<'a>>,
+    tests: std::collections::BTreeMap<&'a str, Vec<u32>>,
 }
 
 /// Streams the report: `begin`, `file` for each file, `finish`.
@@ -136,6 +138,11 @@ impl<W: Write> Writer<W> {
                     end_line: x.end_line,
                     hits: x.hits,
                 })
+                .collect(),
+            tests: f
+                .tests()
+                .iter()
+                .map(|(name, lines)| (&**name, lines.iter().collect()))
                 .collect(),
         };
         serde_json::to_writer(&mut self.out, &record)?;

@@ -227,6 +227,9 @@ impl<'de, F: FnMut(Record) -> bool> Visitor<'de> for FilesSeed<'_, '_, F> {
     }
 }
 
+/// The most lines one file's segments may span; real sources stay far below it.
+const MAX_SPAN: u32 = 1_000_000;
+
 fn checked(line: u64) -> Result<u32, String> {
     if line == 0 || line > u64::from(MAX_LINE) {
         return Err(format!("line number {line} is out of range"));
@@ -275,6 +278,14 @@ fn convert(e: FileEntry) -> Result<FileCoverage, String> {
     let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
         return branches_only(b, &e);
     };
+    if last.line - first.line > MAX_SPAN {
+        // A few bytes of input must not make millions of lines.
+        return Err(format!(
+            "{}: segments span {} lines (more than {MAX_SPAN})",
+            e.filename,
+            last.line - first.line + 1
+        ));
+    }
     for line in first.line..=last.line {
         let start = i;
         while i < segments.len() && segments[i].line == line {
@@ -385,6 +396,10 @@ mod tests {
             (
                 r#"{"data":[{"files":[{"filename":"a","branches":[[1]]}]}]}"#,
                 "branch",
+            ),
+            (
+                r#"{"data":[{"files":[{"filename":"a","segments":[[1,1,1,true,true],[9000000,1,0,false,false]]}]}]}"#,
+                "segments span",
             ),
             (
                 r#"{"type":"llvm.coverage.json.export"}"#,

@@ -9,6 +9,7 @@ pub struct FileBuilder {
     lines: Vec<(u32, u64)>,
     branches: Vec<(BranchKey, Taken)>,
     functions: Vec<Function>,
+    tests: std::collections::HashMap<std::sync::Arc<str>, roaring::RoaringBitmap>,
 }
 
 impl FileBuilder {
@@ -33,6 +34,19 @@ impl FileBuilder {
         });
     }
 
+    /// Attributes `line` to the test `name` (it covered the line).
+    pub fn test_line(&mut self, name: &std::sync::Arc<str>, line: u32) {
+        match self.tests.get_mut(name) {
+            Some(lines) => {
+                lines.insert(line);
+            }
+            None => {
+                self.tests
+                    .insert(name.clone(), roaring::RoaringBitmap::from_iter([line]));
+            }
+        }
+    }
+
     pub fn build(mut self) -> FileCoverage {
         // Most tools write lines in order already; the sort is then a linear check.
         self.lines.sort_unstable_by_key(|(l, _)| *l);
@@ -52,6 +66,7 @@ impl FileBuilder {
             .expect("lines were sorted and deduplicated just above");
         file.set_branches(self.branches);
         file.set_functions(self.functions);
+        file.set_tests(self.tests.into_iter().collect());
         file
     }
 }

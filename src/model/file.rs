@@ -4,6 +4,7 @@
 //! shards), because merging is the same operation either way: union the line sets, sum the hits.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use roaring::RoaringBitmap;
 
@@ -40,6 +41,9 @@ pub struct FileCoverage {
     hits: Vec<u64>,
     branches: Vec<(BranchKey, Taken)>,
     functions: Vec<Function>,
+    /// Per-test attribution: which lines each test covered, sorted by test name. Names are
+    /// shared (`Arc`) because a test touches many files.
+    tests: Vec<(Arc<str>, RoaringBitmap)>,
 }
 
 /// Sums two branch outcomes: `-` + n = n, `-` + `-` = `-`.
@@ -75,6 +79,7 @@ impl FileCoverage {
             hits: hits.to_vec(),
             branches: Vec::new(),
             functions: Vec::new(),
+            tests: Vec::new(),
         })
     }
 
@@ -111,7 +116,45 @@ impl FileCoverage {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lines.is_empty() && self.branches.is_empty() && self.functions.is_empty()
+        self.lines.is_empty()
+            && self.branches.is_empty()
+            && self.functions.is_empty()
+            && self.tests.is_empty()
+    }
+
+    /// Which lines each test covered (tests without lines are left out).
+    pub fn tests(&self) -> &[(Arc<str>, RoaringBitmap)] {
+        &self.tests
+    }
+
+    /// The tests that covered `line`.
+    pub fn tests_of(&self, line: u32) -> impl Iterator<Item = &Arc<str>> + '_ {
+        self.tests
+            .iter()
+            .filter(move |(_, lines)| lines.contains(line))
+            .map(|(name, _)| name)
+    }
+
+    /// Swaps each test name for the one `intern` returns (so a run keeps one copy per name).
+    pub fn intern_tests(&mut self, mut intern: impl FnMut(&str) -> Arc<str>) {
+        for (name, _) in &mut self.tests {
+            *name = intern(name);
+        }
+    }
+
+    /// Replaces the attribution with `tests`, uniting the lines of duplicate names.
+    pub fn set_tests(&mut self, mut tests: Vec<(Arc<str>, RoaringBitmap)>) {
+        tests.retain(|(_, lines)| !lines.is_empty());
+        tests.sort_by(|a, b| a.0.cmp(&b.0));
+        tests.dedup_by(|later, kept| {
+            if later.0 == kept.0 {
+                kept.1 |= &later.1;
+                true
+            } else {
+                false
+            }
+        });
+        self.tests = tests;
     }
 
     /// Replaces the branches with `branches`, summing duplicate keys.
@@ -163,6 +206,14 @@ impl FileCoverage {
                 &other.functions,
                 Function::key_cmp,
                 merge_function,
+            );
+        }
+        if !other.tests.is_empty() {
+            self.tests = merge_sorted(
+                std::mem::take(&mut self.tests),
+                &other.tests,
+                |a, b| a.0.cmp(&b.0),
+                |kept, new| kept.1 |= &new.1,
             );
         }
     }

@@ -36,6 +36,9 @@ struct StoredFile<'a> {
     hits: Vec<u64>,
     branches: Vec<StoredBranch<'a>>,
     functions: Vec<StoredFunction<'a>>,
+    /// Per-test attribution: test name and its lines (roaring's portable form).
+    #[serde(borrow)]
+    tests: Vec<(Cow<'a, str>, Vec<u8>)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -98,6 +101,15 @@ fn stored<'a>(path: &'a str, f: &'a FileCoverage) -> StoredFile<'a> {
                 hits: func.hits,
             })
             .collect(),
+        tests: f
+            .tests()
+            .iter()
+            .map(|(name, lines)| {
+                let mut bytes = Vec::with_capacity(lines.serialized_size());
+                let _ = lines.serialize_into(&mut bytes);
+                (Cow::Borrowed(&**name), bytes)
+            })
+            .collect(),
     }
 }
 
@@ -146,6 +158,17 @@ pub fn decode_files(bytes: &[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, Codec
                     })
                     .collect(),
             );
+            let tests = s
+                .tests
+                .into_iter()
+                .map(|(name, bytes)| {
+                    let lines = RoaringBitmap::deserialize_from(&bytes[..]).map_err(|e| {
+                        CodecError::Malformed(format!("test lines of {}: {e}", s.path))
+                    })?;
+                    Ok((Arc::<str>::from(name.as_ref()), lines))
+                })
+                .collect::<Result<Vec<_>, CodecError>>()?;
+            file.set_tests(tests);
             Ok((Arc::from(s.path.as_ref()), file))
         })
         .collect()
@@ -201,6 +224,7 @@ mod tests {
             Some(4),
         );
         b.function("f", 3, 9, 7);
+        b.test_line(&Arc::from("t"), 3);
         let f = b.build();
         let bytes = encode_files([("src/a.c", &f)]);
         assert_eq!(bytes[0], FORMAT_VERSION);

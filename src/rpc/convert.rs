@@ -207,22 +207,67 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
 /// all of it is valid. Field names for errors are formatted only when there is an error: this
 /// runs for every file of every delta.
 pub(crate) fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta, Error> {
-    if d.test.is_some() {
-        return Err(Error::Unimplemented(
-            "delta.test: per-test attribution is not implemented by this daemon yet".into(),
-        ));
-    }
+    let test: Option<std::sync::Arc<str>> = match d.test {
+        None => None,
+        Some(t) => {
+            check_name(&t.name, limits).map_err(|r| Error::invalid("delta.test.name", r))?;
+            Some(t.name.into())
+        }
+    };
     let files = d
         .files
         .into_iter()
         .enumerate()
         .map(|(i, f)| {
-            file_from_proto(f, limits).map_err(|(field, reason)| {
+            let (path, mut file) = file_from_proto(f, limits).map_err(|(field, reason)| {
                 Error::invalid(format!("delta.files[{i}].{field}"), reason)
-            })
+            })?;
+            if let Some(test) = &test {
+                let mut tests = file.tests().to_vec();
+                tests.push((test.clone(), file.covered().clone()));
+                file.set_tests(tests);
+            }
+            Ok((path, file))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, Error>>()?;
     Ok(Delta { seq: d.seq, files })
+}
+
+/// Gap-encoded lines from the wire, checked: ascending, distinct, within the line limit.
+fn lines_from_gaps(
+    gaps: &[u32],
+    limits: &Limits,
+    field: &str,
+) -> Result<Vec<u32>, (String, String)> {
+    let mut lines = Vec::with_capacity(gaps.len());
+    let mut line: u64 = 0;
+    for (j, gap) in gaps.iter().enumerate() {
+        if *gap == 0 {
+            let reason = if j == 0 {
+                "line 0 is not a line (lines start at 1)"
+            } else {
+                "a gap of 0 repeats a line (lines must be ascending and distinct)"
+            };
+            return Err((format!("{field}[{j}]"), reason.into()));
+        }
+        line += u64::from(*gap);
+        if line > u64::from(limits.max_line) {
+            return Err((format!("{field}[{j}]"), beyond(line, limits)));
+        }
+        lines.push(line as u32);
+    }
+    Ok(lines)
+}
+
+fn gaps_of(lines: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut previous = 0;
+    lines
+        .map(|l| {
+            let gap = l - previous;
+            previous = l;
+            gap
+        })
+        .collect()
 }
 
 /// One file of a delta; an error is (field within the file, reason).
@@ -241,23 +286,7 @@ fn file_from_proto(
             ),
         ));
     }
-    let mut lines = Vec::with_capacity(f.line_gaps.len());
-    let mut line: u64 = 0;
-    for (j, gap) in f.line_gaps.iter().enumerate() {
-        if *gap == 0 {
-            let reason = if j == 0 {
-                "line 0 is not a line (lines start at 1)"
-            } else {
-                "a gap of 0 repeats a line (lines must be ascending and distinct)"
-            };
-            return Err((format!("line_gaps[{j}]"), reason.into()));
-        }
-        line += u64::from(*gap);
-        if line > u64::from(limits.max_line) {
-            return Err((format!("line_gaps[{j}]"), beyond(line, limits)));
-        }
-        lines.push(line as u32);
-    }
+    let lines = lines_from_gaps(&f.line_gaps, limits, "line_gaps")?;
     let mut file = FileCoverage::from_sorted_lines(&lines, &f.hits)
         .ok_or_else(|| ("line_gaps".to_owned(), "lines are not ascending".to_owned()))?;
     let mut branches = Vec::with_capacity(f.branches.len());
@@ -303,7 +332,30 @@ fn file_from_proto(
         });
     }
     file.set_functions(functions);
+    let mut tests = Vec::with_capacity(f.tests.len());
+    for (j, t) in f.tests.into_iter().enumerate() {
+        check_name(&t.test, limits).map_err(|r| (format!("tests[{j}].test"), r))?;
+        let lines = lines_from_gaps(&t.line_gaps, limits, &format!("tests[{j}].line_gaps"))?;
+        let bitmap = roaring::RoaringBitmap::from_sorted_iter(lines).map_err(|_| {
+            (
+                format!("tests[{j}].line_gaps"),
+                "lines are not ascending".to_owned(),
+            )
+        })?;
+        tests.push((std::sync::Arc::from(t.test), bitmap));
+    }
+    file.set_tests(tests);
     Ok((f.path, file))
+}
+
+fn tests_to_proto(file: &FileCoverage) -> Vec<proto::TestLines> {
+    file.tests()
+        .iter()
+        .map(|(name, lines)| proto::TestLines {
+            test: name.to_string(),
+            line_gaps: gaps_of(lines.iter()),
+        })
+        .collect()
 }
 
 #[cold]
@@ -358,6 +410,7 @@ pub fn file_to_proto(path: String, file: &FileCoverage) -> proto::FileDelta {
         hits,
         branches: branches_to_proto(file),
         functions: functions_to_proto(file),
+        tests: tests_to_proto(file),
     }
 }
 
@@ -402,6 +455,7 @@ pub(crate) fn file_coverage_to_proto(path: String, file: &FileCoverage) -> proto
         branches: branches_to_proto(file),
         functions: functions_to_proto(file),
         totals: Some(totals_to_proto(file.totals())),
+        tests: tests_to_proto(file),
     }
 }
 
@@ -428,6 +482,14 @@ pub fn file_coverage_from_proto(f: proto::FileCoverage) -> Result<FileCoverage, 
     }
     for func in f.functions {
         builder.function(&func.name, func.start_line, func.end_line, func.hits);
+    }
+    for t in f.tests {
+        let name: std::sync::Arc<str> = t.test.into();
+        let mut line = 0u32;
+        for gap in t.line_gaps {
+            line = line.saturating_add(gap);
+            builder.test_line(&name, line);
+        }
     }
     Ok(builder.build())
 }

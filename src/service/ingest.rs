@@ -354,7 +354,8 @@ impl CoverageService {
         let interner = &self.shared.interner;
         let durable = self.shared.store.is_some();
         let mut logged = Vec::with_capacity(if durable { 0 } else { delta.files.len() });
-        for (path, file) in delta.files {
+        for (path, mut file) in delta.files {
+            file.intern_tests(|name| interner.intern(name));
             run.aggregate.merge_file(interner, &path, &file);
             if !durable {
                 logged.push((interner.intern(&path), file));

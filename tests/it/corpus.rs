@@ -1,5 +1,7 @@
 //! The real tools' own merges as the oracle: coverage.py's `combine` of 4 pytest shards.
 
+use std::collections::BTreeSet;
+
 use covd::model::path::PathRules;
 use covd::service::RunParams;
 
@@ -435,4 +437,44 @@ async fn llvm_cov_exports_read_like_llvm_cov_lcov_and_merge_like_llvm_profdata()
     }
     let (_, merged) = fetch(&mut client, "llvm").await;
     assert_eq!(merged, merged_json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coverage_py_contexts_become_per_test_attribution_like_the_merged_report() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for i in 1..=4 {
+        let rules = PathRules {
+            strip: vec![format!("/srv/ci/shard{i}/toolz-1.2.0/")],
+            ..PathRules::default()
+        };
+        let c = read_json(
+            &format!("python-toolz/prefixed-paths/shard{i}.json.gz"),
+            &rules,
+        );
+        push(&mut client, "ctx", &i.to_string(), 1, c).await;
+    }
+    let oracle = read_json(
+        "python-toolz/prefixed-paths/merged.json.gz",
+        &PathRules::default(),
+    );
+    let mut checked = 0;
+    for (path, theirs) in &oracle.files {
+        let ours = client.file("ctx", path).await.unwrap();
+        for line in theirs.lines() {
+            let want: BTreeSet<&str> = theirs.tests_of(line).map(|t| &**t).collect();
+            let got: BTreeSet<&str> = ours.tests_of(line).map(|t| &**t).collect();
+            assert_eq!(got, want, "{path}:{line}");
+            checked += want.len();
+        }
+    }
+    assert!(checked > 1000, "{checked} (line, test) pairs compared");
+    // A line run by one test names it: the query a test-selection tool asks.
+    let curry = client.file("ctx", "toolz/functoolz.py").await.unwrap();
+    assert!(
+        curry
+            .tests()
+            .iter()
+            .any(|(name, _)| name.ends_with("test_functoolz.test_curry_kwargs"))
+    );
 }

@@ -115,6 +115,7 @@ pub(crate) fn file(path: &str, lines: &[(u32, u64)]) -> proto::FileDelta {
         hits: lines.iter().map(|(_, h)| *h).collect(),
         branches: vec![],
         functions: vec![],
+        tests: vec![],
     }
 }
 
