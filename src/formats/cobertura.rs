@@ -1,13 +1,25 @@
-//! Cobertura XML out (what GitLab and Jenkins read), following the element and attribute set
-//! of Cobertura's `coverage-04.dtd`: `<sources>` with one `.`, then one `<package>` per
-//! directory and one `<class>` per file, with `filename` relative to that source.
+//! Cobertura XML (what GitLab and Jenkins read), in and out.
+//!
+//! Out: the element and attribute set of Cobertura's `coverage-04.dtd`: `<sources>` with one
+//! `.`, then one `<package>` per directory and one `<class>` per file, with `filename` relative
+//! to that source.
+//!
+//! In (coverage.py, gcovr, istanbul, PHPUnit, …), streamed with quick-xml: each `<class>`
+//! becomes a record for its `filename`, joined to the first `<source>` when it is relative.
+//! Lines and hits are exact. Branches are not: Cobertura names no branch arms, only
+//! `condition-coverage="50% (1/2)"`, so a line's arms are keyed by position, the first `taken`
+//! of them counted as taken. Two shards that each took one arm of two therefore merge to 1/2,
+//! a lower bound where the truth may be 2/2; LCOV or JSON from the same tool merges branches
+//! exactly. `<method>`s become functions at their first line.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::{self, BufRead, Write};
 
 use quick_xml::escape::escape;
+use quick_xml::events::{BytesStart, Event};
 
-use crate::model::{FileCoverage, Totals};
+use super::{ParseError, Record};
+use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE, Totals};
 
 /// Writes a whole report. `files` must come in path order (so each directory's files are
 /// consecutive); `directories` holds each directory's totals, for the package attributes that
@@ -172,10 +184,184 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// Reads a report, calling `on_record` for each class; `false` stops early.
+pub fn read(
+    input: impl BufRead,
+    mut on_record: impl FnMut(Record) -> bool,
+) -> Result<(), ParseError> {
+    let mut reader = quick_xml::Reader::from_reader(input);
+    let mut buf = Vec::new();
+    let mut sources: Vec<String> = Vec::new();
+    let mut in_source = false;
+    let mut class: Option<(String, FileBuilder)> = None;
+    let mut method: Option<(String, Option<(u32, u64)>)> = None;
+    let mut saw_coverage = false;
+    loop {
+        let at = reader.buffer_position();
+        let event = reader
+            .read_event_into(&mut buf)
+            .map_err(|e| ParseError::at_byte(at, format!("Cobertura XML: {e}")))?;
+        let fail = |m: String| ParseError::at_byte(at, format!("Cobertura XML: {m}"));
+        match event {
+            Event::Eof => break,
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let empty = matches!(event, Event::Empty(_));
+                match e.local_name().as_ref() {
+                    "coverage" => saw_coverage = true,
+                    "source" if !empty => in_source = true,
+                    "class" => {
+                        let filename = attr(e, "filename")
+                            .map_err(&fail)?
+                            .ok_or_else(|| fail("<class> without a filename".into()))?;
+                        let path = resolve(&sources, &filename);
+                        if empty {
+                            if !on_record(record(path, FileBuilder::new())) {
+                                return Ok(());
+                            }
+                        } else {
+                            class = Some((path, FileBuilder::new()));
+                        }
+                    }
+                    "method" if !empty => {
+                        let name = attr(e, "name").map_err(&fail)?.unwrap_or_default();
+                        method = Some((name, None));
+                    }
+                    "line" => {
+                        let number = line_attr(e, "number").map_err(&fail)?;
+                        let hits = count_attr(e, "hits").map_err(&fail)?;
+                        if let Some((_, first)) = &mut method {
+                            // A method's lines repeat the class's: only its first line is used.
+                            first.get_or_insert((number, hits));
+                        } else if let Some((_, builder)) = &mut class {
+                            builder.line(number, hits);
+                            if let Some(cc) = attr(e, "condition-coverage").map_err(&fail)? {
+                                let (taken, total) = conditions(&cc).ok_or_else(|| {
+                                    fail(format!("condition-coverage `{cc}` is not `N% (t/n)`"))
+                                })?;
+                                for i in 0..total {
+                                    let outcome = if hits == 0 {
+                                        None
+                                    } else {
+                                        Some(u64::from(i < taken))
+                                    };
+                                    let arm = BranchArm::Index(i);
+                                    builder.branch(
+                                        BranchKey {
+                                            line: number,
+                                            block: 0,
+                                            arm,
+                                        },
+                                        outcome,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::Text(t) if in_source => {
+                sources.push(t.xml10_content().trim().to_owned());
+            }
+            Event::End(e) => match e.local_name().as_ref() {
+                "source" => in_source = false,
+                "method" => {
+                    if let (Some((name, Some((line, hits)))), Some((_, builder))) =
+                        (method.take(), &mut class)
+                        && !name.is_empty()
+                    {
+                        builder.function(&name, line, 0, hits);
+                    }
+                }
+                "class" => {
+                    if let Some((path, builder)) = class.take()
+                        && !on_record(record(path, builder))
+                    {
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        buf.clear();
+    }
+    if !saw_coverage {
+        return Err(ParseError::at_byte(
+            0,
+            "Cobertura XML: no <coverage> element",
+        ));
+    }
+    if class.is_some() {
+        return Err(ParseError::at_byte(
+            reader.buffer_position(),
+            "Cobertura XML: the input ends inside a <class> (truncated?)",
+        ));
+    }
+    Ok(())
+}
+
+fn record(path: String, builder: FileBuilder) -> Record {
+    Record {
+        test_name: String::new(),
+        path,
+        file: builder.build(),
+    }
+}
+
+fn resolve(sources: &[String], filename: &str) -> String {
+    match sources.first() {
+        Some(source) if !filename.starts_with('/') && !source.is_empty() && source != "." => {
+            format!("{}/{}", source.trim_end_matches('/'), filename)
+        }
+        _ => filename.to_owned(),
+    }
+}
+
+fn attr(e: &BytesStart<'_>, name: &str) -> Result<Option<String>, String> {
+    match e.try_get_attribute(name) {
+        Ok(Some(a)) => a
+            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+            .map(|v| Some(v.into_owned()))
+            .map_err(|err| format!("attribute {name}: {err}")),
+        Ok(None) => Ok(None),
+        Err(err) => Err(format!("attribute {name}: {err}")),
+    }
+}
+
+fn line_attr(e: &BytesStart<'_>, name: &str) -> Result<u32, String> {
+    let v = attr(e, name)?.ok_or_else(|| format!("<line> without `{name}`"))?;
+    match v.trim().parse::<u64>() {
+        Ok(n) if n >= 1 && n <= u64::from(MAX_LINE) => Ok(n as u32),
+        _ => Err(format!("line number `{v}` is out of range")),
+    }
+}
+
+fn count_attr(e: &BytesStart<'_>, name: &str) -> Result<u64, String> {
+    let v = attr(e, name)?.ok_or_else(|| format!("<line> without `{name}`"))?;
+    let v = v.trim();
+    if let Ok(n) = v.parse::<u64>() {
+        return Ok(n);
+    }
+    // Some writers print counts as floats ("3.0"); a huge one saturates.
+    match v.parse::<f64>() {
+        Ok(f) if f >= 0.0 && f.is_finite() => Ok(f.round().min(u64::MAX as f64) as u64),
+        _ => Err(format!("hit count `{v}` is not a count")),
+    }
+}
+
+/// `"50% (1/2)"` → (1, 2).
+fn conditions(cc: &str) -> Option<(u32, u32)> {
+    let inner = cc.split_once('(')?.1.split_once(')')?.0;
+    let (taken, total) = inner.split_once('/')?;
+    let (taken, total) = (taken.trim().parse().ok()?, total.trim().parse().ok()?);
+    // More than a thousand arms on one line is not a real report.
+    (taken <= total && total <= 1000).then_some((taken, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BranchArm, BranchKey, FileBuilder};
 
     #[test]
     fn writes_packages_classes_lines_and_conditions() {
@@ -219,5 +405,78 @@ mod tests {
         // Well-formed: every element closes.
         let mut reader = quick_xml::Reader::from_str(&xml);
         while reader.read_event().unwrap() != quick_xml::events::Event::Eof {}
+    }
+
+    fn read_all(xml: &str) -> Result<Vec<Record>, ParseError> {
+        let mut out = Vec::new();
+        read(xml.as_bytes(), |r| {
+            out.push(r);
+            true
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn reads_classes_lines_conditions_and_methods() {
+        let recs = read_all(
+            r#"<?xml version="1.0" ?><coverage><sources><source>/src/pkg</source></sources>
+            <packages><package name="."><classes>
+            <class name="a.py" filename="a.py"><methods><method name="f" signature="">
+              <lines><line number="2" hits="3"/></lines></method></methods>
+              <lines><line number="2" hits="3"/><line number="3" hits="1" branch="true" condition-coverage="50% (1/2)"/>
+              <line number="5" hits="0" branch="true" condition-coverage="0% (0/2)"/></lines></class>
+            <class name="b.c" filename="/abs/b.c"/>
+            </classes></package></packages></coverage>"#,
+        )
+        .unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].path, "/src/pkg/a.py");
+        assert_eq!(recs[1].path, "/abs/b.c");
+        let f = &recs[0].file;
+        assert_eq!(
+            f.line_hits().collect::<Vec<_>>(),
+            vec![(2, 3), (3, 1), (5, 0)]
+        );
+        let b: Vec<_> = f.branches().iter().map(|(k, t)| (k.line, *t)).collect();
+        assert_eq!(b, vec![(3, Some(1)), (3, Some(0)), (5, None), (5, None)]);
+        assert_eq!(
+            (
+                &*f.functions()[0].name,
+                f.functions()[0].start_line,
+                f.functions()[0].hits
+            ),
+            ("f", 2, 3)
+        );
+    }
+
+    #[test]
+    fn malformed_reports_are_errors() {
+        for (xml, needle) in [
+            (
+                "<coverage><class filename=\"a\"><lines><line number=\"0\" hits=\"1\"/>",
+                "out of range",
+            ),
+            (
+                "<coverage><class filename=\"a\"><lines><line number=\"1\" hits=\"x\"/>",
+                "not a count",
+            ),
+            ("<coverage><class filename=\"a\"><lines>", "truncated"),
+            (
+                "<coverage><class><lines/></class></coverage>",
+                "without a filename",
+            ),
+            ("<report/>", "no <coverage>"),
+            (
+                "<coverage><class filename=\"a\"><lines><line number=\"1\" hits=\"1\" condition-coverage=\"half\"/>",
+                "condition-coverage",
+            ),
+            (
+                "<coverage><class filename=\"a\"></lines></class></coverage>",
+                "Cobertura XML",
+            ),
+        ] {
+            let e = read_all(xml).expect_err(xml);
+            assert!(e.to_string().contains(needle), "{xml}: {e}");
+        }
     }
 }

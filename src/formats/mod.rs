@@ -3,7 +3,6 @@
 //! open paths themselves.
 
 pub mod cobertura;
-pub mod cobertura_in;
 pub mod coveragepy;
 pub mod gcovr;
 pub mod gocover;
@@ -127,7 +126,7 @@ pub fn read(
             Ok(())
         }
         Format::CoveragePyJson => coveragepy::read(input, on_record),
-        Format::Cobertura => cobertura_in::read(input, on_record),
+        Format::Cobertura => cobertura::read(input, on_record),
         Format::GoCover => gocover::read(input, on_record),
         Format::GcovrJson => gcovr::read(input, on_record),
         Format::Istanbul => istanbul::read(input, on_record),
