@@ -18,6 +18,10 @@ use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE};
 use super::ParseError;
 pub use super::Record;
 
+/// The bit of a branch's block that marks an exception branch (`BRDA:12,e0,…`): blocks are
+/// small numbers, so the top bit is free, and the mark survives merges and the writer.
+pub const EXCEPTION_BLOCK: u32 = 1 << 31;
+
 /// Reads records one at a time, so a tracefile of any size is never held whole in memory.
 #[derive(Debug)]
 pub struct Reader<R> {
@@ -207,7 +211,11 @@ fn parse_entry(o: &mut Open, tag: &[u8], value: &[u8]) -> Result<(), String> {
             }
             let line = line_number(Some(line), "BRDA")?;
             let (block, rest) = split_once(rest, "BRDA")?;
-            let block = number::<u32>(block, "BRDA block")?;
+            // lcov 2 and gcovr mark exception branches with an `e` before the block number.
+            let block = match block.strip_prefix(b"e") {
+                Some(n) => number::<u32>(n, "BRDA block")? | EXCEPTION_BLOCK,
+                None => number::<u32>(block, "BRDA block")?,
+            };
             let comma = rest
                 .iter()
                 .rposition(|&b| b == b',')
@@ -351,7 +359,10 @@ pub fn write_record(w: &mut impl Write, path: &str, file: &FileCoverage) -> io::
         w.write_all(b"BRDA:")?;
         w.write_all(n.format(key.line).as_bytes())?;
         w.write_all(b",")?;
-        w.write_all(n.format(key.block).as_bytes())?;
+        if key.block & EXCEPTION_BLOCK != 0 {
+            w.write_all(b"e")?;
+        }
+        w.write_all(n.format(key.block & !EXCEPTION_BLOCK).as_bytes())?;
         w.write_all(b",")?;
         match &key.arm {
             BranchArm::Index(i) => w.write_all(n.format(*i).as_bytes())?,
@@ -437,6 +448,20 @@ mod tests {
         let mut out = Vec::new();
         write_record(&mut out, &recs[0].path, &recs[0].file).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), text);
+    }
+
+    #[test]
+    fn exception_branches_keep_their_mark() {
+        let text = "SF:a.cc\nBRDA:4,e0,1,2\nBRDA:4,0,1,3\nBRF:2\nBRH:2\nDA:4,5\nLF:1\nLH:1\nend_of_record\n";
+        let recs = parse_all(text).unwrap();
+        assert_eq!(
+            recs[0].file.branches().len(),
+            2,
+            "an exception branch is not the plain one"
+        );
+        let mut out = Vec::new();
+        write_record(&mut out, &recs[0].path, &recs[0].file).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("BRDA:4,e0,1,2\n"));
     }
 
     #[test]
