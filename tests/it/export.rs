@@ -277,3 +277,39 @@ async fn exports_filter_files_by_glob_and_total_what_they_keep() {
         .unwrap_err();
     assert!(bad.to_string().contains("include/exclude"), "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lcov_and_cobertura_exports_read_back_as_what_was_merged() {
+    let daemon = Daemon::start().await;
+    let mut client = toolz_run(&daemon).await;
+    let (_, merged) = fetch(&mut client, "toolz").await;
+    // LCOV out, LCOV in: everything, exactly.
+    let lcov = export(&mut client, ExportFormat::Lcov).await;
+    assert_eq!(parse_lcov_bytes(lcov.as_bytes()), merged);
+    // Cobertura out, Cobertura in: lines and counts exactly, branch totals per line.
+    let xml = export(&mut client, ExportFormat::Cobertura).await;
+    let mut back = covd::model::Coverage::default();
+    covd::formats::read(covd::formats::Format::Cobertura, xml.as_bytes(), |r| {
+        back.add(&r.path, &r.file);
+        true
+    })
+    .unwrap();
+    assert_eq!(
+        back.files.keys().collect::<Vec<_>>(),
+        merged.files.keys().collect::<Vec<_>>()
+    );
+    for (path, f) in &merged.files {
+        let b = &back.files[path];
+        assert_eq!(
+            b.line_hits().collect::<Vec<_>>(),
+            f.line_hits().collect::<Vec<_>>(),
+            "{path}"
+        );
+        assert_eq!(b.branches().len(), f.branches().len(), "{path}");
+        assert_eq!(
+            b.totals().branches_taken,
+            f.totals().branches_taken,
+            "{path}"
+        );
+    }
+}
