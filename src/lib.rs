@@ -13,7 +13,7 @@
 //!
 //! - [`model`]: pure domain types and the merge (no I/O, no async).
 //! - [`formats`]: coverage file formats: streaming readers (LCOV, coverage.py JSON, Cobertura,
-//!   Istanbul, gcovr, Go, llvm-cov, JUnit) and writers (LCOV, Cobertura, JSON, Markdown, HTML).
+//!   Istanbul, gcovr, Go, llvm-cov, JaCoCo, Clover, JUnit) and writers (LCOV, Cobertura, JSON, Markdown, HTML).
 //! - [`store`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
 //! - [`persist`]: durability on embedded SQLite: group commit, versioned records, recovery
 //!   reads.

@@ -16,10 +16,10 @@ use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
 
 use quick_xml::escape::escape;
-use quick_xml::events::{BytesStart, Event};
+use quick_xml::events::Event;
 
 use super::{ParseError, Record};
-use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE, Totals};
+use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, Totals};
 
 /// Writes a whole report. `files` must come in path order (so each directory's files are
 /// consecutive); `directories` holds each directory's totals, for the package attributes that
@@ -210,7 +210,7 @@ pub fn read(
                     "coverage" => saw_coverage = true,
                     "source" if !empty => in_source = true,
                     "class" => {
-                        let filename = attr(e, "filename")
+                        let filename = super::xml_attr(e, "filename")
                             .map_err(&fail)?
                             .ok_or_else(|| fail("<class> without a filename".into()))?;
                         let path = resolve(&sources, &filename);
@@ -223,18 +223,22 @@ pub fn read(
                         }
                     }
                     "method" if !empty => {
-                        let name = attr(e, "name").map_err(&fail)?.unwrap_or_default();
+                        let name = super::xml_attr(e, "name")
+                            .map_err(&fail)?
+                            .unwrap_or_default();
                         method = Some((name, None));
                     }
                     "line" => {
-                        let number = line_attr(e, "number").map_err(&fail)?;
-                        let hits = count_attr(e, "hits").map_err(&fail)?;
+                        let number = super::xml_line(e, "number").map_err(&fail)?;
+                        let hits = super::xml_count(e, "hits").map_err(&fail)?;
                         if let Some((_, first)) = &mut method {
                             // A method's lines repeat the class's: only its first line is used.
                             first.get_or_insert((number, hits));
                         } else if let Some((_, builder)) = &mut class {
                             builder.line(number, hits);
-                            if let Some(cc) = attr(e, "condition-coverage").map_err(&fail)? {
+                            if let Some(cc) =
+                                super::xml_attr(e, "condition-coverage").map_err(&fail)?
+                            {
                                 let (taken, total) = conditions(&cc).ok_or_else(|| {
                                     fail(format!("condition-coverage `{cc}` is not `N% (t/n)`"))
                                 })?;
@@ -315,38 +319,6 @@ fn resolve(sources: &[String], filename: &str) -> String {
             format!("{}/{}", source.trim_end_matches('/'), filename)
         }
         _ => filename.to_owned(),
-    }
-}
-
-fn attr(e: &BytesStart<'_>, name: &str) -> Result<Option<String>, String> {
-    match e.try_get_attribute(name) {
-        Ok(Some(a)) => a
-            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-            .map(|v| Some(v.into_owned()))
-            .map_err(|err| format!("attribute {name}: {err}")),
-        Ok(None) => Ok(None),
-        Err(err) => Err(format!("attribute {name}: {err}")),
-    }
-}
-
-fn line_attr(e: &BytesStart<'_>, name: &str) -> Result<u32, String> {
-    let v = attr(e, name)?.ok_or_else(|| format!("<line> without `{name}`"))?;
-    match v.trim().parse::<u64>() {
-        Ok(n) if n >= 1 && n <= u64::from(MAX_LINE) => Ok(n as u32),
-        _ => Err(format!("line number `{v}` is out of range")),
-    }
-}
-
-fn count_attr(e: &BytesStart<'_>, name: &str) -> Result<u64, String> {
-    let v = attr(e, name)?.ok_or_else(|| format!("<line> without `{name}`"))?;
-    let v = v.trim();
-    if let Ok(n) = v.parse::<u64>() {
-        return Ok(n);
-    }
-    // Some writers print counts as floats ("3.0"); a huge one saturates.
-    match v.parse::<f64>() {
-        Ok(f) if f >= 0.0 && f.is_finite() => Ok(f.round().min(u64::MAX as f64) as u64),
-        _ => Err(format!("hit count `{v}` is not a count")),
     }
 }
 

@@ -6,7 +6,7 @@
 use std::io::BufRead;
 use std::time::Duration;
 
-use quick_xml::events::{BytesStart, Event};
+use quick_xml::events::Event;
 
 use super::ParseError;
 pub use crate::model::{TestCase, TestStatus};
@@ -38,13 +38,17 @@ pub fn read(input: impl BufRead, mut on_case: impl FnMut(TestCase)) -> Result<()
                     "testsuites" | "testsuite" => saw_suite = true,
                     "testcase" => {
                         let case = TestCase {
-                            suite: attr(e, "classname").map_err(&fail)?.unwrap_or_default(),
-                            name: attr(e, "name")
+                            suite: super::xml_attr(e, "classname")
+                                .map_err(&fail)?
+                                .unwrap_or_default(),
+                            name: super::xml_attr(e, "name")
                                 .map_err(&fail)?
                                 .ok_or_else(|| fail("<testcase> without a name".into()))?,
                             status: TestStatus::Passed,
-                            duration: seconds(attr(e, "time").map_err(&fail)?.as_deref())
-                                .map_err(&fail)?,
+                            duration: seconds(
+                                super::xml_attr(e, "time").map_err(&fail)?.as_deref(),
+                            )
+                            .map_err(&fail)?,
                         };
                         if empty {
                             on_case(case);
@@ -96,17 +100,6 @@ pub fn read(input: impl BufRead, mut on_case: impl FnMut(TestCase)) -> Result<()
         ));
     }
     Ok(())
-}
-
-fn attr(e: &BytesStart<'_>, name: &str) -> Result<Option<String>, String> {
-    match e.try_get_attribute(name) {
-        Ok(Some(a)) => a
-            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-            .map(|v| Some(v.into_owned()))
-            .map_err(|err| format!("attribute {name}: {err}")),
-        Ok(None) => Ok(None),
-        Err(err) => Err(format!("attribute {name}: {err}")),
-    }
 }
 
 /// `time="0.076"` (seconds; some writers use a comma, or thousands separators).

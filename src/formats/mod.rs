@@ -2,12 +2,14 @@
 //! `impl BufRead` and a writer over `impl Write`. Formats depend on the model only; they never
 //! open paths themselves.
 
+pub mod clover;
 pub mod cobertura;
 pub mod coveragepy;
 pub mod gcovr;
 pub mod gocover;
 pub mod html;
 pub mod istanbul;
+pub mod jacoco;
 pub mod json;
 pub mod junit;
 pub mod lcov;
@@ -16,7 +18,7 @@ pub mod markdown;
 
 use std::io::BufRead;
 
-use crate::model::FileCoverage;
+use crate::model::{FileCoverage, MAX_LINE};
 
 /// One source file's coverage as an input file reported it.
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub enum Format {
     GcovrJson,
     Istanbul,
     LlvmCov,
+    JaCoCo,
+    Clover,
 }
 
 impl Format {
@@ -59,6 +63,8 @@ impl Format {
             "gcovr-json" | "gcovr" => Some(Format::GcovrJson),
             "istanbul" | "nyc" | "c8" => Some(Format::Istanbul),
             "llvm-cov" | "llvm-cov-json" => Some(Format::LlvmCov),
+            "jacoco" => Some(Format::JaCoCo),
+            "clover" => Some(Format::Clover),
             _ => None,
         }
     }
@@ -94,8 +100,13 @@ impl Format {
             return None;
         }
         if trimmed.starts_with('<') {
-            return (trimmed.contains("<coverage") && !trimmed.contains("<coverage generated"))
-                .then_some(Format::Cobertura);
+            if trimmed.contains("<coverage generated") {
+                return Some(Format::Clover);
+            }
+            if trimmed.contains("<!DOCTYPE report") || trimmed.contains("<sessioninfo") {
+                return Some(Format::JaCoCo);
+            }
+            return trimmed.contains("<coverage").then_some(Format::Cobertura);
         }
         let first = trimmed.lines().find(|l| !l.trim().is_empty())?;
         if first.starts_with("mode: ") {
@@ -131,6 +142,48 @@ pub fn read(
         Format::GcovrJson => gcovr::read(input, on_record),
         Format::Istanbul => istanbul::read(input, on_record),
         Format::LlvmCov => llvmcov::read(input, on_record),
+        Format::JaCoCo => jacoco::read(input, on_record),
+        Format::Clover => clover::read(input, on_record),
+    }
+}
+
+/// An XML attribute's value, unescaped; `None` when absent.
+pub(crate) fn xml_attr(
+    e: &quick_xml::events::BytesStart<'_>,
+    name: &str,
+) -> Result<Option<String>, String> {
+    match e.try_get_attribute(name) {
+        Ok(Some(a)) => a
+            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+            .map(|v| Some(v.into_owned()))
+            .map_err(|err| format!("attribute {name}: {err}")),
+        Ok(None) => Ok(None),
+        Err(err) => Err(format!("attribute {name}: {err}")),
+    }
+}
+
+/// A line-number attribute (1 to `MAX_LINE`).
+pub(crate) fn xml_line(e: &quick_xml::events::BytesStart<'_>, name: &str) -> Result<u32, String> {
+    let v = xml_attr(e, name)?
+        .ok_or_else(|| format!("<{}> without `{name}`", e.local_name().as_ref()))?;
+    match v.trim().parse::<u64>() {
+        Ok(n) if n >= 1 && n <= u64::from(MAX_LINE) => Ok(n as u32),
+        _ => Err(format!("line number `{v}` is out of range")),
+    }
+}
+
+/// A count attribute; floats are rounded, huge ones saturate.
+pub(crate) fn xml_count(e: &quick_xml::events::BytesStart<'_>, name: &str) -> Result<u64, String> {
+    let v = xml_attr(e, name)?
+        .ok_or_else(|| format!("<{}> without `{name}`", e.local_name().as_ref()))?;
+    let v = v.trim();
+    if let Ok(n) = v.parse::<u64>() {
+        return Ok(n);
+    }
+    // Some writers print counts as floats ("3.0"); a huge one saturates.
+    match v.parse::<f64>() {
+        Ok(f) if f >= 0.0 && f.is_finite() => Ok(f.round().min(u64::MAX as f64) as u64),
+        _ => Err(format!("hit count `{v}` is not a count")),
     }
 }
 

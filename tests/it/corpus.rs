@@ -478,3 +478,106 @@ async fn coverage_py_contexts_become_per_test_attribution_like_the_merged_report
             .any(|(name, _)| name.ends_with("test_functoolz.test_curry_kwargs"))
     );
 }
+
+/// Pushes shard files of one format and returns the merge and the oracle read the same way.
+async fn merge_fixture(
+    format: covd::formats::Format,
+    shards: &[&str],
+    oracle: &str,
+    rules: impl Fn(usize) -> PathRules,
+) -> (covd::model::Coverage, covd::model::Coverage) {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for (i, s) in shards.iter().enumerate() {
+        let c = read_format(format, &fixture(s), &rules(i + 1));
+        push(&mut client, "fx", &i.to_string(), 1, c).await;
+    }
+    let (_, merged) = fetch(&mut client, "fx").await;
+    (
+        merged,
+        read_format(format, &fixture(oracle), &PathRules::default()),
+    )
+}
+
+/// Lines, counts and functions exactly; branches per line: as many, taken at most as many.
+fn assert_exact_lines_and_branch_lower_bound(
+    merged: &covd::model::Coverage,
+    oracle: &covd::model::Coverage,
+) {
+    assert_eq!(
+        merged.files.keys().collect::<Vec<_>>(),
+        oracle.files.keys().collect::<Vec<_>>()
+    );
+    for (path, theirs) in &oracle.files {
+        let ours = &merged.files[path];
+        assert_eq!(
+            ours.line_hits().collect::<Vec<_>>(),
+            theirs.line_hits().collect::<Vec<_>>(),
+            "{path}"
+        );
+        assert_eq!(ours.functions(), theirs.functions(), "{path}");
+        let (s_ours, s_theirs) = (shape(ours), shape(theirs));
+        for (line, (n, _, taken)) in &s_theirs.branches_per_line {
+            let (our_n, _, our_taken) = s_ours.branches_per_line[line];
+            assert_eq!(our_n, *n, "{path}:{line}");
+            assert!(our_taken <= *taken, "{path}:{line}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jacoco_shards_merge_like_jacoco_merge() {
+    use covd::formats::Format;
+    let (merged, oracle) = merge_fixture(
+        Format::JaCoCo,
+        &["jacoco/shard1.xml", "jacoco/shard2.xml"],
+        "jacoco/merged.xml",
+        |_| PathRules::default(),
+    )
+    .await;
+    // JaCoCo records ran / did not run: the merge's lines are 0/1 sums, the oracle's 0/1.
+    for (path, theirs) in &oracle.files {
+        assert_eq!(merged.files[path].lines(), theirs.lines(), "{path}");
+        assert_eq!(merged.files[path].covered(), theirs.covered(), "{path}");
+        let hit = |c: &covd::model::FileCoverage| {
+            c.functions()
+                .iter()
+                .map(|f| (f.name.clone(), f.hits > 0))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(hit(&merged.files[path]), hit(theirs), "{path}");
+    }
+    let t = merged.totals();
+    assert_eq!(
+        (t.lines_covered, t.lines, t.functions_hit, t.functions),
+        (23, 29, 5, 6)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clover_shards_merge_like_one_phpunit_run_and_like_nyc_merge() {
+    use covd::formats::Format;
+    let strip = |i: usize| PathRules {
+        strip: vec![format!("/builds/shard-{i}/")],
+        ..PathRules::default()
+    };
+    // PHPUnit cannot merge Clover; one run of both test files is the oracle.
+    let (merged, oracle) = merge_fixture(
+        Format::Clover,
+        &["clover/shard1.xml", "clover/shard2.xml"],
+        "clover/full.xml",
+        strip,
+    )
+    .await;
+    assert_exact_lines_and_branch_lower_bound(&merged, &oracle);
+    let t = merged.totals();
+    assert_eq!((t.lines_covered, t.lines), (22, 27));
+    let (merged, oracle) = merge_fixture(
+        Format::Clover,
+        &["clover/nyc-shard1.xml", "clover/nyc-shard2.xml"],
+        "clover/nyc-merged.xml",
+        strip,
+    )
+    .await;
+    assert_exact_lines_and_branch_lower_bound(&merged, &oracle);
+}
