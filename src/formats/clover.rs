@@ -45,7 +45,7 @@ pub fn read(
                                 .ok_or_else(|| fail("<file> without a name".into()))?,
                         };
                         if empty {
-                            if !on_record(record(path, FileBuilder::new())) {
+                            if !on_record(Record::built(path, FileBuilder::new())) {
                                 return Ok(());
                             }
                         } else {
@@ -88,7 +88,7 @@ pub fn read(
             }
             Event::End(e) if e.local_name().as_ref() == "file" => {
                 if let Some((path, b)) = file.take()
-                    && !on_record(record(path, b))
+                    && !on_record(Record::built(path, b))
                 {
                     return Ok(());
                 }
@@ -113,14 +113,6 @@ fn optional_count(e: &quick_xml::events::BytesStart<'_>, name: &str) -> Result<u
     match xml_attr(e, name)? {
         Some(_) => xml_count(e, name),
         None => Ok(0),
-    }
-}
-
-fn record(path: String, builder: FileBuilder) -> Record {
-    Record {
-        test_name: String::new(),
-        path,
-        file: builder.build(),
     }
 }
 

@@ -215,7 +215,7 @@ pub fn read(
                             .ok_or_else(|| fail("<class> without a filename".into()))?;
                         let path = resolve(&sources, &filename);
                         if empty {
-                            if !on_record(record(path, FileBuilder::new())) {
+                            if !on_record(Record::built(path, FileBuilder::new())) {
                                 return Ok(());
                             }
                         } else {
@@ -279,7 +279,7 @@ pub fn read(
                 }
                 "class" => {
                     if let Some((path, builder)) = class.take()
-                        && !on_record(record(path, builder))
+                        && !on_record(Record::built(path, builder))
                     {
                         return Ok(());
                     }
@@ -303,14 +303,6 @@ pub fn read(
         ));
     }
     Ok(())
-}
-
-fn record(path: String, builder: FileBuilder) -> Record {
-    Record {
-        test_name: String::new(),
-        path,
-        file: builder.build(),
-    }
 }
 
 fn resolve(sources: &[String], filename: &str) -> String {

@@ -85,7 +85,7 @@ pub fn read(
                             format!("{package}/{name}")
                         };
                         if empty {
-                            if !on_record(record(path, builder)) {
+                            if !on_record(Record::built(path, builder)) {
                                 return Ok(());
                             }
                         } else {
@@ -132,7 +132,7 @@ pub fn read(
                 "class" => class = None,
                 "sourcefile" => {
                     if let Some((path, builder)) = source.take()
-                        && !on_record(record(path, builder))
+                        && !on_record(Record::built(path, builder))
                     {
                         return Ok(());
                     }
@@ -154,14 +154,6 @@ pub fn read(
         ));
     }
     Ok(())
-}
-
-fn record(path: String, builder: FileBuilder) -> Record {
-    Record {
-        test_name: String::new(),
-        path,
-        file: builder.build(),
-    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,17 @@ pub struct Record {
     pub file: FileCoverage,
 }
 
+impl Record {
+    /// A record for `path` from what a reader gathered (no test name).
+    pub(crate) fn built(path: String, builder: crate::model::FileBuilder) -> Record {
+        Record {
+            test_name: String::new(),
+            path,
+            file: builder.build(),
+        }
+    }
+}
+
 /// The input formats `covd push` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
