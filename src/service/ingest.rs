@@ -77,13 +77,9 @@ impl Drop for Busy<'_> {
     }
 }
 
-/// Marks the shard busy for `attempt`, or says why it cannot be.
-fn mark_busy<'a>(
-    state: &mut RunState,
-    run: &'a Run,
-    shard_id: &'a str,
-    attempt: u32,
-) -> Result<Busy<'a>> {
+/// Marks the shard busy for `attempt`, or says why it cannot be. The caller then holds a
+/// [`Busy`] guard for it (possibly on another thread) to release it.
+fn mark_busy(state: &mut RunState, shard_id: &str, attempt: u32) -> Result<()> {
     let shard = state
         .shards
         .get_mut(shard_id)
@@ -94,11 +90,7 @@ fn mark_busy<'a>(
         )));
     }
     shard.busy = Some(attempt);
-    Ok(Busy {
-        run,
-        shard_id,
-        attempt,
-    })
+    Ok(())
 }
 
 impl CoverageService {
@@ -259,13 +251,8 @@ impl CoverageService {
                     ),
                 ));
             }
-            // Released by the blocking task (or here, if it never runs).
-            std::mem::forget(mark_busy(
-                &mut state,
-                &session.run,
-                &session.shard_id,
-                session.attempt,
-            )?);
+            // Released by the blocking task's guard (or below, if the task never runs).
+            mark_busy(&mut state, &session.shard_id, session.attempt)?;
         }
 
         let service = self.clone();
@@ -412,7 +399,12 @@ impl CoverageService {
             finished.attempt = shard.attempt;
             finished.last_seq = shard.last_seq;
             let record = shard_record(&session.shard_id, &finished);
-            let busy = mark_busy(&mut state, run, &session.shard_id, session.attempt)?;
+            mark_busy(&mut state, &session.shard_id, session.attempt)?;
+            let busy = Busy {
+                run,
+                shard_id: &session.shard_id,
+                attempt: session.attempt,
+            };
             (record, busy)
         };
         if let Some(store) = &self.shared.store {
