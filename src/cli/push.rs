@@ -47,73 +47,136 @@ enum Stop {
     Failed(anyhow::Error),
 }
 
+/// What a file holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tests,
+    Coverage(Format),
+}
+
 impl Sender {
-    /// Parses one file and sends its records.
-    fn send_file(&mut self, path: &Path, file: File) -> Result<(), Stop> {
-        let mut input = BufReader::with_capacity(
+    /// Opens a file for reading, counting into the progress bar.
+    fn open(&self, file: File) -> BufReader<Counting<File>> {
+        BufReader::with_capacity(
             256 * 1024,
             Counting {
                 inner: file,
                 progress: self.progress.clone(),
             },
-        );
+        )
+    }
+
+    /// What `input` holds, from its first bytes; `None` when covd does not know the format.
+    fn kind(&self, path: &Path, input: &mut impl BufRead) -> Result<Option<Kind>, Stop> {
         let head = input
             .fill_buf()
             .with_context(|| format!("cannot read {}", path.display()))
             .map_err(Stop::Failed)?;
         let head = &head[..head.len().min(4096)];
         if self.forced.is_none() && junit::detect(head) {
-            return self.read_tests(path, input);
+            return Ok(Some(Kind::Tests));
         }
-        let format = match self.forced {
-            Some(format) => format,
-            None => Format::detect(head).ok_or_else(|| {
-                Stop::Failed(anyhow!(
-                    "{}: not a coverage format covd recognises ({}); name it with --format",
-                    path.display(),
-                    Format::NAMES.join(", ")
-                ))
-            })?,
+        Ok(self
+            .forced
+            .or_else(|| Format::detect(head))
+            .map(Kind::Coverage))
+    }
+
+    /// Parses one file and sends its records as they are read, so a file of any size
+    /// streams in bounded memory.
+    fn send_file(&mut self, path: &Path, file: File) -> Result<(), Stop> {
+        let mut input = self.open(file);
+        let format = match self.kind(path, &mut input)? {
+            Some(Kind::Tests) => return self.read_tests(path, input),
+            Some(Kind::Coverage(format)) => format,
+            None => return Err(Stop::Failed(unknown(path))),
         };
-        // Records go out as they are read, so a file of any size streams in bounded memory.
         // Several records for one path (gcov writes one per object file) are summed by the
         // daemon like any two deltas.
         let mut failure = None;
         let mut closed = false;
-        formats::read(format, input, |record| {
-            let source = self.rules.apply(&record.path);
-            if !self.filter.keeps(&source) {
-                return true;
+        formats::read(format, input, |record| match self.accept(record) {
+            Ok(None) => true,
+            Ok(Some((source, file))) => {
+                if let Some(delta) = self.batcher.push(source, file)
+                    && self.tx.blocking_send(PushInput::Delta(delta)).is_err()
+                {
+                    closed = true;
+                    return false;
+                }
+                true
             }
-            if let Err(e) = covd::model::path::check(&source) {
-                failure = Some(anyhow!(
-                    "source path `{source}` (from `{}`): {e}",
-                    record.path
-                ));
-                return false;
+            Err(e) => {
+                failure = Some(e);
+                false
             }
-            self.records += 1;
-            if let Some(delta) = self.batcher.push(source, record.file)
-                && self.tx.blocking_send(PushInput::Delta(delta)).is_err()
-            {
-                closed = true;
-                return false;
-            }
-            true
         })
         .map_err(|e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string())))?;
         if let Some(e) = failure {
             return Err(Stop::Failed(e.context(path.display().to_string())));
         }
-        // A file's coverage goes out once the file is read, not when the batch fills: with
-        // --watch, the daemon merges each file while the tests still run.
-        if !closed
-            && let Some(delta) = std::mem::take(&mut self.batcher).finish()
+        if closed {
+            return Err(Stop::Closed);
+        }
+        self.flush()
+    }
+
+    /// Parses a whole coverage file first, then sends it: with --watch, a file that does
+    /// not parse yet (still being written) is retried later without having sent half of it.
+    fn send_whole_file(
+        &mut self,
+        path: &Path,
+        input: impl BufRead,
+        format: Format,
+    ) -> Result<(), Stop> {
+        let mut accepted = Vec::new();
+        let mut failure = None;
+        formats::read(format, input, |record| match self.accept(record) {
+            Ok(Some(file)) => {
+                accepted.push(file);
+                true
+            }
+            Ok(None) => true,
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        })
+        .map_err(|e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string())))?;
+        if let Some(e) = failure {
+            return Err(Stop::Failed(e.context(path.display().to_string())));
+        }
+        for (source, file) in accepted {
+            if let Some(delta) = self.batcher.push(source, file)
+                && self.tx.blocking_send(PushInput::Delta(delta)).is_err()
+            {
+                return Err(Stop::Closed);
+            }
+        }
+        self.flush()
+    }
+
+    /// Applies path rules and filters to a record: `None` when it is filtered out.
+    fn accept(
+        &mut self,
+        record: formats::Record,
+    ) -> anyhow::Result<Option<(String, covd::model::FileCoverage)>> {
+        let source = self.rules.apply(&record.path);
+        if !self.filter.keeps(&source) {
+            return Ok(None);
+        }
+        covd::model::path::check(&source)
+            .map_err(|e| anyhow!("source path `{source}` (from `{}`): {e}", record.path))?;
+        self.records += 1;
+        Ok(Some((source, record.file)))
+    }
+
+    /// Sends what is batched: a file's coverage goes out once the file is read, not when the
+    /// batch fills, so with --watch the daemon merges each file while the tests still run.
+    fn flush(&mut self) -> Result<(), Stop> {
+        if let Some(delta) = std::mem::take(&mut self.batcher).finish()
             && self.tx.blocking_send(PushInput::Delta(delta)).is_err()
         {
-            closed = true;
-        }
-        if closed {
             return Err(Stop::Closed);
         }
         Ok(())
@@ -186,6 +249,9 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         junit_files: 0,
     };
 
+    // Everything that can fail before the test command runs is done before it starts, so an
+    // error here is covd's, and never leaves a test command running unwatched.
+    let mut connection = client(&a.run.server)?;
     let mut command = None;
     // Parsing is CPU work: it runs on a blocking thread and hands deltas over a bounded channel.
     let producer = match &a.watch {
@@ -209,10 +275,11 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         retries: a.retries,
         ..PushOptions::default()
     };
-    let pushed = client(&a.run.server)?.push(&target, rx, &options).await;
-    let produced = producer
-        .await
-        .map_err(|e| anyhow!("the reader failed: {e}"))?;
+    let pushed = connection.push(&target, rx, &options).await;
+    let produced = match producer.await {
+        Ok(produced) => produced,
+        Err(e) => Err(anyhow!("the reader failed: {e}")),
+    };
     progress.finish_and_clear();
     // With --watch, the test command's verdict is the exit code, whatever happened to coverage.
     let test_code = match command {
@@ -282,6 +349,14 @@ fn report(
     }
 }
 
+fn unknown(path: &Path) -> anyhow::Error {
+    anyhow!(
+        "{}: not a coverage format covd recognises ({}); name it with --format",
+        path.display(),
+        Format::NAMES.join(", ")
+    )
+}
+
 /// Counts and total time of test cases.
 fn telemetry(tests: Vec<TestCase>) -> TestTelemetry {
     let count = |s: TestStatus| tests.iter().filter(|t| t.status == s).count() as u64;
@@ -316,7 +391,10 @@ struct Seen {
 }
 
 /// Sends each file of `dir` once it has stopped changing for `settle`, and everything left
-/// once the command has exited.
+/// once the command has exited. Files covd does not recognise are skipped with a warning, and
+/// so are coverage files in a second format: test tools often write the same coverage in
+/// several (jest: `lcov.info`, `coverage-final.json`, `clover.xml`), and sending them all would
+/// count it several times. `--format` picks the one to send.
 fn watch(
     mut sender: Sender,
     dir: &Path,
@@ -325,19 +403,23 @@ fn watch(
 ) -> anyhow::Result<u64> {
     // file -> (how it looked, since when it has looked so)
     let mut pending: HashMap<PathBuf, (Seen, std::time::Instant)> = HashMap::new();
-    let mut sent: HashMap<PathBuf, Seen> = HashMap::new();
+    // Files sent or skipped, as they looked then.
+    let mut done_with: HashMap<PathBuf, Seen> = HashMap::new();
+    // Files that did not parse, as they looked then: retried when they change.
+    let mut unparsed: HashMap<PathBuf, (Seen, anyhow::Error)> = HashMap::new();
+    let mut format_sent: Option<Format> = None;
+    let mut changed_after_send: Vec<PathBuf> = Vec::new();
     loop {
         // Read the flag before scanning: a file written just before the exit is then seen.
         let done = exited.load(Ordering::Acquire);
         for (path, seen) in scan(dir) {
-            if let Some(before) = sent.get(&path) {
-                if *before != seen {
-                    eprintln!(
-                        "covd: warning: {} changed after it was sent; the change is not sent",
-                        path.display()
-                    );
-                    sent.insert(path, seen);
+            if let Some(before) = done_with.get(&path) {
+                if *before != seen && !changed_after_send.contains(&path) {
+                    changed_after_send.push(path.clone());
                 }
+                continue;
+            }
+            if unparsed.get(&path).is_some_and(|(was, _)| *was == seen) {
                 continue;
             }
             let now = std::time::Instant::now();
@@ -346,21 +428,65 @@ fn watch(
                 _ => now,
             };
             pending.insert(path.clone(), (seen, since));
-            if done || now.duration_since(since) >= settle {
-                pending.remove(&path);
-                let Ok(file) = File::open(&path) else {
-                    continue;
-                };
-                match sender.send_file(&path, file) {
-                    Ok(()) => {}
-                    Err(Stop::Closed) => return Ok(sender.records),
-                    Err(Stop::Failed(e)) => return Err(e),
+            if !done && now.duration_since(since) < settle {
+                continue;
+            }
+            pending.remove(&path);
+            unparsed.remove(&path);
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            let mut input = sender.open(file);
+            let outcome = match sender.kind(&path, &mut input) {
+                Err(stop) => Err(stop),
+                Ok(None) => {
+                    eprintln!("covd: warning: {}", unknown(&path));
+                    Ok(())
                 }
-                sent.insert(path, seen);
+                Ok(Some(Kind::Tests)) => sender.read_tests(&path, input),
+                Ok(Some(Kind::Coverage(format))) => match format_sent {
+                    Some(first) if first != format => {
+                        eprintln!(
+                            "covd: warning: {} is {format:?} coverage, but this shard sends {first:?}; skipped                              (the same coverage in two formats would count twice; --format chooses)",
+                            path.display()
+                        );
+                        Ok(())
+                    }
+                    _ => {
+                        format_sent = Some(format);
+                        sender.send_whole_file(&path, input, format)
+                    }
+                },
+            };
+            match outcome {
+                Ok(()) => {
+                    done_with.insert(path, seen);
+                }
+                Err(Stop::Closed) => return Ok(sender.records),
+                // Still being written, perhaps: try again when it changes (or at the end).
+                Err(Stop::Failed(e)) if !done => {
+                    unparsed.insert(path, (seen, e));
+                }
+                Err(Stop::Failed(e)) => return Err(e),
             }
         }
         if done {
-            return Ok(sender.finish());
+            if let Some((_, e)) = unparsed.into_values().next() {
+                return Err(e);
+            }
+            let records = sender.finish();
+            if !changed_after_send.is_empty() {
+                // What was sent is merged; what came later is not: say so, as a failure.
+                return Err(anyhow!(
+                    "{} changed after it was sent; the shard's coverage is missing the change",
+                    changed_after_send
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            return Ok(records);
         }
         std::thread::sleep(SCAN_EVERY);
     }

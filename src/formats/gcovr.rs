@@ -29,19 +29,32 @@ struct LineReport {
     count: u64,
     #[serde(default)]
     branches: Vec<BranchReport>,
+    /// Excluded by a gcovr filter or marker: not executable.
+    #[serde(default, rename = "gcovr/excluded")]
+    excluded: bool,
+    /// gcovr 5: a line without code.
+    #[serde(default, rename = "gcovr/noncode")]
+    noncode: bool,
 }
 
+/// gcovr 8.4+ writes `branchno`, 7.x `blockno`, 8.0-8.3 only `source_block_id`; without a
+/// number, a branch's position on its line identifies it.
 #[derive(Deserialize)]
 struct BranchReport {
-    branchno: u32,
+    #[serde(default)]
+    branchno: Option<u32>,
     count: u64,
     #[serde(default)]
-    source_block_id: u32,
+    source_block_id: Option<u32>,
+    #[serde(default)]
+    blockno: Option<u32>,
 }
 
 #[derive(Deserialize)]
 struct FunctionReport {
-    name: String,
+    /// gcovr 8 leaves the name out when it is unknown.
+    #[serde(default)]
+    name: Option<String>,
     lineno: u64,
     execution_count: u64,
 }
@@ -135,23 +148,23 @@ fn convert(r: FileReport) -> Result<FileCoverage, String> {
         return Err("a file entry with an empty `file`".into());
     }
     let mut b = FileBuilder::new();
-    for l in &r.lines {
+    for l in r.lines.iter().filter(|l| !l.excluded && !l.noncode) {
         let n = line(&r.file, l.line_number)?;
         b.line(n, l.count);
-        for br in &l.branches {
+        for (position, br) in l.branches.iter().enumerate() {
             let key = BranchKey {
                 line: n,
-                block: br.source_block_id,
-                arm: BranchArm::Index(br.branchno),
+                block: br.source_block_id.or(br.blockno).unwrap_or(0),
+                arm: BranchArm::Index(br.branchno.unwrap_or(position as u32)),
             };
             b.branch(key, (l.count > 0).then_some(br.count));
         }
     }
     for f in &r.functions {
-        if f.name.is_empty() {
+        let Some(name) = f.name.as_deref().filter(|n| !n.is_empty()) else {
             continue;
-        }
-        b.function(&f.name, line(&r.file, f.lineno)?, 0, f.execution_count);
+        };
+        b.function(name, line(&r.file, f.lineno)?, 0, f.execution_count);
     }
     Ok(b.build())
 }
@@ -190,6 +203,28 @@ mod tests {
             .collect();
         assert_eq!(b, vec![(3, 1, Some(2)), (3, 1, Some(0)), (9, 0, None)]);
         assert_eq!((f.functions()[0].start_line, f.functions()[0].hits), (2, 2));
+    }
+
+    #[test]
+    fn older_gcovr_fields_and_exclusions() {
+        // gcovr 7 (`blockno`, no `branchno`, sorted keys), an excluded line, a nameless function.
+        let text = r#"{"files":[{"file":"a.c","functions":[{"lineno":1,"execution_count":1}],
+            "lines":[{"branches":[{"blockno":2,"count":1},{"blockno":2,"count":0}],"count":1,"line_number":2},
+                     {"count":0,"gcovr/excluded":true,"line_number":3}]}],"gcovr/format_version":"0.6"}"#;
+        assert_eq!(
+            super::super::Format::detect(text.as_bytes()),
+            Some(super::super::Format::GcovrJson)
+        );
+        let recs = read_all(text).unwrap();
+        let f = &recs[0].file;
+        assert_eq!(f.line_hits().collect::<Vec<_>>(), vec![(2, 1)]);
+        let b: Vec<_> = f
+            .branches()
+            .iter()
+            .map(|(k, t)| (k.block, k.arm.to_string(), *t))
+            .collect();
+        assert_eq!(b, vec![(2, "0".into(), Some(1)), (2, "1".into(), Some(0))]);
+        assert!(f.functions().is_empty());
     }
 
     #[test]

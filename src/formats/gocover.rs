@@ -18,6 +18,9 @@ use crate::model::{FileBuilder, MAX_LINE};
 /// shorter; without a bound, a one-line profile could claim ten million lines.
 pub const MAX_BLOCK_LINES: u32 = 100_000;
 
+/// Lines a profile may claim beyond four per byte read.
+const LINE_BUDGET_BASE: u64 = 1_000_000;
+
 /// Reads a profile, calling `on_record` once per file (in path order, after the whole profile:
 /// a file's blocks may be scattered through it); `false` stops early.
 pub fn read(
@@ -29,6 +32,9 @@ pub fn read(
     let mut line_no = 0u64;
     let mut buf = String::new();
     let mut saw_mode = false;
+    // Lines claimed so far, against a budget that grows with the input: real blocks cover a
+    // few lines per ~40 bytes, so a profile claiming far more lines than bytes is hostile.
+    let (mut claimed, mut bytes) = (0u64, 0u64);
     loop {
         buf.clear();
         let n = input
@@ -38,6 +44,7 @@ pub fn read(
             break;
         }
         line_no += 1;
+        bytes += n as u64;
         let text = buf.trim();
         if text.is_empty() {
             continue;
@@ -57,6 +64,12 @@ pub fn read(
         let (file, start, end, statements, count) = block(text).map_err(fail)?;
         if statements == 0 {
             continue;
+        }
+        claimed += u64::from(end - start) + 1;
+        if claimed > LINE_BUDGET_BASE + 4 * bytes {
+            return Err(fail(format!(
+                "the profile claims {claimed} lines in {bytes} bytes; not a real profile"
+            )));
         }
         let lines = files.entry(file.to_owned()).or_default();
         for line in start..=end {

@@ -107,7 +107,13 @@ fn seconds(value: Option<&str>) -> Result<Duration, String> {
     let Some(v) = value else {
         return Ok(Duration::ZERO);
     };
-    let cleaned: String = v.trim().replace(',', "");
+    let v_trim = v.trim();
+    // `0,076` is a decimal comma; `1,200.25` a thousands separator.
+    let cleaned: String = if v_trim.contains('.') {
+        v_trim.replace(',', "")
+    } else {
+        v_trim.replace(',', ".")
+    };
     match cleaned.parse::<f64>() {
         Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s.min(1e9))),
         _ => Err(format!("time `{v}` is not a number of seconds")),
@@ -145,6 +151,10 @@ mod tests {
             ]
         );
         assert_eq!(cases[1].duration, Duration::from_secs_f64(1200.25));
+        assert_eq!(
+            seconds(Some("0,076")).unwrap(),
+            Duration::from_secs_f64(0.076)
+        );
         assert_eq!(cases[0].suite, "a");
     }
 

@@ -278,6 +278,9 @@ fn convert(e: FileEntry) -> Result<FileCoverage, String> {
     let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
         return branches_only(b, &e);
     };
+    if segments.windows(2).any(|w| w[1].line < w[0].line) {
+        return Err(format!("{}: segments are not in line order", e.filename));
+    }
     if last.line - first.line > MAX_SPAN {
         // A few bytes of input must not make millions of lines.
         return Err(format!(

@@ -91,7 +91,11 @@ impl Format {
             {
                 return Some(Format::CoveragePyJson);
             }
-            if trimmed.contains("\"gcovr/format_version\"") {
+            // gcovr before 8 sorts its keys, so `gcovr/format_version` may come last; its
+            // per-line keys (`gcovr/md5`, `gcovr/noncode`) or `line_number` show early.
+            if trimmed.contains("\"gcovr/")
+                || (trimmed.contains("\"line_number\"") && trimmed.contains("\"files\""))
+            {
                 return Some(Format::GcovrJson);
             }
             if trimmed.contains("\"statementMap\"") || trimmed.contains("\"fnMap\"") {

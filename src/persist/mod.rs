@@ -116,6 +116,8 @@ pub struct SummaryRecord {
 #[derive(Debug)]
 pub enum Write {
     PutRun(RunRecord),
+    /// Rewrites a run's record only if the run is still stored (not deleted meanwhile).
+    UpdateRun(RunRecord),
     PutShard {
         run_id: String,
         shard: ShardRecord,
@@ -348,20 +350,22 @@ impl Store {
         Ok(runs)
     }
 
-    /// Calls `f` with each stored delta of the given shard attempts, in sequence order per
-    /// shard. Blocking.
+    /// Calls `f` with each stored delta of the given shard attempts (shard, attempt, last
+    /// acknowledged sequence), in sequence order per shard. Blocking.
     pub fn for_each_delta(
         &self,
         run_id: &str,
-        attempts: &[(String, u32)],
+        attempts: &[(String, u32, u64)],
         mut f: impl FnMut(&str, Vec<(Arc<str>, FileCoverage)>),
     ) -> Result<(), StoreError> {
         let conn = self.reader();
+        // Bounded by the acknowledged sequence: a row beyond it was never acknowledged.
         let mut stmt = conn.prepare(
-            "SELECT body FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt = ?3 ORDER BY seq",
+            "SELECT body FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt = ?3
+             AND seq <= ?4 ORDER BY seq",
         )?;
-        for (shard, attempt) in attempts {
-            let mut rows = stmt.query(params![run_id, shard, attempt])?;
+        for (shard, attempt, last_seq) in attempts {
+            let mut rows = stmt.query(params![run_id, shard, attempt, *last_seq as i64])?;
             while let Some(row) = rows.next()? {
                 let body: Vec<u8> = row.get(0)?;
                 f(shard, codec::decode_files(&body)?);
@@ -555,12 +559,31 @@ fn commit(conn: &mut Connection, group: &[Job]) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// Whether the run has a record: writes for a run deleted (or expired) meanwhile are dropped,
+/// so no orphan rows outlive it.
+fn run_exists(tx: &rusqlite::Transaction<'_>, run_id: &str) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT 1 FROM runs WHERE run_id = ?1")?
+        .query_row([run_id], |_| Ok(()))
+        .optional()
+        .map(|found| found.is_some())
+}
+
 fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
     match w {
         Write::PutRun(run) => {
             tx.prepare_cached("INSERT OR REPLACE INTO runs (run_id, record) VALUES (?1, ?2)")?
                 .execute(params![run.run_id, codec::versioned(run)])?;
         }
+        Write::UpdateRun(run) => {
+            tx.prepare_cached("UPDATE runs SET record = ?2 WHERE run_id = ?1")?
+                .execute(params![run.run_id, codec::versioned(run)])?;
+        }
+        Write::PutShard { run_id, .. }
+        | Write::AppendDelta { run_id, .. }
+        | Write::StartAttempt { run_id, .. }
+        | Write::Compact { run_id, .. }
+        | Write::PutFiles { run_id, .. }
+            if !run_exists(tx, run_id)? => {}
         Write::PutShard { run_id, shard } => put_shard(tx, run_id, shard)?,
         Write::AppendDelta {
             run_id,

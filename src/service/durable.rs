@@ -131,6 +131,13 @@ impl CoverageService {
                     .map(|s| (s.shard_id.clone(), shard_from_record(s)))
                     .collect(),
             ));
+            run.stored.store(true, std::sync::atomic::Ordering::Release);
+            if let Some(ms) = r.completed_at_ms {
+                let mut state = run.state();
+                if state.is_complete() {
+                    state.completed_at = Some(from_ms(ms));
+                }
+            }
             if let Some(files) = loaded.files {
                 run.state().known_files =
                     Some(Arc::new(files.into_iter().map(Into::into).collect()));
@@ -144,6 +151,7 @@ impl CoverageService {
                 })?;
             } else {
                 let attempts = run.current_attempts();
+
                 store.for_each_delta(&run.id, &attempts, |_, files| {
                     for (path, file) in files {
                         run.aggregate.merge_file(interner, &path, &file);
@@ -165,6 +173,10 @@ impl CoverageService {
 
     /// Stores a complete run's merged files and drops its delta log. Blocking.
     pub(super) fn compact(&self, run: &Run, store: &Store) -> Result<(), StoreError> {
+        if run.state().stale {
+            // The aggregate may hold a replaced attempt's data: keep the delta log instead.
+            return Ok(());
+        }
         let mut parts = Vec::new();
         let mut chunk = Vec::new();
         let _gate = run.gate_shared();
@@ -182,7 +194,7 @@ impl CoverageService {
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());
         store.write_blocking(vec![
-            Write::PutRun(record),
+            Write::UpdateRun(record),
             Write::Compact {
                 run_id: run.id.clone(),
                 parts,
@@ -212,6 +224,8 @@ impl CoverageService {
                     .await?;
             }
             self.shared.runs.remove(&run.id);
+            run.state().deleted = true;
+            run.notify();
         }
         if !old.is_empty() {
             self.shared.interner.prune();

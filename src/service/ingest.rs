@@ -102,7 +102,10 @@ impl CoverageService {
         let mut params = normalize_params(header.params)?;
         params.expected_shards.clear(); // only OpenRun declares expectations
         let (created, run) = self.get_or_create(&header.run_id, &params)?;
-        if created {
+        // Not only when this stream created the run: the stream that did may have failed
+        // before its write, and another shard's deltas must not be acknowledged meanwhile.
+        let _ = created;
+        if self.shared.store.is_some() && !run.stored.load(std::sync::atomic::Ordering::Acquire) {
             self.persist_run(&run).await?;
         }
         let attempt = header.attempt.max(1);
@@ -113,6 +116,7 @@ impl CoverageService {
             let mut state = run.state();
             state.check_live(&run.id)?;
             let stale = state.stale;
+            let state_complete = state.is_complete();
             if state.is_complete() {
                 let finished_again = state
                     .shards
@@ -151,7 +155,10 @@ impl CoverageService {
                     shard.attempt
                 )));
             }
-            let replaced = stale || (start && (shard.last_seq > 0 || shard.finished_at.is_some()));
+            // A complete run never needs one: it accepts no new attempt, and its delta log may
+            // already be compacted away.
+            let replaced = !state_complete
+                && (stale || (start && (shard.last_seq > 0 || shard.finished_at.is_some())));
             if start {
                 shard.attempt = attempt;
                 shard.last_seq = 0;

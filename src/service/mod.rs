@@ -97,6 +97,7 @@ impl CoverageService {
         let _order = run.record_lock.lock().await;
         let record = durable::run_record(run, &run.state());
         store.write(vec![Write::PutRun(record)]).await?;
+        run.stored.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

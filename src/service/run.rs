@@ -133,6 +133,9 @@ pub(super) struct Run {
     /// Serializes writes of the run's stored record, so a stale copy never lands last. A tokio
     /// mutex: it is held across the store's commit.
     pub(super) record_lock: tokio::sync::Mutex<()>,
+    /// Whether the run's record is in the store; until it is, every stream start writes it,
+    /// so no delta is ever acknowledged for a run the store does not know.
+    pub(super) stored: std::sync::atomic::AtomicBool,
 }
 
 impl Run {
@@ -169,16 +172,17 @@ impl Run {
             aggregate: Aggregate::new(),
             changed: watch::Sender::new(0),
             record_lock: tokio::sync::Mutex::new(()),
+            stored: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Each shard's current attempt (shards that have started one).
-    pub(super) fn current_attempts(&self) -> Vec<(String, u32)> {
+    /// Each shard's current attempt and last acknowledged sequence (shards that started one).
+    pub(super) fn current_attempts(&self) -> Vec<(String, u32, u64)> {
         self.state()
             .shards
             .iter()
             .filter(|(_, s)| s.attempt > 0)
-            .map(|(id, s)| (id.clone(), s.attempt))
+            .map(|(id, s)| (id.clone(), s.attempt, s.last_seq))
             .collect()
     }
 

@@ -464,3 +464,54 @@ fn junit_results_pushed_with_coverage_are_stored_with_the_shard() {
         .unwrap();
     assert_eq!(fail.status, covd::model::TestStatus::Failed);
 }
+
+#[test]
+fn push_watch_skips_unknown_files_and_second_formats_instead_of_counting_twice() {
+    let served = Served::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cov = dir.path().join("cov");
+    std::fs::create_dir_all(&cov).unwrap();
+    // What jest does: the same coverage in several formats, plus stray files.
+    std::fs::copy(fixture("gcc-lcov/shard1.info"), cov.join("a.info")).unwrap();
+    std::fs::copy(fixture("gcovr/shard1.json"), cov.join("z.json")).unwrap();
+    std::fs::write(cov.join("notes.txt"), "not coverage\n").unwrap();
+    let r = served
+        .covd(&[
+            "push",
+            "--run",
+            "j",
+            "--shard",
+            "0",
+            "--strip-prefix",
+            "/builds/shard-1/",
+            "--watch",
+        ])
+        .arg(&cov)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(0), "{err}");
+    assert!(err.contains("notes.txt: not a coverage format"), "{err}");
+    assert!(
+        err.contains("z.json is GcovrJson coverage, but this shard sends Lcov; skipped"),
+        "{err}"
+    );
+    let out = dir.path().join("m.info");
+    assert!(
+        served
+            .covd(&["fetch", "--run", "j", "--output"])
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let lcov = read_lcov(
+        &fixture("gcc-lcov/shard1.info"),
+        &PathRules {
+            strip: vec!["/builds/shard-1/".into()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(read_lcov(&out, &PathRules::default()), lcov, "counted once");
+}
