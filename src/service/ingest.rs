@@ -101,10 +101,9 @@ impl CoverageService {
         check_name("header.shard_id", &header.shard_id, 128)?;
         let mut params = normalize_params(header.params)?;
         params.expected_shards.clear(); // only OpenRun declares expectations
-        let (created, run) = self.get_or_create(&header.run_id, &params)?;
+        let (_, run) = self.get_or_create(&header.run_id, &params)?;
         // Not only when this stream created the run: the stream that did may have failed
         // before its write, and another shard's deltas must not be acknowledged meanwhile.
-        let _ = created;
         if self.shared.store.is_some() && !run.stored.load(std::sync::atomic::Ordering::Acquire) {
             self.persist_run(&run).await?;
         }
