@@ -226,10 +226,10 @@ struct FetchArgs {
     /// How long --wait waits at most (e.g. 90s, 10m).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// Output format: lcov, cobertura (XML, for GitLab/Jenkins), json (covd's schema),
-    /// markdown (a summary for a pull-request comment), or html (a report directory: needs
-    /// --output DIR).
-    #[arg(long, default_value = "lcov", value_parser = ["lcov", "cobertura", "json", "markdown", "html"])]
+    /// Output format: lcov, lcov1 (for lcov/genhtml 1.x readers), cobertura (XML, for
+    /// GitLab/Jenkins), json (covd's schema), markdown (a summary for a pull-request comment),
+    /// or html (a report directory: needs --output DIR).
+    #[arg(long, default_value = "lcov", value_parser = ["lcov", "lcov1", "cobertura", "json", "markdown", "html"])]
     format: String,
     /// With --format html: the checkout the sources are read from, to show them marked.
     #[arg(long)]
@@ -445,6 +445,7 @@ async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
         "cobertura" => ExportFormat::Cobertura,
         "json" => ExportFormat::Json,
         "markdown" => ExportFormat::Markdown,
+        "lcov1" => ExportFormat::Lcov1,
         _ => ExportFormat::Lcov,
     };
     let header = match &a.output {

@@ -340,6 +340,26 @@ fn count(field: Option<&[u8]>, what: &str) -> Result<u64, String> {
 
 /// Writes one file's record in geninfo's order.
 pub fn write_record(w: &mut impl Write, path: &str, file: &FileCoverage) -> io::Result<()> {
+    write_record_as(w, path, file, Dialect::Lcov2)
+}
+
+/// Which LCOV readers the output is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// lcov 2.x, genhtml 2.x, coverage.py, Codecov: `FN:start,end,name` when the end is known.
+    Lcov2,
+    /// lcov 1.x and genhtml 1.x, which read `FN:start,end,name` as a function named
+    /// `end,name` (and then match no `FNDA`): always `FN:start,name`.
+    Lcov1,
+}
+
+/// [`write_record`] for the readers of `dialect`.
+pub fn write_record_as(
+    w: &mut impl Write,
+    path: &str,
+    file: &FileCoverage,
+    dialect: Dialect,
+) -> io::Result<()> {
     let mut n = itoa::Buffer::new();
     w.write_all(b"SF:")?;
     w.write_all(path.as_bytes())?;
@@ -348,7 +368,7 @@ pub fn write_record(w: &mut impl Write, path: &str, file: &FileCoverage) -> io::
     for f in functions.iter().filter(|f| f.start_line > 0) {
         w.write_all(b"FN:")?;
         w.write_all(n.format(f.start_line).as_bytes())?;
-        if f.end_line > 0 {
+        if f.end_line > 0 && dialect == Dialect::Lcov2 {
             w.write_all(b",")?;
             w.write_all(n.format(f.end_line).as_bytes())?;
         }
@@ -475,6 +495,15 @@ mod tests {
         let mut out = Vec::new();
         write_record(&mut out, &recs[0].path, &recs[0].file).unwrap();
         assert!(String::from_utf8(out).unwrap().contains("BRDA:4,e0,1,2\n"));
+    }
+
+    #[test]
+    fn the_lcov1_dialect_writes_two_field_fn() {
+        let recs = parse_all("SF:x.py\nFN:1,4,f\nFNDA:2,f\nDA:1,2\nend_of_record\n").unwrap();
+        let mut out = Vec::new();
+        write_record_as(&mut out, &recs[0].path, &recs[0].file, Dialect::Lcov1).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("FN:1,f\nFNDA:2,f\n"), "{text}");
     }
 
     #[test]

@@ -513,6 +513,7 @@ pub(crate) fn export_format_from_proto(f: i32) -> Result<service::ExportFormat, 
         Ok(proto::ExportFormat::Cobertura) => Ok(service::ExportFormat::Cobertura),
         Ok(proto::ExportFormat::Json) => Ok(service::ExportFormat::Json),
         Ok(proto::ExportFormat::Markdown) => Ok(service::ExportFormat::Markdown),
+        Ok(proto::ExportFormat::Lcov1) => Ok(service::ExportFormat::Lcov1),
         Err(_) => Err(Error::invalid(
             "format",
             format!("unknown export format {f}"),
@@ -607,5 +608,6 @@ pub(crate) fn export_format_to_proto(f: service::ExportFormat) -> proto::ExportF
         service::ExportFormat::Cobertura => proto::ExportFormat::Cobertura,
         service::ExportFormat::Json => proto::ExportFormat::Json,
         service::ExportFormat::Markdown => proto::ExportFormat::Markdown,
+        service::ExportFormat::Lcov1 => proto::ExportFormat::Lcov1,
     }
 }

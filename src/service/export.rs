@@ -108,6 +108,9 @@ fn render(
         ExportFormat::Lcov => aggregate.for_each_sorted(filter, |path, file| {
             lcov::write_record(&mut out, path, file)
         }),
+        ExportFormat::Lcov1 => aggregate.for_each_sorted(filter, |path, file| {
+            lcov::write_record_as(&mut out, path, file, lcov::Dialect::Lcov1)
+        }),
         ExportFormat::Cobertura => {
             let packages = cobertura::package_totals(
                 aggregate

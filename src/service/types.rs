@@ -129,6 +129,8 @@ pub const MAX_UNKNOWN_REPORTED: usize = 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
     Lcov,
+    /// LCOV for lcov 1.x readers (2-field `FN`).
+    Lcov1,
     Cobertura,
     Json,
     Markdown,
@@ -137,7 +139,7 @@ pub enum ExportFormat {
 impl ExportFormat {
     pub fn content_type(self) -> &'static str {
         match self {
-            ExportFormat::Lcov => "text/x-lcov",
+            ExportFormat::Lcov | ExportFormat::Lcov1 => "text/x-lcov",
             ExportFormat::Cobertura => "application/xml",
             ExportFormat::Json => "application/json",
             ExportFormat::Markdown => "text/markdown",
