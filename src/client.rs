@@ -342,7 +342,7 @@ impl Client {
             .await?
             .into_inner();
         let header = match stream.message().await?.and_then(|c| c.msg) {
-            Some(proto::export_chunk::Msg::Header(h)) => convert::export_header_from_proto(h).0,
+            Some(proto::export_chunk::Msg::Header(h)) => convert::export_header_from_proto(h),
             _ => {
                 return Err(ClientError::Protocol(
                     "export did not start with a header".into(),

@@ -14,7 +14,7 @@ use std::io::BufRead;
 use quick_xml::events::Event;
 
 use super::{ParseError, Record, xml_attr, xml_count, xml_line};
-use crate::model::{BranchArm, BranchKey, FileBuilder};
+use crate::model::FileBuilder;
 
 /// Reads a report, calling `on_record` per file; `false` stops early.
 pub fn read(
@@ -68,17 +68,8 @@ pub fn read(
                                 let taken = optional_count(e, "truecount").map_err(&fail)?;
                                 let not_taken = optional_count(e, "falsecount").map_err(&fail)?;
                                 let arms = taken.saturating_add(not_taken);
-                                if arms > 1000 {
-                                    return Err(fail(format!("line {num} claims {arms} branches")));
-                                }
-                                for i in 0..arms {
-                                    let key = BranchKey {
-                                        line: num,
-                                        block: 0,
-                                        arm: BranchArm::Index(i as u32),
-                                    };
-                                    b.branch(key, (count > 0).then_some(u64::from(i < taken)));
-                                }
+                                super::positional_branches(b, num, taken, arms, count > 0)
+                                    .map_err(&fail)?;
                             }
                             _ => b.line(num, count),
                         }

@@ -19,7 +19,7 @@ use quick_xml::escape::escape;
 use quick_xml::events::Event;
 
 use super::{ParseError, Record};
-use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, Totals};
+use crate::model::{FileBuilder, FileCoverage, Totals};
 
 /// Writes a whole report. `files` must come in path order (so each directory's files are
 /// consecutive); `directories` holds each directory's totals, for the package attributes that
@@ -242,22 +242,14 @@ pub fn read(
                                 let (taken, total) = conditions(&cc).ok_or_else(|| {
                                     fail(format!("condition-coverage `{cc}` is not `N% (t/n)`"))
                                 })?;
-                                for i in 0..total {
-                                    let outcome = if hits == 0 {
-                                        None
-                                    } else {
-                                        Some(u64::from(i < taken))
-                                    };
-                                    let arm = BranchArm::Index(i);
-                                    builder.branch(
-                                        BranchKey {
-                                            line: number,
-                                            block: 0,
-                                            arm,
-                                        },
-                                        outcome,
-                                    );
-                                }
+                                super::positional_branches(
+                                    builder,
+                                    number,
+                                    u64::from(taken),
+                                    u64::from(total),
+                                    hits > 0,
+                                )
+                                .map_err(&fail)?;
                             }
                         }
                     }
@@ -326,6 +318,7 @@ fn conditions(cc: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{BranchArm, BranchKey};
 
     #[test]
     fn writes_packages_classes_lines_and_conditions() {

@@ -16,7 +16,7 @@ use std::io::BufRead;
 use quick_xml::events::Event;
 
 use super::{ParseError, Record, xml_attr, xml_count, xml_line};
-use crate::model::{BranchArm, BranchKey, FileBuilder};
+use crate::model::FileBuilder;
 
 /// Reads a report, calling `on_record` per source file; `false` stops early.
 pub fn read(
@@ -100,17 +100,8 @@ pub fn read(
                             let covered = xml_count(e, "cb").map_err(&fail)?;
                             let missed = xml_count(e, "mb").map_err(&fail)?;
                             let arms = covered.saturating_add(missed);
-                            if arms > 1000 {
-                                return Err(fail(format!("line {nr} claims {arms} branches")));
-                            }
-                            for i in 0..arms {
-                                let key = BranchKey {
-                                    line: nr,
-                                    block: 0,
-                                    arm: BranchArm::Index(i as u32),
-                                };
-                                builder.branch(key, ran.then_some(u64::from(i < covered)));
-                            }
+                            super::positional_branches(builder, nr, covered, arms, ran)
+                                .map_err(&fail)?;
                         }
                     }
                     _ => {}

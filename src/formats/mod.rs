@@ -202,6 +202,34 @@ pub(crate) fn xml_count(e: &quick_xml::events::BytesStart<'_>, name: &str) -> Re
     }
 }
 
+/// The most branch arms one line may claim in the formats that only count them.
+const MAX_POSITIONAL_ARMS: u64 = 1000;
+
+/// Branches of formats that count a line's arms without naming them (Cobertura, JaCoCo,
+/// Clover): `total` arms keyed by position, the first `taken` of them taken, none reached
+/// when the line did not run. Merged, such arms give a lower bound: which arm a shard took
+/// is not known.
+pub(crate) fn positional_branches(
+    builder: &mut crate::model::FileBuilder,
+    line: u32,
+    taken: u64,
+    total: u64,
+    reached: bool,
+) -> Result<(), String> {
+    if total > MAX_POSITIONAL_ARMS {
+        return Err(format!("line {line} claims {total} branches"));
+    }
+    for i in 0..total {
+        let key = crate::model::BranchKey {
+            line,
+            block: 0,
+            arm: crate::model::BranchArm::Index(i as u32),
+        };
+        builder.branch(key, reached.then_some(u64::from(i < taken)));
+    }
+    Ok(())
+}
+
 /// A malformed input: where, and what was wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {message}", if *.line > 0 { format!("line {}", .line) } else { format!("byte {}", .offset) })]

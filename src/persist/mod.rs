@@ -31,7 +31,7 @@ const MAX_GROUP: usize = 512;
 /// Writes waiting for the writer at most; further writers wait (backpressure).
 const QUEUE: usize = 1024;
 /// Files per stored part of a compacted run.
-const FILES_PER_PART: usize = 1000;
+pub const FILES_PER_PART: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -413,17 +413,6 @@ impl Drop for Store {
             let _ = writer.join();
         }
     }
-}
-
-/// Splits merged files into stored parts.
-pub fn merged_parts<'a>(
-    files: impl IntoIterator<Item = (&'a str, &'a FileCoverage)>,
-) -> Vec<Vec<u8>> {
-    let files: Vec<_> = files.into_iter().collect();
-    files
-        .chunks(FILES_PER_PART)
-        .map(|chunk| codec::encode_files(chunk.iter().copied()))
-        .collect()
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {

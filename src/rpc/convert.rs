@@ -571,19 +571,16 @@ pub(crate) fn status_from_proto(s: proto::RunStatus) -> RunStatus {
     }
 }
 
-/// An export header as the client sees it (the content type is the daemon's string).
-pub(crate) fn export_header_from_proto(h: proto::ExportHeader) -> (ExportHeader, String) {
-    (
-        ExportHeader {
-            complete: h.complete,
-            missing_shards: h.missing_shards,
-            expectations_declared: h.expectations_declared,
-            timed_out: h.timed_out,
-            totals: totals_from_proto(h.totals),
-            content_type: "",
-        },
-        h.content_type,
-    )
+pub(crate) fn export_header_from_proto(h: proto::ExportHeader) -> ExportHeader {
+    ExportHeader {
+        complete: h.complete,
+        missing_shards: h.missing_shards,
+        expectations_declared: h.expectations_declared,
+        timed_out: h.timed_out,
+        totals: totals_from_proto(h.totals),
+        // The daemon's own string is not kept: the client knows which format it asked for.
+        content_type: "",
+    }
 }
 
 pub(crate) fn directory_from_proto(d: proto::DirectorySummary) -> DirectorySummary {

@@ -8,7 +8,7 @@ use super::run::{Run, RunState, Shard};
 use super::{CoverageService, Error, RunParams, RunStatus, TestTelemetry};
 use crate::model::path::PathFilter;
 use crate::persist::{
-    self, RunRecord, ShardRecord, Store, StoreError, SummaryRecord, TelemetryRecord, Write,
+    self, RunRecord, ShardRecord, Store, StoreError, SummaryRecord, TelemetryRecord, Write, codec,
 };
 
 pub(super) fn to_ms(t: SystemTime) -> u64 {
@@ -184,13 +184,15 @@ impl CoverageService {
             .aggregate
             .for_each_sorted(&PathFilter::default(), |path, file| {
                 chunk.push((Arc::<str>::from(path), file.clone()));
-                if chunk.len() >= 1000 {
-                    parts.extend(persist::merged_parts(chunk.iter().map(|(p, f)| (&**p, f))));
+                if chunk.len() >= persist::FILES_PER_PART {
+                    parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
                     chunk.clear();
                 }
                 Ok::<(), ()>(())
             });
-        parts.extend(persist::merged_parts(chunk.iter().map(|(p, f)| (&**p, f))));
+        if !chunk.is_empty() {
+            parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
+        }
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());
         store.write_blocking(vec![

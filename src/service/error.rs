@@ -23,9 +23,6 @@ pub enum Error {
     /// A race with another stream of the same shard; reconnecting and resuming resolves it.
     #[error("{0}")]
     Aborted(String),
-    /// A part of the v1 protocol this daemon does not implement yet.
-    #[error("{0}")]
-    Unimplemented(String),
     /// The daemon cannot serve this now (shutting down, or its store failed).
     #[error("{0}")]
     Unavailable(String),

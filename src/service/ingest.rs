@@ -349,9 +349,9 @@ impl CoverageService {
         let mut logged = Vec::with_capacity(if durable { 0 } else { delta.files.len() });
         for (path, mut file) in delta.files {
             file.intern_tests(|name| interner.intern(name));
-            run.aggregate.merge_file(interner, &path, &file);
+            let path = run.aggregate.merge_file(interner, &path, &file);
             if !durable {
-                logged.push((interner.intern(&path), file));
+                logged.push((path, file));
             }
         }
         let mut state = run.state();

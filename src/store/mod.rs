@@ -71,16 +71,16 @@ impl Aggregate {
             .count()
     }
 
-    /// Merges one file in. Never holds more than this file's map shard.
-    pub fn merge_file(&self, interner: &PathInterner, path: &str, file: &FileCoverage) {
+    /// Merges one file in, and returns its path as the aggregate holds it (interned). Never
+    /// holds more than this file's map shard.
+    pub fn merge_file(&self, interner: &PathInterner, path: &str, file: &FileCoverage) -> Arc<str> {
         if let Some(mut existing) = self.files.get_mut(path) {
             existing.merge(file);
-            return;
+            return existing.key().clone();
         }
-        self.files
-            .entry(interner.intern(path))
-            .or_default()
-            .merge(file);
+        let mut entry = self.files.entry(interner.intern(path)).or_default();
+        entry.merge(file);
+        entry.key().clone()
     }
 
     pub fn clear(&self) {

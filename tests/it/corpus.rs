@@ -122,17 +122,9 @@ fn coverage_py_json_reads_as_the_same_coverage_as_its_lcov() {
         );
         // Lines, counts, branch labels and outcomes, functions: identical (the JSON has no
         // function end lines).
-        assert_eq!(
-            json.files.keys().collect::<Vec<_>>(),
-            lcov.files.keys().collect::<Vec<_>>()
-        );
+        assert_same_lines(&json, &lcov);
         for (path, l) in &lcov.files {
             let j = &json.files[path];
-            assert_eq!(
-                j.line_hits().collect::<Vec<_>>(),
-                l.line_hits().collect::<Vec<_>>(),
-                "shard {i} {path}"
-            );
             assert_eq!(j.branches(), l.branches(), "shard {i} {path}");
             let key = |f: &covd::model::Function| (f.name.clone(), f.start_line, f.hits);
             assert_eq!(
@@ -366,17 +358,9 @@ async fn istanbul_shards_merge_like_nyc_merge() {
         &fixture("istanbul/c8-merged.json"),
         &PathRules::default(),
     );
-    assert_eq!(
-        c8.files.keys().collect::<Vec<_>>(),
-        oracle.files.keys().collect::<Vec<_>>()
-    );
+    assert_same_lines(&c8, &oracle);
     for (path, theirs) in &oracle.files {
         let ours = &c8.files[path];
-        assert_eq!(
-            ours.line_hits().collect::<Vec<_>>(),
-            theirs.line_hits().collect::<Vec<_>>(),
-            "{path}"
-        );
         assert_eq!(ours.functions(), theirs.functions(), "{path}");
         for (key, taken) in theirs.branches() {
             let mine = ours
@@ -407,17 +391,9 @@ async fn llvm_cov_exports_read_like_llvm_cov_lcov_and_merge_like_llvm_profdata()
         &PathRules::default(),
     );
     let merged_lcov = read_lcov(&fixture("llvm-cov/merged.info"), &PathRules::default());
-    assert_eq!(
-        merged_json.files.keys().collect::<Vec<_>>(),
-        merged_lcov.files.keys().collect::<Vec<_>>()
-    );
+    assert_same_lines(&merged_json, &merged_lcov);
     for (path, theirs) in &merged_lcov.files {
         let ours = &merged_json.files[path];
-        assert_eq!(
-            ours.line_hits().collect::<Vec<_>>(),
-            theirs.line_hits().collect::<Vec<_>>(),
-            "{path}"
-        );
         assert_eq!(shape(ours), shape(theirs), "{path}");
     }
     // Shards merged by covd equal the export of llvm-profdata's merged profile.
@@ -504,17 +480,9 @@ fn assert_exact_lines_and_branch_lower_bound(
     merged: &covd::model::Coverage,
     oracle: &covd::model::Coverage,
 ) {
-    assert_eq!(
-        merged.files.keys().collect::<Vec<_>>(),
-        oracle.files.keys().collect::<Vec<_>>()
-    );
+    assert_same_lines(merged, oracle);
     for (path, theirs) in &oracle.files {
         let ours = &merged.files[path];
-        assert_eq!(
-            ours.line_hits().collect::<Vec<_>>(),
-            theirs.line_hits().collect::<Vec<_>>(),
-            "{path}"
-        );
         assert_eq!(ours.functions(), theirs.functions(), "{path}");
         let (s_ours, s_theirs) = (shape(ours), shape(theirs));
         for (line, (n, _, taken)) in &s_theirs.branches_per_line {

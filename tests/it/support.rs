@@ -193,3 +193,19 @@ pub(crate) fn assert_same_shapes(ours: &Coverage, oracle: &Coverage) {
         assert_eq!(shape(&ours.files[path]), shape(theirs), "file {path}");
     }
 }
+
+/// Asserts two merges hold the same files, each with the same lines and counts.
+pub(crate) fn assert_same_lines(ours: &Coverage, theirs: &Coverage) {
+    assert_eq!(
+        ours.files.keys().collect::<Vec<_>>(),
+        theirs.files.keys().collect::<Vec<_>>(),
+        "the files differ"
+    );
+    for (path, t) in &theirs.files {
+        assert_eq!(
+            ours.files[path].line_hits().collect::<Vec<_>>(),
+            t.line_hits().collect::<Vec<_>>(),
+            "{path}"
+        );
+    }
+}
