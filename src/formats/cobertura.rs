@@ -6,11 +6,13 @@
 //!
 //! In (coverage.py, gcovr, istanbul, PHPUnit, …), streamed with quick-xml: each `<class>`
 //! becomes a record for its `filename`, joined to the first `<source>` when it is relative.
-//! Lines and hits are exact. Branches are not: Cobertura names no branch arms, only
-//! `condition-coverage="50% (1/2)"`, so a line's arms are keyed by position, the first `taken`
-//! of them counted as taken. Two shards that each took one arm of two therefore merge to 1/2,
-//! a lower bound where the truth may be 2/2; LCOV or JSON from the same tool merges branches
-//! exactly. `<method>`s become functions at their first line.
+//! Lines and hits are exact. Branches are exact when the report names the arms not taken
+//! (coverage.py's `missing-branches`): the line's arms are then counted arms
+//! ([`crate::model::COUNTED_BLOCK`]), merged by "missing iff every shard missed it". Other
+//! producers give only `condition-coverage="50% (1/2)"`, so a line's arms are keyed by
+//! position, the first `taken` of them counted as taken: two shards that each took one arm of
+//! two merge to 1/2, a lower bound where the truth may be 2/2. `<method>`s become functions at
+//! their first line.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
@@ -19,7 +21,7 @@ use quick_xml::escape::escape;
 use quick_xml::events::Event;
 
 use super::{ParseError, Record};
-use crate::model::{FileBuilder, FileCoverage, Totals};
+use crate::model::{FileBuilder, FileCoverage, Taken, Totals, counted_arms};
 
 /// Writes a whole report. `files` must come in path order (so each directory's files are
 /// consecutive); `directories` holds each directory's totals, for the package attributes that
@@ -242,14 +244,25 @@ pub fn read(
                                 let (taken, total) = conditions(&cc).ok_or_else(|| {
                                     fail(format!("condition-coverage `{cc}` is not `N% (t/n)`"))
                                 })?;
-                                super::positional_branches(
-                                    builder,
-                                    number,
-                                    u64::from(taken),
-                                    u64::from(total),
-                                    hits > 0,
-                                )
-                                .map_err(&fail)?;
+                                let missing = super::xml_attr(e, "missing-branches")
+                                    .map_err(&fail)?
+                                    .map(|m| missing_arms(&m, hits > 0))
+                                    .unwrap_or_default();
+                                if total > 0 && missing.len() == (total - taken) as usize {
+                                    let arms = counted_arms(number, 0, taken as usize, missing);
+                                    for (key, taken) in arms {
+                                        builder.branch(key, taken);
+                                    }
+                                } else {
+                                    super::positional_branches(
+                                        builder,
+                                        number,
+                                        u64::from(taken),
+                                        u64::from(total),
+                                        hits > 0,
+                                    )
+                                    .map_err(&fail)?;
+                                }
                             }
                         }
                     }
@@ -304,6 +317,30 @@ fn resolve(sources: &[String], filename: &str) -> String {
         }
         _ => filename.to_owned(),
     }
+}
+
+/// coverage.py's `missing-branches="27,exit"`: the destinations of the arms not taken, as
+/// labels like its LCOV's (`jump to line 27`). Several exits of one line are told apart by
+/// their order (`exit`, `exit 2`), which is as far as the report identifies them.
+fn missing_arms(list: &str, reached: bool) -> Vec<(Box<str>, Taken)> {
+    let mut exits = 0;
+    list.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            let label = match d.parse::<u32>() {
+                Ok(line) => format!("jump to line {line}"),
+                Err(_) => {
+                    exits += 1;
+                    match exits {
+                        1 => "exit".to_owned(),
+                        n => format!("exit {n}"),
+                    }
+                }
+            };
+            (label.into_boxed_str(), reached.then_some(0))
+        })
+        .collect()
 }
 
 /// `"50% (1/2)"` → (1, 2).
@@ -404,6 +441,37 @@ mod tests {
             ),
             ("f", 2, 3)
         );
+    }
+
+    #[test]
+    fn named_missing_arms_merge_by_coverage_py_rule() {
+        // Two shards each took a different arm of line 3; a third never ran it.
+        let shard = |cc: &str, missing: &str, hits: u32| {
+            let xml = format!(
+                r#"<coverage><packages><package><classes><class filename="a.py"><methods/><lines>
+                <line number="3" hits="{hits}" branch="true" condition-coverage="{cc}" missing-branches="{missing}"/>
+                </lines></class></classes></package></packages></coverage>"#
+            );
+            read_all(&xml).unwrap().remove(0).file
+        };
+        let mut merged = shard("50% (1/2)", "4", 1);
+        merged.merge(&shard("50% (1/2)", "exit", 2));
+        merged.merge(&shard("0% (0/2)", "4,exit", 0));
+        let t = merged.totals();
+        assert_eq!((t.branches_taken, t.branches), (2, 2));
+        // Both missed the exit: it stays missing, and reached (0, not `-`).
+        let mut merged = shard("50% (1/2)", "exit", 1);
+        merged.merge(&shard("0% (0/2)", "4,exit", 0));
+        merged.merge(&shard("50% (1/2)", "exit", 5));
+        let t = merged.totals();
+        assert_eq!((t.branches_taken, t.branches), (1, 2));
+        let missing: Vec<_> = merged
+            .branches()
+            .iter()
+            .filter(|(k, _)| matches!(k.arm, BranchArm::Label(_)))
+            .map(|(k, t)| (k.arm.to_string(), *t))
+            .collect();
+        assert_eq!(missing, vec![("exit".to_owned(), Some(0))]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use roaring::RoaringBitmap;
 
-use super::{BranchKey, Totals};
+use super::{BranchArm, BranchKey, COUNTED_BLOCK, Totals};
 
 /// A branch outcome: `None` when the block never ran (LCOV's `-`), otherwise times taken.
 pub type Taken = Option<u64>;
@@ -193,12 +193,7 @@ impl FileCoverage {
         }
         self.merge_lines(other);
         if !other.branches.is_empty() {
-            self.branches = merge_sorted(
-                std::mem::take(&mut self.branches),
-                &other.branches,
-                |a, b| a.0.cmp(&b.0),
-                |kept, new| kept.1 = add_taken(kept.1, new.1),
-            );
+            self.branches = merge_branches(std::mem::take(&mut self.branches), &other.branches);
         }
         if !other.functions.is_empty() {
             self.functions = merge_sorted(
@@ -273,6 +268,94 @@ impl FileCoverage {
             functions_hit: self.functions.iter().filter(|f| f.hits > 0).count() as u64,
         }
     }
+}
+
+type Arm = (BranchKey, Taken);
+
+fn is_counted(arm: &Arm) -> bool {
+    arm.0.block & COUNTED_BLOCK != 0
+}
+
+/// Keyed arms sum; a line's counted arms (see [`COUNTED_BLOCK`]) present on both sides merge
+/// by [`merge_counted_line`].
+fn merge_branches(mine: Vec<Arm>, theirs: &[Arm]) -> Vec<Arm> {
+    let sum = |kept: &mut Arm, new: &Arm| kept.1 = add_taken(kept.1, new.1);
+    // Checked per merge so that the common case (no counted arms on one side) stays one
+    // linear walk.
+    if !theirs.iter().any(is_counted) || !mine.iter().any(is_counted) {
+        return merge_sorted(mine, theirs, |a, b| a.0.cmp(&b.0), sum);
+    }
+    let (mine_counted, mine_keyed): (Vec<Arm>, Vec<Arm>) = mine.into_iter().partition(is_counted);
+    let (theirs_counted, theirs_keyed): (Vec<Arm>, Vec<Arm>) =
+        theirs.iter().cloned().partition(is_counted);
+    let mut out = merge_sorted(mine_keyed, &theirs_keyed, |a, b| a.0.cmp(&b.0), sum);
+    let by_line = |arms: Vec<Arm>| {
+        let mut lines: std::collections::BTreeMap<(u32, u32), Vec<Arm>> = Default::default();
+        for arm in arms {
+            lines
+                .entry((arm.0.line, arm.0.block))
+                .or_default()
+                .push(arm);
+        }
+        lines
+    };
+    let mut theirs_lines = by_line(theirs_counted);
+    for (at, arms) in by_line(mine_counted) {
+        match theirs_lines.remove(&at) {
+            Some(other) => out.extend(merge_counted_line(at, &arms, &other)),
+            None => out.extend(arms),
+        }
+    }
+    out.extend(theirs_lines.into_values().flatten());
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// One line's counted arms from two sources: as many arms as the larger report, missing
+/// those both missed, and every other arm taken. A taken arm carries no count (the tools
+/// that report arms this way give none), so it shows 1.
+fn merge_counted_line((line, block): (u32, u32), mine: &[Arm], theirs: &[Arm]) -> Vec<Arm> {
+    let missing = |arms: &[Arm]| -> std::collections::BTreeMap<Box<str>, Taken> {
+        arms.iter()
+            .filter_map(|(k, t)| match &k.arm {
+                BranchArm::Label(l) => Some((l.clone(), *t)),
+                BranchArm::Index(_) => None,
+            })
+            .collect()
+    };
+    let theirs_missing = missing(theirs);
+    let both: Vec<(Box<str>, Taken)> = missing(mine)
+        .into_iter()
+        .filter_map(|(label, t)| {
+            let other = *theirs_missing.get(&label)?;
+            Some((label, add_taken(t, other)))
+        })
+        .collect();
+    let arms = mine.len().max(theirs.len());
+    counted_arms(line, block, arms.saturating_sub(both.len()), both)
+}
+
+/// A line's counted arms (see [`COUNTED_BLOCK`]): `taken` arms by position, then each missing
+/// arm keyed by its label (its destination), with `None` when the line never ran.
+pub fn counted_arms(
+    line: u32,
+    block: u32,
+    taken: usize,
+    missing: impl IntoIterator<Item = (Box<str>, Taken)>,
+) -> Vec<Arm> {
+    let key = |arm| BranchKey {
+        line,
+        block: block | COUNTED_BLOCK,
+        arm,
+    };
+    (0..taken)
+        .map(|i| (key(BranchArm::Index(i as u32)), Some(1)))
+        .chain(
+            missing
+                .into_iter()
+                .map(|(label, t)| (key(BranchArm::Label(label)), t)),
+        )
+        .collect()
 }
 
 fn merge_function(kept: &mut Function, new: &Function) {

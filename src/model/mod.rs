@@ -14,7 +14,7 @@ mod testrun;
 use std::collections::BTreeMap;
 
 pub use builder::FileBuilder;
-pub use file::{FileCoverage, Function, Taken, add_taken};
+pub use file::{FileCoverage, Function, Taken, add_taken, counted_arms};
 pub use testrun::{TestCase, TestStatus};
 
 /// Which branch of a block: numbered (gcc, llvm) or named (coverage.py's "jump to line 27").
@@ -32,6 +32,16 @@ impl std::fmt::Display for BranchArm {
         }
     }
 }
+
+/// The flag in [`BranchKey::block`] that marks a line whose arms a tool reported only by
+/// count, naming at most the arms it did not take (Cobertura's
+/// `condition-coverage="50% (1/2)" missing-branches="27"`, from coverage.py). Such a line's
+/// arms are `Index(0..taken)` for the taken ones and `Label` (the destination) for each missing
+/// one, and they do not merge by sum: the same taken arm would be counted once per shard, since
+/// nothing says which arm was taken. They merge by coverage.py's own rule instead: an arm is
+/// missing iff every shard that reported the line missed it (see [`FileCoverage::merge`]).
+/// Coverage of the toolz corpus' Cobertura shards merges to exactly coverage.py's combine.
+pub const COUNTED_BLOCK: u32 = 1 << 30;
 
 /// The identity of a branch within a file.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

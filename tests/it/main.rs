@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod cli;
+mod cobertura_dtd;
 mod corpus;
 mod durability;
 mod export;

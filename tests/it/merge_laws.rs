@@ -1,9 +1,12 @@
 //! The merge's laws, checked on random deltas: order and grouping do not matter, a replayed
-//! delta changes nothing, and the result equals a naive set/sum model.
+//! delta changes nothing, and the result equals a naive set/sum model (with intersection of
+//! the missing arms for counted arms, Cobertura's arms known by count).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use covd::model::{BranchArm, BranchKey, Coverage, FileBuilder, FileCoverage, Taken};
+use covd::model::{
+    BranchArm, BranchKey, COUNTED_BLOCK, Coverage, FileBuilder, FileCoverage, Taken, counted_arms,
+};
 use covd::service::{CoverageService, Delta, Limits, ShardHeader};
 use proptest::prelude::*;
 
@@ -22,7 +25,9 @@ fn file_strategy() -> impl Strategy<Value = FileCoverage> {
         0..8,
     );
     let functions = prop::collection::vec(("[fg]", 1u32..5, 0u64..3), 0..4);
-    (lines, branches, functions).prop_map(|(lines, branches, functions)| {
+    // Counted arms: three per line, the mask says which are missing.
+    let counted = prop::collection::btree_map(60u32..64, (0u8..8, any::<bool>()), 0..3);
+    (lines, branches, functions, counted).prop_map(|(lines, branches, functions, counted)| {
         let mut b = FileBuilder::new();
         for (l, h) in lines {
             b.line(l, h);
@@ -32,6 +37,16 @@ fn file_strategy() -> impl Strategy<Value = FileCoverage> {
         }
         for (name, start, hits) in functions {
             b.function(&name, start, 0, hits);
+        }
+        for (line, (mask, reached)) in counted {
+            let reached = reached || mask != 0b111;
+            let missing: Vec<(Box<str>, Taken)> = (0..3)
+                .filter(|d| mask & (1 << d) != 0)
+                .map(|d| (format!("jump to line {d}").into(), reached.then_some(0)))
+                .collect();
+            for (key, taken) in counted_arms(line, 0, 3 - missing.len(), missing) {
+                b.branch(key, taken);
+            }
         }
         b.build()
     })
@@ -47,6 +62,17 @@ struct Naive {
     lines: BTreeMap<String, BTreeMap<u32, u64>>,
     branches: BTreeMap<String, BTreeMap<BranchKey, Taken>>,
     functions: BTreeMap<String, BTreeMap<(String, u32), u64>>,
+    counted: BTreeMap<String, CountedLines>,
+}
+
+/// Per line: the number of counted arms and the missing ones (by label).
+type CountedLines = BTreeMap<u32, (usize, BTreeMap<String, Taken>)>;
+
+fn add(a: Taken, b: Taken) -> Taken {
+    match (a, b) {
+        (None, t) | (t, None) => t,
+        (Some(a), Some(b)) => Some(a + b),
+    }
 }
 
 impl Naive {
@@ -58,13 +84,34 @@ impl Naive {
                 *lines.entry(l).or_default() += h;
             }
             let branches = n.branches.entry(path.clone()).or_default();
+            let mut counted = CountedLines::new();
             for (k, t) in f.branches() {
+                if k.block & COUNTED_BLOCK != 0 {
+                    let line = counted.entry(k.line).or_default();
+                    line.0 += 1;
+                    if let BranchArm::Label(l) = &k.arm {
+                        line.1.insert(l.to_string(), *t);
+                    }
+                    continue;
+                }
                 let slot = branches.entry(k.clone()).or_insert(None);
-                *slot = match (*slot, *t) {
-                    (None, t) => t,
-                    (s, None) => s,
-                    (Some(a), Some(b)) => Some(a + b),
-                };
+                *slot = add(*slot, *t);
+            }
+            // A counted arm is missing iff every report of its line missed it.
+            let all = n.counted.entry(path.clone()).or_default();
+            for (line, (arms, missing)) in counted {
+                match all.get_mut(&line) {
+                    None => {
+                        all.insert(line, (arms, missing));
+                    }
+                    Some((kept_arms, kept_missing)) => {
+                        *kept_arms = (*kept_arms).max(arms);
+                        kept_missing.retain(|label, _| missing.contains_key(label));
+                        for (label, t) in kept_missing.iter_mut() {
+                            *t = add(*t, missing[label]);
+                        }
+                    }
+                }
             }
             let functions = n.functions.entry(path.clone()).or_default();
             for func in f.functions() {
