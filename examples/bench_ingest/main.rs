@@ -1,17 +1,27 @@
 //! End-to-end ingest benchmark: a real daemon (a child process), shards pushed concurrently
-//! through the real gRPC client, a waiting fetch, and grcov on the same files when installed.
+//! through the real gRPC client while the final CI step's fetch already waits, and — on the
+//! same files, in the same run — `lcov -a`, `grcov` and `coverage combine` where installed
+//! (`scripts/install-reference-tools.sh`).
 //!
 //! ```text
-//! cargo run --release --example bench_ingest -- --shards 16 --files 5000
+//! cargo run --release --example bench_ingest -- --shards 16 --files 35000
 //! cargo run --release --example bench_ingest -- --data DIR     # shard_*.info already made
 //! ```
 //!
 //! Without `--data`, the shards are generated with `../shared/bench/gen_lcov.py` into
 //! `target/bench-data/` (once). Prints: input size and records; ingest wall time and
-//! throughput (MB/s of LCOV, file records/s); the daemon's CPU seconds for the ingest; the time
-//! from the last shard's finish to the merged LCOV on disk; the daemon's peak RSS; a check of
-//! the merged totals against the generator's ground truth; and grcov's wall time and peak RSS
-//! for merging the same files, with the ratio.
+//! throughput (MB/s of LCOV, file records/s); the daemon's CPU for the ingest, per file record,
+//! and the part of it spent after the last shard finished; the time from the last shard's
+//! finish to the merged LCOV on disk (what CI waits for); the daemon's peak RSS; the recovery
+//! time after `kill -9`; the merged totals against the generator's ground truth; then each
+//! reference tool's wall time, CPU, peak RSS, ratio to covd's wait, and whether its merged
+//! lines and counts equal covd's.
+//!
+//! Options: `--stagger SECS` spreads the shards' starts evenly over SECS (shards arriving
+//! while others run, as in CI); `--with-memory` also runs the `--in-memory` daemon;
+//! `--no-lcov` skips `lcov -a` (minutes at the seed's scale); `--no-reference` skips all three.
+
+mod reference;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -30,6 +40,10 @@ struct Args {
     shards: usize,
     files: usize,
     data: Option<PathBuf>,
+    stagger: Duration,
+    with_memory: bool,
+    lcov: bool,
+    reference: bool,
 }
 
 fn args() -> Args {
@@ -37,6 +51,10 @@ fn args() -> Args {
         shards: 16,
         files: 5000,
         data: None,
+        stagger: Duration::ZERO,
+        with_memory: false,
+        lcov: true,
+        reference: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -44,6 +62,16 @@ fn args() -> Args {
             "--shards" => a.shards = it.next().and_then(|v| v.parse().ok()).expect("--shards N"),
             "--files" => a.files = it.next().and_then(|v| v.parse().ok()).expect("--files N"),
             "--data" => a.data = it.next().map(PathBuf::from),
+            "--stagger" => {
+                a.stagger = Duration::from_secs_f64(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--stagger SECONDS"),
+                )
+            }
+            "--with-memory" => a.with_memory = true,
+            "--no-lcov" => a.lcov = false,
+            "--no-reference" => a.reference = false,
             "--bench" => {} // passed by `cargo bench`-style runners; ignored
             other => panic!("unknown argument {other}"),
         }
@@ -71,24 +99,42 @@ fn main() {
     let bytes: u64 = shards.iter().map(|p| p.metadata().unwrap().len()).sum();
     let records: u64 = shards.iter().map(|p| count_records(p)).sum();
     println!(
-        "data: {} shards in {}, {:.1} MB of LCOV, {} file records",
+        "data: {} shards in {}, {:.1} MB of LCOV, {} file records{}",
         shards.len(),
         dir.display(),
         bytes as f64 / 1e6,
-        records
+        records,
+        if a.stagger.is_zero() {
+            String::new()
+        } else {
+            format!(", starts spread over {:.0} s", a.stagger.as_secs_f64())
+        }
     );
 
-    let memory = round(&shards, None);
-    let store = tempfile_dir();
-    let durable = round(&shards, Some(&store));
+    let scratch = scratch_dir();
+    let memory = a
+        .with_memory
+        .then(|| round(&shards, None, a.stagger, &scratch));
+    let store = scratch.join("store");
+    let durable = round(&shards, Some(&store), a.stagger, &scratch);
     let _ = std::fs::remove_dir_all(&store);
 
     let mb = bytes as f64 / 1e6;
-    println!(
-        "\ncovd (release build)                  in memory        durable (SQLite, fsync per group)"
-    );
+    let mut rounds = vec![("durable (SQLite, fsync per group)", &durable)];
+    if let Some(m) = &memory {
+        rounds.insert(0, ("in memory", m));
+    }
+    print!("\n{:<42}", "covd (release build)");
+    for (name, _) in &rounds {
+        print!(" {name:<34}");
+    }
+    println!();
     let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
-        println!("  {name:<36} {:<16} {}", f(&memory), f(&durable));
+        print!("  {name:<40}");
+        for (_, r) in &rounds {
+            print!(" {:<34}", f(r));
+        }
+        println!();
     };
     row("ingest wall time", &|f| {
         format!("{:.3} s", f.ingest.as_secs_f64())
@@ -103,16 +149,21 @@ fn main() {
     row("daemon CPU per file record", &|f| {
         format!("{:.2} µs", f.cpu * 1e6 / records as f64)
     });
+    row("daemon CPU after the last finish", &|f| {
+        format!("{:.3} s", f.cpu_after_last)
+    });
     row("last finish → merged LCOV on disk", &|f| {
         format!("{:.3} s", f.wait.as_secs_f64())
     });
     row("daemon peak RSS", &|f| {
         format!("{:.1} MB", f.peak_kb as f64 / 1024.0)
     });
-    println!(
-        "  durable / in-memory ingest throughput: {:.2}",
-        memory.ingest.as_secs_f64() / durable.ingest.as_secs_f64()
-    );
+    if let Some(m) = &memory {
+        println!(
+            "  durable / in-memory ingest throughput: {:.2}",
+            m.ingest.as_secs_f64() / durable.ingest.as_secs_f64()
+        );
+    }
     if let Some(r) = durable.recovery {
         println!(
             "  recovery after kill -9 (a complete run + an open run of {} shards × {} files): {:.3} s",
@@ -121,29 +172,50 @@ fn main() {
             r.as_secs_f64()
         );
     }
-    check_truth(&dir, &memory.totals);
-    assert_eq!(memory.totals, durable.totals);
-    let last_finish_to_written = durable.wait;
-    let ingest = durable.ingest;
-
-    match grcov(&shards) {
-        Some((wall, rss_kb)) => {
-            println!("\ngrcov (same files, lcov in, lcov out):");
-            println!(
-                "  merge wall time                {wall:>9.3} s   peak RSS {:.1} MB",
-                rss_kb as f64 / 1024.0
-            );
-            println!(
-                "\nratio: grcov's merge / covd's wait after the last finish = {:.0}×; \
-                 grcov / covd's whole ingest = {:.1}×",
-                wall / last_finish_to_written.as_secs_f64(),
-                wall / ingest.as_secs_f64()
-            );
-        }
-        None => println!(
-            "\ngrcov: not installed (cargo install grcov; or set GRCOV=path) — no comparison"
-        ),
+    check_truth(&dir, &durable.totals);
+    if let Some(m) = &memory {
+        assert_eq!(m.totals, durable.totals);
     }
+
+    if a.reference {
+        let ours = reference::read_lcov(&durable.merged);
+        let wait = durable.wait.as_secs_f64();
+        let mut tools = Vec::new();
+        if a.lcov {
+            tools.extend(reference::lcov_add(&shards, &scratch, &ours));
+        }
+        tools.extend(reference::grcov(&shards, &scratch, &ours));
+        tools.extend(reference::coverage_combine(&shards, &scratch, &ours));
+        if !tools.is_empty() {
+            println!(
+                "\nreference tools on the same files (CI waits for the whole merge after the last shard)"
+            );
+            println!(
+                "  {:<18} {:>10} {:>10} {:>12} {:>16}  result vs covd's merge",
+                "tool", "wall", "CPU", "peak RSS", "wall / covd wait"
+            );
+            println!(
+                "  {:<18} {:>8.3} s {:>8.3} s {:>9.1} MB {:>16}  (last finish → merged LCOV on disk)",
+                "covd",
+                wait,
+                durable.cpu_after_last,
+                durable.peak_kb as f64 / 1024.0,
+                "1×"
+            );
+            for t in &tools {
+                println!(
+                    "  {:<18} {:>8.3} s {:>8.3} s {:>9.1} MB {:>15.0}×  {}",
+                    t.name,
+                    t.wall,
+                    t.cpu,
+                    t.peak_kb as f64 / 1024.0,
+                    t.wall / wait,
+                    t.verdict
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 fn daemon(data_dir: Option<PathBuf>) {
@@ -192,25 +264,64 @@ struct Figures {
     ingest: Duration,
     wait: Duration,
     cpu: f64,
+    cpu_after_last: f64,
     peak_kb: u64,
     totals: covd::model::Totals,
     recovery: Option<Duration>,
+    /// The merged LCOV the waiting fetch wrote.
+    merged: PathBuf,
+}
+
+/// What one push of every shard measured.
+struct Pushed {
+    ingest: Duration,
+    wait: Duration,
+    cpu: f64,
+    cpu_after_last: f64,
+    totals: covd::model::Totals,
 }
 
 /// Pushes every shard into a fresh daemon (durable when `data_dir` is given) while a fetch
 /// waits; with a store, then fills a second, never-complete run and measures a restart.
-fn round(shards: &[PathBuf], data_dir: Option<&Path>) -> Figures {
+fn round(
+    shards: &[PathBuf],
+    data_dir: Option<&Path>,
+    stagger: Duration,
+    scratch: &Path,
+) -> Figures {
     let (mut child, url, _) = spawn_daemon(data_dir);
     let pid = child.id();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (ingest, wait, cpu, totals) =
-        runtime.block_on(run(&url, shards, pid, "bench", shards.len()));
+    let merged = scratch.join(if data_dir.is_some() {
+        "covd-durable.info"
+    } else {
+        "covd-memory.info"
+    });
+    let pushed = runtime.block_on(run(
+        &url,
+        shards,
+        pid,
+        "bench",
+        shards.len(),
+        stagger,
+        &merged,
+    ));
     let peak_kb = peak_rss_kb(pid);
     let mut recovery = None;
     if let Some(dir) = data_dir {
         // A run expecting one shard more than it gets stays open, so a restart must replay
         // its whole delta log.
-        runtime.block_on(run(&url, shards, pid, "open", shards.len() + 1));
+        let open = scratch.join("covd-open.info");
+        runtime.block_on(run(
+            &url,
+            shards,
+            pid,
+            "open",
+            shards.len() + 1,
+            Duration::ZERO,
+            &open,
+        ));
+        let _ = std::fs::remove_file(&open);
         let _ = child.kill(); // SIGKILL: no clean shutdown
         let _ = child.wait();
         let (again, url, took) = spawn_daemon(Some(dir));
@@ -219,7 +330,7 @@ fn round(shards: &[PathBuf], data_dir: Option<&Path>) -> Figures {
             .block_on(async { Client::connect(&url).unwrap().status("open").await })
             .unwrap();
         assert_eq!(
-            status.totals, totals,
+            status.totals, pushed.totals,
             "the recovered open run equals what was pushed"
         );
         recovery = Some(took);
@@ -227,12 +338,14 @@ fn round(shards: &[PathBuf], data_dir: Option<&Path>) -> Figures {
     let _ = child.kill();
     let _ = child.wait();
     Figures {
-        ingest,
-        wait,
-        cpu,
+        ingest: pushed.ingest,
+        wait: pushed.wait,
+        cpu: pushed.cpu,
+        cpu_after_last: pushed.cpu_after_last,
         peak_kb,
-        totals,
+        totals: pushed.totals,
         recovery,
+        merged,
     }
 }
 
@@ -242,7 +355,9 @@ async fn run(
     pid: u32,
     run_id: &'static str,
     expect: usize,
-) -> (Duration, Duration, f64, covd::model::Totals) {
+    stagger: Duration,
+    out_path: &Path,
+) -> Pushed {
     let mut client = Client::connect(url).unwrap();
     let ids: Vec<String> = (0..expect).map(|i| i.to_string()).collect();
     client
@@ -258,11 +373,10 @@ async fn run(
     let ids_len = shards.len();
     // The final CI step: already waiting when the shards start (for an incomplete run, it
     // only exports once the pushes are done).
-    let out_path = std::env::temp_dir().join(format!("covd-bench-{}.info", std::process::id()));
     let (pushed_tx, pushed_rx) = tokio::sync::oneshot::channel::<()>();
     let fetch = {
         let mut client = client.clone();
-        let out_path = out_path.clone();
+        let out_path = out_path.to_owned();
         let pushed = pushed_rx;
         tokio::spawn(async move {
             if expect != ids_len {
@@ -272,20 +386,25 @@ async fn run(
             let wait = (expect == ids_len).then_some(Duration::from_secs(3600));
             let header = client.export(run_id, wait, &mut out).await.unwrap();
             out.into_inner().unwrap().sync_all().unwrap();
-            (Instant::now(), header)
+            (Instant::now(), cpu_seconds(pid), header)
         })
     };
     let cpu_before = cpu_seconds(pid);
     let start = Instant::now();
-    let last_finish = Arc::new(std::sync::Mutex::new(start));
+    // The latest finish so far, with the daemon's CPU seconds at that moment.
+    let last_finish = Arc::new(std::sync::Mutex::new((start, cpu_before)));
+    let n = shards.len() as u32;
     let pushes: Vec<_> = shards
         .iter()
         .zip(ids)
-        .map(|(path, id)| {
+        .enumerate()
+        .map(|(i, (path, id))| {
             let mut client = client.clone();
             let path = path.clone();
             let last_finish = last_finish.clone();
+            let delay = stagger * i as u32 / n.max(1);
             tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
                 let (tx, rx) = mpsc::channel(4);
                 let reader = tokio::task::spawn_blocking(move || {
                     let mut r = lcov::Reader::new(BufReader::with_capacity(
@@ -318,9 +437,12 @@ async fn run(
                     .await
                     .unwrap();
                 let now = Instant::now();
+                let cpu = cpu_seconds(pid);
                 {
                     let mut last = last_finish.lock().unwrap();
-                    *last = (*last).max(now);
+                    if now > last.0 {
+                        *last = (now, cpu);
+                    }
                 }
                 reader.await.unwrap();
             })
@@ -330,18 +452,16 @@ async fn run(
         p.await.unwrap();
     }
     let _ = pushed_tx.send(());
-    let (written, header) = fetch.await.unwrap();
-    let last = *last_finish.lock().unwrap();
-    let ingest = last - start;
-    let cpu = cpu_seconds(pid) - cpu_before;
+    let (written, cpu_written, header) = fetch.await.unwrap();
+    let (last, cpu_at_last) = *last_finish.lock().unwrap();
     assert_eq!(header.complete, expect == ids_len);
-    let _ = std::fs::remove_file(&out_path);
-    (
-        ingest,
-        written.saturating_duration_since(last),
-        cpu,
-        header.totals,
-    )
+    Pushed {
+        ingest: last - start,
+        wait: written.saturating_duration_since(last),
+        cpu: cpu_written - cpu_before,
+        cpu_after_last: (cpu_written - cpu_at_last).max(0.0),
+        totals: header.totals,
+    }
 }
 
 fn generate(shards: usize, files: usize) -> PathBuf {
@@ -440,37 +560,9 @@ fn check_truth(dir: &Path, t: &covd::model::Totals) {
     );
 }
 
-/// grcov's wall time and peak RSS (KB) for merging the shards into one LCOV file.
-fn grcov(shards: &[PathBuf]) -> Option<(f64, u64)> {
-    let grcov = std::env::var("GRCOV").unwrap_or_else(|_| "grcov".into());
-    Command::new(&grcov).arg("--version").output().ok()?;
-    let out = std::env::temp_dir().join(format!("grcov-bench-{}.info", std::process::id()));
-    let start = Instant::now();
-    let r = Command::new("/usr/bin/time")
-        .args(["-f", "%M"])
-        .arg(&grcov)
-        .args(shards)
-        .args(["-t", "lcov", "-o"])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .output()
-        .ok()?;
-    let wall = start.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&out);
-    if !r.status.success() {
-        eprintln!("grcov failed: {}", String::from_utf8_lossy(&r.stderr));
-        return None;
-    }
-    let rss = String::from_utf8_lossy(&r.stderr)
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or(0);
-    Some((wall, rss))
-}
-
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("covd-bench-store-{}", std::process::id()));
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("covd-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     dir
 }
