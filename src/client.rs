@@ -480,11 +480,7 @@ impl Client {
                 .await;
         }
         for d in unacked.iter() {
-            if tx
-                .send(request(ingest_request::Msg::Delta(d.clone())))
-                .await
-                .is_err()
-            {
+            if tx.send(proto::IngestRequest::delta(d)).await.is_err() {
                 break;
             }
         }
@@ -508,7 +504,7 @@ impl Client {
                         };
                         *next_seq += 1;
                         unacked.push_back(delta.clone());
-                        let _ = tx.send(request(ingest_request::Msg::Delta(delta))).await;
+                        let _ = tx.send(proto::IngestRequest::delta(&delta)).await;
                     }
                     Some(PushInput::Done(tests)) => {
                         *input_done = true;

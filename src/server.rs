@@ -168,7 +168,8 @@ async fn open_service(settings: &Settings) -> Result<CoverageService, ServerErro
     let started = Instant::now();
     // Recovery reads and merges everything stored: blocking work.
     let (service, recovery) = tokio::task::spawn_blocking(move || {
-        let store = Store::open_with(&dir, max_bytes)?;
+        let store = Store::open_with(&dir, max_bytes)?
+            .with_wire_decoder(crate::rpc::convert::wire_delta_files);
         CoverageService::open(limits, store)
     })
     .await

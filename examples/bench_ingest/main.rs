@@ -20,6 +20,7 @@
 //! Options: `--stagger SECS` spreads the shards' starts evenly over SECS (shards arriving
 //! while others run, as in CI); `--with-memory` also runs the `--in-memory` daemon;
 //! `--no-lcov` skips `lcov -a` (minutes at the seed's scale); `--no-reference` skips all three.
+//! `COVD_BENCH_WRAP` runs the daemon under a profiler (see `spawn_daemon`).
 
 mod reference;
 
@@ -243,7 +244,18 @@ fn daemon(data_dir: Option<PathBuf>) {
 /// Starts the daemon child; returns it, its URL, and how long it took to be ready.
 fn spawn_daemon(data_dir: Option<&Path>) -> (std::process::Child, String, Duration) {
     let started = Instant::now();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    // COVD_BENCH_WRAP runs the daemon under a profiler, e.g.
+    // `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p`.
+    let wrap = std::env::var("COVD_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(std::env::current_exe().unwrap());
+            c
+        }
+        None => Command::new(std::env::current_exe().unwrap()),
+    };
     cmd.arg("__daemon");
     if let Some(dir) = data_dir {
         cmd.arg(dir);
@@ -307,6 +319,13 @@ fn round(
         &merged,
     ));
     let peak_kb = peak_rss_kb(pid);
+    if std::env::var("COVD_BENCH_WRAP").is_ok_and(|w| w.contains("callgrind")) {
+        // The daemon is killed, not stopped: have callgrind write the profile of the ingest.
+        let _ = Command::new("callgrind_control")
+            .args(["--dump", &pid.to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
     let mut recovery = None;
     if let Some(dir) = data_dir {
         // A run expecting one shard more than it gets stays open, so a restart must replay

@@ -14,6 +14,39 @@ use crate::model::{BranchArm, BranchKey, FileCoverage, Function};
 /// their version byte.
 pub const FORMAT_VERSION: u8 = 1;
 
+/// The version byte of a delta kept as its client encoded it (a `covd.v1.Delta`, see
+/// [`crate::service::Delta::wire`]); only the delta log holds these, and the store reads them
+/// with its [`WireDecoder`].
+pub const WIRE_DELTA_FORMAT: u8 = 2;
+
+/// Reads a delta the store kept in wire form: its files, or why it cannot. The store has no
+/// protocol code of its own; the server hands it the protocol layer's decoder.
+pub type WireDecoder = fn(&[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, String>;
+
+/// A delta log record holding a delta in wire form.
+pub fn wire_record(wire: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(wire.len() + 1);
+    out.push(WIRE_DELTA_FORMAT);
+    out.extend_from_slice(wire);
+    out
+}
+
+/// Decodes a delta log record: postcard ([`encode_files`]) or wire form.
+pub fn decode_delta(
+    bytes: &[u8],
+    wire: Option<WireDecoder>,
+) -> Result<Vec<(Arc<str>, FileCoverage)>, CodecError> {
+    match bytes.split_first() {
+        Some((&WIRE_DELTA_FORMAT, body)) => match wire {
+            Some(decode) => decode(body).map_err(CodecError::Malformed),
+            None => Err(CodecError::Malformed(
+                "a delta in wire form, and no protocol decoder was given to the store".into(),
+            )),
+        },
+        _ => decode_files(bytes),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty record")]
@@ -243,5 +276,25 @@ mod tests {
             Err(CodecError::NewerFormat(_))
         ));
         assert!(matches!(decode_files(&[]), Err(CodecError::Empty)));
+    }
+
+    #[test]
+    fn wire_deltas_need_the_protocol_decoder() {
+        fn decoder(body: &[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, String> {
+            match body {
+                b"ok" => Ok(vec![(Arc::from("a.c"), FileCoverage::default())]),
+                _ => Err("not a delta".into()),
+            }
+        }
+        let record = wire_record(b"ok");
+        assert_eq!(record[0], WIRE_DELTA_FORMAT);
+        assert_eq!(decode_delta(&record, Some(decoder)).unwrap().len(), 1);
+        let e = decode_delta(&record, None).unwrap_err();
+        assert!(e.to_string().contains("no protocol decoder"), "{e}");
+        let e = decode_delta(&wire_record(b"no"), Some(decoder)).unwrap_err();
+        assert!(e.to_string().contains("not a delta"), "{e}");
+        // Records written by encode_files still read.
+        let postcard = encode_files([("b.c", &FileCoverage::default())]);
+        assert_eq!(&*decode_delta(&postcard, None).unwrap()[0].0, "b.c");
     }
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::FileCoverage;
-pub use codec::{CodecError, FORMAT_VERSION};
+pub use codec::{CodecError, FORMAT_VERSION, WireDecoder};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "covd.sqlite3";
@@ -184,6 +184,8 @@ pub struct Store {
     failure: Arc<Mutex<Option<String>>>,
     reader: Mutex<Connection>,
     stats: Arc<CommitStats>,
+    /// Reads deltas kept in wire form (see [`codec::WIRE_DELTA_FORMAT`]).
+    wire: Option<WireDecoder>,
     // Held for the store's life: the lock is released when the file closes.
     _lock: File,
 }
@@ -251,8 +253,16 @@ impl Store {
             failure,
             reader: Mutex::new(reader),
             stats,
+            wire: None,
             _lock: lock,
         })
+    }
+
+    /// Gives the store the protocol's decoder for deltas kept in wire form. The server does
+    /// this at start; without it, such deltas cannot be replayed.
+    pub fn with_wire_decoder(mut self, decode: WireDecoder) -> Store {
+        self.wire = Some(decode);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -368,7 +378,7 @@ impl Store {
             let mut rows = stmt.query(params![run_id, shard, attempt, *last_seq as i64])?;
             while let Some(row) = rows.next()? {
                 let body: Vec<u8> = row.get(0)?;
-                f(shard, codec::decode_files(&body)?);
+                f(shard, codec::decode_delta(&body, self.wire)?);
             }
         }
         Ok(())

@@ -1,7 +1,10 @@
 //! Conversions between wire messages and domain types. Everything from the wire is validated
 //! here, and a refusal names the field (`delta.files[3].line_gaps[17]`).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use prost::Message;
 
 use super::proto;
 use crate::model::{
@@ -206,7 +209,34 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
 /// Validates and converts a delta from the wire. Nothing of it reaches the aggregate unless
 /// all of it is valid. Field names for errors are formatted only when there is an error: this
 /// runs for every file of every delta.
-pub(crate) fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta, Error> {
+/// A delta as it came over the wire: decoded and validated, its bytes kept for the store.
+pub(crate) fn delta_from_wire(wire: bytes::Bytes, limits: &Limits) -> Result<Delta, Error> {
+    let d = proto::Delta::decode(&wire[..])
+        .map_err(|e| Error::invalid("delta", format!("does not decode as covd.v1.Delta: {e}")))?;
+    let mut delta = delta_from_proto(d, limits)?;
+    delta.wire = Some(wire);
+    Ok(delta)
+}
+
+/// The store's [`crate::persist::WireDecoder`]: the files of a delta kept in wire form. Its
+/// delta passed validation when it arrived, so only the hard bounds apply here: a limit
+/// lowered since then must not make acknowledged data unreadable.
+pub fn wire_delta_files(wire: &[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, String> {
+    let limits = Limits {
+        max_line: model::MAX_LINE,
+        max_name_bytes: usize::MAX,
+        ..Limits::default()
+    };
+    let d = proto::Delta::decode(wire).map_err(|e| format!("stored delta: {e}"))?;
+    let delta = delta_from_proto(d, &limits).map_err(|e| format!("stored delta: {e}"))?;
+    Ok(delta
+        .files
+        .into_iter()
+        .map(|(path, file)| (Arc::from(path), file))
+        .collect())
+}
+
+fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta, Error> {
     let test: Option<std::sync::Arc<str>> = match d.test {
         None => None,
         Some(t) => {
@@ -230,7 +260,11 @@ pub(crate) fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta
             Ok((path, file))
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    Ok(Delta { seq: d.seq, files })
+    Ok(Delta {
+        seq: d.seq,
+        files,
+        wire: None,
+    })
 }
 
 /// Gap-encoded lines from the wire, checked: ascending, distinct, within the line limit.

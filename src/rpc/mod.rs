@@ -2,8 +2,12 @@
 //! domain [`CoverageService`], conversions with validation (`convert`) and the one error→status
 //! table (`status`). Nothing below this layer sees a tonic type.
 
+mod codec;
 pub mod convert;
+mod frame;
 mod status;
+
+pub use codec::SliceCodec;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -20,6 +24,8 @@ use convert::*;
 #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod proto {
     tonic::include_proto!("covd.v1");
+
+    pub use super::frame::{IngestRequest, ingest_request};
 
     /// The encoded descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -247,8 +253,8 @@ async fn ingest(
             return Ok(());
         };
         match message.msg {
-            Some(In::Delta(delta)) => {
-                let delta = delta_from_proto(delta, service.limits())?;
+            Some(In::Delta(wire)) => {
+                let delta = delta_from_wire(wire, service.limits())?;
                 let applied = service.apply(&session, delta).await?;
                 let ack = proto::Ack {
                     seq: applied.seq,

@@ -325,7 +325,10 @@ impl CoverageService {
                     .ok_or_else(|| vanished(shard_id))?;
                 ShardRecordAt::new(shard_id, s, delta.seq)
             };
-            let body = codec::encode_files(delta.files.iter().map(|(p, f)| (p.as_str(), f)));
+            let body = match &delta.wire {
+                Some(wire) => codec::wire_record(wire),
+                None => codec::encode_files(delta.files.iter().map(|(p, f)| (p.as_str(), f))),
+            };
             store.write_blocking(vec![Write::AppendDelta {
                 run_id: run.id.clone(),
                 shard: shard.0,

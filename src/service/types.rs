@@ -106,10 +106,14 @@ pub struct ShardHeader {
 }
 
 /// A validated delta: files with their coverage, applied whole or not at all.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Delta {
     pub seq: u64,
     pub files: Vec<(String, FileCoverage)>,
+    /// The delta as its client encoded it, when it came over the wire (a `covd.v1.Delta`): the
+    /// durable store keeps these bytes instead of encoding `files` again, and reads them back
+    /// with the decoder the server gives it ([`crate::persist::WireDecoder`]).
+    pub wire: Option<bytes::Bytes>,
 }
 
 /// What became of a delta.

@@ -170,7 +170,7 @@ async fn invalid_protobuf_is_refused() {
         Err(e) => Err(e),
     };
     let e = result.expect_err("garbage must be refused");
-    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     assert!(e.message().contains("decode"), "{}", e.message());
     // Still serving.
     daemon.client().list_runs(10).await.unwrap();
@@ -223,4 +223,23 @@ async fn bad_names_are_refused() {
         missing.to_string().contains("run `nope` does not exist"),
         "{missing}"
     );
+}
+
+#[tokio::test]
+async fn a_delta_that_does_not_decode_is_invalid_argument_and_the_shard_resumes() {
+    use covd::rpc::proto::ingest_request::Msg as In;
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "cut", "s", 1).await.unwrap();
+    // A length-delimited field whose length runs past the end: a delta cut short.
+    let e = s
+        .send(In::Delta(vec![0x12, 0x40, 0x0a].into()))
+        .await
+        .expect_err("a cut delta must be refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("covd.v1.Delta"), "{}", e.message());
+    // Nothing was applied: the shard resumes from 0 and its first delta is accepted.
+    let (mut s, resume) = Stream::open(&mut c, "cut", "s", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 0);
+    s.delta(1, vec![file("a.c", &[(1, 1)])]).await.unwrap();
 }

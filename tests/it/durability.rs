@@ -367,8 +367,13 @@ async fn a_failed_write_stops_acknowledgements() {
 #[tokio::test]
 async fn expired_runs_keep_their_summary() {
     let dir = tempfile::tempdir().unwrap();
-    let (service, _) =
-        CoverageService::open(Limits::default(), Store::open(dir.path()).unwrap()).unwrap();
+    let (service, _) = CoverageService::open(
+        Limits::default(),
+        Store::open(dir.path())
+            .unwrap()
+            .with_wire_decoder(covd::rpc::convert::wire_delta_files),
+    )
+    .unwrap();
     service
         .open_run(
             "old",
@@ -390,7 +395,14 @@ async fn expired_runs_keep_their_summary() {
         .unwrap();
     let files = delta(0, 1);
     service
-        .apply(&session, Delta { seq: 1, files })
+        .apply(
+            &session,
+            Delta {
+                seq: 1,
+                files,
+                ..Delta::default()
+            },
+        )
         .await
         .unwrap();
     service.finish(&session, 1, None).await.unwrap();
@@ -411,8 +423,13 @@ async fn expired_runs_keep_their_summary() {
     drop(service);
 
     // After a restart the run stays gone and its summary stays.
-    let (service, recovery) =
-        CoverageService::open(Limits::default(), Store::open(dir.path()).unwrap()).unwrap();
+    let (service, recovery) = CoverageService::open(
+        Limits::default(),
+        Store::open(dir.path())
+            .unwrap()
+            .with_wire_decoder(covd::rpc::convert::wire_delta_files),
+    )
+    .unwrap();
     assert_eq!(recovery.runs, 0);
     assert_eq!(service.summaries(10).unwrap().len(), 1);
 }

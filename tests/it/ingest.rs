@@ -66,11 +66,14 @@ impl Stream {
         files: Vec<proto::FileDelta>,
     ) -> Result<proto::Ack, tonic::Status> {
         match self
-            .send(In::Delta(proto::Delta {
-                seq,
-                files,
-                test: None,
-            }))
+            .send(In::Delta(
+                prost::Message::encode_to_vec(&proto::Delta {
+                    seq,
+                    files,
+                    test: None,
+                })
+                .into(),
+            ))
             .await?
         {
             Out::Ack(a) => Ok(a),

@@ -200,12 +200,12 @@ proptest! {
                     }).await.unwrap();
                     for (seq, d) in deltas.iter().enumerate() {
                         let seq = seq as u64 + 1;
-                        let applied = service.apply(&session, Delta { seq, files: vec![d.clone()] }).await.unwrap();
+                        let applied = service.apply(&session, Delta { seq, files: vec![d.clone()], ..Delta::default() }).await.unwrap();
                         assert!(!applied.duplicate);
                         // Replay an earlier delta: acknowledged as a duplicate, not applied.
                         for r in &replays {
                             if (*r as u64) < seq {
-                                let again = Delta { seq: *r as u64 + 1, files: vec![deltas[*r].clone()] };
+                                let again = Delta { seq: *r as u64 + 1, files: vec![deltas[*r].clone()], ..Delta::default() };
                                 assert!(service.apply(&session, again).await.unwrap().duplicate);
                             }
                         }
