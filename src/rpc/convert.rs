@@ -4,12 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use prost::Message;
-
 use super::proto;
-use crate::model::{
-    self, BranchArm, BranchKey, FileCoverage, Function, TestCase, TestStatus, Totals,
-};
+use crate::model::{self, BranchArm, BranchKey, FileCoverage, TestCase, TestStatus, Totals};
 use crate::service::{
     self, Delta, DirectorySummary, Error, ExportHeader, Limits, RunParams, RunStatus, ShardState,
     TestTelemetry,
@@ -211,9 +207,7 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
 /// runs for every file of every delta.
 /// A delta as it came over the wire: decoded and validated, its bytes kept for the store.
 pub(crate) fn delta_from_wire(wire: bytes::Bytes, limits: &Limits) -> Result<Delta, Error> {
-    let d = proto::Delta::decode(&wire[..])
-        .map_err(|e| Error::invalid("delta", format!("does not decode as covd.v1.Delta: {e}")))?;
-    let mut delta = delta_from_proto(d, limits)?;
+    let mut delta = super::delta::read(&wire, limits)?;
     delta.wire = Some(wire);
     Ok(delta)
 }
@@ -227,8 +221,7 @@ pub fn wire_delta_files(wire: &[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, St
         max_name_bytes: usize::MAX,
         ..Limits::default()
     };
-    let d = proto::Delta::decode(wire).map_err(|e| format!("stored delta: {e}"))?;
-    let delta = delta_from_proto(d, &limits).map_err(|e| format!("stored delta: {e}"))?;
+    let delta = super::delta::read(wire, &limits).map_err(|e| format!("stored delta: {e}"))?;
     Ok(delta
         .files
         .into_iter()
@@ -236,39 +229,8 @@ pub fn wire_delta_files(wire: &[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, St
         .collect())
 }
 
-fn delta_from_proto(d: proto::Delta, limits: &Limits) -> Result<Delta, Error> {
-    let test: Option<std::sync::Arc<str>> = match d.test {
-        None => None,
-        Some(t) => {
-            check_name(&t.name, limits).map_err(|r| Error::invalid("delta.test.name", r))?;
-            Some(t.name.into())
-        }
-    };
-    let files = d
-        .files
-        .into_iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let (path, mut file) = file_from_proto(f, limits).map_err(|(field, reason)| {
-                Error::invalid(format!("delta.files[{i}].{field}"), reason)
-            })?;
-            if let Some(test) = &test {
-                let mut tests = file.tests().to_vec();
-                tests.push((test.clone(), file.covered().clone()));
-                file.set_tests(tests);
-            }
-            Ok((path, file))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    Ok(Delta {
-        seq: d.seq,
-        files,
-        wire: None,
-    })
-}
-
 /// Gap-encoded lines from the wire, checked: ascending, distinct, within the line limit.
-fn lines_from_gaps(
+pub(super) fn lines_from_gaps(
     gaps: &[u32],
     limits: &Limits,
     field: &str,
@@ -305,83 +267,6 @@ fn gaps_of(lines: impl Iterator<Item = u32>) -> Vec<u32> {
 }
 
 /// One file of a delta; an error is (field within the file, reason).
-fn file_from_proto(
-    f: proto::FileDelta,
-    limits: &Limits,
-) -> Result<(String, FileCoverage), (String, String)> {
-    model::path::check(&f.path).map_err(|e| ("path".to_owned(), e.to_string()))?;
-    if f.hits.len() != f.line_gaps.len() {
-        return Err((
-            "hits".into(),
-            format!(
-                "has {} counts for {} lines; there must be one per line",
-                f.hits.len(),
-                f.line_gaps.len()
-            ),
-        ));
-    }
-    let lines = lines_from_gaps(&f.line_gaps, limits, "line_gaps")?;
-    let mut file = FileCoverage::from_sorted_lines(&lines, &f.hits)
-        .ok_or_else(|| ("line_gaps".to_owned(), "lines are not ascending".to_owned()))?;
-    let mut branches = Vec::with_capacity(f.branches.len());
-    for (j, b) in f.branches.into_iter().enumerate() {
-        check_line(b.line, limits).map_err(|r| (format!("branches[{j}].line"), r))?;
-        let arm = if b.label.is_empty() {
-            BranchArm::Index(b.branch)
-        } else {
-            check_name(&b.label, limits).map_err(|r| (format!("branches[{j}].label"), r))?;
-            if b.label.bytes().all(|c| c.is_ascii_digit()) {
-                // Written to LCOV, it would read back as a numbered branch.
-                return Err((
-                    format!("branches[{j}].label"),
-                    "a label of digits only is ambiguous; send it as `branch`".into(),
-                ));
-            }
-            BranchArm::Label(b.label.into())
-        };
-        let key = BranchKey {
-            line: b.line,
-            block: b.block,
-            arm,
-        };
-        branches.push((key, b.taken));
-    }
-    file.set_branches(branches);
-    let mut functions = Vec::with_capacity(f.functions.len());
-    for (j, func) in f.functions.into_iter().enumerate() {
-        check_name(&func.name, limits).map_err(|r| (format!("functions[{j}].name"), r))?;
-        for (what, line) in [("start_line", func.start_line), ("end_line", func.end_line)] {
-            if line > limits.max_line {
-                return Err((
-                    format!("functions[{j}].{what}"),
-                    beyond(u64::from(line), limits),
-                ));
-            }
-        }
-        functions.push(Function {
-            name: func.name.into(),
-            start_line: func.start_line,
-            end_line: func.end_line,
-            hits: func.hits,
-        });
-    }
-    file.set_functions(functions);
-    let mut tests = Vec::with_capacity(f.tests.len());
-    for (j, t) in f.tests.into_iter().enumerate() {
-        check_name(&t.test, limits).map_err(|r| (format!("tests[{j}].test"), r))?;
-        let lines = lines_from_gaps(&t.line_gaps, limits, &format!("tests[{j}].line_gaps"))?;
-        let bitmap = roaring::RoaringBitmap::from_sorted_iter(lines).map_err(|_| {
-            (
-                format!("tests[{j}].line_gaps"),
-                "lines are not ascending".to_owned(),
-            )
-        })?;
-        tests.push((std::sync::Arc::from(t.test), bitmap));
-    }
-    file.set_tests(tests);
-    Ok((f.path, file))
-}
-
 fn tests_to_proto(file: &FileCoverage) -> Vec<proto::TestLines> {
     file.tests()
         .iter()
@@ -393,14 +278,14 @@ fn tests_to_proto(file: &FileCoverage) -> Vec<proto::TestLines> {
 }
 
 #[cold]
-fn beyond(line: u64, limits: &Limits) -> String {
+pub(super) fn beyond(line: u64, limits: &Limits) -> String {
     format!(
         "line {line} is beyond the largest accepted line number ({})",
         limits.max_line
     )
 }
 
-fn check_line(line: u32, limits: &Limits) -> Result<(), String> {
+pub(super) fn check_line(line: u32, limits: &Limits) -> Result<(), String> {
     if line == 0 {
         return Err("line 0 is not a line (lines start at 1)".into());
     }
@@ -410,7 +295,7 @@ fn check_line(line: u32, limits: &Limits) -> Result<(), String> {
     Ok(())
 }
 
-fn check_name(name: &str, limits: &Limits) -> Result<(), String> {
+pub(super) fn check_name(name: &str, limits: &Limits) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }

@@ -4,6 +4,7 @@
 
 mod codec;
 pub mod convert;
+mod delta;
 mod frame;
 mod status;
 
