@@ -116,6 +116,9 @@ struct ServeArgs {
     /// Most runs held at once.
     #[arg(long, default_value_t = Settings::default().limits.max_runs)]
     max_runs: usize,
+    /// Deltas decoded and applied at once, over all streams (bounds memory; default: cores + 1).
+    #[arg(long, default_value_t = Settings::default().limits.max_deltas_in_flight)]
+    max_deltas_in_flight: usize,
 }
 
 #[derive(Debug, Args)]
@@ -356,6 +359,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_files_per_run = a.max_files_per_run;
     settings.limits.max_shards_per_run = a.max_shards_per_run;
     settings.limits.max_runs = a.max_runs;
+    settings.limits.max_deltas_in_flight = a.max_deltas_in_flight;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;

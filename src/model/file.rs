@@ -46,6 +46,66 @@ pub struct FileCoverage {
     tests: Vec<(Arc<str>, RoaringBitmap)>,
 }
 
+/// A bitmap of ascending, distinct values, or `None` when they are not.
+///
+/// roaring's own constructors insert one value at a time, about 55 instructions each: building
+/// the bitmaps of every delta that way was 14% of the daemon's instructions on the ingest
+/// benchmark (callgrind, 16 shards × 500 files). Reading the same values in roaring's portable
+/// serialization (its documented format: cookie, container keys and sizes, offsets, then each
+/// container) copies each container whole, and roaring checks what it reads.
+pub(crate) fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
+    const NO_RUN_COOKIE: u32 = 12346;
+    const ARRAY_LIMIT: usize = 4096;
+    if values.windows(2).any(|w| w[0] >= w[1]) {
+        return None;
+    }
+    // Containers: runs of values sharing their high 16 bits.
+    let mut containers: Vec<&[u32]> = Vec::new();
+    let mut rest = values;
+    while let Some(first) = rest.first() {
+        let n = rest.partition_point(|v| v >> 16 == first >> 16);
+        containers.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    let size = |c: &[u32]| {
+        if c.len() <= ARRAY_LIMIT {
+            2 * c.len()
+        } else {
+            8 * 1024
+        }
+    };
+    let header = 8 + 8 * containers.len();
+    let mut buf = Vec::with_capacity(header + containers.iter().map(|c| size(c)).sum::<usize>());
+    buf.extend_from_slice(&NO_RUN_COOKIE.to_le_bytes());
+    buf.extend_from_slice(&(containers.len() as u32).to_le_bytes());
+    for c in &containers {
+        buf.extend_from_slice(&((c[0] >> 16) as u16).to_le_bytes());
+        buf.extend_from_slice(&((c.len() - 1) as u16).to_le_bytes());
+    }
+    let mut offset = header;
+    for c in &containers {
+        buf.extend_from_slice(&(offset as u32).to_le_bytes());
+        offset += size(c);
+    }
+    for c in &containers {
+        if c.len() <= ARRAY_LIMIT {
+            for v in *c {
+                buf.extend_from_slice(&(*v as u16).to_le_bytes());
+            }
+        } else {
+            let mut words = [0u64; 1024];
+            for v in *c {
+                let low = (*v & 0xffff) as usize;
+                words[low / 64] |= 1 << (low % 64);
+            }
+            for w in words {
+                buf.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+    }
+    RoaringBitmap::deserialize_from(&buf[..]).ok()
+}
+
 /// Sums two branch outcomes: `-` + n = n, `-` + `-` = `-`.
 pub fn add_taken(a: Taken, b: Taken) -> Taken {
     match (a, b) {
@@ -59,20 +119,23 @@ impl FileCoverage {
     /// Builds a file from ascending, distinct lines and their hits. Returns `None` when the
     /// input breaks that contract (callers validate untrusted input first and name the field).
     pub fn from_sorted_lines(lines: &[u32], hits: &[u64]) -> Option<FileCoverage> {
-        if lines.len() != hits.len() || lines.windows(2).any(|w| w[0] >= w[1]) {
+        if lines.len() != hits.len() {
             return None;
         }
-        let mut bitmap = RoaringBitmap::new();
-        // Ascending input lets roaring append without searching.
-        bitmap.append(lines.iter().copied()).ok()?;
-        let covered = RoaringBitmap::from_sorted_iter(
-            lines
+        let bitmap = bitmap_of_sorted(lines)?;
+        let covered = if hits.iter().all(|h| *h == 0) {
+            RoaringBitmap::new()
+        } else if hits.iter().all(|h| *h > 0) {
+            bitmap.clone()
+        } else {
+            let covered: Vec<u32> = lines
                 .iter()
                 .zip(hits)
                 .filter(|(_, h)| **h > 0)
-                .map(|(l, _)| *l),
-        )
-        .ok()?;
+                .map(|(l, _)| *l)
+                .collect();
+            bitmap_of_sorted(&covered)?
+        };
         Some(FileCoverage {
             lines: bitmap,
             covered,
@@ -196,8 +259,8 @@ impl FileCoverage {
             self.branches = merge_branches(std::mem::take(&mut self.branches), &other.branches);
         }
         if !other.functions.is_empty() {
-            self.functions = merge_sorted(
-                std::mem::take(&mut self.functions),
+            merge_sorted_into(
+                &mut self.functions,
                 &other.functions,
                 Function::key_cmp,
                 merge_function,
@@ -218,6 +281,11 @@ impl FileCoverage {
             return;
         }
         if other.lines.is_subset(&self.lines) {
+            // A shard that ran none of the file (most records, when every shard lists every
+            // file) adds nothing to a file whose lines are known.
+            if other.covered.is_empty() {
+                return;
+            }
             // The common case once the first shard has declared the file's executable lines:
             // walk both ascending sequences and add in place, no reallocation.
             let mut mine = self.lines.iter().enumerate();
@@ -283,7 +351,9 @@ fn merge_branches(mine: Vec<Arm>, theirs: &[Arm]) -> Vec<Arm> {
     // Checked per merge so that the common case (no counted arms on one side) stays one
     // linear walk.
     if !theirs.iter().any(is_counted) || !mine.iter().any(is_counted) {
-        return merge_sorted(mine, theirs, |a, b| a.0.cmp(&b.0), sum);
+        let mut mine = mine;
+        merge_sorted_into(&mut mine, theirs, |a, b| a.0.cmp(&b.0), sum);
+        return mine;
     }
     let (mine_counted, mine_keyed): (Vec<Arm>, Vec<Arm>) = mine.into_iter().partition(is_counted);
     let (theirs_counted, theirs_keyed): (Vec<Arm>, Vec<Arm>) =
@@ -363,6 +433,38 @@ fn merge_function(kept: &mut Function, new: &Function) {
     kept.end_line = kept.end_line.max(new.end_line);
 }
 
+/// [`merge_sorted`] into `mine`, in place when every key of `theirs` is already there: the
+/// common case once the first shard has given a file's branches and functions, and then no
+/// element moves and nothing is allocated.
+fn merge_sorted_into<T: Clone>(
+    mine: &mut Vec<T>,
+    theirs: &[T],
+    cmp: impl Fn(&T, &T) -> Ordering,
+    combine: impl Fn(&mut T, &T),
+) {
+    let mut at = 0;
+    let contained = theirs.iter().all(|t| {
+        while at < mine.len() && cmp(&mine[at], t) == Ordering::Less {
+            at += 1;
+        }
+        let found = at < mine.len() && cmp(&mine[at], t) == Ordering::Equal;
+        at += 1;
+        found
+    });
+    if !contained {
+        *mine = merge_sorted(std::mem::take(mine), theirs, cmp, combine);
+        return;
+    }
+    let mut at = 0;
+    for t in theirs {
+        while cmp(&mine[at], t) == Ordering::Less {
+            at += 1;
+        }
+        combine(&mut mine[at], t);
+        at += 1;
+    }
+}
+
 /// Merges two sorted, duplicate-free sequences, combining equal keys with `combine`.
 fn merge_sorted<T: Clone>(
     mine: Vec<T>,
@@ -383,4 +485,40 @@ fn merge_sorted<T: Clone>(
     }
     out.extend(theirs.cloned());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn bitmaps_of_sorted_values_equal_roarings_own(
+            values in prop::collection::btree_set(
+                prop_oneof![0u32..70_000, 0u32..6_000, any::<u32>()],
+                0..9_000,
+            )
+        ) {
+            let values: Vec<u32> = values.into_iter().collect();
+            let ours = bitmap_of_sorted(&values).unwrap();
+            let theirs = RoaringBitmap::from_sorted_iter(values.iter().copied()).unwrap();
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn bitmaps_refuse_unsorted_values_and_take_dense_containers() {
+        assert!(bitmap_of_sorted(&[3, 2]).is_none());
+        assert!(bitmap_of_sorted(&[3, 3]).is_none());
+        // Over 4,096 values in one container: roaring keeps those as a bitmap container.
+        let dense: Vec<u32> = (65_536..65_536 + 5_000).chain([u32::MAX]).collect();
+        let b = bitmap_of_sorted(&dense).unwrap();
+        assert_eq!(b.len(), 5_001);
+        assert!(b.contains(u32::MAX) && b.contains(65_536) && !b.contains(65_535));
+        assert_eq!(bitmap_of_sorted(&[]).unwrap(), RoaringBitmap::new());
+    }
 }

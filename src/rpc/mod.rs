@@ -255,8 +255,14 @@ async fn ingest(
         };
         match message.msg {
             Some(In::Delta(wire)) => {
-                let delta = delta_from_wire(wire, service.limits())?;
+                let slot = service.delta_slot().await;
+                // Decoding a delta of thousands of files is CPU work: off the async threads.
+                let limits = service.limits().clone();
+                let delta = tokio::task::spawn_blocking(move || delta_from_wire(wire, &limits))
+                    .await
+                    .map_err(|e| Status::internal(format!("decoding the delta failed: {e}")))??;
                 let applied = service.apply(&session, delta).await?;
+                drop(slot);
                 let ack = proto::Ack {
                     seq: applied.seq,
                     duplicate: applied.duplicate,

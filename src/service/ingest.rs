@@ -16,6 +16,9 @@ use super::{
 };
 use crate::persist::{Write, codec};
 
+/// How long after a run completes its compaction starts (see `finish`).
+const COMPACTION_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One open stream of one shard attempt. Dropping it marks the stream closed; a shard whose
 /// streams all closed without a finish shows as interrupted.
 #[derive(Debug)]
@@ -436,13 +439,19 @@ impl CoverageService {
         run.notify();
         if completed && let Some(store) = self.shared.store.clone() {
             // Compaction is an optimisation (recovery redoes it), so the finish does not
-            // wait for it.
+            // wait for it, and it waits a moment itself: right now the CI step waiting for
+            // the merged result needs the CPU for its export (at 35,000 files the two
+            // together took twice as long as the export alone).
             let service = self.clone();
             let run = run.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = service.compact(&run, &store) {
-                    tracing::warn!(run = %run.id, "compacting the complete run failed: {e}");
-                }
+            tokio::spawn(async move {
+                tokio::time::sleep(COMPACTION_DELAY).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = service.compact(&run, &store) {
+                        tracing::warn!(run = %run.id, "compacting the complete run failed: {e}");
+                    }
+                })
+                .await;
             });
         }
         Ok(run.status())

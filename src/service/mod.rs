@@ -46,6 +46,8 @@ struct Shared {
     limits: Limits,
     /// None: everything in memory, lost on restart.
     store: Option<Arc<Store>>,
+    /// Slots for deltas being decoded and applied ([`Limits::max_deltas_in_flight`]).
+    deltas_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl CoverageService {
@@ -59,10 +61,24 @@ impl CoverageService {
             shared: Arc::new(Shared {
                 runs: DashMap::new(),
                 interner: PathInterner::default(),
+                deltas_in_flight: Arc::new(tokio::sync::Semaphore::new(
+                    limits.max_deltas_in_flight.max(1),
+                )),
                 limits,
                 store,
             }),
         }
+    }
+
+    /// Waits for a slot to decode and apply a delta in: a stream holds one from before it
+    /// decodes a delta until the delta is applied ([`Limits::max_deltas_in_flight`]).
+    pub async fn delta_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.shared
+            .deltas_in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     /// A durable service over `store`, with every run it holds recovered. Blocking.

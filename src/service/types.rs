@@ -21,6 +21,10 @@ pub struct Limits {
     pub max_runs: usize,
     /// Bytes of a function name or branch label.
     pub max_name_bytes: usize,
+    /// Deltas decoded and applied at once, over all streams. A decoded delta takes several
+    /// times its wire size, so this bounds the daemon's memory for in-flight work; more than
+    /// the machine's cores buys no speed, since the work is CPU-bound.
+    pub max_deltas_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +36,7 @@ impl Default for Limits {
             max_shards_per_run: 10_000,
             max_runs: 10_000,
             max_name_bytes: 4096,
+            max_deltas_in_flight: std::thread::available_parallelism().map_or(2, |n| n.get() + 1),
         }
     }
 }
