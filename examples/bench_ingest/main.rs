@@ -146,7 +146,9 @@ fn main() {
     row("ingest throughput, file records/s", &|f| {
         format!("{:.0}", records as f64 / f.ingest.as_secs_f64())
     });
-    row("daemon CPU for the ingest", &|f| format!("{:.3} s", f.cpu));
+    row("daemon CPU for the ingest", &|f| {
+        format!("{:.3} s ({:.3} s in the kernel)", f.cpu, f.cpu_system)
+    });
     row("daemon CPU per file record", &|f| {
         format!("{:.2} µs", f.cpu * 1e6 / records as f64)
     });
@@ -156,8 +158,12 @@ fn main() {
     row("last finish → merged LCOV on disk", &|f| {
         format!("{:.3} s", f.wait.as_secs_f64())
     });
-    row("daemon peak RSS", &|f| {
-        format!("{:.1} MB", f.peak_kb as f64 / 1024.0)
+    row("daemon peak RSS (RSS at the end)", &|f| {
+        format!(
+            "{:.1} MB ({:.1} MB)",
+            f.peak_kb as f64 / 1024.0,
+            f.end_kb as f64 / 1024.0
+        )
     });
     if let Some(m) = &memory {
         println!(
@@ -276,8 +282,11 @@ struct Figures {
     ingest: Duration,
     wait: Duration,
     cpu: f64,
+    cpu_system: f64,
     cpu_after_last: f64,
     peak_kb: u64,
+    /// RSS once the merged LCOV is written.
+    end_kb: u64,
     totals: covd::model::Totals,
     recovery: Option<Duration>,
     /// The merged LCOV the waiting fetch wrote.
@@ -289,6 +298,7 @@ struct Pushed {
     ingest: Duration,
     wait: Duration,
     cpu: f64,
+    cpu_system: f64,
     cpu_after_last: f64,
     totals: covd::model::Totals,
 }
@@ -319,6 +329,7 @@ fn round(
         &merged,
     ));
     let peak_kb = peak_rss_kb(pid);
+    let end_kb = status_kb(pid, "VmRSS:");
     if std::env::var("COVD_BENCH_WRAP").is_ok_and(|w| w.contains("callgrind")) {
         // The daemon is killed, not stopped: have callgrind write the profile of the ingest.
         let _ = Command::new("callgrind_control")
@@ -360,8 +371,10 @@ fn round(
         ingest: pushed.ingest,
         wait: pushed.wait,
         cpu: pushed.cpu,
+        cpu_system: pushed.cpu_system,
         cpu_after_last: pushed.cpu_after_last,
         peak_kb,
+        end_kb,
         totals: pushed.totals,
         recovery,
         merged,
@@ -409,6 +422,7 @@ async fn run(
         })
     };
     let cpu_before = cpu_seconds(pid);
+    let system_before = cpu_split(pid).1;
     let start = Instant::now();
     // The latest finish so far, with the daemon's CPU seconds at that moment.
     let last_finish = Arc::new(std::sync::Mutex::new((start, cpu_before)));
@@ -478,6 +492,7 @@ async fn run(
         ingest: last - start,
         wait: written.saturating_duration_since(last),
         cpu: cpu_written - cpu_before,
+        cpu_system: cpu_split(pid).1 - system_before,
         cpu_after_last: (cpu_written - cpu_at_last).max(0.0),
         totals: header.totals,
     }
@@ -521,6 +536,12 @@ fn count_records(path: &Path) -> u64 {
 
 /// utime + stime of a process, from /proc (clock ticks of 1/100 s on Linux).
 fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// (user, system) CPU seconds of a process.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may contain spaces.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -531,14 +552,19 @@ fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 fn peak_rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmHWM:")
+}
+
+/// A `/proc/PID/status` figure in KB (`VmHWM:` peak RSS, `VmRSS:` RSS now).
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
