@@ -1,15 +1,19 @@
-//! Micro-benchmarks of the ingest hot paths: LCOV parsing, merging a file into the aggregate,
-//! converting a delta from the wire, and LCOV export. Data: a synthetic tracefile of 1,000
-//! files × 100 executable lines with functions and two-way branches, made in memory.
+//! Micro-benchmarks of the ingest hot paths: LCOV parsing; reading a delta as the daemon
+//! receives it (the wire bytes to validated files); applying it (merging into an aggregate that
+//! knows the files, and the union into an empty one); LCOV and Cobertura export; encoding
+//! files for the wire. Data: a synthetic tracefile of 1,000 files × 100 executable lines with
+//! functions and two-way branches, made in memory; each group reports its throughput.
 //!
-//! `cargo bench --bench ingest`; CI compiles it (`cargo clippy --all-targets`) so it cannot rot.
+//! `cargo bench --bench ingest`; CI builds it (`cargo bench --no-run`) so it cannot rot.
 
 use std::hint::black_box;
 
-use covd::formats::lcov;
+use covd::formats::{cobertura, lcov};
 use covd::model::Coverage;
-use covd::rpc::convert::file_to_proto;
+use covd::rpc::convert::{file_to_proto, wire_delta_files};
+use covd::rpc::proto;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use prost::Message;
 
 const FILES: usize = 1000;
 const LINES: u32 = 100;
@@ -70,12 +74,57 @@ fn benches(c: &mut Criterion) {
     });
     g.finish();
 
+    let mut g = c.benchmark_group("cobertura");
+    g.throughput(Throughput::Elements(FILES as u64));
+    g.bench_function("write", |b| {
+        let totals = shard.totals();
+        let packages =
+            cobertura::package_totals(shard.files.iter().map(|(p, f)| (p.as_str(), f.totals())));
+        let mut out = Vec::new();
+        b.iter(|| {
+            out.clear();
+            let mut w = cobertura::Writer::begin(&mut out, totals, packages.clone(), 0).unwrap();
+            for (p, f) in &shard.files {
+                w.file(p, f).unwrap();
+            }
+            w.finish().unwrap();
+            black_box(out.len())
+        })
+    });
+    g.finish();
+
+    // A delta as the daemon receives it: the bytes a client sent.
+    let wire = proto::Delta {
+        seq: 1,
+        files: other
+            .files
+            .iter()
+            .map(|(p, f)| file_to_proto(p.clone(), f))
+            .collect(),
+        test: None,
+    }
+    .encode_to_vec();
+    let mut g = c.benchmark_group("delta");
+    g.throughput(Throughput::Elements(FILES as u64));
+    g.bench_function("read_from_wire", |b| {
+        b.iter(|| wire_delta_files(black_box(&wire)).unwrap())
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("merge");
     g.throughput(Throughput::Elements(FILES as u64));
     // The common case: the aggregate already knows every executable line.
     g.bench_function("same_lines_into_aggregate", |b| {
         let mut aggregate = shard.clone();
         b.iter(|| aggregate.merge(black_box(&other)))
+    });
+    // The union of two shards that cover different lines.
+    g.bench_function("union_of_two_shards", |b| {
+        b.iter(|| {
+            let mut aggregate = shard.clone();
+            aggregate.merge(black_box(&other));
+            aggregate
+        })
     });
     // The first shard into an empty aggregate.
     g.bench_function("into_empty", |b| {

@@ -25,12 +25,13 @@ use crate::service::{
 
 /// Deltas sent but not yet acknowledged, at most.
 const WINDOW: usize = 16;
-/// A delta is closed once it holds this many lines or files (about 200 KB on the wire). The
+/// A delta is closed once it holds this many lines or files (about 80 KB on the wire). The
 /// daemon holds every stream's delta in hand while it waits its turn, so the size is its
 /// memory per stream: at 16 shards × 35,000 files, 2,000-file deltas peaked the daemon at
-/// 261 MB and 250-file ones at 176 MB, with no more CPU per file.
-const DELTA_LINES: usize = 50_000;
-const DELTA_FILES: usize = 250;
+/// 261 MB and 250-file ones at 176 MB, with no more CPU per file; at 64 shards × 5,000
+/// files, 250-file deltas still grew the peak by 48% over 16 shards.
+const DELTA_LINES: usize = 20_000;
+const DELTA_FILES: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -19,7 +19,8 @@
 //!   reads.
 //! - [`service`]: the domain service: runs, shard ingest with attempts and resume, export,
 //!   queries. No gRPC types.
-//! - [`rpc`]: the gRPC edge: generated code, conversions with validation, error → status.
+//! - [`rpc`]: the gRPC edge: generated code, the one-pass reader of incoming deltas
+//!   (`rpc/delta.rs`), the message codec, conversions with validation, error → status.
 //! - [`server`]: wiring, limits, health and reflection, shutdown.
 //! - [`client`]: the typed client the CLI and tests use.
 //!

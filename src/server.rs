@@ -36,6 +36,10 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of one stream: how much of a shard's data the daemon
+    /// buffers before it reads it. Every open ingest stream may hold this much; hyper's 1 MiB
+    /// default made memory grow with the number of shards.
+    pub stream_window_bytes: u32,
 }
 
 impl Default for Settings {
@@ -48,6 +52,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
+            stream_window_bytes: 256 * 1024,
         }
     }
 }
@@ -126,6 +131,7 @@ pub async fn run_with_ready(
     };
     let serve = Server::builder()
         .max_concurrent_streams(settings.max_concurrent_streams)
+        .initial_stream_window_size(settings.stream_window_bytes)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,6 +1,8 @@
 //! The gRPC edge: the generated `covd.v1` code, the adapter from the `Coverage` service to the
-//! domain [`CoverageService`], conversions with validation (`convert`) and the one error→status
-//! table (`status`). Nothing below this layer sees a tonic type.
+//! domain [`CoverageService`], conversions with validation (`convert`), the one-pass reader of
+//! incoming deltas (`delta`) and the request type that keeps them as bytes (`frame`), the
+//! message codec (`codec`), and the one error→status table (`status`). Nothing below this
+//! layer sees a tonic type.
 
 mod codec;
 pub mod convert;

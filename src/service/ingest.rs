@@ -437,15 +437,23 @@ impl CoverageService {
             !was && state.is_complete()
         };
         run.notify();
-        if completed && let Some(store) = self.shared.store.clone() {
+        if completed && self.shared.store.is_some() {
             // Compaction is an optimisation (recovery redoes it), so the finish does not
             // wait for it, and it waits a moment itself: right now the CI step waiting for
             // the merged result needs the CPU for its export (at 35,000 files the two
-            // together took twice as long as the export alone).
-            let service = self.clone();
-            let run = run.clone();
+            // together took twice as long as the export alone). While it waits it holds no
+            // handle to the service, so a shutdown meanwhile is not delayed.
+            let service = Arc::downgrade(&self.shared);
+            let run = Arc::downgrade(&run);
             tokio::spawn(async move {
                 tokio::time::sleep(COMPACTION_DELAY).await;
+                let (Some(shared), Some(run)) = (service.upgrade(), run.upgrade()) else {
+                    return;
+                };
+                let service = CoverageService { shared };
+                let Some(store) = service.shared.store.clone() else {
+                    return;
+                };
                 let _ = tokio::task::spawn_blocking(move || {
                     if let Err(e) = service.compact(&run, &store) {
                         tracing::warn!(run = %run.id, "compacting the complete run failed: {e}");
