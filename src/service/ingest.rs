@@ -444,7 +444,7 @@ impl CoverageService {
             // together took twice as long as the export alone). While it waits it holds no
             // handle to the service, so a shutdown meanwhile is not delayed.
             let service = Arc::downgrade(&self.shared);
-            let run = Arc::downgrade(&run);
+            let run = Arc::downgrade(run);
             tokio::spawn(async move {
                 tokio::time::sleep(COMPACTION_DELAY).await;
                 let (Some(shared), Some(run)) = (service.upgrade(), run.upgrade()) else {
