@@ -12,8 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        // Decodes from the received bytes as a slice (see src/rpc/codec.rs for the figures).
-        .codec_path("crate::rpc::SliceCodec")
+        // prost's codec, answering malformed messages INVALID_ARGUMENT (src/rpc/codec.rs).
+        .codec_path("crate::rpc::ProtoCodec")
         // The daemon keeps a delta as the bytes it came in (see src/rpc/frame.rs).
         .extern_path(".covd.v1.IngestRequest", "crate::rpc::frame::IngestRequest")
         .compile_fds(fds)?;

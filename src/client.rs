@@ -471,7 +471,7 @@ impl Client {
                 last_seq: resume.last_seq,
             }));
         }
-        unacked.retain(|d| d.seq > resume.last_seq);
+        unacked.retain(|(seq, _)| *seq > resume.last_seq);
         let mut progressed = false;
         let mut finish_sent = resume.finished;
         if resume.finished {
@@ -482,8 +482,8 @@ impl Client {
                 })))
                 .await;
         }
-        for d in unacked.iter() {
-            if tx.send(proto::IngestRequest::delta(d)).await.is_err() {
+        for (_, request) in unacked.iter() {
+            if tx.send(request.clone()).await.is_err() {
                 break;
             }
         }
@@ -505,9 +505,10 @@ impl Client {
                             files: files.into_iter().map(|(p, f)| file_to_proto(p, &f)).collect(),
                             test: None,
                         };
+                        let request = proto::IngestRequest::delta(&delta);
+                        unacked.push_back((*next_seq, request.clone()));
                         *next_seq += 1;
-                        unacked.push_back(delta.clone());
-                        let _ = tx.send(proto::IngestRequest::delta(&delta)).await;
+                        let _ = tx.send(request).await;
                     }
                     Some(PushInput::Done(tests)) => {
                         *input_done = true;
@@ -521,7 +522,7 @@ impl Client {
                 },
                 response = responses.next() => match response {
                     Some(Ok(proto::IngestResponse { msg: Some(ingest_response::Msg::Ack(ack)) })) => {
-                        while unacked.front().is_some_and(|d| d.seq <= ack.seq) {
+                        while unacked.front().is_some_and(|(seq, _)| *seq <= ack.seq) {
                             unacked.pop_front();
                             progressed = true;
                         }
@@ -563,8 +564,9 @@ impl Client {
 
 /// What a push carries from one connection to the next.
 struct PushState {
-    /// Sent, not yet acknowledged; re-sent after a reconnect.
-    unacked: VecDeque<proto::Delta>,
+    /// Sent, not yet acknowledged: (sequence number, the encoded request), re-sent as is
+    /// after a reconnect.
+    unacked: VecDeque<(u64, proto::IngestRequest)>,
     next_seq: u64,
     input_done: bool,
     unknown: Vec<String>,

@@ -111,22 +111,9 @@ pub(crate) fn grcov(shards: &[PathBuf], scratch: &Path, ours: &Coverage) -> Opti
         return None;
     }
     let out = scratch.join("grcov.info");
-    let (wall, cpu, peak_kb) = timed(
-        "grcov",
-        Command::new(&grcov)
-            .args(shards)
-            .args(["-t", "lcov", "-o"])
-            .arg(&out),
-    )?;
-    let verdict = compare_lines(ours, &read_lcov(&out));
-    let _ = std::fs::remove_file(&out);
-    Some(ToolRun {
-        name: "grcov",
-        wall,
-        cpu,
-        peak_kb,
-        verdict,
-    })
+    let mut cmd = Command::new(&grcov);
+    cmd.args(shards).args(["-t", "lcov", "-o"]).arg(&out);
+    merge_to_lcov("grcov", &mut cmd, &out, ours)
 }
 
 pub(crate) fn lcov_add(shards: &[PathBuf], scratch: &Path, ours: &Coverage) -> Option<ToolRun> {
@@ -141,11 +128,21 @@ pub(crate) fn lcov_add(shards: &[PathBuf], scratch: &Path, ours: &Coverage) -> O
         cmd.arg("-a").arg(s);
     }
     cmd.arg("-o").arg(&out);
-    let (wall, cpu, peak_kb) = timed("lcov -a", &mut cmd)?;
-    let verdict = compare_lines(ours, &read_lcov(&out));
-    let _ = std::fs::remove_file(&out);
+    merge_to_lcov("lcov -a", &mut cmd, &out, ours)
+}
+
+/// Times a tool that writes its merge as LCOV to `out`, and compares that with covd's.
+fn merge_to_lcov(
+    name: &'static str,
+    cmd: &mut Command,
+    out: &Path,
+    ours: &Coverage,
+) -> Option<ToolRun> {
+    let (wall, cpu, peak_kb) = timed(name, cmd)?;
+    let verdict = compare_lines(ours, &read_lcov(out));
+    let _ = std::fs::remove_file(out);
     Some(ToolRun {
-        name: "lcov -a",
+        name,
         wall,
         cpu,
         peak_kb,

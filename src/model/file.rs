@@ -53,7 +53,7 @@ pub struct FileCoverage {
 /// benchmark (callgrind, 16 shards × 500 files). Reading the same values in roaring's portable
 /// serialization (its documented format: cookie, container keys and sizes, offsets, then each
 /// container) copies each container whole, and roaring checks what it reads.
-pub(crate) fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
+fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
     const NO_RUN_COOKIE: u32 = 12346;
     const ARRAY_LIMIT: usize = 4096;
     if values.windows(2).any(|w| w[0] >= w[1]) {
@@ -107,7 +107,7 @@ pub(crate) fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
 }
 
 /// Hit counts, one per executable line. They are kept in 32 bits until a count needs more
-/// (then the file's counts widen): they are the largest part of an aggregate, and halving them
+/// (then the file's counts widen): they are a large part of an aggregate, and halving them
 /// took the daemon's peak at 16 shards × 35,000 files from 176 MB to 162 MB.
 #[derive(Debug, Clone)]
 enum Counts {

@@ -1,15 +1,11 @@
-//! The gRPC message codec: prost encoding, and decoding straight from the received bytes.
+//! The gRPC message codec: prost's encoding and decoding, with malformed protobuf answered
+//! INVALID_ARGUMENT (it is the sender's fault; tonic's own codec says INTERNAL).
 //!
-//! tonic hands a decoder its message in one contiguous buffer, behind a `Buf` whose every
-//! `advance` goes through a length-limited wrapper. prost's generic decode calls that per
-//! varint, and a delta is mostly packed varints: on the ingest benchmark (16 shards × 5,000
-//! files) decoding deltas through the wrapper was 17% of the daemon's CPU. Decoding the same
-//! bytes as a slice takes prost's slice fast path. Malformed protobuf is the sender's fault, so
-//! it is answered INVALID_ARGUMENT (tonic's own codec says INTERNAL).
+//! Messages decode from tonic's buffer itself, so a `bytes` field (an incoming delta, see
+//! `frame`) is taken from it without a copy.
 
 use std::marker::PhantomData;
 
-use bytes::Buf;
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
@@ -17,15 +13,15 @@ use tonic_prost::ProstEncoder;
 
 /// The codec every `covd.v1` method uses (named in `build.rs`).
 #[derive(Debug)]
-pub struct SliceCodec<T, U>(PhantomData<(T, U)>);
+pub struct ProtoCodec<T, U>(PhantomData<(T, U)>);
 
-impl<T, U> Default for SliceCodec<T, U> {
+impl<T, U> Default for ProtoCodec<T, U> {
     fn default() -> Self {
-        SliceCodec(PhantomData)
+        ProtoCodec(PhantomData)
     }
 }
 
-impl<T, U> Codec for SliceCodec<T, U>
+impl<T, U> Codec for ProtoCodec<T, U>
 where
     T: Message + Send + 'static,
     U: Message + Default + Send + 'static,
@@ -33,35 +29,26 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = SliceDecoder<U>;
+    type Decoder = ProtoDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::new(BufferSettings::default())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        SliceDecoder(PhantomData)
+        ProtoDecoder(PhantomData)
     }
 }
 
 #[derive(Debug)]
-pub struct SliceDecoder<U>(PhantomData<U>);
+pub struct ProtoDecoder<U>(PhantomData<U>);
 
-impl<U: Message + Default> Decoder for SliceDecoder<U> {
+impl<U: Message + Default> Decoder for ProtoDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let len = buf.remaining();
-        let decoded = if buf.chunk().len() == len {
-            let item = U::decode(buf.chunk());
-            buf.advance(len);
-            item
-        } else {
-            // Not contiguous (tonic does not do this today): the generic path.
-            U::decode(buf)
-        };
-        decoded.map(Some).map_err(|e| {
+        U::decode(buf).map(Some).map_err(|e| {
             Status::invalid_argument(format!("the message does not decode as covd.v1: {e}"))
         })
     }

@@ -1,5 +1,6 @@
-//! Conversions between wire messages and domain types. Everything from the wire is validated
-//! here, and a refusal names the field (`delta.files[3].line_gaps[17]`).
+//! Conversions between wire messages and domain types, and the checks every value from the
+//! wire passes (incoming deltas are read by `delta`, with these checks). A refusal names the
+//! field (`delta.files[3].line_gaps[17]`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -202,10 +203,8 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
     }
 }
 
-/// Validates and converts a delta from the wire. Nothing of it reaches the aggregate unless
-/// all of it is valid. Field names for errors are formatted only when there is an error: this
-/// runs for every file of every delta.
-/// A delta as it came over the wire: decoded and validated, its bytes kept for the store.
+/// A delta as it came over the wire: decoded and validated whole (nothing of it reaches the
+/// aggregate unless all of it is valid), its bytes kept for the store.
 pub(crate) fn delta_from_wire(wire: bytes::Bytes, limits: &Limits) -> Result<Delta, Error> {
     let mut delta = super::delta::read(&wire, limits)?;
     delta.wire = Some(wire);
@@ -266,7 +265,6 @@ fn gaps_of(lines: impl Iterator<Item = u32>) -> Vec<u32> {
         .collect()
 }
 
-/// One file of a delta; an error is (field within the file, reason).
 fn tests_to_proto(file: &FileCoverage) -> Vec<proto::TestLines> {
     file.tests()
         .iter()

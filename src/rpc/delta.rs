@@ -121,6 +121,24 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A `string` field's value.
+    fn string(&mut self, wire_type: u8) -> Result<&'a str, Fault> {
+        self.expect(wire_type, LEN)?;
+        self.str()
+    }
+
+    /// A number field's varint.
+    fn uint(&mut self, wire_type: u8) -> Result<u64, Fault> {
+        self.expect(wire_type, VARINT)?;
+        self.varint()
+    }
+
+    /// A message field, to read with its own cursor.
+    fn submessage(&mut self, wire_type: u8) -> Result<Reader<'a>, Fault> {
+        self.expect(wire_type, LEN)?;
+        self.message()
+    }
+
     fn skip(&mut self, wire_type: u8) -> Result<(), Fault> {
         let width = match wire_type {
             VARINT => return self.varint().map(drop),
@@ -185,13 +203,9 @@ fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
     while r.more() {
         let (field, wire_type) = r.key()?;
         match field {
-            1 => {
-                r.expect(wire_type, VARINT)?;
-                seq = r.varint()?;
-            }
+            1 => seq = r.uint(wire_type)?,
             2 => {
-                r.expect(wire_type, LEN)?;
-                let mut m = r.message()?;
+                let mut m = r.submessage(wire_type)?;
                 let i = files.len();
                 let file = read_file(&mut m, limits).map_err(|f| match f {
                     Fault::Field(field, reason) => {
@@ -202,16 +216,12 @@ fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
                 files.push(file);
             }
             3 => {
-                r.expect(wire_type, LEN)?;
-                let mut m = r.message()?;
+                let mut m = r.submessage(wire_type)?;
                 let name = test.get_or_insert("");
                 while m.more() {
-                    let (field, wire_type) = m.key()?;
-                    if field == 1 {
-                        m.expect(wire_type, LEN)?;
-                        *name = m.str()?;
-                    } else {
-                        m.skip(wire_type)?;
+                    match m.key()? {
+                        (1, wire_type) => *name = m.string(wire_type)?,
+                        (_, wire_type) => m.skip(wire_type)?,
                     }
                 }
             }
@@ -244,26 +254,20 @@ fn read_file(r: &mut Reader<'_>, limits: &Limits) -> Result<(String, FileCoverag
     while r.more() {
         let (field, wire_type) = r.key()?;
         match field {
-            1 => {
-                r.expect(wire_type, LEN)?;
-                path = r.str()?;
-            }
+            1 => path = r.string(wire_type)?,
             2 => r.numbers(wire_type, &mut gaps, u32_of)?,
             3 => r.numbers(wire_type, &mut hits, |v| v)?,
             4 => {
-                r.expect(wire_type, LEN)?;
                 let j = branches.len();
-                branches.push(read_branch(&mut r.message()?, j, limits)?);
+                branches.push(read_branch(&mut r.submessage(wire_type)?, j, limits)?);
             }
             5 => {
-                r.expect(wire_type, LEN)?;
                 let j = functions.len();
-                functions.push(read_function(&mut r.message()?, j, limits)?);
+                functions.push(read_function(&mut r.submessage(wire_type)?, j, limits)?);
             }
             6 => {
-                r.expect(wire_type, LEN)?;
                 let j = tests.len();
-                tests.push(read_test_lines(&mut r.message()?, j, limits)?);
+                tests.push(read_test_lines(&mut r.submessage(wire_type)?, j, limits)?);
             }
             _ => r.skip(wire_type)?,
         }
@@ -293,20 +297,11 @@ fn read_branch(r: &mut Reader<'_>, j: usize, limits: &Limits) -> Result<(BranchK
     while r.more() {
         let (field, wire_type) = r.key()?;
         match field {
-            1..=3 | 5 => {
-                r.expect(wire_type, VARINT)?;
-                let v = r.varint()?;
-                match field {
-                    1 => line = u32_of(v),
-                    2 => block = u32_of(v),
-                    3 => index = u32_of(v),
-                    _ => taken = Some(v),
-                }
-            }
-            4 => {
-                r.expect(wire_type, LEN)?;
-                label = r.str()?;
-            }
+            1 => line = u32_of(r.uint(wire_type)?),
+            2 => block = u32_of(r.uint(wire_type)?),
+            3 => index = u32_of(r.uint(wire_type)?),
+            4 => label = r.string(wire_type)?,
+            5 => taken = Some(r.uint(wire_type)?),
             _ => r.skip(wire_type)?,
         }
     }
@@ -333,19 +328,10 @@ fn read_function(r: &mut Reader<'_>, j: usize, limits: &Limits) -> Result<Functi
     while r.more() {
         let (field, wire_type) = r.key()?;
         match field {
-            1 => {
-                r.expect(wire_type, LEN)?;
-                name = r.str()?;
-            }
-            2..=4 => {
-                r.expect(wire_type, VARINT)?;
-                let v = r.varint()?;
-                match field {
-                    2 => start_line = u32_of(v),
-                    3 => end_line = u32_of(v),
-                    _ => hits = v,
-                }
-            }
+            1 => name = r.string(wire_type)?,
+            2 => start_line = u32_of(r.uint(wire_type)?),
+            3 => end_line = u32_of(r.uint(wire_type)?),
+            4 => hits = r.uint(wire_type)?,
             _ => r.skip(wire_type)?,
         }
     }
@@ -376,10 +362,7 @@ fn read_test_lines(
     while r.more() {
         let (field, wire_type) = r.key()?;
         match field {
-            1 => {
-                r.expect(wire_type, LEN)?;
-                name = r.str()?;
-            }
+            1 => name = r.string(wire_type)?,
             2 => r.numbers(wire_type, &mut gaps, u32_of)?,
             _ => r.skip(wire_type)?,
         }

@@ -10,7 +10,7 @@ mod delta;
 mod frame;
 mod status;
 
-pub use codec::SliceCodec;
+pub use codec::ProtoCodec;
 
 use std::pin::Pin;
 use std::time::Duration;

@@ -367,13 +367,7 @@ async fn a_failed_write_stops_acknowledgements() {
 #[tokio::test]
 async fn expired_runs_keep_their_summary() {
     let dir = tempfile::tempdir().unwrap();
-    let (service, _) = CoverageService::open(
-        Limits::default(),
-        Store::open(dir.path())
-            .unwrap()
-            .with_wire_decoder(covd::rpc::convert::wire_delta_files),
-    )
-    .unwrap();
+    let (service, _) = open_service(dir.path());
     service
         .open_run(
             "old",
@@ -423,13 +417,7 @@ async fn expired_runs_keep_their_summary() {
     drop(service);
 
     // After a restart the run stays gone and its summary stays.
-    let (service, recovery) = CoverageService::open(
-        Limits::default(),
-        Store::open(dir.path())
-            .unwrap()
-            .with_wire_decoder(covd::rpc::convert::wire_delta_files),
-    )
-    .unwrap();
+    let (service, recovery) = open_service(dir.path());
     assert_eq!(recovery.runs, 0);
     assert_eq!(service.summaries(10).unwrap().len(), 1);
 }
@@ -465,4 +453,13 @@ async fn shutdown_ends_open_streams_so_clients_resume() {
     let mut c = raw(&daemon.url).await;
     let (_, resume) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
     assert_eq!(resume.last_seq, 1);
+}
+
+/// The service over the store in `dir`, as the daemon opens it (with the protocol's decoder
+/// for the deltas it kept in wire form).
+fn open_service(dir: &std::path::Path) -> (CoverageService, covd::service::Recovery) {
+    let store = Store::open(dir)
+        .unwrap()
+        .with_wire_decoder(covd::rpc::convert::wire_delta_files);
+    CoverageService::open(Limits::default(), store).unwrap()
 }
