@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use roaring::RoaringBitmap;
 
+use super::batch::{ArmRef, FilePart, FunctionRef};
 use super::{BranchArm, BranchKey, COUNTED_BLOCK, Totals};
 
 /// A branch outcome: `None` when the block never ran (LCOV's `-`), otherwise times taken.
@@ -374,6 +375,89 @@ impl FileCoverage {
         }
     }
 
+    /// Adds one file of a batch into `self`, like [`FileCoverage::merge`] with the part built
+    /// whole, but without building it when `self` already holds every line, arm and function
+    /// the part names (every shard after the first, when shards list the same files).
+    pub fn merge_part(&mut self, part: &FilePart<'_>) {
+        if self.is_empty() || part.has_tests() || !self.merge_known(part) {
+            self.merge(&part.to_file());
+        }
+    }
+
+    /// Adds `part` in place if every key of it is already in `self`; otherwise changes
+    /// nothing and returns false. Counted arms (see [`COUNTED_BLOCK`]) and arms or functions
+    /// out of key order also return false: the general merge handles those.
+    fn merge_known(&mut self, part: &FilePart<'_>) -> bool {
+        let (lines, hits) = (part.lines(), part.hits());
+        // The checks first, so that a refusal leaves `self` untouched.
+        if !is_subset_of(lines, &self.lines) {
+            return false;
+        }
+        let mut at = 0;
+        let mut previous: Option<ArmRef<'_>> = None;
+        for arm in part.arms() {
+            if arm.block & COUNTED_BLOCK != 0
+                || previous.is_some_and(|p| p.cmp_ref(&arm) != Ordering::Less)
+            {
+                return false;
+            }
+            previous = Some(arm);
+            match find_from(&self.branches, &mut at, |(k, _)| arm.cmp_key(k).reverse()) {
+                Some(_) => {}
+                None => return false,
+            }
+        }
+        let mut at = 0;
+        let mut previous: Option<FunctionRef<'_>> = None;
+        for f in part.functions() {
+            if previous.is_some_and(|p| (p.start_line, p.name) >= (f.start_line, f.name)) {
+                return false;
+            }
+            previous = Some(f);
+            if find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse()).is_none() {
+                return false;
+            }
+        }
+
+        if hits.iter().any(|h| *h > 0) {
+            let mut mine = self.lines.iter().enumerate();
+            let mut new_covered = Vec::new();
+            for (line, h) in lines.iter().zip(hits) {
+                if let Some((index, _)) = mine.find(|(_, l)| l == line)
+                    && *h > 0
+                {
+                    self.hits.add(index, *h);
+                    if !self.covered.contains(*line) {
+                        new_covered.push(*line);
+                    }
+                }
+            }
+            if !new_covered.is_empty()
+                && let Some(more) = bitmap_of_sorted(&new_covered)
+            {
+                self.covered |= more;
+            }
+        }
+        let mut at = 0;
+        for arm in part.arms() {
+            if let Some(i) = find_from(&self.branches, &mut at, |(k, _)| arm.cmp_key(k).reverse())
+                && arm.taken.is_some()
+            {
+                let kept = &mut self.branches[i].1;
+                *kept = add_taken(*kept, arm.taken);
+            }
+        }
+        let mut at = 0;
+        for f in part.functions() {
+            if let Some(i) = find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse()) {
+                let kept = &mut self.functions[i];
+                kept.hits = kept.hits.saturating_add(f.hits);
+                kept.end_line = kept.end_line.max(f.end_line);
+            }
+        }
+        true
+    }
+
     fn merge_lines(&mut self, other: &FileCoverage) {
         if other.lines.is_empty() {
             return;
@@ -587,8 +671,35 @@ fn merge_sorted<T: Clone>(
     out
 }
 
+/// Whether every value of the ascending `values` is in `set`: one walk of both.
+fn is_subset_of(values: &[u32], set: &RoaringBitmap) -> bool {
+    if values.len() as u64 > set.len() {
+        return false;
+    }
+    let mut mine = set.iter();
+    values.iter().all(|v| mine.any(|m| m == *v))
+}
+
+/// The index of the element of the sorted `items` at or after `*at` that `cmp` finds equal,
+/// moving `*at` past it; `None` when there is none (`cmp` says how an element compares with
+/// the one sought). Successive calls with ascending keys walk `items` once.
+fn find_from<T>(items: &[T], at: &mut usize, cmp: impl Fn(&T) -> Ordering) -> Option<usize> {
+    while *at < items.len() {
+        match cmp(&items[*at]) {
+            Ordering::Less => *at += 1,
+            Ordering::Equal => {
+                *at += 1;
+                return Some(*at - 1);
+            }
+            Ordering::Greater => return None,
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    use crate::model::{FileBatch, FileBuilder};
     use proptest::prelude::*;
 
     use super::*;
@@ -607,6 +718,72 @@ mod tests {
             let ours = bitmap_of_sorted(&values).unwrap();
             let theirs = RoaringBitmap::from_sorted_iter(values.iter().copied()).unwrap();
             prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    /// A file and a second whose keys are (mostly) among the first's, as when every shard
+    /// lists the same files.
+    fn file_pair() -> impl Strategy<Value = (FileCoverage, FileCoverage)> {
+        let lines = prop::collection::btree_map(1u32..200, 0u64..5, 1..40);
+        let arms = prop::collection::btree_map(
+            (
+                1u32..50,
+                0u32..2,
+                prop_oneof![3 => (0u32..3).prop_map(BranchArm::Index), 1 => "[a-c]{1,2}".prop_map(|l| BranchArm::Label(l.into()))],
+            ),
+            prop::option::of(0u64..4),
+            0..12,
+        );
+        let fns = prop::collection::btree_map(("[f-h]{1,2}", 0u32..30), 0u64..3, 0..6);
+        (lines, arms, fns, any::<bool>(), any::<u64>()).prop_map(
+            |(lines, arms, fns, extra, seed)| {
+                let build = |keep: &dyn Fn(usize) -> bool, shift: u64| {
+                    let mut b = FileBuilder::new();
+                    for (i, (l, h)) in lines.iter().enumerate() {
+                        if keep(i) {
+                            b.line(*l, (h + shift) % 5);
+                        }
+                    }
+                    for (i, ((line, block, arm), t)) in arms.iter().enumerate() {
+                        if keep(i) {
+                            let key = BranchKey {
+                                line: *line,
+                                block: *block,
+                                arm: arm.clone(),
+                            };
+                            b.branch(key, t.map(|t| (t + shift) % 4));
+                        }
+                    }
+                    for (i, ((name, line), h)) in fns.iter().enumerate() {
+                        if keep(i) {
+                            b.function(name, *line, *line + (shift % 3) as u32, (h + shift) % 3);
+                        }
+                    }
+                    b
+                };
+                let a = build(&|_| true, 2).build();
+                let mut b = build(&|i| (seed >> (i % 64)) & 1 == 1, seed % 7);
+                if extra {
+                    b.line(500, 1);
+                }
+                (a, b.build())
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn merging_a_batch_part_equals_merging_the_file((a, b) in file_pair()) {
+            let mut whole = a.clone();
+            whole.merge(&b);
+            let batch = FileBatch::of_files(&[("f.c", b)]);
+            let mut parts = a.clone();
+            for part in batch.files() {
+                parts.merge_part(&part);
+            }
+            prop_assert_eq!(parts, whole);
         }
     }
 

@@ -3,9 +3,12 @@
 //! - [`FileCoverage`]: one file's executable and covered lines (roaring bitmaps), summed hits,
 //!   branches and functions, and [`FileCoverage::merge`], the one merge every layer uses.
 //! - [`FileBuilder`]: accumulates a file from records in any order (parsers use it).
+//! - [`FileBatch`]: many files in flat columns, as a delta arrives; merged into an aggregate
+//!   with [`FileCoverage::merge_part`].
 //! - [`Coverage`]: many files by path, e.g. everything one input file held.
 //! - [`path`]: path rules (strip, map, relative-to-root) and the check of hostile paths.
 
+mod batch;
 mod builder;
 mod file;
 pub mod path;
@@ -13,6 +16,7 @@ mod testrun;
 
 use std::collections::BTreeMap;
 
+pub use batch::{ArmName, ArmRef, BatchError, FileBatch, FilePart, FunctionRef};
 pub use builder::FileBuilder;
 pub use file::{FileCoverage, Function, Taken, add_taken, counted_arms};
 pub use testrun::{TestCase, TestStatus};

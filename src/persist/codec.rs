@@ -8,7 +8,7 @@ use std::sync::Arc;
 use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BranchArm, BranchKey, FileCoverage, Function};
+use crate::model::{BranchArm, BranchKey, FileBatch, FileCoverage, Function};
 
 /// The version of every record this build writes. A later build reads this one's records by
 /// their version byte.
@@ -21,7 +21,7 @@ pub const WIRE_DELTA_FORMAT: u8 = 2;
 
 /// Reads a delta the store kept in wire form: its files, or why it cannot. The store has no
 /// protocol code of its own; the server hands it the protocol layer's decoder.
-pub type WireDecoder = fn(&[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, String>;
+pub type WireDecoder = fn(&[u8]) -> Result<FileBatch, String>;
 
 /// A delta log record holding a delta in wire form.
 pub fn wire_record(wire: &[u8]) -> Vec<u8> {
@@ -32,10 +32,7 @@ pub fn wire_record(wire: &[u8]) -> Vec<u8> {
 }
 
 /// Decodes a delta log record: postcard ([`encode_files`]) or wire form.
-pub fn decode_delta(
-    bytes: &[u8],
-    wire: Option<WireDecoder>,
-) -> Result<Vec<(Arc<str>, FileCoverage)>, CodecError> {
+pub fn decode_delta(bytes: &[u8], wire: Option<WireDecoder>) -> Result<FileBatch, CodecError> {
     match bytes.split_first() {
         Some((&WIRE_DELTA_FORMAT, body)) => match wire {
             Some(decode) => decode(body).map_err(CodecError::Malformed),
@@ -43,7 +40,7 @@ pub fn decode_delta(
                 "a delta in wire form, and no protocol decoder was given to the store".into(),
             )),
         },
-        _ => decode_files(bytes),
+        _ => Ok(FileBatch::of_files(&decode_files(bytes)?)),
     }
 }
 
@@ -280,9 +277,9 @@ mod tests {
 
     #[test]
     fn wire_deltas_need_the_protocol_decoder() {
-        fn decoder(body: &[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, String> {
+        fn decoder(body: &[u8]) -> Result<FileBatch, String> {
             match body {
-                b"ok" => Ok(vec![(Arc::from("a.c"), FileCoverage::default())]),
+                b"ok" => Ok(FileBatch::of_files(&[("a.c", FileCoverage::default())])),
                 _ => Err("not a delta".into()),
             }
         }
@@ -295,6 +292,7 @@ mod tests {
         assert!(e.to_string().contains("not a delta"), "{e}");
         // Records written by encode_files still read.
         let postcard = encode_files([("b.c", &FileCoverage::default())]);
-        assert_eq!(&*decode_delta(&postcard, None).unwrap()[0].0, "b.c");
+        let batch = decode_delta(&postcard, None).unwrap();
+        assert_eq!(batch.paths().collect::<Vec<_>>(), ["b.c"]);
     }
 }

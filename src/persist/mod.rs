@@ -20,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::FileCoverage;
+use crate::model::{FileBatch, FileCoverage};
 pub use codec::{CodecError, FORMAT_VERSION, WireDecoder};
 
 /// The database file inside the data directory.
@@ -366,7 +366,7 @@ impl Store {
         &self,
         run_id: &str,
         attempts: &[(String, u32, u64)],
-        mut f: impl FnMut(&str, Vec<(Arc<str>, FileCoverage)>),
+        mut f: impl FnMut(&str, FileBatch),
     ) -> Result<(), StoreError> {
         let conn = self.reader();
         // Bounded by the acknowledged sequence: a row beyond it was never acknowledged.

@@ -2,11 +2,12 @@
 //! wire passes (incoming deltas are read by `delta`, with these checks). A refusal names the
 //! field (`delta.files[3].line_gaps[17]`).
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::proto;
-use crate::model::{self, BranchArm, BranchKey, FileCoverage, TestCase, TestStatus, Totals};
+use crate::model::{
+    self, BranchArm, BranchKey, FileBatch, FileCoverage, TestCase, TestStatus, Totals,
+};
 use crate::service::{
     self, Delta, DirectorySummary, Error, ExportHeader, Limits, RunParams, RunStatus, ShardState,
     TestTelemetry,
@@ -214,18 +215,14 @@ pub(crate) fn delta_from_wire(wire: bytes::Bytes, limits: &Limits) -> Result<Del
 /// The store's [`crate::persist::WireDecoder`]: the files of a delta kept in wire form. Its
 /// delta passed validation when it arrived, so only the hard bounds apply here: a limit
 /// lowered since then must not make acknowledged data unreadable.
-pub fn wire_delta_files(wire: &[u8]) -> Result<Vec<(Arc<str>, FileCoverage)>, String> {
+pub fn wire_delta_files(wire: &[u8]) -> Result<FileBatch, String> {
     let limits = Limits {
         max_line: model::MAX_LINE,
         max_name_bytes: usize::MAX,
         ..Limits::default()
     };
     let delta = super::delta::read(wire, &limits).map_err(|e| format!("stored delta: {e}"))?;
-    Ok(delta
-        .files
-        .into_iter()
-        .map(|(path, file)| (Arc::from(path), file))
-        .collect())
+    Ok(delta.files)
 }
 
 /// Gap-encoded lines from the wire, checked: ascending, distinct, within the line limit.
@@ -235,6 +232,19 @@ pub(super) fn lines_from_gaps(
     field: &str,
 ) -> Result<Vec<u32>, (String, String)> {
     let mut lines = Vec::with_capacity(gaps.len());
+    lines_from_gaps_into(gaps, limits, field, &mut lines)?;
+    Ok(lines)
+}
+
+/// [`lines_from_gaps`] into `lines` (cleared first), to reuse its allocation.
+pub(super) fn lines_from_gaps_into(
+    gaps: &[u32],
+    limits: &Limits,
+    field: &str,
+    lines: &mut Vec<u32>,
+) -> Result<(), (String, String)> {
+    lines.clear();
+    lines.reserve(gaps.len());
     let mut line: u64 = 0;
     for (j, gap) in gaps.iter().enumerate() {
         if *gap == 0 {
@@ -251,7 +261,7 @@ pub(super) fn lines_from_gaps(
         }
         lines.push(line as u32);
     }
-    Ok(lines)
+    Ok(())
 }
 
 fn gaps_of(lines: impl Iterator<Item = u32>) -> Vec<u32> {

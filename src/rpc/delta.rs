@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
-use super::convert::{beyond, check_line, check_name, lines_from_gaps};
-use crate::model::{self, BranchArm, BranchKey, FileCoverage, Function, Taken};
+use super::convert::{beyond, check_line, check_name, lines_from_gaps, lines_from_gaps_into};
+use crate::model::{self, ArmName, FileBatch};
 use crate::service::{Delta, Error, Limits};
 
 /// Why a delta was refused: bytes that are not a `covd.v1.Delta`, or a field that breaks a
@@ -197,7 +197,9 @@ pub(crate) fn read(wire: &[u8], limits: &Limits) -> Result<Delta, Error> {
 fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
     let mut r = Reader::new(wire, 0);
     let mut seq = 0;
-    let mut files = Vec::new();
+    let mut files = FileBatch::recycled();
+    // Scratch reused by every file of the delta.
+    let mut scratch = Scratch::default();
     // A TestRef given twice merges: its last name wins.
     let mut test: Option<&str> = None;
     while r.more() {
@@ -207,13 +209,12 @@ fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
             2 => {
                 let mut m = r.submessage(wire_type)?;
                 let i = files.len();
-                let file = read_file(&mut m, limits).map_err(|f| match f {
+                read_file(&mut m, limits, &mut files, &mut scratch).map_err(|f| match f {
                     Fault::Field(field, reason) => {
                         Fault::Field(format!("delta.files[{i}].{field}"), reason)
                     }
                     decode => decode,
                 })?;
-                files.push(file);
             }
             3 => {
                 let mut m = r.submessage(wire_type)?;
@@ -230,12 +231,7 @@ fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
     }
     if let Some(name) = test {
         check_name(name, limits).map_err(|r| Fault::Field("delta.test.name".into(), r))?;
-        let name: Arc<str> = name.into();
-        for (_, file) in &mut files {
-            let mut tests = file.tests().to_vec();
-            tests.push((name.clone(), file.covered().clone()));
-            file.set_tests(tests);
-        }
+        files.set_test(name.into());
     }
     Ok(Delta {
         seq,
@@ -244,30 +240,44 @@ fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
     })
 }
 
-fn read_file(r: &mut Reader<'_>, limits: &Limits) -> Result<(String, FileCoverage), Fault> {
+/// Vectors a delta's files are read through, kept between files.
+#[derive(Default)]
+struct Scratch {
+    gaps: Vec<u32>,
+    lines: Vec<u32>,
+    hits: Vec<u64>,
+}
+
+fn read_file(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+    batch: &mut FileBatch,
+    scratch: &mut Scratch,
+) -> Result<(), Fault> {
     let mut path = "";
-    let mut gaps: Vec<u32> = Vec::new();
-    let mut hits: Vec<u64> = Vec::new();
-    let mut branches: Vec<(BranchKey, Taken)> = Vec::new();
-    let mut functions: Vec<Function> = Vec::new();
-    let mut tests = Vec::new();
+    let Scratch { gaps, lines, hits } = scratch;
+    gaps.clear();
+    hits.clear();
+    let (mut arms, mut functions, mut tests) = (0, 0, 0);
+    batch.begin_file();
     while r.more() {
         let (field, wire_type) = r.key()?;
         match field {
             1 => path = r.string(wire_type)?,
-            2 => r.numbers(wire_type, &mut gaps, u32_of)?,
-            3 => r.numbers(wire_type, &mut hits, |v| v)?,
+            2 => r.numbers(wire_type, gaps, u32_of)?,
+            3 => r.numbers(wire_type, hits, |v| v)?,
             4 => {
-                let j = branches.len();
-                branches.push(read_branch(&mut r.submessage(wire_type)?, j, limits)?);
+                read_branch(&mut r.submessage(wire_type)?, arms, limits, batch)?;
+                arms += 1;
             }
             5 => {
-                let j = functions.len();
-                functions.push(read_function(&mut r.submessage(wire_type)?, j, limits)?);
+                read_function(&mut r.submessage(wire_type)?, functions, limits, batch)?;
+                functions += 1;
             }
             6 => {
-                let j = tests.len();
-                tests.push(read_test_lines(&mut r.submessage(wire_type)?, j, limits)?);
+                let (name, lines) = read_test_lines(&mut r.submessage(wire_type)?, tests, limits)?;
+                batch.push_test(name, lines);
+                tests += 1;
             }
             _ => r.skip(wire_type)?,
         }
@@ -283,16 +293,18 @@ fn read_file(r: &mut Reader<'_>, limits: &Limits) -> Result<(String, FileCoverag
             ),
         ));
     }
-    let lines = lines_from_gaps(&gaps, limits, "line_gaps")?;
-    let mut file = FileCoverage::from_sorted_lines(&lines, &hits)
-        .ok_or_else(|| Fault::Field("line_gaps".into(), "lines are not ascending".into()))?;
-    file.set_branches(branches);
-    file.set_functions(functions);
-    file.set_tests(tests);
-    Ok((path.to_owned(), file))
+    lines_from_gaps_into(gaps, limits, "line_gaps", lines)?;
+    batch
+        .end_file(path, lines, hits)
+        .map_err(|e| Fault::Field("line_gaps".into(), e.to_string()))
 }
 
-fn read_branch(r: &mut Reader<'_>, j: usize, limits: &Limits) -> Result<(BranchKey, Taken), Fault> {
+fn read_branch(
+    r: &mut Reader<'_>,
+    j: usize,
+    limits: &Limits,
+    batch: &mut FileBatch,
+) -> Result<(), Fault> {
     let (mut line, mut block, mut index, mut label, mut taken) = (0, 0, 0, "", None);
     while r.more() {
         let (field, wire_type) = r.key()?;
@@ -307,7 +319,7 @@ fn read_branch(r: &mut Reader<'_>, j: usize, limits: &Limits) -> Result<(BranchK
     }
     check_line(line, limits).map_err(|e| Fault::Field(format!("branches[{j}].line"), e))?;
     let arm = if label.is_empty() {
-        BranchArm::Index(index)
+        ArmName::Index(index)
     } else {
         let field = || format!("branches[{j}].label");
         check_name(label, limits).map_err(|e| Fault::Field(field(), e))?;
@@ -318,12 +330,18 @@ fn read_branch(r: &mut Reader<'_>, j: usize, limits: &Limits) -> Result<(BranchK
                 "a label of digits only is ambiguous; send it as `branch`".into(),
             ));
         }
-        BranchArm::Label(label.into())
+        ArmName::Label(label)
     };
-    Ok((BranchKey { line, block, arm }, taken))
+    batch.push_arm(line, block, arm, taken);
+    Ok(())
 }
 
-fn read_function(r: &mut Reader<'_>, j: usize, limits: &Limits) -> Result<Function, Fault> {
+fn read_function(
+    r: &mut Reader<'_>,
+    j: usize,
+    limits: &Limits,
+    batch: &mut FileBatch,
+) -> Result<(), Fault> {
     let (mut name, mut start_line, mut end_line, mut hits) = ("", 0, 0, 0);
     while r.more() {
         let (field, wire_type) = r.key()?;
@@ -344,12 +362,8 @@ fn read_function(r: &mut Reader<'_>, j: usize, limits: &Limits) -> Result<Functi
             ));
         }
     }
-    Ok(Function {
-        name: name.into(),
-        start_line,
-        end_line,
-        hits,
-    })
+    batch.push_function(name, start_line, end_line, hits);
+    Ok(())
 }
 
 fn read_test_lines(
@@ -381,7 +395,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::model::FileBuilder;
+    use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage};
     use crate::rpc::proto;
 
     fn branch() -> impl Strategy<Value = proto::Branch> {
@@ -506,7 +520,7 @@ mod tests {
             let bytes = d.encode_to_vec();
             let read = read_default(&bytes).unwrap();
             prop_assert_eq!(read.seq, d.seq);
-            prop_assert_eq!(read.files, expected(&d));
+            prop_assert_eq!(read.files.to_files(), expected(&d));
         }
 
         #[test]
@@ -546,14 +560,15 @@ mod tests {
         delta.extend(&file);
         let read = read_default(&delta).unwrap();
         assert_eq!(read.seq, 7);
-        assert_eq!(read.files[0].0, "a.c");
+        let files = read.files.to_files();
+        assert_eq!(files[0].0, "a.c");
         assert_eq!(
-            read.files[0].1.line_hits().collect::<Vec<_>>(),
+            files[0].1.line_hits().collect::<Vec<_>>(),
             vec![(3, 5), (5, 0)]
         );
         // What prost makes of the same bytes.
         let theirs = proto::Delta::decode(&delta[..]).unwrap();
-        assert_eq!(read.files, expected(&theirs));
+        assert_eq!(files, expected(&theirs));
     }
 
     #[test]

@@ -153,8 +153,8 @@ impl CoverageService {
                 let attempts = run.current_attempts();
 
                 store.for_each_delta(&run.id, &attempts, |_, files| {
-                    for (path, file) in files {
-                        run.aggregate.merge_file(interner, &path, &file);
+                    for file in files.files() {
+                        run.aggregate.merge_part(interner, &file);
                     }
                 })?;
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::durable::shard_record;
-use super::run::{LoggedDelta, Run, RunState, Shard, check_expected};
+use super::run::{Run, RunState, Shard, check_expected};
 use super::{
     Applied, CoverageService, Delta, Error, MAX_UNKNOWN_REPORTED, Result, RunStatus, ShardHeader,
     TestTelemetry, check_name, normalize_params,
@@ -308,9 +308,7 @@ impl CoverageService {
         let _gate = run.gate_shared();
         // Concurrent deltas may each pass this check and overshoot by at most one delta's
         // files; the limit guards memory, not an exact count.
-        let new_files = run
-            .aggregate
-            .count_new(delta.files.iter().map(|(p, _)| p.as_str()));
+        let new_files = run.aggregate.count_new(delta.files.paths());
         if new_files > 0 && run.aggregate.len() + new_files > limits.max_files_per_run {
             return Err(Error::ResourceExhausted(format!(
                 "run `{}` would hold {} files, beyond the limit of {}",
@@ -330,7 +328,15 @@ impl CoverageService {
             };
             let body = match &delta.wire {
                 Some(wire) => codec::wire_record(wire),
-                None => codec::encode_files(delta.files.iter().map(|(p, f)| (p.as_str(), f))),
+                None => codec::encode_files(
+                    delta
+                        .files
+                        .files()
+                        .map(|f| (f.path().to_owned(), f.to_file()))
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(|(p, f)| (p.as_str(), f)),
+                ),
             };
             store.write_blocking(vec![Write::AppendDelta {
                 run_id: run.id.clone(),
@@ -342,24 +348,27 @@ impl CoverageService {
         let unknown_paths: Vec<String> = match &known {
             Some(known) => delta
                 .files
-                .iter()
-                .map(|(p, _)| p)
-                .filter(|p| !known.contains(p.as_str()))
+                .paths()
+                .filter(|p| !known.contains(*p))
                 .take(MAX_UNKNOWN_REPORTED)
-                .cloned()
+                .map(str::to_owned)
                 .collect(),
             None => Vec::new(),
         };
         let interner = &self.shared.interner;
         let durable = self.shared.store.is_some();
-        let mut logged = Vec::with_capacity(if durable { 0 } else { delta.files.len() });
-        for (path, mut file) in delta.files {
-            file.intern_tests(|name| interner.intern(name));
-            let path = run.aggregate.merge_file(interner, &path, &file);
-            if !durable {
-                logged.push((path, file));
-            }
+        let mut files = delta.files;
+        files.intern_tests(|name| interner.intern(name));
+        for file in files.files() {
+            run.aggregate.merge_part(interner, &file);
         }
+        // Without a store the log keeps the delta, for rebuilds.
+        let logged = if durable {
+            files.recycle();
+            None
+        } else {
+            Some(Arc::new(files))
+        };
         let mut state = run.state();
         let shard = state
             .shards
@@ -367,8 +376,8 @@ impl CoverageService {
             .ok_or_else(|| vanished(shard_id))?;
         // The busy mark kept other attempts from starting, so the attempt is still current.
         debug_assert_eq!(shard.attempt, attempt);
-        if !durable {
-            shard.log.push(LoggedDelta::from(logged));
+        if let Some(files) = logged {
+            shard.log.push(files);
         }
         shard.last_seq = delta.seq;
         drop(state);

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use crate::model::FileCoverage;
+use crate::model::FileBatch;
 use crate::persist::{Store, StoreError};
 use crate::store::{Aggregate, PathInterner};
 
@@ -25,7 +25,7 @@ use super::{Error, Result, RunParams, RunStatus, ShardState, ShardStatus, TestTe
 /// The deltas of one shard's current attempt, kept in memory until the run completes so that
 /// a higher attempt can replace them (the aggregate is rebuilt from the remaining logs). With a
 /// store, the log is the store's and this stays empty.
-pub(super) type LoggedDelta = Arc<[(Arc<str>, FileCoverage)]>;
+pub(super) type LoggedDelta = Arc<FileBatch>;
 
 #[derive(Debug, Default)]
 pub(super) struct Shard {
@@ -247,8 +247,8 @@ impl Run {
         self.aggregate.clear();
         if let Some(store) = store {
             return store.for_each_delta(&self.id, &self.current_attempts(), |_, files| {
-                for (path, file) in files {
-                    self.aggregate.merge_file(interner, &path, &file);
+                for file in files.files() {
+                    self.aggregate.merge_part(interner, &file);
                 }
             });
         }
@@ -259,8 +259,8 @@ impl Run {
             .flat_map(|s| s.log.iter().cloned())
             .collect();
         for delta in logs {
-            for (path, file) in delta.iter() {
-                self.aggregate.merge_file(interner, path, file);
+            for file in delta.files() {
+                self.aggregate.merge_part(interner, &file);
             }
         }
         Ok(())

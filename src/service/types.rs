@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::model::{FileCoverage, Totals};
+use crate::model::{FileBatch, Totals};
 
 /// Limits on what one client can make the daemon hold. Each is a named setting of `serve`.
 #[derive(Debug, Clone)]
@@ -114,7 +114,7 @@ pub struct ShardHeader {
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
     pub seq: u64,
-    pub files: Vec<(String, FileCoverage)>,
+    pub files: FileBatch,
     /// The delta as its client encoded it, when it came over the wire (a `covd.v1.Delta`): the
     /// durable store keeps these bytes instead of encoding `files` again, and reads them back
     /// with the decoder the server gives it ([`crate::persist::WireDecoder`]).

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::model::path::PathFilter;
-use crate::model::{FileCoverage, Totals};
+use crate::model::{FileCoverage, FilePart, Totals};
 
 /// Shares path strings between runs.
 #[derive(Debug, Default)]
@@ -81,6 +81,20 @@ impl Aggregate {
         let mut entry = self.files.entry(interner.intern(path)).or_default();
         entry.merge(file);
         entry.key().clone()
+    }
+
+    /// Merges one file of a batch in (see [`FileCoverage::merge_part`]). Never holds more
+    /// than this file's map shard.
+    pub fn merge_part(&self, interner: &PathInterner, part: &FilePart<'_>) {
+        let path = part.path();
+        if let Some(mut existing) = self.files.get_mut(path) {
+            existing.merge_part(part);
+            return;
+        }
+        self.files
+            .entry(interner.intern(path))
+            .or_default()
+            .merge_part(part);
     }
 
     pub fn clear(&self) {

@@ -393,7 +393,7 @@ async fn expired_runs_keep_their_summary() {
             &session,
             Delta {
                 seq: 1,
-                files,
+                files: covd::model::FileBatch::of_files(&files),
                 ..Delta::default()
             },
         )

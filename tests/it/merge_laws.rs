@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use covd::model::{
-    BranchArm, BranchKey, COUNTED_BLOCK, Coverage, FileBuilder, FileCoverage, Taken, counted_arms,
+    BranchArm, BranchKey, COUNTED_BLOCK, Coverage, FileBatch, FileBuilder, FileCoverage, Taken,
+    counted_arms,
 };
 use covd::service::{CoverageService, Delta, Limits, ShardHeader};
 use proptest::prelude::*;
@@ -200,12 +201,12 @@ proptest! {
                     }).await.unwrap();
                     for (seq, d) in deltas.iter().enumerate() {
                         let seq = seq as u64 + 1;
-                        let applied = service.apply(&session, Delta { seq, files: vec![d.clone()], ..Delta::default() }).await.unwrap();
+                        let applied = service.apply(&session, Delta { seq, files: FileBatch::of_files(std::slice::from_ref(d)), ..Delta::default() }).await.unwrap();
                         assert!(!applied.duplicate);
                         // Replay an earlier delta: acknowledged as a duplicate, not applied.
                         for r in &replays {
                             if (*r as u64) < seq {
-                                let again = Delta { seq: *r as u64 + 1, files: vec![deltas[*r].clone()], ..Delta::default() };
+                                let again = Delta { seq: *r as u64 + 1, files: FileBatch::of_files(std::slice::from_ref(&deltas[*r])), ..Delta::default() };
                                 assert!(service.apply(&session, again).await.unwrap().duplicate);
                             }
                         }
