@@ -11,7 +11,7 @@ use prost::Message;
 fuzz_target!(|data: &[u8]| {
     if let Ok(files) = wire_delta_files(data) {
         assert!(proto::Delta::decode(data).is_ok(), "accepted what prost refuses");
-        for (_, file) in files {
+        for (_, file) in files.to_files() {
             let lines: Vec<u32> = file.lines().iter().collect();
             assert!(lines.iter().all(|l| *l >= 1 && *l <= covd::model::MAX_LINE));
             assert_eq!(file.line_hits().count(), lines.len());

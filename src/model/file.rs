@@ -378,20 +378,40 @@ impl FileCoverage {
     /// Adds one file of a batch into `self`, like [`FileCoverage::merge`] with the part built
     /// whole, but without building it when `self` already holds every line, arm and function
     /// the part names (every shard after the first, when shards list the same files).
-    pub fn merge_part(&mut self, part: &FilePart<'_>) {
-        if self.is_empty() || part.has_tests() || !self.merge_known(part) {
-            self.merge(&part.to_file());
+    ///
+    /// Returns what the merge added to the file's [`Totals`] (merging only ever adds), so that
+    /// an aggregate keeps its totals without adding up every file.
+    pub fn merge_part(&mut self, part: &FilePart<'_>) -> Totals {
+        if !self.is_empty()
+            && !part.has_tests()
+            && let Some(added) = self.merge_known(part)
+        {
+            return added;
         }
+        self.merge_counted(&part.to_file())
     }
 
-    /// Adds `part` in place if every key of it is already in `self`; otherwise changes
-    /// nothing and returns false. Counted arms (see [`COUNTED_BLOCK`]) and arms or functions
-    /// out of key order also return false: the general merge handles those.
-    fn merge_known(&mut self, part: &FilePart<'_>) -> bool {
+    /// [`FileCoverage::merge`], returning what it added to the totals (see
+    /// [`FileCoverage::merge_part`]). An empty file counts as none.
+    pub fn merge_counted(&mut self, other: &FileCoverage) -> Totals {
+        let before = if self.is_empty() {
+            Totals::default()
+        } else {
+            self.totals()
+        };
+        self.merge(other);
+        self.totals().minus(&before)
+    }
+
+    /// Adds `part` in place if every key of it is already in `self`, and returns what that
+    /// added to the totals; otherwise changes nothing and returns `None`. Counted arms (see
+    /// [`COUNTED_BLOCK`]) and arms or functions out of key order also return `None`: the
+    /// general merge handles those.
+    fn merge_known(&mut self, part: &FilePart<'_>) -> Option<Totals> {
         let (lines, hits) = (part.lines(), part.hits());
         // The checks first, so that a refusal leaves `self` untouched.
         if !is_subset_of(lines, &self.lines) {
-            return false;
+            return None;
         }
         let mut at = 0;
         let mut previous: Option<ArmRef<'_>> = None;
@@ -399,26 +419,27 @@ impl FileCoverage {
             if arm.block & COUNTED_BLOCK != 0
                 || previous.is_some_and(|p| p.cmp_ref(&arm) != Ordering::Less)
             {
-                return false;
+                return None;
             }
             previous = Some(arm);
             match find_from(&self.branches, &mut at, |(k, _)| arm.cmp_key(k).reverse()) {
                 Some(_) => {}
-                None => return false,
+                None => return None,
             }
         }
         let mut at = 0;
         let mut previous: Option<FunctionRef<'_>> = None;
         for f in part.functions() {
             if previous.is_some_and(|p| (p.start_line, p.name) >= (f.start_line, f.name)) {
-                return false;
+                return None;
             }
             previous = Some(f);
             if find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse()).is_none() {
-                return false;
+                return None;
             }
         }
 
+        let mut added = Totals::default();
         if hits.iter().any(|h| *h > 0) {
             let mut mine = self.lines.iter().enumerate();
             let mut new_covered = Vec::new();
@@ -432,6 +453,7 @@ impl FileCoverage {
                     }
                 }
             }
+            added.lines_covered = new_covered.len() as u64;
             if !new_covered.is_empty()
                 && let Some(more) = bitmap_of_sorted(&new_covered)
             {
@@ -444,18 +466,21 @@ impl FileCoverage {
                 && arm.taken.is_some()
             {
                 let kept = &mut self.branches[i].1;
+                let was_taken = kept.is_some_and(|n| n > 0);
                 *kept = add_taken(*kept, arm.taken);
+                added.branches_taken += u64::from(!was_taken && kept.is_some_and(|n| n > 0));
             }
         }
         let mut at = 0;
         for f in part.functions() {
             if let Some(i) = find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse()) {
                 let kept = &mut self.functions[i];
+                added.functions_hit += u64::from(kept.hits == 0 && f.hits > 0);
                 kept.hits = kept.hits.saturating_add(f.hits);
                 kept.end_line = kept.end_line.max(f.end_line);
             }
         }
-        true
+        Some(added)
     }
 
     fn merge_lines(&mut self, other: &FileCoverage) {
@@ -780,10 +805,12 @@ mod tests {
             whole.merge(&b);
             let batch = FileBatch::of_files(&[("f.c", b)]);
             let mut parts = a.clone();
+            let mut added = Totals::default();
             for part in batch.files() {
-                parts.merge_part(&part);
+                added += parts.merge_part(&part);
             }
-            prop_assert_eq!(parts, whole);
+            prop_assert_eq!(&parts, &whole);
+            prop_assert_eq!(added, whole.totals().minus(&a.totals()));
         }
     }
 

@@ -67,6 +67,21 @@ pub struct Totals {
     pub functions_hit: u64,
 }
 
+impl Totals {
+    /// `self - earlier`, field by field (for counts that only grow; saturates at 0).
+    pub fn minus(&self, earlier: &Totals) -> Totals {
+        Totals {
+            files: self.files.saturating_sub(earlier.files),
+            lines: self.lines.saturating_sub(earlier.lines),
+            lines_covered: self.lines_covered.saturating_sub(earlier.lines_covered),
+            branches: self.branches.saturating_sub(earlier.branches),
+            branches_taken: self.branches_taken.saturating_sub(earlier.branches_taken),
+            functions: self.functions.saturating_sub(earlier.functions),
+            functions_hit: self.functions_hit.saturating_sub(earlier.functions_hit),
+        }
+    }
+}
+
 impl std::ops::AddAssign for Totals {
     fn add_assign(&mut self, o: Totals) {
         self.files += o.files;
