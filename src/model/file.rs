@@ -392,13 +392,9 @@ impl FileCoverage {
     }
 
     /// [`FileCoverage::merge`], returning what it added to the totals (see
-    /// [`FileCoverage::merge_part`]). An empty file counts as none.
+    /// [`FileCoverage::merge_part`]; `files` stays 0: the file was there before).
     pub fn merge_counted(&mut self, other: &FileCoverage) -> Totals {
-        let before = if self.is_empty() {
-            Totals::default()
-        } else {
-            self.totals()
-        };
+        let before = self.totals();
         self.merge(other);
         self.totals().minus(&before)
     }
@@ -409,8 +405,13 @@ impl FileCoverage {
     /// general merge handles those.
     fn merge_known(&mut self, part: &FilePart<'_>) -> Option<Totals> {
         let (lines, hits) = (part.lines(), part.hits());
-        // The checks first, so that a refusal leaves `self` untouched.
-        if !is_subset_of(lines, &self.lines) {
+        // The checks first, so that a refusal leaves `self` untouched. Nearly always the part
+        // has exactly the file's lines (shards list the same executable lines), and comparing
+        // bitmaps is cheaper than walking one (roaring's iterator was 12% of the daemon's
+        // instructions on the ingest benchmark).
+        let same = self.lines.len() == lines.len() as u64
+            && bitmap_of_sorted(lines).is_some_and(|b| b == self.lines);
+        if !same && !is_subset_of(lines, &self.lines) {
             return None;
         }
         let mut at = 0;
@@ -434,22 +435,31 @@ impl FileCoverage {
                 return None;
             }
             previous = Some(f);
-            if find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse()).is_none() {
-                return None;
-            }
+            find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse())?;
         }
 
         let mut added = Totals::default();
         if hits.iter().any(|h| *h > 0) {
-            let mut mine = self.lines.iter().enumerate();
             let mut new_covered = Vec::new();
-            for (line, h) in lines.iter().zip(hits) {
-                if let Some((index, _)) = mine.find(|(_, l)| l == line)
-                    && *h > 0
-                {
-                    self.hits.add(index, *h);
-                    if !self.covered.contains(*line) {
-                        new_covered.push(*line);
+            // `covered` is exactly the lines with a count: a line is newly covered when its
+            // count was 0.
+            let mut add = |index: usize, line: u32, h: u64| {
+                if h > 0 {
+                    if self.hits.get(index) == Some(0) {
+                        new_covered.push(line);
+                    }
+                    self.hits.add(index, h);
+                }
+            };
+            if same {
+                for (index, (line, h)) in lines.iter().zip(hits).enumerate() {
+                    add(index, *line, *h);
+                }
+            } else {
+                let mut mine = self.lines.iter().enumerate();
+                for (line, h) in lines.iter().zip(hits) {
+                    if let Some((index, _)) = mine.find(|(_, l)| l == line) {
+                        add(index, *line, *h);
                     }
                 }
             }

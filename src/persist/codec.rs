@@ -23,12 +23,13 @@ pub const WIRE_DELTA_FORMAT: u8 = 2;
 /// protocol code of its own; the server hands it the protocol layer's decoder.
 pub type WireDecoder = fn(&[u8]) -> Result<FileBatch, String>;
 
-/// A delta log record holding a delta in wire form.
-pub fn wire_record(wire: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(wire.len() + 1);
-    out.push(WIRE_DELTA_FORMAT);
-    out.extend_from_slice(wire);
-    out
+/// A delta log record holding a delta in wire form, in two parts (so that the delta's bytes
+/// are not copied).
+pub fn wire_record(wire: &bytes::Bytes) -> Vec<bytes::Bytes> {
+    vec![
+        bytes::Bytes::from_static(&[WIRE_DELTA_FORMAT]),
+        wire.clone(),
+    ]
 }
 
 /// Decodes a delta log record: postcard ([`encode_files`]) or wire form.
@@ -283,12 +284,16 @@ mod tests {
                 _ => Err("not a delta".into()),
             }
         }
-        let record = wire_record(b"ok");
+        let record = wire_record(&bytes::Bytes::from_static(b"ok")).concat();
         assert_eq!(record[0], WIRE_DELTA_FORMAT);
         assert_eq!(decode_delta(&record, Some(decoder)).unwrap().len(), 1);
         let e = decode_delta(&record, None).unwrap_err();
         assert!(e.to_string().contains("no protocol decoder"), "{e}");
-        let e = decode_delta(&wire_record(b"no"), Some(decoder)).unwrap_err();
+        let e = decode_delta(
+            &wire_record(&bytes::Bytes::from_static(b"no")).concat(),
+            Some(decoder),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not a delta"), "{e}");
         // Records written by encode_files still read.
         let postcard = encode_files([("b.c", &FileCoverage::default())]);

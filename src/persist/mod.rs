@@ -8,9 +8,13 @@
 //!   never retries an fsync and carries on as if the data were safe.
 //! - A lock file keeps a second daemon off the same data directory.
 //! - Records are versioned blobs (`codec`); reads check them.
+//! - Deltas are appended to a log file per run (`log`), fsynced before the transaction that
+//!   refers to them commits; the database keeps a reference per delta.
 
 pub mod codec;
+pub mod log;
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +58,10 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("a stored record is unreadable: {0}")]
     Record(#[from] CodecError),
+    #[error("the delta log failed: {0}")]
+    Log(std::io::Error),
+    #[error("{0}")]
+    Full(String),
 }
 
 /// What a run is, as stored.
@@ -122,11 +130,12 @@ pub enum Write {
         run_id: String,
         shard: ShardRecord,
     },
-    /// A delta and the shard progress that acknowledges it, together.
+    /// A delta and the shard progress that acknowledges it, together. The delta's record is
+    /// the concatenation of `body` (a version byte, then the body: see `codec`).
     AppendDelta {
         run_id: String,
         shard: ShardRecord,
-        body: Vec<u8>,
+        body: Vec<bytes::Bytes>,
     },
     /// Deletes the shard's deltas of attempts below `shard.attempt`, and stores `shard`.
     StartAttempt {
@@ -183,6 +192,8 @@ pub struct Store {
     writer: Option<std::thread::JoinHandle<()>>,
     failure: Arc<Mutex<Option<String>>>,
     reader: Mutex<Connection>,
+    /// Where the delta log files are.
+    log_dir: PathBuf,
     stats: Arc<CommitStats>,
     /// Reads deltas kept in wire form (see [`codec::WIRE_DELTA_FORMAT`]).
     wire: Option<WireDecoder>,
@@ -234,6 +245,8 @@ impl Store {
         }
         let reader = Connection::open(&path).map_err(corrupt)?;
         reader.busy_timeout(std::time::Duration::from_secs(30))?;
+        let log_dir = dir.join(log::DIR);
+        let logs = LogWriter::open(&writer, &log_dir, max_bytes)?;
 
         let (queue, jobs) = mpsc::channel(QUEUE);
         let failure = Arc::new(Mutex::new(None));
@@ -243,7 +256,7 @@ impl Store {
             let stats = stats.clone();
             std::thread::Builder::new()
                 .name("covd-writer".into())
-                .spawn(move || writer_loop(writer, jobs, &failure, &stats))
+                .spawn(move || writer_loop(writer, logs, jobs, &failure, &stats))
                 .map_err(io)?
         };
         Ok(Store {
@@ -252,6 +265,7 @@ impl Store {
             writer: Some(writer),
             failure,
             reader: Mutex::new(reader),
+            log_dir,
             stats,
             wire: None,
             _lock: lock,
@@ -369,6 +383,7 @@ impl Store {
         mut f: impl FnMut(&str, FileBatch),
     ) -> Result<(), StoreError> {
         let conn = self.reader();
+        let mut log = log::LogReader::new(&self.log_dir);
         // Bounded by the acknowledged sequence: a row beyond it was never acknowledged.
         let mut stmt = conn.prepare(
             "SELECT body FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt = ?3
@@ -378,6 +393,10 @@ impl Store {
             let mut rows = stmt.query(params![run_id, shard, attempt, *last_seq as i64])?;
             while let Some(row) = rows.next()? {
                 let body: Vec<u8> = row.get(0)?;
+                let body = match body.first() {
+                    Some(&log::LOG_REF_FORMAT) => log.read(&log::LogRef::decode(&body)?)?,
+                    _ => body,
+                };
                 f(shard, codec::decode_delta(&body, self.wire)?);
             }
         }
@@ -469,7 +488,8 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
              run_id TEXT NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL,
              PRIMARY KEY (run_id, part));
          CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS run_files (run_id TEXT PRIMARY KEY, body BLOB NOT NULL);",
+         CREATE TABLE IF NOT EXISTS run_files (run_id TEXT PRIMARY KEY, body BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS logs (run_id TEXT PRIMARY KEY, file INTEGER NOT NULL UNIQUE);",
     )
     .map_err(corrupt)?;
     let found: Option<i64> = conn
@@ -499,6 +519,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 
 fn writer_loop(
     mut conn: Connection,
+    mut logs: LogWriter,
     mut jobs: mpsc::Receiver<Job>,
     failure: &Mutex<Option<String>>,
     stats: &CommitStats,
@@ -514,7 +535,7 @@ fn writer_loop(
         let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let result = match failed {
             Some(f) => Err(f),
-            None => commit(&mut conn, &group).map_err(|e| {
+            None => commit(&mut conn, &mut logs, &group).map_err(|e| {
                 let message = format!(
                     "a write to the database failed ({e}); restart covd once the cause is fixed"
                 );
@@ -536,26 +557,117 @@ fn writer_loop(
     }
 }
 
+/// The writer's delta log: the files, which run has which, and the cap on the store's size.
+struct LogWriter {
+    appender: log::Appender,
+    /// Each run's log file, as the `logs` table says (runs that have one).
+    files: HashMap<String, u64>,
+    next: u64,
+    /// Log files whose run was compacted or deleted in the group being committed.
+    dropped: Vec<u64>,
+    max_bytes: Option<u64>,
+}
+
+impl LogWriter {
+    fn open(
+        conn: &Connection,
+        dir: &Path,
+        max_bytes: Option<u64>,
+    ) -> Result<LogWriter, StoreError> {
+        let files: HashMap<String, u64> = conn
+            .prepare("SELECT run_id, file FROM logs")?
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<_, _>>()?;
+        let live: HashSet<u64> = files.values().copied().collect();
+        let appender = log::Appender::open(dir, &live).map_err(|source| StoreError::Directory {
+            path: dir.to_owned(),
+            source,
+        })?;
+        Ok(LogWriter {
+            appender,
+            next: live.iter().max().map_or(1, |m| m + 1),
+            files,
+            dropped: Vec::new(),
+            max_bytes,
+        })
+    }
+
+    /// Appends a delta to its run's log file (giving the run one first).
+    fn append(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        run_id: &str,
+        body: &[bytes::Bytes],
+    ) -> Result<log::LogRef, StoreError> {
+        if let Some(max) = self.max_bytes {
+            let size: u64 = body.iter().map(|b| b.len() as u64).sum();
+            let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let page: i64 = tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let db = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+            let total = db + self.appender.bytes() + size;
+            if total > max {
+                return Err(StoreError::Full(format!(
+                    "the data directory would hold {total} bytes, beyond --max-db-bytes {max}"
+                )));
+            }
+        }
+        let file = match self.files.get(run_id) {
+            Some(file) => *file,
+            None => {
+                let file = self.next;
+                tx.prepare_cached("INSERT INTO logs (run_id, file) VALUES (?1, ?2)")?
+                    .execute(params![run_id, file as i64])?;
+                self.next += 1;
+                self.files.insert(run_id.to_owned(), file);
+                file
+            }
+        };
+        self.appender.append(file, body).map_err(StoreError::Log)
+    }
+
+    /// Drops the run's log file from the database; the file goes once the group commits.
+    fn drop_run(&mut self, tx: &rusqlite::Transaction<'_>, run_id: &str) -> Result<(), StoreError> {
+        tx.prepare_cached("DELETE FROM logs WHERE run_id = ?1")?
+            .execute([run_id])?;
+        if let Some(file) = self.files.remove(run_id) {
+            self.dropped.push(file);
+        }
+        Ok(())
+    }
+}
+
 /// Fault injection for the crash tests: with `COVD_FAULT_ABORT_IN_COMMIT=N`, the process
 /// dies (exit code 134) inside its N-th group commit, after the group's writes and before the commit, the
 /// way a power cut would find it. Unset in production.
 const ABORT_IN_COMMIT: &str = "COVD_FAULT_ABORT_IN_COMMIT";
 
-fn commit(conn: &mut Connection, group: &[Job]) -> rusqlite::Result<()> {
+fn commit(conn: &mut Connection, logs: &mut LogWriter, group: &[Job]) -> Result<(), StoreError> {
     static COMMITS: AtomicU64 = AtomicU64::new(0);
+    logs.dropped.clear();
     let tx = conn.transaction()?;
     for job in group {
         for w in &job.writes {
-            apply(&tx, w)?;
+            apply(&tx, logs, w)?;
         }
     }
+    // The deltas are durable before anything refers to them.
+    logs.appender.sync().map_err(StoreError::Log)?;
     if let Some(n) = std::env::var_os(ABORT_IN_COMMIT).and_then(|v| v.to_str()?.parse::<u64>().ok())
         && COMMITS.fetch_add(1, Ordering::Relaxed) + 1 == n
     {
         // Not `abort()`: the same for the database, but no core dump.
         std::process::exit(134);
     }
-    tx.commit()
+    tx.commit()?;
+    for file in std::mem::take(&mut logs.dropped) {
+        // Only space is at stake: a file left here is deleted at the next start.
+        if let Err(e) = logs.appender.remove(file) {
+            tracing::warn!("deleting delta log file {file} failed: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// Whether the run has a record: writes for a run deleted (or expired) meanwhile are dropped,
@@ -567,7 +679,11 @@ fn run_exists(tx: &rusqlite::Transaction<'_>, run_id: &str) -> rusqlite::Result<
         .map(|found| found.is_some())
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    logs: &mut LogWriter,
+    w: &Write,
+) -> Result<(), StoreError> {
     match w {
         Write::PutRun(run) => {
             tx.prepare_cached("INSERT OR REPLACE INTO runs (run_id, record) VALUES (?1, ?2)")?
@@ -589,6 +705,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             shard,
             body,
         } => {
+            let at = logs.append(tx, run_id, body)?;
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO deltas (run_id, shard_id, attempt, seq, body)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -598,7 +715,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 shard.shard_id,
                 shard.attempt,
                 shard.last_seq as i64,
-                body
+                at.encode()
             ])?;
             put_shard(tx, run_id, shard)?;
         }
@@ -623,6 +740,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             }
             tx.prepare_cached("DELETE FROM deltas WHERE run_id = ?1")?
                 .execute([run_id])?;
+            logs.drop_run(tx, run_id)?;
             put_summary(tx, summary)?;
         }
         Write::PutFiles { run_id, files } => {
@@ -634,6 +752,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
                     .execute([run_id])?;
             }
+            logs.drop_run(tx, run_id)?;
             match summary {
                 Some(s) => put_summary(tx, s)?,
                 None => {

@@ -328,15 +328,18 @@ impl CoverageService {
             };
             let body = match &delta.wire {
                 Some(wire) => codec::wire_record(wire),
-                None => codec::encode_files(
-                    delta
-                        .files
-                        .files()
-                        .map(|f| (f.path().to_owned(), f.to_file()))
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .map(|(p, f)| (p.as_str(), f)),
-                ),
+                None => vec![
+                    codec::encode_files(
+                        delta
+                            .files
+                            .files()
+                            .map(|f| (f.path().to_owned(), f.to_file()))
+                            .collect::<Vec<_>>()
+                            .iter()
+                            .map(|(p, f)| (p.as_str(), f)),
+                    )
+                    .into(),
+                ],
             };
             store.write_blocking(vec![Write::AppendDelta {
                 run_id: run.id.clone(),

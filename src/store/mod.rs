@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 
 use crate::model::path::PathFilter;
 use crate::model::{FileCoverage, FilePart, Totals};
@@ -78,34 +79,41 @@ impl Aggregate {
     /// Merges one file in, and returns its path as the aggregate holds it (interned). Never
     /// holds more than this file's map shard.
     pub fn merge_file(&self, interner: &PathInterner, path: &str, file: &FileCoverage) -> Arc<str> {
-        let (path, added) = match self.files.get_mut(path) {
-            Some(mut existing) => {
-                let added = existing.merge_counted(file);
-                (existing.key().clone(), added)
-            }
-            None => {
-                let mut entry = self.files.entry(interner.intern(path)).or_default();
-                let added = entry.merge_counted(file);
-                (entry.key().clone(), added)
-            }
-        };
-        self.add_totals(added);
-        path
+        self.merge_with(interner, path, |f| f.merge_counted(file))
     }
 
     /// Merges one file of a batch in (see [`FileCoverage::merge_part`]). Never holds more
     /// than this file's map shard.
     pub fn merge_part(&self, interner: &PathInterner, part: &FilePart<'_>) {
-        let path = part.path();
-        let added = match self.files.get_mut(path) {
-            Some(mut existing) => existing.merge_part(part),
-            None => self
-                .files
-                .entry(interner.intern(path))
-                .or_default()
-                .merge_part(part),
+        self.merge_with(interner, part.path(), |f| f.merge_part(part));
+    }
+
+    /// Applies `merge` to the file at `path` (new and empty if there is none) and adds what it
+    /// added to the totals.
+    fn merge_with(
+        &self,
+        interner: &PathInterner,
+        path: &str,
+        merge: impl FnOnce(&mut FileCoverage) -> Totals,
+    ) -> Arc<str> {
+        if let Some(mut existing) = self.files.get_mut(path) {
+            let added = merge(&mut existing);
+            let path = existing.key().clone();
+            drop(existing);
+            self.add_totals(added);
+            return path;
+        }
+        let (path, added) = match self.files.entry(interner.intern(path)) {
+            Entry::Occupied(mut o) => (o.key().clone(), merge(o.get_mut())),
+            Entry::Vacant(v) => {
+                let mut file = FileCoverage::default();
+                let mut added = merge(&mut file);
+                added.files += 1;
+                (v.insert(file).key().clone(), added)
+            }
         };
         self.add_totals(added);
+        path
     }
 
     fn add_totals(&self, added: Totals) {
@@ -183,5 +191,53 @@ impl Aggregate {
             files: self.files.clone(),
             totals: Mutex::new(self.totals()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FileBatch, FileBuilder};
+
+    fn file(lines: &[(u32, u64)]) -> FileCoverage {
+        let mut b = FileBuilder::new();
+        for (l, h) in lines {
+            b.line(*l, *h);
+        }
+        b.build()
+    }
+
+    /// The totals kept as merges go equal the totals added up file by file, empty files
+    /// (a source with nothing executable) included.
+    #[test]
+    fn kept_totals_equal_the_sum_of_the_files() {
+        let agg = Aggregate::new();
+        let interner = PathInterner::default();
+        let shards = [
+            vec![("a.c", file(&[(1, 0), (2, 3)])), ("empty.c", file(&[]))],
+            vec![("a.c", file(&[(1, 2), (2, 0)])), ("empty.c", file(&[]))],
+            vec![("b.c", file(&[(5, 1)])), ("a.c", file(&[(3, 1)]))],
+        ];
+        for shard in &shards {
+            for part in FileBatch::of_files(shard).files() {
+                agg.merge_part(&interner, &part);
+            }
+            agg.merge_file(&interner, "empty.c", &file(&[]));
+            let mut sum = Totals::default();
+            for (_, t) in agg.file_totals(&PathFilter::default()) {
+                sum += t;
+            }
+            assert_eq!(agg.totals(), sum);
+        }
+        assert_eq!(
+            (
+                agg.totals().files,
+                agg.totals().lines,
+                agg.totals().lines_covered
+            ),
+            (3, 4, 4)
+        );
+        agg.clear();
+        assert_eq!(agg.totals(), Totals::default());
     }
 }

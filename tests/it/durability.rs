@@ -422,6 +422,82 @@ async fn expired_runs_keep_their_summary() {
     assert_eq!(service.summaries(10).unwrap().len(), 1);
 }
 
+/// Deltas live in a log file per run until the run is compacted; a damaged log is reported at
+/// start, not read as coverage.
+#[tokio::test]
+async fn delta_logs_go_with_their_run_and_damage_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.path().join("deltas"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let files = delta(0, 1);
+    {
+        let (service, _) = open_service(dir.path());
+        for (run, expected) in [("done", 1), ("open", 2)] {
+            let params = RunParams {
+                expected_shards: (0..expected).map(|i: i32| i.to_string()).collect(),
+                ..RunParams::default()
+            };
+            service.open_run(run, params).await.unwrap();
+            let session = service
+                .begin_shard(ShardHeader {
+                    run_id: run.into(),
+                    shard_id: "0".into(),
+                    attempt: 1,
+                    params: RunParams::default(),
+                })
+                .await
+                .unwrap();
+            let delta = Delta {
+                seq: 1,
+                files: covd::model::FileBatch::of_files(&files),
+                ..Delta::default()
+            };
+            service.apply(&session, delta).await.unwrap();
+            service.finish(&session, 1, None).await.unwrap();
+        }
+        assert_eq!(log_files().len(), 2);
+        // Dropped before the complete run's compaction (which waits a moment) ran.
+    }
+    // Recovery compacts (blocking work, as in the daemon).
+    let path = dir.path().to_owned();
+    let (service, recovery) = tokio::task::spawn_blocking(move || open_service(&path))
+        .await
+        .unwrap();
+    assert_eq!(recovery.runs, 2);
+    assert_eq!(
+        log_files().len(),
+        1,
+        "recovery compacted the complete run and deleted its log"
+    );
+    let mut pushed = Coverage::default();
+    for (path, file) in &files {
+        pushed.add(path, file);
+    }
+    for run in ["done", "open"] {
+        assert_eq!(service.run_status(run).unwrap().totals, pushed.totals());
+    }
+    drop(service);
+
+    // Cut the open run's log in half: the daemon refuses to start and says why.
+    let log = log_files().pop().unwrap();
+    let len = std::fs::metadata(&log).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let store = Store::open(dir.path())
+        .unwrap()
+        .with_wire_decoder(covd::rpc::convert::wire_delta_files);
+    let e = CoverageService::open(Limits::default(), store).unwrap_err();
+    assert!(e.to_string().contains("delta log"), "{e}");
+}
+
 #[tokio::test]
 async fn shutdown_ends_open_streams_so_clients_resume() {
     let dir = tempfile::tempdir().unwrap();
