@@ -37,8 +37,10 @@ pub struct Settings {
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// HTTP/2 flow-control window of one stream: how much of a shard's data the daemon
-    /// buffers before it reads it. Every open ingest stream may hold this much; hyper's 1 MiB
-    /// default made memory grow with the number of shards.
+    /// buffers before it reads it. Every open ingest stream may hold this much while it waits
+    /// its turn; hyper's 1 MiB default made memory grow with the number of shards. 64 KiB
+    /// (with a connection per shard, 64 shards × 35,000 files: peak 170 → 161 MB) costs no
+    /// throughput on loopback or a LAN.
     pub stream_window_bytes: u32,
 }
 
@@ -52,7 +54,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
-            stream_window_bytes: 256 * 1024,
+            stream_window_bytes: 64 * 1024,
         }
     }
 }

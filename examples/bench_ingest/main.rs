@@ -251,7 +251,9 @@ fn daemon(data_dir: Option<PathBuf>) {
 fn spawn_daemon(data_dir: Option<&Path>) -> (std::process::Child, String, Duration) {
     let started = Instant::now();
     // COVD_BENCH_WRAP runs the daemon under a profiler, e.g.
-    // `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p`.
+    // `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p` or
+    // `valgrind --tool=massif --depth=40` (the profile of the first round goes to
+    // /tmp/massif.PID.ingest).
     let wrap = std::env::var("COVD_BENCH_WRAP").unwrap_or_default();
     let mut words = wrap.split_whitespace();
     let mut cmd = match words.next() {
@@ -330,6 +332,17 @@ fn round(
     ));
     let peak_kb = peak_rss_kb(pid);
     let end_kb = status_kb(pid, "VmRSS:");
+    if std::env::var("COVD_BENCH_WRAP").is_ok_and(|w| w.contains("massif")) {
+        // Likewise for massif: every snapshot so far, the peak's in detail.
+        let _ = Command::new("vgdb")
+            .args([
+                &format!("--pid={pid}"),
+                "all_snapshots",
+                &format!("/tmp/massif.{pid}.ingest"),
+            ])
+            .stdout(Stdio::null())
+            .status();
+    }
     if std::env::var("COVD_BENCH_WRAP").is_ok_and(|w| w.contains("callgrind")) {
         // The daemon is killed, not stopped: have callgrind write the profile of the ingest.
         let _ = Command::new("callgrind_control")
@@ -432,7 +445,8 @@ async fn run(
         .zip(ids)
         .enumerate()
         .map(|(i, (path, id))| {
-            let mut client = client.clone();
+            // A connection per shard, as separate CI jobs have.
+            let mut client = Client::connect(url).unwrap();
             let path = path.clone();
             let last_finish = last_finish.clone();
             let delay = stagger * i as u32 / n.max(1);

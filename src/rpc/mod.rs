@@ -258,12 +258,12 @@ async fn ingest(
         match message.msg {
             Some(In::Delta(wire)) => {
                 let slot = service.delta_slot().await;
-                // Decoding a delta of thousands of files is CPU work: off the async threads.
+                // Decoding a delta of thousands of files is CPU work: off the async threads,
+                // on the thread that applies it.
                 let limits = service.limits().clone();
-                let delta = tokio::task::spawn_blocking(move || delta_from_wire(wire, &limits))
-                    .await
-                    .map_err(|e| Status::internal(format!("decoding the delta failed: {e}")))??;
-                let applied = service.apply(&session, delta).await?;
+                let applied = service
+                    .apply_with(&session, move || delta_from_wire(wire, &limits))
+                    .await?;
                 drop(slot);
                 let ack = proto::Ack {
                     seq: applied.seq,

@@ -222,6 +222,55 @@ impl CoverageService {
 
     /// Applies one delta of the session's attempt, whole or not at all.
     pub async fn apply(&self, session: &ShardSession, delta: Delta) -> Result<Applied> {
+        self.apply_with(session, move || Ok(delta)).await
+    }
+
+    /// [`CoverageService::apply`] for a delta that `decode` reads, on the blocking thread that
+    /// then stores and merges it: one hand-off between threads per delta instead of two.
+    pub async fn apply_with(
+        &self,
+        session: &ShardSession,
+        decode: impl FnOnce() -> Result<Delta> + Send + 'static,
+    ) -> Result<Applied> {
+        let service = self.clone();
+        let run = session.run.clone();
+        let (shard_id, attempt) = (session.shard_id.clone(), session.attempt);
+        let task = tokio::task::spawn_blocking(move || {
+            let delta = decode()?;
+            if let Some(duplicate) = service.admit(&run, &shard_id, attempt, &delta)? {
+                return Ok(duplicate);
+            }
+            let _busy = Busy {
+                run: &run,
+                shard_id: &shard_id,
+                attempt,
+            };
+            service.store_and_merge(&run, &shard_id, attempt, delta)
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) => {
+                // A panic (the guard released the shard while unwinding): the merge may be
+                // partial, so the aggregate is rebuilt at the next stream start.
+                if e.is_panic() {
+                    session.run.state().stale = true;
+                }
+                Err(Error::Unavailable(format!(
+                    "applying the delta failed: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Checks a delta against the shard's progress. Returns the answer for a delta applied
+    /// before, or `None` with the shard marked busy for the caller (who holds a [`Busy`]).
+    fn admit(
+        &self,
+        run: &Run,
+        shard_id: &str,
+        attempt: u32,
+        delta: &Delta,
+    ) -> Result<Option<Applied>> {
         let limits = self.limits();
         if delta.files.len() > limits.max_files_per_delta {
             return Err(Error::ResourceExhausted(format!(
@@ -233,66 +282,33 @@ impl CoverageService {
         if delta.seq == 0 {
             return Err(Error::invalid("delta.seq", "sequence numbers start at 1"));
         }
-        {
-            let mut state = session.run.state();
-            state.check_live(&session.run.id)?;
-            let shard = shard_of(&mut state, session)?;
-            if shard.finished_at.is_some() {
-                return Err(Error::FailedPrecondition(format!(
-                    "shard `{}` (attempt {}) has finished; start a new attempt to send more",
-                    session.shard_id, session.attempt
-                )));
-            }
-            if delta.seq <= shard.last_seq {
-                return Ok(Applied {
-                    seq: delta.seq,
-                    duplicate: true,
-                    unknown_paths: Vec::new(),
-                });
-            }
-            if delta.seq != shard.last_seq + 1 {
-                return Err(Error::invalid(
-                    "delta.seq",
-                    format!(
-                        "expected sequence number {}, got {} (deltas must be consecutive)",
-                        shard.last_seq + 1,
-                        delta.seq
-                    ),
-                ));
-            }
-            // Released by the blocking task's guard (or below, if the task never runs).
-            mark_busy(&mut state, &session.shard_id, session.attempt)?;
+        let mut state = run.state();
+        state.check_live(&run.id)?;
+        let shard = current_shard(&mut state, shard_id, attempt)?;
+        if shard.finished_at.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "shard `{shard_id}` (attempt {attempt}) has finished; start a new attempt to send more"
+            )));
         }
-
-        let service = self.clone();
-        let run = session.run.clone();
-        let (shard_id, attempt) = (session.shard_id.clone(), session.attempt);
-        let task = tokio::task::spawn_blocking(move || {
-            let _busy = Busy {
-                run: &run,
-                shard_id: &shard_id,
-                attempt,
-            };
-            service.store_and_merge(&run, &shard_id, attempt, delta)
-        });
-        match task.await {
-            Ok(result) => result,
-            Err(e) => {
-                // The task panicked (its guard released the shard; the merge may be partial,
-                // so the aggregate is rebuilt at the next stream start) or was cancelled
-                // before it ran (then release the shard here).
-                let mut state = session.run.state();
-                state.stale = true;
-                if let Some(shard) = state.shards.get_mut(&session.shard_id)
-                    && shard.busy == Some(session.attempt)
-                {
-                    shard.busy = None;
-                }
-                Err(Error::Unavailable(format!(
-                    "applying the delta failed: {e}"
-                )))
-            }
+        if delta.seq <= shard.last_seq {
+            return Ok(Some(Applied {
+                seq: delta.seq,
+                duplicate: true,
+                unknown_paths: Vec::new(),
+            }));
         }
+        if delta.seq != shard.last_seq + 1 {
+            return Err(Error::invalid(
+                "delta.seq",
+                format!(
+                    "expected sequence number {}, got {} (deltas must be consecutive)",
+                    shard.last_seq + 1,
+                    delta.seq
+                ),
+            ));
+        }
+        mark_busy(&mut state, shard_id, attempt)?;
+        Ok(None)
     }
 
     /// Blocking part of `apply`: store, then merge into the aggregate, under the shared gate
@@ -494,14 +510,23 @@ fn vanished(shard_id: &str) -> Error {
 }
 
 fn shard_of<'a>(state: &'a mut RunState, session: &ShardSession) -> Result<&'a mut Shard> {
+    current_shard(state, &session.shard_id, session.attempt)
+}
+
+/// The shard, if `attempt` is still its current attempt.
+fn current_shard<'a>(
+    state: &'a mut RunState,
+    shard_id: &str,
+    attempt: u32,
+) -> Result<&'a mut Shard> {
     let shard = state
         .shards
-        .get_mut(&session.shard_id)
-        .ok_or_else(|| vanished(&session.shard_id))?;
-    if shard.attempt != session.attempt {
+        .get_mut(shard_id)
+        .ok_or_else(|| vanished(shard_id))?;
+    if shard.attempt != attempt {
         return Err(Error::FailedPrecondition(format!(
-            "attempt {} of shard `{}` was superseded by attempt {}",
-            session.attempt, session.shard_id, shard.attempt
+            "attempt {attempt} of shard `{shard_id}` was superseded by attempt {}",
+            shard.attempt
         )));
     }
     Ok(shard)
