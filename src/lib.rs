@@ -15,8 +15,8 @@
 //! - [`formats`]: coverage file formats: streaming readers (LCOV, coverage.py JSON, Cobertura,
 //!   Istanbul, gcovr, Go, llvm-cov, JaCoCo, Clover, JUnit) and writers (LCOV, Cobertura, JSON, Markdown, HTML).
 //! - [`store`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
-//! - [`persist`]: durability on embedded SQLite: group commit, versioned records, recovery
-//!   reads.
+//! - [`persist`]: durability on embedded SQLite and a delta log file per run: group commit,
+//!   versioned records, recovery reads.
 //! - [`service`]: the domain service: runs, shard ingest with attempts and resume, export,
 //!   queries. No gRPC types.
 //! - [`rpc`]: the gRPC edge: generated code, the one-pass reader of incoming deltas

@@ -27,7 +27,8 @@ pub struct Settings {
     /// A run's raw data is dropped this long after the run was opened; its summary stays.
     /// `None` keeps runs until deleted.
     pub retention: Option<Duration>,
-    /// A cap on the database size, in bytes; past it the store fails and refuses writes.
+    /// A cap on the data directory (database and delta logs), in bytes; past it the store fails
+    /// and refuses writes.
     pub max_db_bytes: Option<u64>,
     /// How long a shutdown waits for open calls before it stops anyway.
     pub shutdown_grace: Duration,

@@ -87,7 +87,8 @@ struct ServeArgs {
     /// Where runs are stored (SQLite); acknowledged coverage survives a crash.
     #[arg(long, env = "COVD_DATA_DIR", default_value = "covd-data")]
     data_dir: PathBuf,
-    /// Cap the database at this many bytes; past it the daemon stops acknowledging.
+    /// Cap the data directory (database and delta logs) at this many bytes; past it the daemon
+    /// stops acknowledging.
     #[arg(long)]
     max_db_bytes: Option<u64>,
     /// Keep everything in memory instead (lost when the daemon stops).

@@ -385,21 +385,18 @@ impl<'a> FilePart<'a> {
 
     /// Executable lines, ascending and distinct.
     pub fn lines(&self) -> &'a [u32] {
-        let r = &self.slot.lines;
-        &self.batch.lines[r.start as usize..r.end as usize]
+        within(&self.batch.lines, &self.slot.lines)
     }
 
     /// The count of each line of [`FilePart::lines`].
     pub fn hits(&self) -> &'a [u64] {
-        let r = &self.slot.lines;
-        &self.batch.hits[r.start as usize..r.end as usize]
+        within(&self.batch.hits, &self.slot.lines)
     }
 
     /// Branch arms, in the order given (keys may repeat).
     pub fn arms(&self) -> impl ExactSizeIterator<Item = ArmRef<'a>> + 'a {
         let batch = self.batch;
-        let r = &self.slot.arms;
-        batch.arms[r.start as usize..r.end as usize]
+        within(&batch.arms, &self.slot.arms)
             .iter()
             .map(move |a| ArmRef {
                 line: a.line,
@@ -416,8 +413,7 @@ impl<'a> FilePart<'a> {
     /// Functions, in the order given (keys may repeat).
     pub fn functions(&self) -> impl ExactSizeIterator<Item = FunctionRef<'a>> + 'a {
         let batch = self.batch;
-        let r = &self.slot.functions;
-        batch.functions[r.start as usize..r.end as usize]
+        within(&batch.functions, &self.slot.functions)
             .iter()
             .map(move |f| FunctionRef {
                 name: batch.span(f.name),
@@ -452,8 +448,7 @@ impl<'a> FilePart<'a> {
             );
         }
         if self.has_tests() {
-            let r = &self.slot.tests;
-            let mut tests = self.batch.tests[r.start as usize..r.end as usize].to_vec();
+            let mut tests = within(&self.batch.tests, &self.slot.tests).to_vec();
             if let Some(name) = &self.batch.test {
                 tests.push((name.clone(), file.covered().clone()));
             }
@@ -461,6 +456,11 @@ impl<'a> FilePart<'a> {
         }
         file
     }
+}
+
+/// The items of one file in a column.
+fn within<'a, T>(column: &'a [T], range: &Range<u32>) -> &'a [T] {
+    &column[range.start as usize..range.end as usize]
 }
 
 #[cfg(test)]

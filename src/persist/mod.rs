@@ -208,8 +208,9 @@ impl Store {
         Store::open_with(dir, None)
     }
 
-    /// [`Store::open`] with a cap on the database's size: a write that would grow it beyond
-    /// `max_bytes` fails, and the store then refuses writes like after any write failure.
+    /// [`Store::open`] with a cap on the size of the database and the delta logs together: a
+    /// write that would grow them beyond `max_bytes` fails, and the store then refuses writes
+    /// like after any write failure.
     pub fn open_with(dir: &Path, max_bytes: Option<u64>) -> Result<Store, StoreError> {
         let io = |source| StoreError::Directory {
             path: dir.to_owned(),
