@@ -117,7 +117,8 @@ struct ServeArgs {
     /// Most runs held at once.
     #[arg(long, default_value_t = Settings::default().limits.max_runs)]
     max_runs: usize,
-    /// Deltas decoded and applied at once, over all streams (bounds memory; default: cores + 1).
+    /// Deltas decoded and applied at once, over all streams (bounds memory; default: twice the
+    /// cores, and 2).
     #[arg(long, default_value_t = Settings::default().limits.max_deltas_in_flight)]
     max_deltas_in_flight: usize,
 }

@@ -22,8 +22,10 @@ pub struct Limits {
     /// Bytes of a function name or branch label.
     pub max_name_bytes: usize,
     /// Deltas decoded and applied at once, over all streams. A decoded delta takes several
-    /// times its wire size, so this bounds the daemon's memory for in-flight work; more than
-    /// the machine's cores buys no speed, since the work is CPU-bound.
+    /// times its wire size, so this bounds the daemon's memory for in-flight work. A delta
+    /// holds its slot while it waits for its group commit's fsync, so the default is twice
+    /// the cores (and 2): the cores stay busy meanwhile, and groups grow (on the ingest
+    /// benchmark, kernel CPU 1.85 → 1.55 s against cores + 1, the same peak memory).
     pub max_deltas_in_flight: usize,
 }
 
@@ -36,7 +38,8 @@ impl Default for Limits {
             max_shards_per_run: 10_000,
             max_runs: 10_000,
             max_name_bytes: 4096,
-            max_deltas_in_flight: std::thread::available_parallelism().map_or(2, |n| n.get() + 1),
+            max_deltas_in_flight: std::thread::available_parallelism()
+                .map_or(2, |n| 2 * n.get() + 2),
         }
     }
 }
