@@ -55,19 +55,33 @@ pub struct FileCoverage {
 /// serialization (its documented format: cookie, container keys and sizes, offsets, then each
 /// container) copies each container whole, and roaring checks what it reads.
 fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
+    let mut buf = Vec::new();
+    if !portable_of_sorted(values, &mut buf) {
+        return None;
+    }
+    RoaringBitmap::deserialize_from(&buf[..]).ok()
+}
+
+/// Writes ascending, distinct `values` into `buf` in roaring's portable format (as roaring's
+/// own `serialize_into` writes a bitmap without run containers); false when they are not
+/// ascending and distinct.
+fn portable_of_sorted(values: &[u32], buf: &mut Vec<u8>) -> bool {
     const NO_RUN_COOKIE: u32 = 12346;
     const ARRAY_LIMIT: usize = 4096;
     if values.windows(2).any(|w| w[0] >= w[1]) {
-        return None;
+        return false;
     }
     // Containers: runs of values sharing their high 16 bits.
-    let mut containers: Vec<&[u32]> = Vec::new();
-    let mut rest = values;
-    while let Some(first) = rest.first() {
-        let n = rest.partition_point(|v| v >> 16 == first >> 16);
-        containers.push(&rest[..n]);
-        rest = &rest[n..];
-    }
+    let containers = || {
+        let mut rest = values;
+        std::iter::from_fn(move || {
+            let first = rest.first()?;
+            let n = rest.partition_point(|v| v >> 16 == first >> 16);
+            let (container, tail) = rest.split_at(n);
+            rest = tail;
+            Some(container)
+        })
+    };
     let size = |c: &[u32]| {
         if c.len() <= ARRAY_LIMIT {
             2 * c.len()
@@ -75,27 +89,28 @@ fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
             8 * 1024
         }
     };
-    let header = 8 + 8 * containers.len();
-    let mut buf = Vec::with_capacity(header + containers.iter().map(|c| size(c)).sum::<usize>());
+    let count = containers().count();
+    let header = 8 + 8 * count;
+    buf.reserve(header + containers().map(size).sum::<usize>());
     buf.extend_from_slice(&NO_RUN_COOKIE.to_le_bytes());
-    buf.extend_from_slice(&(containers.len() as u32).to_le_bytes());
-    for c in &containers {
+    buf.extend_from_slice(&(count as u32).to_le_bytes());
+    for c in containers() {
         buf.extend_from_slice(&((c[0] >> 16) as u16).to_le_bytes());
         buf.extend_from_slice(&((c.len() - 1) as u16).to_le_bytes());
     }
     let mut offset = header;
-    for c in &containers {
+    for c in containers() {
         buf.extend_from_slice(&(offset as u32).to_le_bytes());
         offset += size(c);
     }
-    for c in &containers {
+    for c in containers() {
         if c.len() <= ARRAY_LIMIT {
-            for v in *c {
+            for v in c {
                 buf.extend_from_slice(&(*v as u16).to_le_bytes());
             }
         } else {
             let mut words = [0u64; 1024];
-            for v in *c {
+            for v in c {
                 let low = (*v & 0xffff) as usize;
                 words[low / 64] |= 1 << (low % 64);
             }
@@ -104,7 +119,30 @@ fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
             }
         }
     }
-    RoaringBitmap::deserialize_from(&buf[..]).ok()
+    true
+}
+
+/// Whether `set` holds exactly the ascending `values`, compared in roaring's portable format
+/// in buffers kept per thread: no allocation, and no walk of roaring's iterator (which was
+/// 12% of the daemon's instructions on the ingest benchmark). A set kept in another form
+/// (run containers) compares unequal; callers then walk it.
+fn same_values(set: &RoaringBitmap, values: &[u32]) -> bool {
+    thread_local! {
+        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const {
+            std::cell::RefCell::new((Vec::new(), Vec::new()))
+        };
+    }
+    if set.len() != values.len() as u64 {
+        return false;
+    }
+    BUFFERS.with(|b| {
+        let (ours, theirs) = &mut *b.borrow_mut();
+        ours.clear();
+        theirs.clear();
+        portable_of_sorted(values, ours)
+            && set.serialize_into(&mut *theirs).is_ok()
+            && ours == theirs
+    })
 }
 
 /// Hit counts, one per executable line. They are kept in 32 bits until a count needs more
@@ -409,11 +447,13 @@ impl FileCoverage {
         // has exactly the file's lines (shards list the same executable lines), and comparing
         // bitmaps is cheaper than walking one (roaring's iterator was 12% of the daemon's
         // instructions on the ingest benchmark).
-        let same = self.lines.len() == lines.len() as u64
-            && bitmap_of_sorted(lines).is_some_and(|b| b == self.lines);
+        let same = same_values(&self.lines, lines);
         if !same && !is_subset_of(lines, &self.lines) {
             return None;
         }
+        // Most records ran nothing: then the checks are all there is to do, and the walks
+        // that add are skipped.
+        let mut arms_add = false;
         let mut at = 0;
         let mut previous: Option<ArmRef<'_>> = None;
         for arm in part.arms() {
@@ -423,11 +463,10 @@ impl FileCoverage {
                 return None;
             }
             previous = Some(arm);
-            match find_from(&self.branches, &mut at, |(k, _)| arm.cmp_key(k).reverse()) {
-                Some(_) => {}
-                None => return None,
-            }
+            find_from(&self.branches, &mut at, |(k, _)| arm.cmp_key(k).reverse())?;
+            arms_add |= arm.taken.is_some();
         }
+        let mut functions_add = false;
         let mut at = 0;
         let mut previous: Option<FunctionRef<'_>> = None;
         for f in part.functions() {
@@ -435,7 +474,8 @@ impl FileCoverage {
                 return None;
             }
             previous = Some(f);
-            find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse())?;
+            let i = find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse())?;
+            functions_add |= f.hits > 0 || f.end_line > self.functions[i].end_line;
         }
 
         let mut added = Totals::default();
@@ -470,24 +510,29 @@ impl FileCoverage {
                 self.covered |= more;
             }
         }
-        let mut at = 0;
-        for arm in part.arms() {
-            if let Some(i) = find_from(&self.branches, &mut at, |(k, _)| arm.cmp_key(k).reverse())
-                && arm.taken.is_some()
-            {
-                let kept = &mut self.branches[i].1;
-                let was_taken = kept.is_some_and(|n| n > 0);
-                *kept = add_taken(*kept, arm.taken);
-                added.branches_taken += u64::from(!was_taken && kept.is_some_and(|n| n > 0));
+        if arms_add {
+            let mut at = 0;
+            for arm in part.arms() {
+                if let Some(i) =
+                    find_from(&self.branches, &mut at, |(k, _)| arm.cmp_key(k).reverse())
+                    && arm.taken.is_some()
+                {
+                    let kept = &mut self.branches[i].1;
+                    let was_taken = kept.is_some_and(|n| n > 0);
+                    *kept = add_taken(*kept, arm.taken);
+                    added.branches_taken += u64::from(!was_taken && kept.is_some_and(|n| n > 0));
+                }
             }
         }
-        let mut at = 0;
-        for f in part.functions() {
-            if let Some(i) = find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse()) {
-                let kept = &mut self.functions[i];
-                added.functions_hit += u64::from(kept.hits == 0 && f.hits > 0);
-                kept.hits = kept.hits.saturating_add(f.hits);
-                kept.end_line = kept.end_line.max(f.end_line);
+        if functions_add {
+            let mut at = 0;
+            for f in part.functions() {
+                if let Some(i) = find_from(&self.functions, &mut at, |k| f.cmp_key(k).reverse()) {
+                    let kept = &mut self.functions[i];
+                    added.functions_hit += u64::from(kept.hits == 0 && f.hits > 0);
+                    kept.hits = kept.hits.saturating_add(f.hits);
+                    kept.end_line = kept.end_line.max(f.end_line);
+                }
             }
         }
         Some(added)
@@ -796,7 +841,7 @@ mod tests {
                     }
                     b
                 };
-                let a = build(&|_| true, 2).build();
+                let a = build(&|_| true, 1).build();
                 let mut b = build(&|i| (seed >> (i % 64)) & 1 == 1, seed % 7);
                 if extra {
                     b.line(500, 1);
@@ -822,6 +867,21 @@ mod tests {
             prop_assert_eq!(&parts, &whole);
             prop_assert_eq!(added, whole.totals().minus(&a.totals()));
         }
+    }
+
+    #[test]
+    fn same_values_compares_sets_exactly() {
+        let dense: Vec<u32> = (1..6_000).chain([70_000, 70_001]).collect();
+        let set = bitmap_of_sorted(&dense).unwrap();
+        assert!(same_values(&set, &dense));
+        let mut other = dense.clone();
+        *other.last_mut().unwrap() = 70_002;
+        assert!(!same_values(&set, &other));
+        assert!(!same_values(&set, &dense[1..]));
+        let small = RoaringBitmap::from_iter([3u32, 9, 12]);
+        assert!(same_values(&small, &[3, 9, 12]));
+        assert!(!same_values(&small, &[3, 9, 13]));
+        assert!(!same_values(&small, &[3, 12, 9]));
     }
 
     #[test]

@@ -323,8 +323,14 @@ impl CoverageService {
         let limits = self.limits();
         let _gate = run.gate_shared();
         // Concurrent deltas may each pass this check and overshoot by at most one delta's
-        // files; the limit guards memory, not an exact count.
-        let new_files = run.aggregate.count_new(delta.files.paths());
+        // files; the limit guards memory, not an exact count. Far from the limit, the paths
+        // need no lookup.
+        let near_limit = run.aggregate.len() + delta.files.len() > limits.max_files_per_run;
+        let new_files = if near_limit {
+            run.aggregate.count_new(delta.files.paths())
+        } else {
+            0
+        };
         if new_files > 0 && run.aggregate.len() + new_files > limits.max_files_per_run {
             return Err(Error::ResourceExhausted(format!(
                 "run `{}` would hold {} files, beyond the limit of {}",
