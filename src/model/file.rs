@@ -831,7 +831,9 @@ mod tests {
                                 block: *block,
                                 arm: arm.clone(),
                             };
-                            b.branch(key, t.map(|t| (t + shift) % 4));
+                            // Odd shifts reach arms the first file never reached.
+                            let reached = (shift % 2 == 1).then_some(0);
+                            b.branch(key, t.map(|t| (t + shift) % 4).or(reached));
                         }
                     }
                     for (i, ((name, line), h)) in fns.iter().enumerate() {
@@ -867,6 +869,29 @@ mod tests {
             prop_assert_eq!(&parts, &whole);
             prop_assert_eq!(added, whole.totals().minus(&a.totals()));
         }
+    }
+
+    #[test]
+    fn a_part_that_only_reaches_arms_or_extends_functions_still_merges() {
+        let key = BranchKey {
+            line: 1,
+            block: 0,
+            arm: BranchArm::Index(0),
+        };
+        let build = |taken: Taken, end_line: u32| {
+            let mut b = FileBuilder::new();
+            b.line(1, 0);
+            b.branch(key.clone(), taken);
+            b.function("f", 1, end_line, 0);
+            b.build()
+        };
+        let mut file = build(None, 0);
+        let batch = FileBatch::of_files(&[("f.c", build(Some(0), 9))]);
+        for part in batch.files() {
+            file.merge_part(&part);
+        }
+        assert_eq!(file.branches(), &[(key, Some(0))]);
+        assert_eq!(file.functions()[0].end_line, 9);
     }
 
     #[test]
