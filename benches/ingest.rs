@@ -12,6 +12,7 @@ use covd::formats::{cobertura, lcov};
 use covd::model::Coverage;
 use covd::rpc::convert::{file_to_proto, wire_delta_files};
 use covd::rpc::proto;
+use covd::store::{Aggregate, PathInterner};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
 
@@ -117,6 +118,21 @@ fn benches(c: &mut Criterion) {
     g.bench_function("same_lines_into_aggregate", |b| {
         let mut aggregate = shard.clone();
         b.iter(|| aggregate.merge(black_box(&other)))
+    });
+    // What the daemon does with a delta: the batch read from the wire, merged file by file
+    // into an aggregate that knows every file.
+    let batch = wire_delta_files(&wire).unwrap();
+    g.bench_function("batch_into_aggregate", |b| {
+        let aggregate = Aggregate::new();
+        let interner = PathInterner::default();
+        for part in batch.files() {
+            aggregate.merge_part(&interner, &part);
+        }
+        b.iter(|| {
+            for part in black_box(&batch).files() {
+                aggregate.merge_part(&interner, &part);
+            }
+        })
     });
     // The union of two shards that cover different lines.
     g.bench_function("union_of_two_shards", |b| {
