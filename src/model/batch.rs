@@ -35,8 +35,8 @@ struct ArmSlot {
     line: u32,
     block: u32,
     index: u32,
-    /// Empty when the arm is numbered.
-    label: Span,
+    /// `None` when the arm is numbered.
+    label: Option<Span>,
     taken: Taken,
 }
 
@@ -268,8 +268,8 @@ impl FileBatch {
 
     pub fn push_arm(&mut self, line: u32, block: u32, arm: ArmName<'_>, taken: Taken) {
         let (index, label) = match arm {
-            ArmName::Index(i) => (i, Span(0, 0)),
-            ArmName::Label(l) => (0, self.text_span(l)),
+            ArmName::Index(i) => (i, None),
+            ArmName::Label(l) => (0, Some(self.text_span(l))),
         };
         self.arms.push(ArmSlot {
             line,
@@ -401,10 +401,9 @@ impl<'a> FilePart<'a> {
             .map(move |a| ArmRef {
                 line: a.line,
                 block: a.block,
-                arm: if a.label.1 == 0 {
-                    ArmName::Index(a.index)
-                } else {
-                    ArmName::Label(batch.span(a.label))
+                arm: match a.label {
+                    None => ArmName::Index(a.index),
+                    Some(label) => ArmName::Label(batch.span(label)),
                 },
                 taken: a.taken,
             })
@@ -525,6 +524,23 @@ mod tests {
         let again = FileBatch::recycled();
         assert!(again.is_empty());
         assert_eq!(again, FileBatch::new());
+    }
+
+    #[test]
+    fn an_empty_label_stays_a_label() {
+        let mut b = FileBuilder::new();
+        b.line(1, 1);
+        let arm = BranchArm::Label("".into());
+        b.branch(
+            BranchKey {
+                line: 1,
+                block: 0,
+                arm,
+            },
+            Some(1),
+        );
+        let files = vec![("a.c", b.build())];
+        assert_eq!(FileBatch::of_files(&files).to_files()[0].1, files[0].1);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The pure domain: what coverage is and how it merges. No I/O, no async, no wire types.
 //!
 //! - [`FileCoverage`]: one file's executable and covered lines (roaring bitmaps), summed hits,
-//!   branches and functions, and [`FileCoverage::merge`], the one merge every layer uses.
+//!   branches and functions, and [`FileCoverage::merge`], the one merge every layer uses
+//!   ([`FileCoverage::merge_part`] adds a file of a batch the same way, in place when it can).
 //! - [`FileBuilder`]: accumulates a file from records in any order (parsers use it).
 //! - [`FileBatch`]: many files in flat columns, as a delta arrives; merged into an aggregate
 //!   with [`FileCoverage::merge_part`].

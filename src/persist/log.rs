@@ -11,8 +11,9 @@
 //!
 //! Order: a group's appends are fsynced before the transaction that references them commits,
 //! so a committed reference always points at durable bytes. Bytes appended by a group that
-//! never committed (a crash, a failed commit) are never referenced; they stay unread until
-//! their file is deleted.
+//! never committed (a crash, a failed commit), and the deltas of an attempt that a later one
+//! replaced, are never read again; they stay in the file (and count toward `--max-db-bytes`)
+//! until the run is compacted, deleted or expires.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -110,7 +111,14 @@ impl Appender {
     /// holds the files the database names): a crash between a commit that dropped a run's log
     /// and the file's deletion leaves one behind.
     pub fn open(dir: &Path, live: &HashSet<u64>) -> std::io::Result<Appender> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            // The directory's own entry, so that files made in it later are found after a
+            // power cut.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let mut bytes = 0;
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;

@@ -647,6 +647,17 @@ const ABORT_IN_COMMIT: &str = "COVD_FAULT_ABORT_IN_COMMIT";
 fn commit(conn: &mut Connection, logs: &mut LogWriter, group: &[Job]) -> Result<(), StoreError> {
     static COMMITS: AtomicU64 = AtomicU64::new(0);
     logs.dropped.clear();
+    if let Some(max) = logs.max_bytes {
+        // The database may grow into what the delta logs leave of the cap (SQLite keeps it
+        // at least at its current size).
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = max.saturating_sub(logs.appender.bytes()) / page.max(1) as u64;
+        conn.pragma_update(
+            None,
+            "max_page_count",
+            pages.clamp(1, i64::MAX as u64) as i64,
+        )?;
+    }
     let tx = conn.transaction()?;
     for job in group {
         for w in &job.writes {

@@ -72,7 +72,13 @@ struct Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        if let Some(s) = self.run.state().shards.get_mut(self.shard_id)
+        let mut state = self.run.state();
+        // Unwinding from a panic in the work it guarded: a merge may be partial, so the
+        // aggregate is rebuilt at the next stream start.
+        if std::thread::panicking() {
+            state.stale = true;
+        }
+        if let Some(s) = state.shards.get_mut(self.shard_id)
             && s.busy == Some(self.attempt)
         {
             s.busy = None;
@@ -249,16 +255,12 @@ impl CoverageService {
         });
         match task.await {
             Ok(result) => result,
-            Err(e) => {
-                // A panic (the guard released the shard while unwinding): the merge may be
-                // partial, so the aggregate is rebuilt at the next stream start.
-                if e.is_panic() {
-                    session.run.state().stale = true;
-                }
-                Err(Error::Unavailable(format!(
-                    "applying the delta failed: {e}"
-                )))
-            }
+            // A panic (once the shard was marked busy, its guard released it and marked the
+            // aggregate for a rebuild while unwinding), or the runtime shutting down before
+            // the task ran.
+            Err(e) => Err(Error::Unavailable(format!(
+                "applying the delta failed: {e}"
+            ))),
         }
     }
 
