@@ -239,11 +239,6 @@ impl Store {
         configure(&writer).map_err(corrupt)?;
         check(&writer, &path)?;
         migrate(&writer, &path)?;
-        if let Some(max) = max_bytes {
-            let page: i64 = writer.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            let pages = (max / page.max(1) as u64).clamp(1, i64::MAX as u64) as i64;
-            writer.pragma_update(None, "max_page_count", pages)?;
-        }
         let reader = Connection::open(&path).map_err(corrupt)?;
         reader.busy_timeout(std::time::Duration::from_secs(30))?;
         let log_dir = dir.join(log::DIR);
@@ -566,7 +561,8 @@ struct LogWriter {
     next: u64,
     /// Log files whose run was compacted or deleted in the group being committed.
     dropped: Vec<u64>,
-    max_bytes: Option<u64>,
+    /// `--max-db-bytes`, and the database's page size.
+    cap: Option<(u64, u64)>,
 }
 
 impl LogWriter {
@@ -586,13 +582,34 @@ impl LogWriter {
             path: dir.to_owned(),
             source,
         })?;
+        let cap = match max_bytes {
+            Some(max) => {
+                let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+                Some((max, page.max(1) as u64))
+            }
+            None => None,
+        };
         Ok(LogWriter {
             appender,
             next: live.iter().max().map_or(1, |m| m + 1),
             files,
             dropped: Vec::new(),
-            max_bytes,
+            cap,
         })
+    }
+
+    /// Lets the database grow into what the delta logs leave of the cap (SQLite keeps it at
+    /// least at its current size). Called before each group.
+    fn limit_database(&self, conn: &Connection) -> rusqlite::Result<()> {
+        if let Some((max, page)) = self.cap {
+            let pages = max.saturating_sub(self.appender.bytes()) / page;
+            conn.pragma_update(
+                None,
+                "max_page_count",
+                pages.clamp(1, i64::MAX as u64) as i64,
+            )?;
+        }
+        Ok(())
     }
 
     /// Appends a delta to its run's log file (giving the run one first).
@@ -602,11 +619,10 @@ impl LogWriter {
         run_id: &str,
         body: &[bytes::Bytes],
     ) -> Result<log::LogRef, StoreError> {
-        if let Some(max) = self.max_bytes {
+        if let Some((max, page)) = self.cap {
             let size: u64 = body.iter().map(|b| b.len() as u64).sum();
             let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            let page: i64 = tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            let db = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+            let db = (pages.max(0) as u64).saturating_mul(page);
             let total = db + self.appender.bytes() + size;
             if total > max {
                 return Err(StoreError::Full(format!(
@@ -647,17 +663,7 @@ const ABORT_IN_COMMIT: &str = "COVD_FAULT_ABORT_IN_COMMIT";
 fn commit(conn: &mut Connection, logs: &mut LogWriter, group: &[Job]) -> Result<(), StoreError> {
     static COMMITS: AtomicU64 = AtomicU64::new(0);
     logs.dropped.clear();
-    if let Some(max) = logs.max_bytes {
-        // The database may grow into what the delta logs leave of the cap (SQLite keeps it
-        // at least at its current size).
-        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        let pages = max.saturating_sub(logs.appender.bytes()) / page.max(1) as u64;
-        conn.pragma_update(
-            None,
-            "max_page_count",
-            pages.clamp(1, i64::MAX as u64) as i64,
-        )?;
-    }
+    logs.limit_database(conn)?;
     let tx = conn.transaction()?;
     for job in group {
         for w in &job.writes {

@@ -352,18 +352,10 @@ impl CoverageService {
             };
             let body = match &delta.wire {
                 Some(wire) => codec::wire_record(wire),
-                None => vec![
-                    codec::encode_files(
-                        delta
-                            .files
-                            .files()
-                            .map(|f| (f.path().to_owned(), f.to_file()))
-                            .collect::<Vec<_>>()
-                            .iter()
-                            .map(|(p, f)| (p.as_str(), f)),
-                    )
-                    .into(),
-                ],
+                None => {
+                    let files = delta.files.to_files();
+                    vec![codec::encode_files(files.iter().map(|(p, f)| (p.as_str(), f))).into()]
+                }
             };
             store.write_blocking(vec![Write::AppendDelta {
                 run_id: run.id.clone(),
