@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use covd::formats::{cobertura, lcov};
 use covd::model::Coverage;
-use covd::rpc::convert::{file_to_proto, wire_delta_files};
+use covd::rpc::convert::{ArmForm, file_to_proto, wire_delta_files};
 use covd::rpc::proto;
 use covd::store::{Aggregate, PathInterner};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -100,7 +100,7 @@ fn benches(c: &mut Criterion) {
         files: other
             .files
             .iter()
-            .map(|(p, f)| file_to_proto(p.clone(), f))
+            .map(|(p, f)| file_to_proto(p.clone(), f, ArmForm::Columns))
             .collect(),
         test: None,
     }
@@ -159,7 +159,7 @@ fn benches(c: &mut Criterion) {
             shard
                 .files
                 .iter()
-                .map(|(p, f)| file_to_proto(p.clone(), f))
+                .map(|(p, f)| file_to_proto(p.clone(), f, ArmForm::Columns))
                 .collect::<Vec<_>>()
         })
     });

@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::model::FileCoverage;
-use crate::rpc::convert::{self, file_to_proto};
+use crate::rpc::convert::{self, ArmForm, file_to_proto};
 use crate::rpc::proto::coverage_client::CoverageClient;
 use crate::rpc::proto::{self, ingest_request, ingest_response};
 use crate::service::{
@@ -472,6 +472,17 @@ impl Client {
             }));
         }
         unacked.retain(|(seq, _)| *seq > resume.last_seq);
+        let arm_form = if resume.branch_columns {
+            ArmForm::Columns
+        } else {
+            ArmForm::Messages
+        };
+        if arm_form == ArmForm::Messages && unacked.iter().any(|(_, d)| d.arms == ArmForm::Columns)
+        {
+            return Err(fail(ClientError::Protocol(
+                "the daemon no longer reads branch arm columns, which deltas it has not yet acknowledged use (was it downgraded during the push?); push the shard again".into(),
+            )));
+        }
         let mut progressed = false;
         let mut finish_sent = resume.finished;
         if resume.finished {
@@ -482,8 +493,8 @@ impl Client {
                 })))
                 .await;
         }
-        for (_, request) in unacked.iter() {
-            if tx.send(request.clone()).await.is_err() {
+        for (_, sent) in unacked.iter() {
+            if tx.send(sent.request.clone()).await.is_err() {
                 break;
             }
         }
@@ -502,11 +513,11 @@ impl Client {
                     Some(PushInput::Delta(files)) => {
                         let delta = proto::Delta {
                             seq: *next_seq,
-                            files: files.into_iter().map(|(p, f)| file_to_proto(p, &f)).collect(),
+                            files: files.into_iter().map(|(p, f)| file_to_proto(p, &f, arm_form)).collect(),
                             test: None,
                         };
                         let request = proto::IngestRequest::delta(&delta);
-                        unacked.push_back((*next_seq, request.clone()));
+                        unacked.push_back((*next_seq, Sent { request: request.clone(), arms: arm_form }));
                         *next_seq += 1;
                         let _ = tx.send(request).await;
                     }
@@ -566,11 +577,18 @@ impl Client {
 struct PushState {
     /// Sent, not yet acknowledged: (sequence number, the encoded request), re-sent as is
     /// after a reconnect.
-    unacked: VecDeque<(u64, proto::IngestRequest)>,
+    unacked: VecDeque<(u64, Sent)>,
     next_seq: u64,
     input_done: bool,
     unknown: Vec<String>,
     telemetry: Option<TestTelemetry>,
+}
+
+/// A delta as sent.
+struct Sent {
+    request: proto::IngestRequest,
+    /// How its branch arms were encoded.
+    arms: ArmForm,
 }
 
 struct PushFailure {

@@ -338,8 +338,18 @@ pub(super) fn check_name(name: &str, limits: &Limits) -> Result<(), String> {
     Ok(())
 }
 
-/// Encodes one file for the wire (the client side of `file_from_proto`).
-pub fn file_to_proto(path: String, file: &FileCoverage) -> proto::FileDelta {
+/// How a file's branch arms go on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArmForm {
+    /// Numbered arms in `FileDelta`'s packed columns, labelled ones as `Branch` messages:
+    /// for daemons whose `Resume` says `branch_columns`.
+    Columns,
+    /// Every arm a `Branch` message: what every daemon reads.
+    Messages,
+}
+
+/// Encodes one file for the wire (what `delta::read` reads).
+pub fn file_to_proto(path: String, file: &FileCoverage, arms: ArmForm) -> proto::FileDelta {
     let mut line_gaps = Vec::with_capacity(file.lines().len() as usize);
     let mut hits = Vec::with_capacity(line_gaps.capacity());
     let mut previous = 0;
@@ -348,32 +358,56 @@ pub fn file_to_proto(path: String, file: &FileCoverage) -> proto::FileDelta {
         hits.push(h);
         previous = line;
     }
-    proto::FileDelta {
+    let mut delta = proto::FileDelta {
         path,
         line_gaps,
         hits,
-        branches: branches_to_proto(file),
+        branches: Vec::new(),
         functions: functions_to_proto(file),
         tests: tests_to_proto(file),
+        ..Default::default()
+    };
+    match arms {
+        ArmForm::Messages => delta.branches = branches_to_proto(file),
+        ArmForm::Columns => {
+            // Arms are kept in key order, so lines ascend and the gaps are >= 0.
+            let mut previous = 0;
+            for (k, taken) in file.branches() {
+                match (&k.arm, taken.map_or(Some(0), |t| t.checked_add(1))) {
+                    (BranchArm::Index(number), Some(taken)) => {
+                        delta.arm_line_gaps.push(k.line - previous);
+                        delta.arm_blocks.push(k.block);
+                        delta.arm_numbers.push(*number);
+                        delta.arm_taken.push(taken);
+                        previous = k.line;
+                    }
+                    // Labelled arms, and a count the column cannot hold plus one.
+                    _ => delta.branches.push(branch_to_proto(k, *taken)),
+                }
+            }
+        }
+    }
+    delta
+}
+
+fn branch_to_proto(k: &BranchKey, taken: Option<u64>) -> proto::Branch {
+    let (branch, label) = match &k.arm {
+        BranchArm::Index(i) => (*i, String::new()),
+        BranchArm::Label(l) => (0, l.to_string()),
+    };
+    proto::Branch {
+        line: k.line,
+        block: k.block,
+        branch,
+        label,
+        taken,
     }
 }
 
 fn branches_to_proto(file: &FileCoverage) -> Vec<proto::Branch> {
     file.branches()
         .iter()
-        .map(|(k, taken)| {
-            let (branch, label) = match &k.arm {
-                BranchArm::Index(i) => (*i, String::new()),
-                BranchArm::Label(l) => (0, l.to_string()),
-            };
-            proto::Branch {
-                line: k.line,
-                block: k.block,
-                branch,
-                label,
-                taken: *taken,
-            }
-        })
+        .map(|(k, taken)| branch_to_proto(k, *taken))
         .collect()
 }
 

@@ -240,6 +240,7 @@ async fn ingest(
         attempt: session.attempt(),
         last_seq: session.resume_from(),
         finished: session.already_finished(),
+        branch_columns: true,
     };
     if tx.send(Ok(reply(Out::Resume(resume)))).await.is_err() {
         return Ok(());

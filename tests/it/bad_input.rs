@@ -93,6 +93,39 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
         ),
         (
             vec![proto::FileDelta {
+                arm_line_gaps: vec![0],
+                arm_blocks: vec![0],
+                arm_numbers: vec![0],
+                arm_taken: vec![0],
+                ..file("a.c", &[(1, 1)])
+            }],
+            "delta.files[0].arm_line_gaps[0]",
+            "line 0",
+        ),
+        (
+            vec![proto::FileDelta {
+                arm_line_gaps: vec![5, u32::MAX],
+                arm_blocks: vec![0, 0],
+                arm_numbers: vec![0, 1],
+                arm_taken: vec![1, 1],
+                ..file("a.c", &[(5, 1)])
+            }],
+            "delta.files[0].arm_line_gaps[1]",
+            "beyond",
+        ),
+        (
+            vec![proto::FileDelta {
+                arm_line_gaps: vec![5, 0],
+                arm_blocks: vec![0, 0],
+                arm_numbers: vec![0],
+                arm_taken: vec![1, 1],
+                ..file("a.c", &[(5, 1)])
+            }],
+            "delta.files[0].arm_numbers",
+            "one value per arm",
+        ),
+        (
+            vec![proto::FileDelta {
                 functions: vec![proto::Function {
                     name: String::new(),
                     ..Default::default()

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use covd::model::{BranchArm, BranchKey, Coverage, FileBuilder, FileCoverage};
 use covd::persist::Store;
-use covd::rpc::convert::file_to_proto;
+use covd::rpc::convert::{ArmForm, file_to_proto};
 use covd::rpc::proto;
 use covd::server::Settings;
 use covd::service::{CoverageService, Delta, Limits, RunParams, ShardHeader};
@@ -128,7 +128,7 @@ async fn stream_shard(url: &str, s: usize) -> Result<(), tonic::Status> {
     for seq in resume.last_seq + 1..=DELTAS {
         let files = delta(s, seq)
             .into_iter()
-            .map(|(p, f)| file_to_proto(p, &f))
+            .map(|(p, f)| file_to_proto(p, &f, ArmForm::Columns))
             .collect();
         let ack = stream.delta(seq, files).await?;
         assert_eq!(ack.seq, seq);

@@ -116,9 +116,7 @@ pub(crate) fn file(path: &str, lines: &[(u32, u64)]) -> proto::FileDelta {
             })
             .collect(),
         hits: lines.iter().map(|(_, h)| *h).collect(),
-        branches: vec![],
-        functions: vec![],
-        tests: vec![],
+        ..Default::default()
     }
 }
 
