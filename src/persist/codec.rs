@@ -16,8 +16,13 @@ pub const FORMAT_VERSION: u8 = 1;
 
 /// The version byte of a delta kept as its client encoded it (a `covd.v1.Delta`, see
 /// [`crate::service::Delta::wire`]); only the delta log holds these, and the store reads them
-/// with its [`WireDecoder`].
-pub const WIRE_DELTA_FORMAT: u8 = 2;
+/// with its [`WireDecoder`]. Builds that read `FileDelta`'s branch arm columns write 4: a build
+/// from before them sees a newer format and refuses the record, where reading it as 2 would
+/// silently drop the arms.
+pub const WIRE_DELTA_FORMAT: u8 = 4;
+
+/// Wire-form deltas from builds before the branch arm columns; read like 4.
+const WIRE_DELTA_FORMAT_2: u8 = 2;
 
 /// Reads a delta the store kept in wire form: its files, or why it cannot. The store has no
 /// protocol code of its own; the server hands it the protocol layer's decoder.
@@ -35,7 +40,7 @@ pub fn wire_record(wire: &bytes::Bytes) -> Vec<bytes::Bytes> {
 /// Decodes a delta log record: postcard ([`encode_files`]) or wire form.
 pub fn decode_delta(bytes: &[u8], wire: Option<WireDecoder>) -> Result<FileBatch, CodecError> {
     match bytes.split_first() {
-        Some((&WIRE_DELTA_FORMAT, body)) => match wire {
+        Some((&(WIRE_DELTA_FORMAT | WIRE_DELTA_FORMAT_2), body)) => match wire {
             Some(decode) => decode(body).map_err(CodecError::Malformed),
             None => Err(CodecError::Malformed(
                 "a delta in wire form, and no protocol decoder was given to the store".into(),
@@ -295,6 +300,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("not a delta"), "{e}");
+        // Wire records from before the arm columns still read.
+        let mut older = record.clone();
+        older[0] = WIRE_DELTA_FORMAT_2;
+        assert_eq!(decode_delta(&older, Some(decoder)).unwrap().len(), 1);
         // Records written by encode_files still read.
         let postcard = encode_files([("b.c", &FileCoverage::default())]);
         let batch = decode_delta(&postcard, None).unwrap();
