@@ -480,7 +480,7 @@ impl Client {
         if arm_form == ArmForm::Messages && unacked.iter().any(|(_, d)| d.arms == ArmForm::Columns)
         {
             return Err(fail(ClientError::Protocol(
-                "the daemon no longer reads branch arm columns, which deltas it has not yet acknowledged use (was it downgraded during the push?); push the shard again".into(),
+                "the daemon no longer reads branch arm columns, which deltas it has not yet acknowledged use (was it downgraded during the push?); push the shard again with a higher --attempt".into(),
             )));
         }
         let mut progressed = false;
@@ -516,8 +516,14 @@ impl Client {
                             files: files.into_iter().map(|(p, f)| file_to_proto(p, &f, arm_form)).collect(),
                             test: None,
                         };
+                        // Only a delta with arms in columns needs a daemon that reads them.
+                        let arms = if delta.files.iter().any(|f| !f.arm_line_gaps.is_empty()) {
+                            ArmForm::Columns
+                        } else {
+                            ArmForm::Messages
+                        };
                         let request = proto::IngestRequest::delta(&delta);
-                        unacked.push_back((*next_seq, Sent { request: request.clone(), arms: arm_form }));
+                        unacked.push_back((*next_seq, Sent { request: request.clone(), arms }));
                         *next_seq += 1;
                         let _ = tx.send(request).await;
                     }
@@ -587,7 +593,7 @@ struct PushState {
 /// A delta as sent.
 struct Sent {
     request: proto::IngestRequest,
-    /// How its branch arms were encoded.
+    /// `Columns` when some of its branch arms are in columns.
     arms: ArmForm,
 }
 

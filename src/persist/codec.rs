@@ -24,6 +24,14 @@ pub const WIRE_DELTA_FORMAT: u8 = 4;
 /// Wire-form deltas from builds before the branch arm columns; read like 4.
 const WIRE_DELTA_FORMAT_2: u8 = 2;
 
+// A later FORMAT_VERSION must not take a byte that means a wire-form delta or a log reference.
+// (Builds before the arm columns, at FORMAT_VERSION 1, refuse format 4 as newer than theirs.)
+const _: () = assert!(
+    FORMAT_VERSION != WIRE_DELTA_FORMAT_2
+        && FORMAT_VERSION != crate::persist::log::LOG_REF_FORMAT
+        && FORMAT_VERSION != WIRE_DELTA_FORMAT
+);
+
 /// Reads a delta the store kept in wire form: its files, or why it cannot. The store has no
 /// protocol code of its own; the server hands it the protocol layer's decoder.
 pub type WireDecoder = fn(&[u8]) -> Result<FileBatch, String>;
@@ -290,7 +298,8 @@ mod tests {
             }
         }
         let record = wire_record(&bytes::Bytes::from_static(b"ok")).concat();
-        assert_eq!(record[0], WIRE_DELTA_FORMAT);
+        // 4 since the branch arm columns: builds that do not read them refuse the record.
+        assert_eq!(record[0], 4);
         assert_eq!(decode_delta(&record, Some(decoder)).unwrap().len(), 1);
         let e = decode_delta(&record, None).unwrap_err();
         assert!(e.to_string().contains("no protocol decoder"), "{e}");

@@ -289,20 +289,20 @@ impl ArmColumns {
 
     /// Checks the columns and adds their arms to the open file of `batch`.
     fn push_into(&self, limits: &Limits, batch: &mut FileBatch) -> Result<(), Fault> {
-        let n = self.line_gaps.len();
-        for (field, len) in [
+        let columns = [
+            ("arm_line_gaps", self.line_gaps.len()),
             ("arm_blocks", self.blocks.len()),
             ("arm_numbers", self.numbers.len()),
             ("arm_taken", self.taken.len()),
-        ] {
-            if len != n {
-                return Err(Fault::Field(
-                    field.into(),
-                    format!(
-                        "has {len} values for {n} arms in arm_line_gaps; the arm columns must have one value per arm each"
-                    ),
-                ));
-            }
+        ];
+        let arms = columns.iter().map(|(_, len)| *len).max().unwrap_or(0);
+        if let Some((field, len)) = columns.iter().find(|(_, len)| *len < arms) {
+            return Err(Fault::Field(
+                (*field).into(),
+                format!(
+                    "has {len} values where another arm column has {arms}; every arm has one value in each column"
+                ),
+            ));
         }
         let mut line = 0u64;
         for (j, gap) in self.line_gaps.iter().enumerate() {

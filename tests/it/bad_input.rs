@@ -115,6 +115,17 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
         ),
         (
             vec![proto::FileDelta {
+                arm_line_gaps: vec![5],
+                arm_blocks: vec![0, 0],
+                arm_numbers: vec![0, 1],
+                arm_taken: vec![1, 1],
+                ..file("a.c", &[(5, 1)])
+            }],
+            "delta.files[0].arm_line_gaps",
+            "another arm column has 2",
+        ),
+        (
+            vec![proto::FileDelta {
                 arm_line_gaps: vec![5, 0],
                 arm_blocks: vec![0, 0],
                 arm_numbers: vec![0],
@@ -122,7 +133,7 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
                 ..file("a.c", &[(5, 1)])
             }],
             "delta.files[0].arm_numbers",
-            "one value per arm",
+            "has 1 values where another arm column has 2",
         ),
         (
             vec![proto::FileDelta {
