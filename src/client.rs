@@ -477,8 +477,7 @@ impl Client {
         } else {
             ArmForm::Messages
         };
-        if arm_form == ArmForm::Messages && unacked.iter().any(|(_, d)| d.arms == ArmForm::Columns)
-        {
+        if arm_form == ArmForm::Messages && unacked.iter().any(|(_, sent)| sent.needs_columns) {
             return Err(fail(ClientError::Protocol(
                 "the daemon no longer reads branch arm columns, which deltas it has not yet acknowledged use (was it downgraded during the push?); push the shard again with a higher --attempt".into(),
             )));
@@ -516,14 +515,9 @@ impl Client {
                             files: files.into_iter().map(|(p, f)| file_to_proto(p, &f, arm_form)).collect(),
                             test: None,
                         };
-                        // Only a delta with arms in columns needs a daemon that reads them.
-                        let arms = if delta.files.iter().any(|f| !f.arm_line_gaps.is_empty()) {
-                            ArmForm::Columns
-                        } else {
-                            ArmForm::Messages
-                        };
+                        let needs_columns = delta.files.iter().any(|f| !f.arm_line_gaps.is_empty());
                         let request = proto::IngestRequest::delta(&delta);
-                        unacked.push_back((*next_seq, Sent { request: request.clone(), arms }));
+                        unacked.push_back((*next_seq, Sent { request: request.clone(), needs_columns }));
                         *next_seq += 1;
                         let _ = tx.send(request).await;
                     }
@@ -593,8 +587,8 @@ struct PushState {
 /// A delta as sent.
 struct Sent {
     request: proto::IngestRequest,
-    /// `Columns` when some of its branch arms are in columns.
-    arms: ArmForm,
+    /// Some of its branch arms are in columns: only a daemon that reads them may get it.
+    needs_columns: bool,
 }
 
 struct PushFailure {

@@ -362,7 +362,6 @@ pub fn file_to_proto(path: String, file: &FileCoverage, arms: ArmForm) -> proto:
         path,
         line_gaps,
         hits,
-        branches: Vec::new(),
         functions: functions_to_proto(file),
         tests: tests_to_proto(file),
         ..Default::default()

@@ -307,21 +307,13 @@ impl ArmColumns {
         let mut line = 0u64;
         for (j, gap) in self.line_gaps.iter().enumerate() {
             line += u64::from(*gap);
-            if line == 0 || line > u64::from(limits.max_line) {
-                let reason = if line == 0 {
-                    "line 0 is not a line (lines start at 1)".into()
-                } else {
-                    beyond(line, limits)
-                };
-                return Err(Fault::Field(format!("arm_line_gaps[{j}]"), reason));
-            }
+            let checked = match u32::try_from(line) {
+                Ok(line) => check_line(line, limits).map(|()| line),
+                Err(_) => Err(beyond(line, limits)),
+            };
+            let line = checked.map_err(|e| Fault::Field(format!("arm_line_gaps[{j}]"), e))?;
             let taken = self.taken[j].checked_sub(1);
-            batch.push_arm(
-                line as u32,
-                self.blocks[j],
-                ArmName::Index(self.numbers[j]),
-                taken,
-            );
+            batch.push_arm(line, self.blocks[j], ArmName::Index(self.numbers[j]), taken);
         }
         Ok(())
     }

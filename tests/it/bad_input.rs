@@ -7,6 +7,17 @@ use tonic::Code;
 use crate::ingest::{Stream, file, raw};
 use crate::support::*;
 
+/// A file of line 5 with branch arms in columns, as given (the columns may disagree).
+fn arms(line_gaps: &[u32], blocks: &[u32], numbers: &[u32], taken: &[u64]) -> proto::FileDelta {
+    proto::FileDelta {
+        arm_line_gaps: line_gaps.to_vec(),
+        arm_blocks: blocks.to_vec(),
+        arm_numbers: numbers.to_vec(),
+        arm_taken: taken.to_vec(),
+        ..file("a.c", &[(5, 1)])
+    }
+}
+
 /// Sends one delta on a fresh stream of run `bad` and returns the refusal.
 async fn refuse(daemon: &Daemon, files: Vec<proto::FileDelta>) -> tonic::Status {
     let mut c = raw(&daemon.url).await;
@@ -92,46 +103,22 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
             "line 0",
         ),
         (
-            vec![proto::FileDelta {
-                arm_line_gaps: vec![0],
-                arm_blocks: vec![0],
-                arm_numbers: vec![0],
-                arm_taken: vec![0],
-                ..file("a.c", &[(1, 1)])
-            }],
+            vec![arms(&[0], &[0], &[0], &[0])],
             "delta.files[0].arm_line_gaps[0]",
             "line 0",
         ),
         (
-            vec![proto::FileDelta {
-                arm_line_gaps: vec![5, u32::MAX],
-                arm_blocks: vec![0, 0],
-                arm_numbers: vec![0, 1],
-                arm_taken: vec![1, 1],
-                ..file("a.c", &[(5, 1)])
-            }],
+            vec![arms(&[5, u32::MAX], &[0, 0], &[0, 1], &[1, 1])],
             "delta.files[0].arm_line_gaps[1]",
             "beyond",
         ),
         (
-            vec![proto::FileDelta {
-                arm_line_gaps: vec![5],
-                arm_blocks: vec![0, 0],
-                arm_numbers: vec![0, 1],
-                arm_taken: vec![1, 1],
-                ..file("a.c", &[(5, 1)])
-            }],
+            vec![arms(&[5], &[0, 0], &[0, 1], &[1, 1])],
             "delta.files[0].arm_line_gaps",
             "another arm column has 2",
         ),
         (
-            vec![proto::FileDelta {
-                arm_line_gaps: vec![5, 0],
-                arm_blocks: vec![0, 0],
-                arm_numbers: vec![0],
-                arm_taken: vec![1, 1],
-                ..file("a.c", &[(5, 1)])
-            }],
+            vec![arms(&[5, 0], &[0, 0], &[0], &[1, 1])],
             "delta.files[0].arm_numbers",
             "has 1 values where another arm column has 2",
         ),
