@@ -9,4 +9,5 @@ mod export;
 mod gcc;
 mod ingest;
 mod merge_laws;
+mod old_daemon;
 mod support;
