@@ -222,9 +222,12 @@ async fn push(url: &str) -> Result<(), ClientError> {
         .map(|_| ())
 }
 
-/// The arms of a delta's only file, as (line, block, branch, taken) whichever form carried
-/// them, and whether that form was the columns.
-fn arms(delta: &proto::Delta) -> (Vec<(u32, u32, u32, Option<u64>)>, bool) {
+/// A branch arm as (line, block, branch, taken).
+type Arm = (u32, u32, u32, Option<u64>);
+
+/// The arms of a delta's only file, whichever form carried them, and whether that form was
+/// the columns.
+fn arms(delta: &proto::Delta) -> (Vec<Arm>, bool) {
     let [file] = delta.files.as_slice() else {
         panic!("one file per delta, got {}", delta.files.len());
     };
