@@ -9,9 +9,10 @@
 //! ```
 //!
 //! Without `--data`, the shards are generated with `../shared/bench/gen_lcov.py` into
-//! `target/bench-data/` (once). Prints: input size and records; ingest wall time and
+//! `target/bench-data/` (once). Prints: input size and records; a yardstick of the machine's
+//! speed in this run (a single-threaded parse-and-union of the shards); ingest wall time and
 //! throughput (MB/s of LCOV, file records/s); the daemon's CPU for the ingest, per file record,
-//! and the part of it spent after the last shard finished; the time from the last shard's
+//! as a ratio to the yardstick, and the part of it spent after the last shard finished; the time from the last shard's
 //! finish to the merged LCOV on disk (what CI waits for); the daemon's peak RSS; the recovery
 //! time after `kill -9`; the merged totals against the generator's ground truth; then each
 //! reference tool's wall time, CPU, peak RSS, ratio to covd's wait, and whether its merged
@@ -99,6 +100,7 @@ fn main() {
     shards.sort();
     let bytes: u64 = shards.iter().map(|p| p.metadata().unwrap().len()).sum();
     let records: u64 = shards.iter().map(|p| count_records(p)).sum();
+    let yardstick = parse_and_union(&shards[..shards.len().min(YARDSTICK_SHARDS)]);
     println!(
         "data: {} shards in {}, {:.1} MB of LCOV, {} file records{}",
         shards.len(),
@@ -110,6 +112,11 @@ fn main() {
         } else {
             format!(", starts spread over {:.0} s", a.stagger.as_secs_f64())
         }
+    );
+    println!(
+        "machine yardstick: covd's LCOV reader and merge on one thread, the first {} shards: {:.2} µs per file record",
+        shards.len().min(YARDSTICK_SHARDS),
+        yardstick * 1e6
     );
 
     let scratch = scratch_dir();
@@ -151,6 +158,9 @@ fn main() {
     });
     row("daemon CPU per file record", &|f| {
         format!("{:.2} µs", f.cpu * 1e6 / records as f64)
+    });
+    row("daemon CPU / yardstick", &|f| {
+        format!("{:.2}× per record", f.cpu / records as f64 / yardstick)
     });
     row("daemon CPU after the last finish", &|f| {
         format!("{:.3} s", f.cpu_after_last)
@@ -546,6 +556,29 @@ fn count_records(path: &Path) -> u64 {
         .split(b'\n')
         .filter(|l| l.as_ref().is_ok_and(|l| l.starts_with(b"SF:")))
         .count() as u64
+}
+
+/// Shards the yardstick reads: enough to merge, few enough to take seconds.
+const YARDSTICK_SHARDS: usize = 2;
+
+/// The machine's speed in this run, in seconds of one thread per file record: shards read and
+/// merged with covd's own LCOV reader and merge (issue 5's "plain single-threaded
+/// parse-and-union"). This machine's speed varies by ±20% from day to day; the daemon's CPU as
+/// a ratio to the yardstick is meant to compare across runs and days where its seconds do not.
+fn parse_and_union(shards: &[PathBuf]) -> f64 {
+    let start = Instant::now();
+    let mut union = Coverage::default();
+    let mut records = 0;
+    for path in shards {
+        let mut r = lcov::Reader::new(BufReader::with_capacity(1 << 20, File::open(path).unwrap()));
+        while let Some(rec) = r.next_record().unwrap() {
+            union.add(&rec.path, &rec.file);
+            records += 1;
+        }
+    }
+    let took = start.elapsed().as_secs_f64();
+    assert!(!union.files.is_empty(), "the shards hold coverage");
+    took / records as f64
 }
 
 /// utime + stime of a process, from /proc (clock ticks of 1/100 s on Linux).
