@@ -531,6 +531,8 @@ impl Text {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn parse_all(text: &str) -> Result<Vec<Record>, ParseError> {
@@ -727,5 +729,58 @@ mod tests {
     fn huge_counts_saturate() {
         let recs = parse_all("SF:a\nDA:1,99999999999999999999999\nend_of_record\n").unwrap();
         assert_eq!(recs[0].file.hits_of(1), Some(u64::MAX));
+    }
+
+    /// Everything `next_record` gives until the end or an error, as text to compare.
+    fn outcome(mut reader: Reader<impl BufRead>) -> (Vec<String>, Option<String>, u64) {
+        let mut records = Vec::new();
+        loop {
+            match reader.next_record() {
+                Ok(Some(r)) => records.push(format!("{}|{}|{:?}", r.test_name, r.path, r.file)),
+                Ok(None) => return (records, None, reader.bytes_read()),
+                Err(e) => return (records, Some(e.to_string()), reader.bytes_read()),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Lines are read where the input buffered them, and gathered when they cross the
+        /// buffer's end: the records, the error and its line number must not depend on where
+        /// the buffer ends.
+        #[test]
+        fn reading_does_not_depend_on_the_input_buffer(
+            lines in prop::collection::vec(
+                prop_oneof![
+                    Just("SF:src/a.c".to_owned()),
+                    Just("end_of_record".to_owned()),
+                    Just("TN:t".to_owned()),
+                    (1u32..40, 0u64..5).prop_map(|(l, h)| format!("DA:{l},{h}")),
+                    (1u32..40, 0u32..3, 0u32..3).prop_map(|(l, b, a)| format!("BRDA:{l},{b},{a},1")),
+                    (1u32..40, "[a-z]{1,3}").prop_map(|(l, n)| format!("FN:{l},{n}")),
+                    (0u64..9, "[a-z]{1,3}").prop_map(|(h, n)| format!("FNDA:{h},{n}")),
+                    "[ -~]{0,12}",
+                ],
+                0..40,
+            ),
+            crlf in any::<bool>(),
+            final_newline in any::<bool>(),
+            capacity in 1usize..48,
+        ) {
+            let mut text = lines.join(if crlf { "\r\n" } else { "\n" });
+            if final_newline {
+                text.push('\n');
+            }
+            let whole = outcome(Reader::new(text.as_bytes()));
+            let pieces = outcome(Reader::new(std::io::BufReader::with_capacity(
+                capacity,
+                text.as_bytes(),
+            )));
+            prop_assert_eq!(&pieces, &whole);
+            if whole.1.is_none() {
+                prop_assert_eq!(whole.2, text.len() as u64);
+            }
+        }
     }
 }
