@@ -12,8 +12,8 @@
 //! `target/bench-data/` (once). Prints: input size and records; a yardstick of the machine's
 //! speed in this run (a single-threaded parse-and-union of the shards); ingest wall time and
 //! throughput (MB/s of LCOV, file records/s); the daemon's CPU for the ingest, per file record,
-//! as a ratio to the yardstick, and the part of it spent after the last shard finished; the time from the last shard's
-//! finish to the merged LCOV on disk (what CI waits for); the daemon's peak RSS; the recovery
+//! as a ratio to the yardstick, and the part of it spent after the last shard finished; the
+//! time from the last shard's finish to the merged LCOV on disk (what CI waits for); the daemon's peak RSS; the recovery
 //! time after `kill -9`; the merged totals against the generator's ground truth; then each
 //! reference tool's wall time, CPU, peak RSS, ratio to covd's wait, and whether its merged
 //! lines and counts equal covd's.

@@ -81,13 +81,6 @@ impl FileBuilder {
         }
         let mut file = FileCoverage::from_sorted_lines(&lines, &hits)
             .expect("lines were sorted and deduplicated just above");
-        // A builder sized like a larger file must not leave its room in a small one.
-        if self.branches.capacity() > 2 * self.branches.len() + 16 {
-            self.branches.shrink_to_fit();
-        }
-        if self.functions.capacity() > 2 * self.functions.len() + 16 {
-            self.functions.shrink_to_fit();
-        }
         file.set_branches(self.branches);
         file.set_functions(self.functions);
         file.set_tests(self.tests.into_iter().collect());

@@ -368,6 +368,7 @@ impl FileCoverage {
                 false
             }
         });
+        shrink_if_roomy(&mut branches);
         self.branches = branches;
     }
 
@@ -382,6 +383,7 @@ impl FileCoverage {
                 false
             }
         });
+        shrink_if_roomy(&mut functions);
         self.functions = functions;
     }
 
@@ -777,12 +779,38 @@ fn find_from<T>(items: &[T], at: &mut usize, cmp: impl Fn(&T) -> Ordering) -> Op
     None
 }
 
+/// Gives back the room of a vector more than twice as large as what it holds (plus 4): a
+/// builder sized like a larger file (or a record with many repeated keys) must not leave it in
+/// the file. A vector grown by pushes (doubling, from 4) never has that much room, so this
+/// copies only in those cases.
+fn shrink_if_roomy<T>(v: &mut Vec<T>) {
+    if v.capacity() > 2 * v.len() + 4 {
+        v.shrink_to_fit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::model::{FileBatch, FileBuilder};
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_roomy_vector_is_not_kept_in_the_file() {
+        let mut file = FileCoverage::default();
+        let mut arms = Vec::with_capacity(1000);
+        arms.push((
+            BranchKey {
+                line: 1,
+                block: 0,
+                arm: BranchArm::Index(0),
+            },
+            Some(1),
+        ));
+        file.set_branches(arms);
+        assert!(file.branches.capacity() < 8, "{}", file.branches.capacity());
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]

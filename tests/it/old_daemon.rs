@@ -231,6 +231,10 @@ fn arms(delta: &proto::Delta) -> (Vec<Arm>, bool) {
     let [file] = delta.files.as_slice() else {
         panic!("one file per delta, got {}", delta.files.len());
     };
+    assert!(
+        file.branches.is_empty() || file.arm_line_gaps.is_empty(),
+        "the arms come in one form, not both"
+    );
     if file.arm_line_gaps.is_empty() {
         let arms = file
             .branches
