@@ -364,10 +364,18 @@ fn general_brda(value: &[u8]) -> Result<Option<(BranchKey, Option<u64>)>, String
     let line = line_number(Some(line), "BRDA")?;
     let (block, rest) = split_once(rest, "BRDA")?;
     // lcov 2 and gcovr mark exception branches with an `e` before the block number.
-    let block = match block.strip_prefix(b"e") {
-        Some(n) => number::<u32>(n, "BRDA block")? | EXCEPTION_BLOCK,
-        None => number::<u32>(block, "BRDA block")?,
+    let (digits, mark) = match block.strip_prefix(b"e") {
+        Some(n) => (n, EXCEPTION_BLOCK),
+        None => (block, 0),
     };
+    let block = number::<u32>(digits, "BRDA block")?;
+    // The top bit is the exception mark: a block that large would read back as `e`.
+    if block & EXCEPTION_BLOCK != 0 {
+        return Err(format!(
+            "BRDA block {block} is beyond the largest accepted block"
+        ));
+    }
+    let block = block | mark;
     let comma = rest
         .iter()
         .rposition(|&b| b == b',')
@@ -874,6 +882,15 @@ mod tests {
         let input = std::io::BufReader::with_capacity(4, Flaky(text, false));
         let (records, error, bytes) = outcome(Reader::new(input));
         assert_eq!((records.len(), error, bytes), (1, None, text.len() as u64));
+    }
+
+    #[test]
+    fn a_block_in_the_exception_bit_is_refused() {
+        let err = parse_all("SF:a\nBRDA:1,2147483648,0,1\nend_of_record\n").unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        assert!(err.to_string().contains("block 2147483648"), "{err}");
+        let ok = parse_all("SF:a\nBRDA:1,2147483647,0,1\nBRDA:1,e2147483647,0,1\nend_of_record\n");
+        assert_eq!(ok.unwrap()[0].file.branches().len(), 2);
     }
 
     #[test]
