@@ -10,13 +10,13 @@
 //!
 //! Without `--data`, the shards are generated with `../shared/bench/gen_lcov.py` into
 //! `target/bench-data/` (once). Prints: input size and records; a yardstick of the machine's
-//! speed in this run (a single-threaded parse-and-union of the shards); ingest wall time and
+//! speed in this run (a single-threaded parse-and-union of the first shards); ingest wall time and
 //! throughput (MB/s of LCOV, file records/s); the daemon's CPU for the ingest, per file record,
 //! as a ratio to the yardstick, and the part of it spent after the last shard finished; the
-//! time from the last shard's finish to the merged LCOV on disk (what CI waits for); the daemon's peak RSS; the recovery
-//! time after `kill -9`; the merged totals against the generator's ground truth; then each
-//! reference tool's wall time, CPU, peak RSS, ratio to covd's wait, and whether its merged
-//! lines and counts equal covd's.
+//! time from the last shard's finish to the merged LCOV on disk (what CI waits for); the
+//! daemon's peak RSS; the recovery time after `kill -9`; the merged totals against the
+//! generator's ground truth; then each reference tool's wall time, CPU, peak RSS, ratio to
+//! covd's wait, and whether its merged lines and counts equal covd's.
 //!
 //! Options: `--stagger SECS` spreads the shards' starts evenly over SECS (shards arriving
 //! while others run, as in CI); `--with-memory` also runs the `--in-memory` daemon;
@@ -100,7 +100,8 @@ fn main() {
     shards.sort();
     let bytes: u64 = shards.iter().map(|p| p.metadata().unwrap().len()).sum();
     let records: u64 = shards.iter().map(|p| count_records(p)).sum();
-    let yardstick = parse_and_union(&shards[..shards.len().min(YARDSTICK_SHARDS)]);
+    let measured = &shards[..shards.len().min(YARDSTICK_SHARDS)];
+    let yardstick = parse_and_union(measured);
     println!(
         "data: {} shards in {}, {:.1} MB of LCOV, {} file records{}",
         shards.len(),
@@ -115,7 +116,7 @@ fn main() {
     );
     println!(
         "machine yardstick: covd's LCOV reader and merge on one thread, the first {} shards: {:.2} µs per file record",
-        shards.len().min(YARDSTICK_SHARDS),
+        measured.len(),
         yardstick * 1e6
     );
 

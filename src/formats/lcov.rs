@@ -86,22 +86,13 @@ impl<R: BufRead> Reader<R> {
             // A line is read where the input buffered it, without a copy; only a line that
             // straddles the end of the buffer is gathered into `buf`. Reading each line into
             // `buf` with `read_until` (std's byte search and a copy) was 19% of the reader's
-            // instructions (callgrind, one shard of the ingest benchmark's data).
-            // An interrupted read is retried, as `read_until` does; the second `fill_buf`
-            // then returns what the first buffered, without reading.
-            let at_end = loop {
+            // instructions (callgrind, one shard of the ingest benchmark's data). An
+            // interrupted read is retried, as `read_until` does.
+            let available = loop {
                 match self.input.fill_buf() {
-                    Ok(available) => break available.is_empty(),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(ParseError::io(self.line_no + 1, e)),
+                    read => break read.map_err(|e| ParseError::io(self.line_no + 1, e))?,
                 }
-            };
-            let available = if at_end {
-                &[][..]
-            } else {
-                self.input
-                    .fill_buf()
-                    .map_err(|e| ParseError::io(self.line_no + 1, e))?
             };
             let (line, consumed) = match memchr::memchr(b'\n', available) {
                 Some(i) => (&available[..i], i + 1),
@@ -247,28 +238,28 @@ fn finish(mut o: Open) -> FileCoverage {
     // FNDA by name, each name once with its hits summed, and whether an FN took them.
     o.function_hits
         .sort_unstable_by(|a, b| names[a.0.clone()].cmp(&names[b.0.clone()]));
-    let mut hits: Vec<(&str, u64, bool)> = Vec::with_capacity(o.function_hits.len());
+    // `None` once an FN took the hits.
+    let mut hits: Vec<(&str, Option<u64>)> = Vec::with_capacity(o.function_hits.len());
     for (range, n) in &o.function_hits {
         let name = &names[range.clone()];
         match hits.last_mut() {
-            Some((last, sum, _)) if *last == name => *sum = sum.saturating_add(*n),
-            _ => hits.push((name, *n, false)),
+            Some((last, Some(sum))) if *last == name => *sum = sum.saturating_add(*n),
+            _ => hits.push((name, Some(*n))),
         }
     }
     for (range, start, end) in &o.functions {
         let name = &names[range.clone()];
-        let taken = match hits.binary_search_by(|(n, _, _)| (*n).cmp(name)) {
-            Ok(i) if !hits[i].2 => {
-                hits[i].2 = true;
-                hits[i].1
-            }
-            _ => 0,
+        let taken = match hits.binary_search_by(|(n, _)| (*n).cmp(name)) {
+            Ok(i) => hits[i].1.take().unwrap_or(0),
+            Err(_) => 0,
         };
         o.builder.function(name, *start, *end, taken);
     }
     // FNDA without a matching FN: keep the hits, with the start line unknown.
-    for (name, n, _) in hits.iter().filter(|h| !h.2) {
-        o.builder.function(name, 0, 0, *n);
+    for (name, n) in &hits {
+        if let Some(n) = n {
+            o.builder.function(name, 0, 0, *n);
+        }
     }
     o.builder.build()
 }
