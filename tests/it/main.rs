@@ -10,4 +10,5 @@ mod gcc;
 mod ingest;
 mod merge_laws;
 mod old_daemon;
+mod stored_data;
 mod support;

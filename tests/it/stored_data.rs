@@ -1,0 +1,162 @@
+//! Stored data outlives releases: a data directory written by an earlier release
+//! (`tests/fixtures/datadir-v1`, made by its `make.sh`) opens with this build and answers
+//! status, file and directory queries and exports exactly as that release answered them.
+//! Every change to stored records must keep this test green.
+
+use std::path::Path;
+
+use crate::cli::Served;
+use crate::support::fixture;
+
+/// Copies the checked-in directory, so the test never writes into the fixture.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Each CLI command `make.sh` recorded, with the file its answer was written to.
+fn recorded() -> Vec<(Vec<&'static str>, String)> {
+    let mut out = vec![
+        (vec!["runs"], "runs.txt".to_owned()),
+        (
+            vec!["file", "--run", "complete", "src/parse.rs"],
+            "file-complete-src_parse.rs.txt".to_owned(),
+        ),
+        (
+            vec!["file", "--run", "open", "src/calc.c"],
+            "file-open-src_calc.c.txt".to_owned(),
+        ),
+        (
+            vec!["file", "--run", "tests", "--tests", "toolz/utils.py"],
+            "file-tests-toolz_utils.py.txt".to_owned(),
+        ),
+        (
+            vec!["dir", "--run", "complete"],
+            "dir-complete.txt".to_owned(),
+        ),
+    ];
+    for run in ["complete", "open", "tests", "interrupted"] {
+        out.push((vec!["status", "--run", run], format!("status-{run}.txt")));
+        for (format, ext) in [("lcov", "info"), ("json", "json")] {
+            out.push((
+                vec!["fetch", "--run", run, "--format", format],
+                format!("fetch-{run}.{ext}"),
+            ));
+        }
+    }
+    out
+}
+
+fn check_answers(served: &Served, expected: &Path) {
+    for (args, file) in recorded() {
+        let out = served.covd(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "covd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut got = String::from_utf8(out.stdout).unwrap();
+        if args[0] == "runs" {
+            // make.sh sorted them (the daemon lists runs newest first).
+            let mut lines: Vec<&str> = got.lines().collect();
+            lines.sort_unstable();
+            got = lines.iter().map(|l| format!("{l}\n")).collect();
+        }
+        let want = std::fs::read_to_string(expected.join(&file)).unwrap();
+        assert_eq!(got, want, "covd {args:?} answers differently from {file}");
+    }
+}
+
+#[test]
+fn a_data_directory_of_the_first_release_answers_as_it_did() {
+    let fixture = fixture("datadir-v1");
+    let expected = fixture.join("expected");
+    let data = tempfile::tempdir().unwrap();
+    copy_dir(&fixture.join("data"), data.path());
+
+    let mut served = Served::on(data, "127.0.0.1:0");
+    check_answers(&served, &expected);
+    // Once this build has opened (and possibly migrated) it, it answers the same again.
+    served.terminate();
+    let data = std::mem::replace(&mut served.data, tempfile::tempdir().unwrap());
+    let served = Served::on(data, "127.0.0.1:0");
+    check_answers(&served, &expected);
+
+    // The old runs go on: a second attempt replaces the interrupted shard's acknowledged delta,
+    // and the open run completes when its missing shard arrives.
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let out = served
+        .covd(&[
+            "push",
+            "--run",
+            "interrupted",
+            "--shard",
+            "0",
+            "--attempt",
+            "2",
+            "--fail-on-error",
+        ])
+        .arg(quickstart.join("shard-b.info"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = served
+        .covd(&["status", "--run", "interrupted"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8(status.stdout).unwrap();
+    assert!(
+        status.contains("finished") && status.contains("attempt 2 deltas 1"),
+        "{status}"
+    );
+    // What attempt 1 sent is gone: the run holds shard-b.info alone, like a new run of it.
+    let out = served
+        .covd(&["push", "--run", "b-only", "--shard", "0", "--fail-on-error"])
+        .arg(quickstart.join("shard-b.info"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = |run: &str| {
+        let out = served
+            .covd(&["file", "--run", run, "src/lib.rs"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(file("interrupted"), file("b-only"));
+
+    let out = served
+        .covd(&["push", "--run", "open", "--shard", "2", "--fail-on-error"])
+        .arg(quickstart.join("shard-a.info"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = served.covd(&["status", "--run", "open"]).output().unwrap();
+    let status = String::from_utf8(status.stdout).unwrap();
+    assert!(status.starts_with("run open: complete"), "{status}");
+}
