@@ -1,6 +1,7 @@
 //! Compiles `proto/covd/v1/*.proto` with protox (pure Rust, no system `protoc`) and generates
 //! the tonic client and server into `OUT_DIR`, plus the encoded descriptor set that server
-//! reflection serves.
+//! reflection serves. Also compiles the storage schema, `proto/covd/store/v1/records.proto`
+//! (messages only: what the data directory keeps, see `src/persist/records.rs`).
 
 use prost::Message;
 
@@ -17,5 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The daemon keeps a delta as the bytes it came in (see src/rpc/frame.rs).
         .extern_path(".covd.v1.IngestRequest", "crate::rpc::frame::IngestRequest")
         .compile_fds(fds)?;
+    let records = protox::compile(["covd/store/v1/records.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(false)
+        .compile_fds(records)?;
     Ok(())
 }

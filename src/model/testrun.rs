@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TestStatus {
     Passed,
     Failed,
@@ -11,7 +11,7 @@ pub enum TestStatus {
 }
 
 /// One test case's outcome.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestCase {
     /// The suite or class, empty when the tool gave none.
     pub suite: String,

@@ -12,7 +12,9 @@
 //!   refers to them commits; the database keeps a reference per delta.
 
 pub mod codec;
+mod legacy;
 pub mod log;
+pub mod records;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -21,11 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{FileBatch, FileCoverage};
 pub use codec::{CodecError, FORMAT_VERSION, WireDecoder};
+pub use records::{RunRecord, ShardRecord, SummaryRecord, TelemetryRecord};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "covd.sqlite3";
@@ -62,62 +64,6 @@ pub enum StoreError {
     Log(std::io::Error),
     #[error("{0}")]
     Full(String),
-}
-
-/// What a run is, as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub run_id: String,
-    pub project: String,
-    pub commit: String,
-    pub branch: String,
-    pub flags: Vec<String>,
-    pub expected_shards: Vec<String>,
-    /// Milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
-    pub completed_at_ms: Option<u64>,
-}
-
-/// A shard's progress, as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShardRecord {
-    pub shard_id: String,
-    pub expected: bool,
-    pub attempt: u32,
-    pub last_seq: u64,
-    pub finished_at_ms: Option<u64>,
-    pub telemetry: Option<TelemetryRecord>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TelemetryRecord {
-    pub passed: u64,
-    pub failed: u64,
-    pub skipped: u64,
-    pub errored: u64,
-    pub duration_ms: Option<u64>,
-    pub peak_memory_bytes: u64,
-    pub platform: String,
-    pub tests: Vec<crate::model::TestCase>,
-}
-
-/// What is kept of a run after its raw data expires: enough for history.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SummaryRecord {
-    pub run_id: String,
-    pub project: String,
-    pub commit: String,
-    pub branch: String,
-    pub created_at_ms: u64,
-    pub completed_at_ms: Option<u64>,
-    pub shards: u64,
-    pub files: u64,
-    pub lines: u64,
-    pub lines_covered: u64,
-    pub branches: u64,
-    pub branches_taken: u64,
-    pub functions: u64,
-    pub functions_hit: u64,
 }
 
 /// One change to the database. A group of them commits atomically.
@@ -346,10 +292,10 @@ impl Store {
         let mut merged_stmt = conn.prepare("SELECT 1 FROM merged WHERE run_id = ?1 LIMIT 1")?;
         let mut files_stmt = conn.prepare("SELECT body FROM run_files WHERE run_id = ?1")?;
         for bytes in records {
-            let run: RunRecord = codec::unversioned(&bytes)?;
+            let run: RunRecord = codec::decode(&bytes)?;
             let shards = shards_stmt
                 .query_map([&run.run_id], |r| r.get::<_, Vec<u8>>(0))?
-                .map(|b| Ok(codec::unversioned::<ShardRecord>(&b?)?))
+                .map(|b| Ok(codec::decode::<ShardRecord>(&b?)?))
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let compacted = merged_stmt
                 .query_row([&run.run_id], |_| Ok(()))
@@ -358,7 +304,7 @@ impl Store {
             let files = files_stmt
                 .query_row([&run.run_id], |r| r.get::<_, Vec<u8>>(0))
                 .optional()?
-                .map(|b| codec::unversioned::<Vec<String>>(&b))
+                .map(|b| codec::decode::<records::FileListRecord>(&b).map(|l| l.paths))
                 .transpose()?;
             runs.push(LoadedRun {
                 run,
@@ -421,7 +367,7 @@ impl Store {
         let mut stmt = conn.prepare("SELECT record FROM summaries")?;
         let mut out = stmt
             .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-            .map(|b| Ok(codec::unversioned::<SummaryRecord>(&b?)?))
+            .map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
             .collect::<Result<Vec<_>, StoreError>>()?;
         out.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
         out.truncate(limit);
@@ -501,7 +447,17 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             path: path.to_owned(),
             found: v,
         }),
-        Some(_) => Ok(()),
+        Some(v) if v == i64::from(FORMAT_VERSION) => Ok(()),
+        Some(_) => {
+            // An older directory: its records still read, and from now on it may also hold
+            // records of this format, which older builds must refuse at start.
+            conn.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'format_version'",
+                [i64::from(FORMAT_VERSION)],
+            )
+            .map_err(corrupt)?;
+            Ok(())
+        }
         None => {
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('format_version', ?1)",
@@ -705,11 +661,11 @@ fn apply(
     match w {
         Write::PutRun(run) => {
             tx.prepare_cached("INSERT OR REPLACE INTO runs (run_id, record) VALUES (?1, ?2)")?
-                .execute(params![run.run_id, codec::versioned(run)])?;
+                .execute(params![run.run_id, codec::encode(run)])?;
         }
         Write::UpdateRun(run) => {
             tx.prepare_cached("UPDATE runs SET record = ?2 WHERE run_id = ?1")?
-                .execute(params![run.run_id, codec::versioned(run)])?;
+                .execute(params![run.run_id, codec::encode(run)])?;
         }
         Write::PutShard { run_id, .. }
         | Write::AppendDelta { run_id, .. }
@@ -763,7 +719,12 @@ fn apply(
         }
         Write::PutFiles { run_id, files } => {
             tx.prepare_cached("INSERT OR REPLACE INTO run_files (run_id, body) VALUES (?1, ?2)")?
-                .execute(params![run_id, codec::versioned(files)])?;
+                .execute(params![
+                    run_id,
+                    codec::encode(&records::FileListRecord {
+                        paths: files.clone()
+                    })
+                ])?;
         }
         Write::DeleteRun { run_id, summary } => {
             for table in ["runs", "shards", "deltas", "merged", "run_files"] {
@@ -791,12 +752,12 @@ fn put_shard(
     tx.prepare_cached(
         "INSERT OR REPLACE INTO shards (run_id, shard_id, record) VALUES (?1, ?2, ?3)",
     )?
-    .execute(params![run_id, shard.shard_id, codec::versioned(shard)])?;
+    .execute(params![run_id, shard.shard_id, codec::encode(shard)])?;
     Ok(())
 }
 
 fn put_summary(tx: &rusqlite::Transaction<'_>, s: &SummaryRecord) -> rusqlite::Result<()> {
     tx.prepare_cached("INSERT OR REPLACE INTO summaries (run_id, record) VALUES (?1, ?2)")?
-        .execute(params![s.run_id, codec::versioned(s)])?;
+        .execute(params![s.run_id, codec::encode(s)])?;
     Ok(())
 }

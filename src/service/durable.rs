@@ -54,7 +54,7 @@ pub(super) fn shard_record(id: &str, s: &Shard) -> ShardRecord {
             duration_ms: t.duration.map(|d| d.as_millis() as u64),
             peak_memory_bytes: t.peak_memory_bytes,
             platform: t.platform.clone(),
-            tests: t.tests.clone(),
+            tests: t.tests.iter().map(Into::into).collect(),
         }),
     }
 }
@@ -73,7 +73,7 @@ fn shard_from_record(r: ShardRecord) -> Shard {
             duration: t.duration_ms.map(Duration::from_millis),
             peak_memory_bytes: t.peak_memory_bytes,
             platform: t.platform,
-            tests: t.tests,
+            tests: t.tests.iter().map(|c| c.to_model()).collect(),
         }),
         ..Shard::default()
     }
