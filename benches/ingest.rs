@@ -8,11 +8,11 @@
 
 use std::hint::black_box;
 
+use covd::aggregate::{Aggregate, PathInterner};
 use covd::formats::{cobertura, lcov};
 use covd::model::Coverage;
 use covd::rpc::convert::{ArmForm, file_to_proto, wire_delta_files};
 use covd::rpc::proto;
-use covd::store::{Aggregate, PathInterner};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
 

@@ -8,15 +8,16 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `server`/`client` → `rpc` → `service` → `store`/`persist` →
+//! Dependencies point one way: `server`/`client` → `rpc` → `service` → `aggregate`/`persist` →
 //! `model`, and `formats` → `model`.
 //!
 //! - [`model`]: pure domain types and the merge (no I/O, no async).
 //! - [`formats`]: coverage file formats: streaming readers (LCOV, coverage.py JSON, Cobertura,
 //!   Istanbul, gcovr, Go, llvm-cov, JaCoCo, Clover, JUnit) and writers (LCOV, Cobertura, JSON, Markdown, HTML).
-//! - [`store`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
-//! - [`persist`]: durability on embedded SQLite and a delta log file per run: group commit,
-//!   versioned records, recovery reads.
+//! - [`aggregate`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
+//! - [`persist`]: durable storage behind one trait ([`persist::Storage`]): the embedded SQLite
+//!   store with a delta log file per run (group commit, versioned records, recovery reads), and
+//!   the in-memory store of `--in-memory`.
 //! - [`service`]: the domain service: runs, shard ingest with attempts and resume, export,
 //!   queries. No gRPC types.
 //! - [`rpc`]: the gRPC edge: generated code, the one-pass reader of incoming deltas
@@ -26,6 +27,7 @@
 //!
 //! The `covd` binary (`src/main.rs`, `src/cli.rs`) is a thin command line over these.
 
+pub mod aggregate;
 pub mod client;
 pub mod formats;
 pub mod model;
@@ -33,7 +35,6 @@ pub mod persist;
 pub mod rpc;
 pub mod server;
 pub mod service;
-pub mod store;
 
 pub use client::Client;
 pub use model::{Coverage, FileCoverage};

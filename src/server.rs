@@ -13,7 +13,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
-use crate::persist::{Store, StoreError};
+use crate::persist::{MemoryStore, SqliteStore, Storage, StoreError};
 use crate::rpc::proto::coverage_server::CoverageServer;
 use crate::rpc::{CoverageRpc, proto};
 use crate::service::{CoverageService, Limits};
@@ -27,8 +27,9 @@ pub struct Settings {
     /// A run's raw data is dropped this long after the run was opened; its summary stays.
     /// `None` keeps runs until deleted.
     pub retention: Option<Duration>,
-    /// A cap on the data directory (database and delta logs), in bytes; past it the store fails
-    /// and refuses writes.
+    /// A cap on the stored data (the data directory's database and delta logs, or with no
+    /// data directory the deltas and merged files held in memory), in bytes; past it the store
+    /// fails and refuses writes.
     pub max_db_bytes: Option<u64>,
     /// How long a shutdown waits for open calls before it stops anyway.
     pub shutdown_grace: Duration,
@@ -169,17 +170,20 @@ pub async fn run_with_ready(
 }
 
 async fn open_service(settings: &Settings) -> Result<CoverageService, ServerError> {
-    let Some(dir) = settings.data_dir.clone() else {
-        return Ok(CoverageService::new(settings.limits.clone()));
-    };
+    let dir = settings.data_dir.clone();
     let limits = settings.limits.clone();
     let max_bytes = settings.max_db_bytes;
     let started = Instant::now();
     // Recovery reads and merges everything stored: blocking work.
     let (service, recovery) = tokio::task::spawn_blocking(move || {
-        let store = Store::open_with(&dir, max_bytes)?
-            .with_wire_decoder(crate::rpc::convert::wire_delta_files);
-        CoverageService::open(limits, store)
+        let decoder = crate::rpc::convert::wire_delta_files;
+        let storage: std::sync::Arc<dyn Storage> = match dir {
+            Some(dir) => std::sync::Arc::new(
+                SqliteStore::open_with(&dir, max_bytes)?.with_wire_decoder(decoder),
+            ),
+            None => std::sync::Arc::new(MemoryStore::new(max_bytes).with_wire_decoder(decoder)),
+        };
+        CoverageService::open(limits, storage)
     })
     .await
     .map_err(|e| ServerError::Startup(e.to_string()))??;

@@ -1,43 +1,81 @@
-//! Durability: runs, shard progress and deltas in an embedded SQLite database, so that an
-//! acknowledgement means "on disk" and a restarted daemon resumes where it was.
+//! Durable storage behind one trait, [`Storage`]: what the service commits (groups of
+//! [`Write`]s, acknowledged only once durable), what it reads back (the runs to recover, a
+//! run's deltas and merged files, summaries for history), and the failure latch (after a
+//! failed write, refuse every later one rather than carry on as if data were safe).
 //!
-//! - One writer thread owns the write connection and commits in groups: it takes every write
-//!   that queued up while the previous commit was syncing, commits them in one transaction
-//!   (WAL, `synchronous=FULL`: one fsync per group, not per delta), then answers them all.
-//! - After a failed write or commit the store refuses every later write (redb's discipline): it
-//!   never retries an fsync and carries on as if the data were safe.
-//! - A lock file keeps a second daemon off the same data directory.
-//! - Records are versioned blobs (`codec`); reads check them.
-//! - Deltas are appended to a log file per run (`log`), fsynced before the transaction that
-//!   refers to them commits; the database keeps a reference per delta.
+//! - [`SqliteStore`] (`sqlite`): the embedded default, SQLite plus a delta log file per run.
+//! - [`MemoryStore`] (`memory`): `--in-memory`, the same contract with nothing on disk.
+//!
+//! Records are protobuf messages (`records`, `codec`); a backend stores them as the opaque
+//! blobs `codec` makes, so every backend reads what any release wrote. The contract is checked
+//! by one suite run against every backend (`tests/it/storage.rs`).
 
 pub mod codec;
 mod legacy;
 pub mod log;
+pub mod memory;
 pub mod records;
+pub mod sqlite;
 
-use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
-use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot};
+use futures_util::future::BoxFuture;
 
 use crate::model::{FileBatch, FileCoverage};
 pub use codec::{CodecError, FORMAT_VERSION, WireDecoder};
+pub use memory::MemoryStore;
 pub use records::{RunRecord, ShardRecord, SummaryRecord, TelemetryRecord};
+pub use sqlite::{DB_FILE, SqliteStore};
 
-/// The database file inside the data directory.
-pub const DB_FILE: &str = "covd.sqlite3";
-const LOCK_FILE: &str = "LOCK";
-/// Writes gathered into one transaction at most; bounds a commit's latency and memory.
-const MAX_GROUP: usize = 512;
-/// Writes waiting for the writer at most; further writers wait (backpressure).
-const QUEUE: usize = 1024;
 /// Files per stored part of a compacted run.
 pub const FILES_PER_PART: usize = 1000;
+
+/// Durable storage as the service uses it. Implementations commit each call's writes
+/// atomically, may group concurrent calls into one commit, and answer a call only once its
+/// writes are as durable as the backend makes anything.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Whether committed writes outlive the process (what an acknowledgement promises).
+    fn is_durable(&self) -> bool;
+
+    /// Why the store refuses writes, if it does: once a write or commit failed, every later
+    /// one is refused with this reason.
+    fn failure(&self) -> Option<String>;
+
+    /// Commits `writes` atomically (with whatever else is pending) and resolves once they
+    /// are durable.
+    fn write(&self, writes: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Like [`Storage::write`], from a blocking thread.
+    fn write_blocking(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+
+    /// Every stored run with its shards. Blocking.
+    fn load_runs(&self) -> Result<Vec<LoadedRun>, StoreError>;
+
+    /// Calls `f` with each stored delta of the given shard attempts (shard, attempt, last
+    /// acknowledged sequence), in sequence order per shard, none beyond the acknowledged
+    /// sequence. Blocking.
+    fn for_each_delta(
+        &self,
+        run_id: &str,
+        attempts: &[(String, u32, u64)],
+        f: &mut dyn FnMut(&str, FileBatch),
+    ) -> Result<(), StoreError>;
+
+    /// Calls `f` with each part of a compacted run's merged files. Blocking.
+    fn for_each_merged(
+        &self,
+        run_id: &str,
+        f: &mut dyn FnMut(Vec<(Arc<str>, FileCoverage)>),
+    ) -> Result<(), StoreError>;
+
+    /// Summaries of runs, newest first. Blocking.
+    fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError>;
+
+    /// Counters of the group commit.
+    fn stats(&self) -> &CommitStats;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -106,11 +144,6 @@ pub enum Write {
     },
 }
 
-struct Job {
-    writes: Vec<Write>,
-    done: oneshot::Sender<Result<(), String>>,
-}
-
 /// A run as found on disk at start.
 #[derive(Debug)]
 pub struct LoadedRun {
@@ -129,635 +162,14 @@ pub struct CommitStats {
     pub writes: AtomicU64,
 }
 
-/// The durable store of one data directory.
-#[derive(Debug)]
-pub struct Store {
-    path: PathBuf,
-    /// Taken on drop, which ends the writer thread.
-    queue: Option<mpsc::Sender<Job>>,
-    writer: Option<std::thread::JoinHandle<()>>,
-    failure: Arc<Mutex<Option<String>>>,
-    reader: Mutex<Connection>,
-    /// Where the delta log files are.
-    log_dir: PathBuf,
-    stats: Arc<CommitStats>,
-    /// Reads deltas kept in wire form (see [`codec::WIRE_DELTA_FORMAT`]).
-    wire: Option<WireDecoder>,
-    // Held for the store's life: the lock is released when the file closes.
-    _lock: File,
-}
-
-impl Store {
-    /// Opens (creating if needed) the store in `dir`. Refuses a directory another daemon
-    /// holds, and a damaged database.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_with(dir, None)
-    }
-
-    /// [`Store::open`] with a cap on the size of the database and the delta logs together: a
-    /// write that would grow them beyond `max_bytes` fails, and the store then refuses writes
-    /// like after any write failure.
-    pub fn open_with(dir: &Path, max_bytes: Option<u64>) -> Result<Store, StoreError> {
-        let io = |source| StoreError::Directory {
-            path: dir.to_owned(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK_FILE))
-            .map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked(dir.to_owned()));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-        let path = dir.join(DB_FILE);
-        let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
-            path: path.clone(),
-            detail: e.to_string(),
-        };
-        let writer = Connection::open(&path).map_err(corrupt)?;
-        configure(&writer).map_err(corrupt)?;
-        check(&writer, &path)?;
-        migrate(&writer, &path)?;
-        let reader = Connection::open(&path).map_err(corrupt)?;
-        reader.busy_timeout(std::time::Duration::from_secs(30))?;
-        let log_dir = dir.join(log::DIR);
-        let logs = LogWriter::open(&writer, &log_dir, max_bytes)?;
-
-        let (queue, jobs) = mpsc::channel(QUEUE);
-        let failure = Arc::new(Mutex::new(None));
-        let stats = Arc::new(CommitStats::default());
-        let writer = {
-            let failure = failure.clone();
-            let stats = stats.clone();
-            std::thread::Builder::new()
-                .name("covd-writer".into())
-                .spawn(move || writer_loop(writer, logs, jobs, &failure, &stats))
-                .map_err(io)?
-        };
-        Ok(Store {
-            path,
-            queue: Some(queue),
-            writer: Some(writer),
-            failure,
-            reader: Mutex::new(reader),
-            log_dir,
-            stats,
-            wire: None,
-            _lock: lock,
+/// Checks a group of writes against a cap on stored bytes, for backends that keep one.
+fn group_bytes(writes: &[Write]) -> u64 {
+    writes
+        .iter()
+        .map(|w| match w {
+            Write::AppendDelta { body, .. } => body.iter().map(|b| b.len() as u64).sum(),
+            Write::Compact { parts, .. } => parts.iter().map(|p| p.len() as u64).sum(),
+            _ => 0,
         })
-    }
-
-    /// Gives the store the protocol's decoder for deltas kept in wire form. The server does
-    /// this at start; without it, such deltas cannot be replayed.
-    pub fn with_wire_decoder(mut self, decode: WireDecoder) -> Store {
-        self.wire = Some(decode);
-        self
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn stats(&self) -> &CommitStats {
-        &self.stats
-    }
-
-    /// Why the store stopped accepting writes, if it did.
-    pub fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Commits `writes` atomically (with whatever else is pending) and returns once they are
-    /// on disk.
-    pub async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if let Some(f) = self.failure() {
-            return Err(StoreError::Failed(f));
-        }
-        let (done, result) = oneshot::channel();
-        self.queue()?
-            .send(Job { writes, done })
-            .await
-            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?;
-        result
-            .await
-            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?
-            .map_err(StoreError::Failed)
-    }
-
-    /// Like [`Store::write`], from a blocking thread.
-    pub fn write_blocking(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if let Some(f) = self.failure() {
-            return Err(StoreError::Failed(f));
-        }
-        let (done, result) = oneshot::channel();
-        self.queue()?
-            .blocking_send(Job { writes, done })
-            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?;
-        result
-            .blocking_recv()
-            .map_err(|_| StoreError::Failed("the writer thread stopped".into()))?
-            .map_err(StoreError::Failed)
-    }
-
-    fn queue(&self) -> Result<&mpsc::Sender<Job>, StoreError> {
-        self.queue
-            .as_ref()
-            .ok_or_else(|| StoreError::Failed("the store is closed".into()))
-    }
-
-    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.reader.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Every run with its shards. Blocking.
-    pub fn load_runs(&self) -> Result<Vec<LoadedRun>, StoreError> {
-        let conn = self.reader();
-        let mut runs = Vec::new();
-        let mut stmt = conn.prepare("SELECT record FROM runs ORDER BY run_id")?;
-        let records = stmt
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut shards_stmt =
-            conn.prepare("SELECT record FROM shards WHERE run_id = ?1 ORDER BY shard_id")?;
-        let mut merged_stmt = conn.prepare("SELECT 1 FROM merged WHERE run_id = ?1 LIMIT 1")?;
-        let mut files_stmt = conn.prepare("SELECT body FROM run_files WHERE run_id = ?1")?;
-        for bytes in records {
-            let run: RunRecord = codec::decode(&bytes)?;
-            let shards = shards_stmt
-                .query_map([&run.run_id], |r| r.get::<_, Vec<u8>>(0))?
-                .map(|b| Ok(codec::decode::<ShardRecord>(&b?)?))
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            let compacted = merged_stmt
-                .query_row([&run.run_id], |_| Ok(()))
-                .optional()?
-                .is_some();
-            let files = files_stmt
-                .query_row([&run.run_id], |r| r.get::<_, Vec<u8>>(0))
-                .optional()?
-                .map(|b| codec::decode::<records::FileListRecord>(&b).map(|l| l.paths))
-                .transpose()?;
-            runs.push(LoadedRun {
-                run,
-                shards,
-                compacted,
-                files,
-            });
-        }
-        Ok(runs)
-    }
-
-    /// Calls `f` with each stored delta of the given shard attempts (shard, attempt, last
-    /// acknowledged sequence), in sequence order per shard. Blocking.
-    pub fn for_each_delta(
-        &self,
-        run_id: &str,
-        attempts: &[(String, u32, u64)],
-        mut f: impl FnMut(&str, FileBatch),
-    ) -> Result<(), StoreError> {
-        let conn = self.reader();
-        let mut log = log::LogReader::new(&self.log_dir);
-        // Bounded by the acknowledged sequence: a row beyond it was never acknowledged.
-        let mut stmt = conn.prepare(
-            "SELECT body FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt = ?3
-             AND seq <= ?4 ORDER BY seq",
-        )?;
-        for (shard, attempt, last_seq) in attempts {
-            let mut rows = stmt.query(params![run_id, shard, attempt, *last_seq as i64])?;
-            while let Some(row) = rows.next()? {
-                let body: Vec<u8> = row.get(0)?;
-                let body = match body.first() {
-                    Some(&log::LOG_REF_FORMAT) => log.read(&log::LogRef::decode(&body)?)?,
-                    _ => body,
-                };
-                f(shard, codec::decode_delta(&body, self.wire)?);
-            }
-        }
-        Ok(())
-    }
-
-    /// Calls `f` with each part of a compacted run's merged files. Blocking.
-    pub fn for_each_merged(
-        &self,
-        run_id: &str,
-        mut f: impl FnMut(Vec<(Arc<str>, FileCoverage)>),
-    ) -> Result<(), StoreError> {
-        let conn = self.reader();
-        let mut stmt = conn.prepare("SELECT body FROM merged WHERE run_id = ?1 ORDER BY part")?;
-        let mut rows = stmt.query([run_id])?;
-        while let Some(row) = rows.next()? {
-            let body: Vec<u8> = row.get(0)?;
-            f(codec::decode_files(&body)?);
-        }
-        Ok(())
-    }
-
-    /// Summaries of runs, newest first.
-    pub fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError> {
-        let conn = self.reader();
-        let mut stmt = conn.prepare("SELECT record FROM summaries")?;
-        let mut out = stmt
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-            .map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        out.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
-        out.truncate(limit);
-        Ok(out)
-    }
-}
-
-impl Drop for Store {
-    /// Lets the writer finish what is queued and close its connection, which checkpoints the
-    /// WAL into the database file.
-    fn drop(&mut self) {
-        self.queue.take();
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
-    }
-}
-
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    // WAL: readers never block the writer. synchronous=FULL: a commit returns after the WAL
-    // is fsynced, which is what an acknowledgement promises.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    Ok(())
-}
-
-fn check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let verdict: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| StoreError::Corrupt {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
-    if verdict != "ok" {
-        return Err(StoreError::Corrupt {
-            path: path.to_owned(),
-            detail: verdict,
-        });
-    }
-    Ok(())
-}
-
-fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
-        path: path.to_owned(),
-        detail: e.to_string(),
-    };
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS shards (
-             run_id TEXT NOT NULL, shard_id TEXT NOT NULL, record BLOB NOT NULL,
-             PRIMARY KEY (run_id, shard_id));
-         CREATE TABLE IF NOT EXISTS deltas (
-             run_id TEXT NOT NULL, shard_id TEXT NOT NULL, attempt INTEGER NOT NULL,
-             seq INTEGER NOT NULL, body BLOB NOT NULL,
-             PRIMARY KEY (run_id, shard_id, attempt, seq));
-         CREATE TABLE IF NOT EXISTS merged (
-             run_id TEXT NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL,
-             PRIMARY KEY (run_id, part));
-         CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS run_files (run_id TEXT PRIMARY KEY, body BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS logs (run_id TEXT PRIMARY KEY, file INTEGER NOT NULL UNIQUE);",
-    )
-    .map_err(corrupt)?;
-    let found: Option<i64> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'format_version'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(corrupt)?;
-    match found {
-        Some(v) if v > i64::from(FORMAT_VERSION) => Err(StoreError::NewerFormat {
-            path: path.to_owned(),
-            found: v,
-        }),
-        Some(v) if v == i64::from(FORMAT_VERSION) => Ok(()),
-        Some(_) => {
-            // An older directory: its records still read, and from now on it may also hold
-            // records of this format, which older builds must refuse at start.
-            conn.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'format_version'",
-                [i64::from(FORMAT_VERSION)],
-            )
-            .map_err(corrupt)?;
-            Ok(())
-        }
-        None => {
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('format_version', ?1)",
-                [i64::from(FORMAT_VERSION)],
-            )
-            .map_err(corrupt)?;
-            Ok(())
-        }
-    }
-}
-
-fn writer_loop(
-    mut conn: Connection,
-    mut logs: LogWriter,
-    mut jobs: mpsc::Receiver<Job>,
-    failure: &Mutex<Option<String>>,
-    stats: &CommitStats,
-) {
-    while let Some(first) = jobs.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let result = match failed {
-            Some(f) => Err(f),
-            None => commit(&mut conn, &mut logs, &group).map_err(|e| {
-                let message = format!(
-                    "a write to the database failed ({e}); restart covd once the cause is fixed"
-                );
-                tracing::error!("{message}");
-                *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
-                message
-            }),
-        };
-        if result.is_ok() {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats.writes.fetch_add(
-                group.iter().map(|j| j.writes.len() as u64).sum(),
-                Ordering::Relaxed,
-            );
-        }
-        for job in group {
-            let _ = job.done.send(result.clone());
-        }
-    }
-}
-
-/// The writer's delta log: the files, which run has which, and the cap on the store's size.
-struct LogWriter {
-    appender: log::Appender,
-    /// Each run's log file, as the `logs` table says (runs that have one).
-    files: HashMap<String, u64>,
-    next: u64,
-    /// Log files whose run was compacted or deleted in the group being committed.
-    dropped: Vec<u64>,
-    /// `--max-db-bytes`, and the database's page size.
-    cap: Option<(u64, u64)>,
-}
-
-impl LogWriter {
-    fn open(
-        conn: &Connection,
-        dir: &Path,
-        max_bytes: Option<u64>,
-    ) -> Result<LogWriter, StoreError> {
-        let files: HashMap<String, u64> = conn
-            .prepare("SELECT run_id, file FROM logs")?
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<Result<_, _>>()?;
-        let live: HashSet<u64> = files.values().copied().collect();
-        let appender = log::Appender::open(dir, &live).map_err(|source| StoreError::Directory {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let cap = match max_bytes {
-            Some(max) => {
-                let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-                Some((max, page.max(1) as u64))
-            }
-            None => None,
-        };
-        Ok(LogWriter {
-            appender,
-            next: live.iter().max().map_or(1, |m| m + 1),
-            files,
-            dropped: Vec::new(),
-            cap,
-        })
-    }
-
-    /// Lets the database grow into what the delta logs leave of the cap (SQLite keeps it at
-    /// least at its current size). Called before each group.
-    fn limit_database(&self, conn: &Connection) -> rusqlite::Result<()> {
-        if let Some((max, page)) = self.cap {
-            let pages = max.saturating_sub(self.appender.bytes()) / page;
-            conn.pragma_update(
-                None,
-                "max_page_count",
-                pages.clamp(1, i64::MAX as u64) as i64,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Appends a delta to its run's log file (giving the run one first).
-    fn append(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        run_id: &str,
-        body: &[bytes::Bytes],
-    ) -> Result<log::LogRef, StoreError> {
-        if let Some((max, page)) = self.cap {
-            let size: u64 = body.iter().map(|b| b.len() as u64).sum();
-            let pages: i64 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-            let db = (pages.max(0) as u64).saturating_mul(page);
-            let total = db + self.appender.bytes() + size;
-            if total > max {
-                return Err(StoreError::Full(format!(
-                    "the data directory would hold {total} bytes, beyond --max-db-bytes {max}"
-                )));
-            }
-        }
-        let file = match self.files.get(run_id) {
-            Some(file) => *file,
-            None => {
-                let file = self.next;
-                tx.prepare_cached("INSERT INTO logs (run_id, file) VALUES (?1, ?2)")?
-                    .execute(params![run_id, file as i64])?;
-                self.next += 1;
-                self.files.insert(run_id.to_owned(), file);
-                file
-            }
-        };
-        self.appender.append(file, body).map_err(StoreError::Log)
-    }
-
-    /// Drops the run's log file from the database; the file goes once the group commits.
-    fn drop_run(&mut self, tx: &rusqlite::Transaction<'_>, run_id: &str) -> Result<(), StoreError> {
-        tx.prepare_cached("DELETE FROM logs WHERE run_id = ?1")?
-            .execute([run_id])?;
-        if let Some(file) = self.files.remove(run_id) {
-            self.dropped.push(file);
-        }
-        Ok(())
-    }
-}
-
-/// Fault injection for the crash tests: with `COVD_FAULT_ABORT_IN_COMMIT=N`, the process
-/// dies (exit code 134) inside its N-th group commit, after the group's writes and before the commit, the
-/// way a power cut would find it. Unset in production.
-const ABORT_IN_COMMIT: &str = "COVD_FAULT_ABORT_IN_COMMIT";
-
-fn commit(conn: &mut Connection, logs: &mut LogWriter, group: &[Job]) -> Result<(), StoreError> {
-    static COMMITS: AtomicU64 = AtomicU64::new(0);
-    logs.dropped.clear();
-    logs.limit_database(conn)?;
-    let tx = conn.transaction()?;
-    for job in group {
-        for w in &job.writes {
-            apply(&tx, logs, w)?;
-        }
-    }
-    // The deltas are durable before anything refers to them.
-    logs.appender.sync().map_err(StoreError::Log)?;
-    if let Some(n) = std::env::var_os(ABORT_IN_COMMIT).and_then(|v| v.to_str()?.parse::<u64>().ok())
-        && COMMITS.fetch_add(1, Ordering::Relaxed) + 1 == n
-    {
-        // Not `abort()`: the same for the database, but no core dump.
-        std::process::exit(134);
-    }
-    tx.commit()?;
-    for file in std::mem::take(&mut logs.dropped) {
-        // Only space is at stake: a file left here is deleted at the next start.
-        if let Err(e) = logs.appender.remove(file) {
-            tracing::warn!("deleting delta log file {file} failed: {e}");
-        }
-    }
-    Ok(())
-}
-
-/// Whether the run has a record: writes for a run deleted (or expired) meanwhile are dropped,
-/// so no orphan rows outlive it.
-fn run_exists(tx: &rusqlite::Transaction<'_>, run_id: &str) -> rusqlite::Result<bool> {
-    tx.prepare_cached("SELECT 1 FROM runs WHERE run_id = ?1")?
-        .query_row([run_id], |_| Ok(()))
-        .optional()
-        .map(|found| found.is_some())
-}
-
-fn apply(
-    tx: &rusqlite::Transaction<'_>,
-    logs: &mut LogWriter,
-    w: &Write,
-) -> Result<(), StoreError> {
-    match w {
-        Write::PutRun(run) => {
-            tx.prepare_cached("INSERT OR REPLACE INTO runs (run_id, record) VALUES (?1, ?2)")?
-                .execute(params![run.run_id, codec::encode(run)])?;
-        }
-        Write::UpdateRun(run) => {
-            tx.prepare_cached("UPDATE runs SET record = ?2 WHERE run_id = ?1")?
-                .execute(params![run.run_id, codec::encode(run)])?;
-        }
-        Write::PutShard { run_id, .. }
-        | Write::AppendDelta { run_id, .. }
-        | Write::StartAttempt { run_id, .. }
-        | Write::Compact { run_id, .. }
-        | Write::PutFiles { run_id, .. }
-            if !run_exists(tx, run_id)? => {}
-        Write::PutShard { run_id, shard } => put_shard(tx, run_id, shard)?,
-        Write::AppendDelta {
-            run_id,
-            shard,
-            body,
-        } => {
-            let at = logs.append(tx, run_id, body)?;
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO deltas (run_id, shard_id, attempt, seq, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                run_id,
-                shard.shard_id,
-                shard.attempt,
-                shard.last_seq as i64,
-                at.encode()
-            ])?;
-            put_shard(tx, run_id, shard)?;
-        }
-        Write::StartAttempt { run_id, shard } => {
-            tx.prepare_cached(
-                "DELETE FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt < ?3",
-            )?
-            .execute(params![run_id, shard.shard_id, shard.attempt])?;
-            put_shard(tx, run_id, shard)?;
-        }
-        Write::Compact {
-            run_id,
-            parts,
-            summary,
-        } => {
-            tx.prepare_cached("DELETE FROM merged WHERE run_id = ?1")?
-                .execute([run_id])?;
-            let mut insert =
-                tx.prepare_cached("INSERT INTO merged (run_id, part, body) VALUES (?1, ?2, ?3)")?;
-            for (i, part) in parts.iter().enumerate() {
-                insert.execute(params![run_id, i as i64, part])?;
-            }
-            tx.prepare_cached("DELETE FROM deltas WHERE run_id = ?1")?
-                .execute([run_id])?;
-            logs.drop_run(tx, run_id)?;
-            put_summary(tx, summary)?;
-        }
-        Write::PutFiles { run_id, files } => {
-            tx.prepare_cached("INSERT OR REPLACE INTO run_files (run_id, body) VALUES (?1, ?2)")?
-                .execute(params![
-                    run_id,
-                    codec::encode(&records::FileListRecord {
-                        paths: files.clone()
-                    })
-                ])?;
-        }
-        Write::DeleteRun { run_id, summary } => {
-            for table in ["runs", "shards", "deltas", "merged", "run_files"] {
-                tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
-                    .execute([run_id])?;
-            }
-            logs.drop_run(tx, run_id)?;
-            match summary {
-                Some(s) => put_summary(tx, s)?,
-                None => {
-                    tx.prepare_cached("DELETE FROM summaries WHERE run_id = ?1")?
-                        .execute([run_id])?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn put_shard(
-    tx: &rusqlite::Transaction<'_>,
-    run_id: &str,
-    shard: &ShardRecord,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO shards (run_id, shard_id, record) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![run_id, shard.shard_id, codec::encode(shard)])?;
-    Ok(())
-}
-
-fn put_summary(tx: &rusqlite::Transaction<'_>, s: &SummaryRecord) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT OR REPLACE INTO summaries (run_id, record) VALUES (?1, ?2)")?
-        .execute(params![s.run_id, codec::encode(s)])?;
-    Ok(())
+        .sum()
 }

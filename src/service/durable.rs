@@ -8,7 +8,7 @@ use super::run::{Run, RunState, Shard};
 use super::{CoverageService, Error, RunParams, RunStatus, TestTelemetry};
 use crate::model::path::PathFilter;
 use crate::persist::{
-    self, RunRecord, ShardRecord, Store, StoreError, SummaryRecord, TelemetryRecord, Write, codec,
+    self, RunRecord, ShardRecord, StoreError, SummaryRecord, TelemetryRecord, Write, codec,
 };
 
 pub(super) fn to_ms(t: SystemTime) -> u64 {
@@ -110,7 +110,8 @@ pub struct Recovery {
 impl CoverageService {
     /// Rebuilds every run from the store: complete runs from their merged files, open runs
     /// from the delta logs of their shards' current attempts. Blocking.
-    pub(super) fn recover(&self, store: &Store) -> Result<Recovery, StoreError> {
+    pub(super) fn recover(&self) -> Result<Recovery, StoreError> {
+        let store = &*self.shared.storage;
         let mut report = Recovery::default();
         for loaded in store.load_runs()? {
             let r = loaded.run;
@@ -144,15 +145,14 @@ impl CoverageService {
             }
             let interner = &self.shared.interner;
             if loaded.compacted {
-                store.for_each_merged(&run.id, |files| {
+                store.for_each_merged(&run.id, &mut |files| {
                     for (path, file) in files {
                         run.aggregate.merge_file(interner, &path, &file);
                     }
                 })?;
             } else {
                 let attempts = run.current_attempts();
-
-                store.for_each_delta(&run.id, &attempts, |_, files| {
+                store.for_each_delta(&run.id, &attempts, &mut |_, files| {
                     for file in files.files() {
                         run.aggregate.merge_part(interner, &file);
                     }
@@ -161,7 +161,7 @@ impl CoverageService {
             let complete = run.state().is_complete();
             if complete && !loaded.compacted {
                 // The daemon stopped between the last finish and the compaction.
-                self.compact(&run, store)?;
+                self.compact(&run)?;
             }
             report.runs += 1;
             report.complete_runs += usize::from(complete);
@@ -172,7 +172,7 @@ impl CoverageService {
     }
 
     /// Stores a complete run's merged files and drops its delta log. Blocking.
-    pub(super) fn compact(&self, run: &Run, store: &Store) -> Result<(), StoreError> {
+    pub(super) fn compact(&self, run: &Run) -> Result<(), StoreError> {
         if run.state().stale {
             // The aggregate may hold a replaced attempt's data: keep the delta log instead.
             return Ok(());
@@ -195,7 +195,7 @@ impl CoverageService {
         }
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());
-        store.write_blocking(vec![
+        self.shared.storage.write_blocking(vec![
             Write::UpdateRun(record),
             Write::Compact {
                 run_id: run.id.clone(),
@@ -216,15 +216,14 @@ impl CoverageService {
             .map(|r| r.value().clone())
             .collect();
         for run in &old {
-            if let Some(store) = &self.shared.store {
-                let summary = summary(&run.status());
-                store
-                    .write(vec![Write::DeleteRun {
-                        run_id: run.id.clone(),
-                        summary: Some(summary),
-                    }])
-                    .await?;
-            }
+            let summary = summary(&run.status());
+            self.shared
+                .storage
+                .write(vec![Write::DeleteRun {
+                    run_id: run.id.clone(),
+                    summary: Some(summary),
+                }])
+                .await?;
             self.shared.runs.remove(&run.id);
             run.state().deleted = true;
             run.notify();
@@ -237,9 +236,6 @@ impl CoverageService {
 
     /// Summaries of runs (kept after their raw data expired), newest first.
     pub fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, Error> {
-        match &self.shared.store {
-            Some(store) => Ok(store.summaries(limit)?),
-            None => Ok(Vec::new()),
-        }
+        Ok(self.shared.storage.summaries(limit)?)
     }
 }

@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::durable;
 use super::run::Run;
 use super::{CoverageService, Error, ExportFormat, ExportHeader, Result};
+use crate::aggregate::Aggregate;
 use crate::formats::{cobertura, json, lcov, markdown};
 use crate::model::path::PathFilter;
-use crate::store::Aggregate;
 
 /// Chunks of rendered output; the channel holds at most this many at once.
 const CHUNKS_IN_FLIGHT: usize = 8;

@@ -1,9 +1,9 @@
 //! Shard streams: the header that starts (or resumes, or replaces) an attempt, the deltas with
 //! their sequence numbers, and the finish.
 //!
-//! With a store, every step is on disk before it is answered: a delta is committed (in a group
-//! with whatever else arrived meanwhile), then merged in memory, then acknowledged. A crash
-//! between commit and merge loses nothing: recovery merges what the store holds.
+//! Every step is committed to the storage before it is answered: a delta is committed (in a
+//! group with whatever else arrived meanwhile), then merged in memory, then acknowledged. A
+//! crash between commit and merge loses nothing: recovery merges what the store holds.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -113,7 +113,7 @@ impl CoverageService {
         let (_, run) = self.get_or_create(&header.run_id, &params)?;
         // Not only when this stream created the run: the stream that did may have failed
         // before its write, and another shard's deltas must not be acknowledged meanwhile.
-        if self.shared.store.is_some() && !run.stored.load(std::sync::atomic::Ordering::Acquire) {
+        if !run.stored.load(std::sync::atomic::Ordering::Acquire) {
             self.persist_run(&run).await?;
         }
         let attempt = header.attempt.max(1);
@@ -171,7 +171,6 @@ impl CoverageService {
                 shard.attempt = attempt;
                 shard.last_seq = 0;
                 shard.finished_at = None;
-                shard.log = Vec::new();
                 shard.telemetry = None;
                 shard.busy = Some(attempt);
             }
@@ -196,20 +195,19 @@ impl CoverageService {
                 shard_id: &session.shard_id,
                 attempt,
             };
-            if let Some(store) = &self.shared.store {
-                store
-                    .write(vec![Write::StartAttempt {
-                        run_id: run.id.clone(),
-                        shard: record,
-                    }])
-                    .await?;
-            }
+            self.shared
+                .storage
+                .write(vec![Write::StartAttempt {
+                    run_id: run.id.clone(),
+                    shard: record,
+                }])
+                .await?;
         }
         if replaced {
             let service = self.clone();
             let rebuilt = run.clone();
             tokio::task::spawn_blocking(move || {
-                rebuilt.rebuild(&service.shared.interner, service.shared.store.as_deref())
+                rebuilt.rebuild(&service.shared.interner, &*service.shared.storage)
             })
             .await
             .map_err(|e| Error::Unavailable(format!("rebuilding the aggregate failed: {e}")))??;
@@ -341,28 +339,28 @@ impl CoverageService {
                 limits.max_files_per_run
             )));
         }
-        if let Some(store) = &self.shared.store {
-            let shard = {
-                let state = run.state();
-                let s = state
-                    .shards
-                    .get(shard_id)
-                    .ok_or_else(|| vanished(shard_id))?;
-                ShardRecordAt::new(shard_id, s, delta.seq)
-            };
-            let body = match &delta.wire {
-                Some(wire) => codec::wire_record(wire),
-                None => {
-                    let files = delta.files.to_files();
-                    vec![codec::encode_files(files.iter().map(|(p, f)| (p.as_str(), f))).into()]
-                }
-            };
-            store.write_blocking(vec![Write::AppendDelta {
+        let shard = {
+            let state = run.state();
+            let s = state
+                .shards
+                .get(shard_id)
+                .ok_or_else(|| vanished(shard_id))?;
+            ShardRecordAt::new(shard_id, s, delta.seq)
+        };
+        let body = match &delta.wire {
+            Some(wire) => codec::wire_record(wire),
+            None => {
+                let files = delta.files.to_files();
+                vec![codec::encode_files(files.iter().map(|(p, f)| (p.as_str(), f))).into()]
+            }
+        };
+        self.shared
+            .storage
+            .write_blocking(vec![Write::AppendDelta {
                 run_id: run.id.clone(),
                 shard: shard.0,
                 body,
             }])?;
-        }
         let known = run.state().known_files.clone();
         let unknown_paths: Vec<String> = match &known {
             Some(known) => delta
@@ -375,19 +373,12 @@ impl CoverageService {
             None => Vec::new(),
         };
         let interner = &self.shared.interner;
-        let durable = self.shared.store.is_some();
         let mut files = delta.files;
         files.intern_tests(|name| interner.intern(name));
         for file in files.files() {
             run.aggregate.merge_part(interner, &file);
         }
-        // Without a store the log keeps the delta, for rebuilds.
-        let logged = if durable {
-            files.recycle();
-            None
-        } else {
-            Some(Arc::new(files))
-        };
+        files.recycle();
         let mut state = run.state();
         let shard = state
             .shards
@@ -395,9 +386,6 @@ impl CoverageService {
             .ok_or_else(|| vanished(shard_id))?;
         // The busy mark kept other attempts from starting, so the attempt is still current.
         debug_assert_eq!(shard.attempt, attempt);
-        if let Some(files) = logged {
-            shard.log.push(files);
-        }
         shard.last_seq = delta.seq;
         drop(state);
         run.notify();
@@ -447,14 +435,13 @@ impl CoverageService {
             };
             (record, busy)
         };
-        if let Some(store) = &self.shared.store {
-            store
-                .write(vec![Write::PutShard {
-                    run_id: run.id.clone(),
-                    shard: record.clone(),
-                }])
-                .await?;
-        }
+        self.shared
+            .storage
+            .write(vec![Write::PutShard {
+                run_id: run.id.clone(),
+                shard: record.clone(),
+            }])
+            .await?;
         let completed = {
             let mut state = run.state();
             let shard = shard_of(&mut state, session)?;
@@ -465,7 +452,7 @@ impl CoverageService {
             !was && state.is_complete()
         };
         run.notify();
-        if completed && self.shared.store.is_some() {
+        if completed {
             // Compaction is an optimisation (recovery redoes it), so the finish does not
             // wait for it, and it waits a moment itself: right now the CI step waiting for
             // the merged result needs the CPU for its export (at 35,000 files the two
@@ -479,11 +466,8 @@ impl CoverageService {
                     return;
                 };
                 let service = CoverageService { shared };
-                let Some(store) = service.shared.store.clone() else {
-                    return;
-                };
                 let _ = tokio::task::spawn_blocking(move || {
-                    if let Err(e) = service.compact(&run, &store) {
+                    if let Err(e) = service.compact(&run) {
                         tracing::warn!(run = %run.id, "compacting the complete run failed: {e}");
                     }
                 })

@@ -29,8 +29,8 @@ pub use types::{
     TestTelemetry,
 };
 
-use crate::persist::{Store, StoreError, Write};
-use crate::store::PathInterner;
+use crate::aggregate::PathInterner;
+use crate::persist::{MemoryStore, Storage, StoreError, Write};
 use run::Run;
 
 /// The coverage service. Cheap to clone: every clone shares the same runs.
@@ -44,19 +44,19 @@ struct Shared {
     runs: DashMap<String, Arc<Run>>,
     interner: PathInterner,
     limits: Limits,
-    /// None: everything in memory, lost on restart.
-    store: Option<Arc<Store>>,
+    /// Where runs are committed before anything is acknowledged.
+    storage: Arc<dyn Storage>,
     /// Slots for deltas being decoded and applied ([`Limits::max_deltas_in_flight`]).
     deltas_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl CoverageService {
-    /// A service that keeps everything in memory.
+    /// A service that keeps everything in memory (a [`MemoryStore`] without a cap).
     pub fn new(limits: Limits) -> CoverageService {
-        CoverageService::with_store(limits, None)
+        CoverageService::with_storage(limits, Arc::new(MemoryStore::new(None)))
     }
 
-    fn with_store(limits: Limits, store: Option<Arc<Store>>) -> CoverageService {
+    fn with_storage(limits: Limits, storage: Arc<dyn Storage>) -> CoverageService {
         CoverageService {
             shared: Arc::new(Shared {
                 runs: DashMap::new(),
@@ -65,7 +65,7 @@ impl CoverageService {
                     limits.max_deltas_in_flight.max(1),
                 )),
                 limits,
-                store,
+                storage,
             }),
         }
     }
@@ -81,11 +81,13 @@ impl CoverageService {
             .expect("the semaphore is never closed")
     }
 
-    /// A durable service over `store`, with every run it holds recovered. Blocking.
-    pub fn open(limits: Limits, store: Store) -> Result<(CoverageService, Recovery), StoreError> {
-        let store = Arc::new(store);
-        let service = CoverageService::with_store(limits, Some(store.clone()));
-        let recovery = service.recover(&store)?;
+    /// A service over `storage`, with every run it holds recovered. Blocking.
+    pub fn open(
+        limits: Limits,
+        storage: Arc<dyn Storage>,
+    ) -> Result<(CoverageService, Recovery), StoreError> {
+        let service = CoverageService::with_storage(limits, storage);
+        let recovery = service.recover()?;
         Ok((service, recovery))
     }
 
@@ -97,22 +99,22 @@ impl CoverageService {
 
     /// Whether acknowledgements mean "on disk".
     pub fn is_durable(&self) -> bool {
-        self.shared.store.is_some()
+        self.shared.storage.is_durable()
     }
 
     /// Why the store refuses writes, if it does.
     pub fn store_failure(&self) -> Option<String> {
-        self.shared.store.as_ref().and_then(|s| s.failure())
+        self.shared.storage.failure()
     }
 
     /// Writes the run's record as it is now. Serialized per run so the newest lands last.
     async fn persist_run(&self, run: &Run) -> Result<()> {
-        let Some(store) = &self.shared.store else {
-            return Ok(());
-        };
         let _order = run.record_lock.lock().await;
         let record = durable::run_record(run, &run.state());
-        store.write(vec![Write::PutRun(record)]).await?;
+        self.shared
+            .storage
+            .write(vec![Write::PutRun(record)])
+            .await?;
         run.stored.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
@@ -162,14 +164,13 @@ impl CoverageService {
         // earlier one's write failed.
         self.persist_run(&run).await?;
         if !known_files.is_empty() {
-            if let Some(store) = &self.shared.store {
-                store
-                    .write(vec![Write::PutFiles {
-                        run_id: run.id.clone(),
-                        files: known_files.clone(),
-                    }])
-                    .await?;
-            }
+            self.shared
+                .storage
+                .write(vec![Write::PutFiles {
+                    run_id: run.id.clone(),
+                    files: known_files.clone(),
+                }])
+                .await?;
             run.state().known_files =
                 Some(Arc::new(known_files.into_iter().map(Into::into).collect()));
         }
@@ -199,14 +200,13 @@ impl CoverageService {
     /// Deletes a run, its data and its summary.
     pub async fn delete_run(&self, run_id: &str) -> Result<()> {
         self.run(run_id)?;
-        if let Some(store) = &self.shared.store {
-            store
-                .write(vec![Write::DeleteRun {
-                    run_id: run_id.to_owned(),
-                    summary: None,
-                }])
-                .await?;
-        }
+        self.shared
+            .storage
+            .write(vec![Write::DeleteRun {
+                run_id: run_id.to_owned(),
+                summary: None,
+            }])
+            .await?;
         if let Some((_, run)) = self.shared.runs.remove(run_id) {
             run.state().deleted = true;
             run.notify();

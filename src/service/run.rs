@@ -16,16 +16,10 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use crate::model::FileBatch;
-use crate::persist::{Store, StoreError};
-use crate::store::{Aggregate, PathInterner};
+use crate::aggregate::{Aggregate, PathInterner};
+use crate::persist::{Storage, StoreError};
 
 use super::{Error, Result, RunParams, RunStatus, ShardState, ShardStatus, TestTelemetry};
-
-/// The deltas of one shard's current attempt, kept in memory until the run completes so that
-/// a higher attempt can replace them (the aggregate is rebuilt from the remaining logs). With a
-/// store, the log is the store's and this stays empty.
-pub(super) type LoggedDelta = Arc<FileBatch>;
 
 #[derive(Debug, Default)]
 pub(super) struct Shard {
@@ -41,7 +35,6 @@ pub(super) struct Shard {
     /// replacement overlap, and keeps the shard's stored record from being overwritten by a
     /// superseded attempt.
     pub(super) busy: Option<u32>,
-    pub(super) log: Vec<LoggedDelta>,
     pub(super) telemetry: Option<TestTelemetry>,
 }
 
@@ -109,14 +102,10 @@ impl RunState {
                 && self.shards.values().all(|s| s.finished_at.is_some()))
     }
 
-    /// Marks the run complete if every expected shard has finished; drops the delta logs then,
-    /// since a complete run accepts no further attempt that could need them.
+    /// Marks the run complete if every expected shard has finished.
     pub(super) fn update_completion(&mut self) {
         if self.completed_at.is_none() && self.declared() && self.missing().is_empty() {
             self.completed_at = Some(SystemTime::now());
-            for shard in self.shards.values_mut() {
-                shard.log = Vec::new();
-            }
         }
     }
 }
@@ -236,34 +225,20 @@ impl Run {
         }
     }
 
-    /// Recomputes the aggregate from the current attempts' deltas: from the store when there
-    /// is one, else from the in-memory logs. Blocking: call from a blocking thread.
+    /// Recomputes the aggregate from the current attempts' stored deltas. Blocking: call from
+    /// a blocking thread.
     pub(super) fn rebuild(
         &self,
         interner: &PathInterner,
-        store: Option<&Store>,
+        storage: &dyn Storage,
     ) -> Result<(), StoreError> {
         let _gate = self.gate_exclusive();
         self.aggregate.clear();
-        if let Some(store) = store {
-            return store.for_each_delta(&self.id, &self.current_attempts(), |_, files| {
-                for file in files.files() {
-                    self.aggregate.merge_part(interner, &file);
-                }
-            });
-        }
-        let logs: Vec<LoggedDelta> = self
-            .state()
-            .shards
-            .values()
-            .flat_map(|s| s.log.iter().cloned())
-            .collect();
-        for delta in logs {
-            for file in delta.files() {
+        storage.for_each_delta(&self.id, &self.current_attempts(), &mut |_, files| {
+            for file in files.files() {
                 self.aggregate.merge_part(interner, &file);
             }
-        }
-        Ok(())
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use covd::model::{BranchArm, BranchKey, Coverage, FileBuilder, FileCoverage};
-use covd::persist::Store;
+use covd::persist::SqliteStore;
 use covd::rpc::convert::{ArmForm, file_to_proto};
 use covd::rpc::proto;
 use covd::server::Settings;
@@ -491,10 +491,10 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let store = Store::open(dir.path())
+    let store = SqliteStore::open(dir.path())
         .unwrap()
         .with_wire_decoder(covd::rpc::convert::wire_delta_files);
-    let e = CoverageService::open(Limits::default(), store).unwrap_err();
+    let e = CoverageService::open(Limits::default(), std::sync::Arc::new(store)).unwrap_err();
     assert!(e.to_string().contains("delta log"), "{e}");
 }
 
@@ -534,8 +534,8 @@ async fn shutdown_ends_open_streams_so_clients_resume() {
 /// The service over the store in `dir`, as the daemon opens it (with the protocol's decoder
 /// for the deltas it kept in wire form).
 fn open_service(dir: &std::path::Path) -> (CoverageService, covd::service::Recovery) {
-    let store = Store::open(dir)
+    let store = SqliteStore::open(dir)
         .unwrap()
         .with_wire_decoder(covd::rpc::convert::wire_delta_files);
-    CoverageService::open(Limits::default(), store).unwrap()
+    CoverageService::open(Limits::default(), std::sync::Arc::new(store)).unwrap()
 }

@@ -1,0 +1,287 @@
+//! The in-memory store of `--in-memory`: the [`Storage`] contract with nothing on disk, so the
+//! service has one code path whether or not it is durable. A write is "committed" once it is
+//! in the map; everything is gone when the process ends.
+//!
+//! Records are kept as the blobs `codec` makes, exactly as a durable backend keeps them, and
+//! deltas as the bytes they came in (shared with the receive buffer, not copied): they are
+//! only read again when an attempt is replaced or a run is loaded back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use super::codec::{self, WireDecoder};
+use super::records::{FileListRecord, RunRecord, ShardRecord, SummaryRecord};
+use super::{CommitStats, LoadedRun, Storage, StoreError, Write, group_bytes};
+use crate::model::{FileBatch, FileCoverage};
+
+/// Runs, shards, deltas and summaries in memory.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    failure: Mutex<Option<String>>,
+    stats: CommitStats,
+    wire: Option<WireDecoder>,
+    /// A cap on the bytes of deltas and merged files held (`--max-db-bytes`).
+    max_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    runs: BTreeMap<String, StoredRun>,
+    summaries: HashMap<String, Vec<u8>>,
+    /// Bytes of deltas and merged files held, for the cap.
+    bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct StoredRun {
+    record: Vec<u8>,
+    shards: BTreeMap<String, Vec<u8>>,
+    /// By shard, attempt and sequence number.
+    deltas: BTreeMap<(String, u32, u64), Vec<Bytes>>,
+    merged: Vec<Vec<u8>>,
+    files: Option<Vec<u8>>,
+}
+
+impl StoredRun {
+    fn bytes(&self) -> u64 {
+        let deltas: u64 = self.deltas.values().flatten().map(|b| b.len() as u64).sum();
+        deltas + self.merged.iter().map(|p| p.len() as u64).sum::<u64>()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store; `max_bytes` caps the deltas and merged files it holds, past which it
+    /// refuses writes like a durable store after a failure.
+    pub fn new(max_bytes: Option<u64>) -> MemoryStore {
+        MemoryStore {
+            max_bytes,
+            ..MemoryStore::default()
+        }
+    }
+
+    /// Gives the store the protocol's decoder for deltas kept in wire form (see
+    /// [`super::SqliteStore::with_wire_decoder`]).
+    pub fn with_wire_decoder(mut self, decode: WireDecoder) -> MemoryStore {
+        self.wire = Some(decode);
+        self
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Every update below is whole or checked before it starts, so a panic elsewhere
+        // leaves nothing half-written.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if let Some(f) = self.failure() {
+            return Err(StoreError::Failed(f));
+        }
+        let mut inner = self.inner();
+        if let Some(max) = self.max_bytes {
+            let total = inner.bytes + group_bytes(&writes);
+            if total > max {
+                let message = format!(
+                    "the in-memory store would hold {total} bytes, beyond --max-db-bytes {max}; \
+                     restart covd once the cause is fixed"
+                );
+                tracing::error!("{message}");
+                *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+                return Err(StoreError::Failed(message));
+            }
+        }
+        let n = writes.len() as u64;
+        for w in writes {
+            apply(&mut inner, w);
+        }
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// One write, as the SQLite store applies it: writes for a run that is not stored (deleted
+/// meanwhile) are dropped.
+fn apply(inner: &mut Inner, w: Write) {
+    let run_id = match &w {
+        Write::PutRun(run) => {
+            let stored = inner.runs.entry(run.run_id.clone()).or_default();
+            stored.record = codec::encode(run);
+            return;
+        }
+        Write::UpdateRun(run) => &run.run_id,
+        Write::PutShard { run_id, .. }
+        | Write::AppendDelta { run_id, .. }
+        | Write::StartAttempt { run_id, .. }
+        | Write::Compact { run_id, .. }
+        | Write::PutFiles { run_id, .. }
+        | Write::DeleteRun { run_id, .. } => run_id,
+    };
+    let run_id = run_id.clone();
+    if let Write::DeleteRun { summary, .. } = w {
+        if let Some(run) = inner.runs.remove(&run_id) {
+            inner.bytes -= run.bytes();
+        }
+        match summary {
+            Some(s) => {
+                inner.summaries.insert(run_id, codec::encode(&s));
+            }
+            None => {
+                inner.summaries.remove(&run_id);
+            }
+        }
+        return;
+    }
+    let Some(run) = inner.runs.get_mut(&run_id) else {
+        return;
+    };
+    let before = run.bytes();
+    let mut summary = None;
+    match w {
+        Write::UpdateRun(record) => run.record = codec::encode(&record),
+        Write::PutShard { shard, .. } => put_shard(run, &shard),
+        Write::AppendDelta { shard, body, .. } => {
+            run.deltas.insert(
+                (shard.shard_id.clone(), shard.attempt, shard.last_seq),
+                body,
+            );
+            put_shard(run, &shard);
+        }
+        Write::StartAttempt { shard, .. } => {
+            run.deltas
+                .retain(|(id, attempt, _), _| *id != shard.shard_id || *attempt >= shard.attempt);
+            put_shard(run, &shard);
+        }
+        Write::Compact {
+            parts, summary: s, ..
+        } => {
+            run.merged = parts;
+            run.deltas.clear();
+            summary = Some(s);
+        }
+        Write::PutFiles { files, .. } => {
+            run.files = Some(codec::encode(&FileListRecord { paths: files }));
+        }
+        Write::PutRun(_) | Write::DeleteRun { .. } => unreachable!("handled above"),
+    }
+    let after = run.bytes();
+    inner.bytes = inner.bytes - before + after;
+    if let Some(s) = summary {
+        inner.summaries.insert(run_id, codec::encode(&s));
+    }
+}
+
+fn put_shard(run: &mut StoredRun, shard: &ShardRecord) {
+    run.shards
+        .insert(shard.shard_id.clone(), codec::encode(shard));
+}
+
+impl Storage for MemoryStore {
+    fn is_durable(&self) -> bool {
+        false
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn write(&self, writes: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
+        // A map insert under a lock held for microseconds: no thread hand-off needed.
+        let result = self.commit(writes);
+        Box::pin(async move { result })
+    }
+
+    fn write_blocking(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        self.commit(writes)
+    }
+
+    fn load_runs(&self) -> Result<Vec<LoadedRun>, StoreError> {
+        let inner = self.inner();
+        inner
+            .runs
+            .values()
+            .map(|stored| {
+                Ok(LoadedRun {
+                    run: codec::decode::<RunRecord>(&stored.record)?,
+                    shards: stored
+                        .shards
+                        .values()
+                        .map(|s| codec::decode::<ShardRecord>(s))
+                        .collect::<Result<_, _>>()?,
+                    compacted: !stored.merged.is_empty(),
+                    files: stored
+                        .files
+                        .as_ref()
+                        .map(|f| codec::decode::<FileListRecord>(f).map(|l| l.paths))
+                        .transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    fn for_each_delta(
+        &self,
+        run_id: &str,
+        attempts: &[(String, u32, u64)],
+        f: &mut dyn FnMut(&str, FileBatch),
+    ) -> Result<(), StoreError> {
+        // Copied out first: `f` merges, and must not run under the store's lock.
+        let deltas: Vec<(String, Vec<Bytes>)> = {
+            let inner = self.inner();
+            let Some(run) = inner.runs.get(run_id) else {
+                return Ok(());
+            };
+            attempts
+                .iter()
+                .filter(|(_, _, last_seq)| *last_seq > 0)
+                .flat_map(|(shard, attempt, last_seq)| {
+                    run.deltas
+                        .range((shard.clone(), *attempt, 1)..=(shard.clone(), *attempt, *last_seq))
+                        .map(|(_, body)| (shard.clone(), body.clone()))
+                })
+                .collect()
+        };
+        for (shard, body) in deltas {
+            f(&shard, codec::decode_delta(&body.concat(), self.wire)?);
+        }
+        Ok(())
+    }
+
+    fn for_each_merged(
+        &self,
+        run_id: &str,
+        f: &mut dyn FnMut(Vec<(Arc<str>, FileCoverage)>),
+    ) -> Result<(), StoreError> {
+        let parts = match self.inner().runs.get(run_id) {
+            Some(run) => run.merged.clone(),
+            None => return Ok(()),
+        };
+        for part in parts {
+            f(codec::decode_files(&part)?);
+        }
+        Ok(())
+    }
+
+    fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError> {
+        let mut out = self
+            .inner()
+            .summaries
+            .values()
+            .map(|s| codec::decode::<SummaryRecord>(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+}
