@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
@@ -97,7 +98,20 @@ pub async fn run_with_ready(
     shutdown: impl Future<Output = ()> + Send,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<(), ServerError> {
-    let service = open_service(&settings).await?;
+    let storage = open_storage(&settings).await?;
+    run_on(listener, settings, storage, shutdown, ready).await
+}
+
+/// [`run_with_ready`] over storage the caller opened (`settings.data_dir` and
+/// `max_db_bytes` are then not used): tests run one suite against every backend this way.
+pub async fn run_on(
+    listener: TcpListener,
+    settings: Settings,
+    storage: Arc<dyn Storage>,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), ServerError> {
+    let service = open_service(&settings, storage).await?;
     let (stop, stopping) = watch::channel(false);
     let coverage = CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone()))
         .max_decoding_message_size(settings.max_message_bytes)
@@ -169,24 +183,33 @@ pub async fn run_with_ready(
     Ok(())
 }
 
-async fn open_service(settings: &Settings) -> Result<CoverageService, ServerError> {
-    let dir = settings.data_dir.clone();
-    let limits = settings.limits.clone();
+/// The storage `settings` name: the data directory's SQLite store, or memory.
+async fn open_storage(settings: &Settings) -> Result<Arc<dyn Storage>, ServerError> {
+    let decoder = crate::rpc::convert::wire_delta_files;
     let max_bytes = settings.max_db_bytes;
+    Ok(match settings.data_dir.clone() {
+        // Opening checks the database: blocking work.
+        Some(dir) => tokio::task::spawn_blocking(move || {
+            SqliteStore::open_with(&dir, max_bytes).map(|s| s.with_wire_decoder(decoder))
+        })
+        .await
+        .map_err(|e| ServerError::Startup(e.to_string()))?
+        .map(|s| Arc::new(s) as Arc<dyn Storage>)?,
+        None => Arc::new(MemoryStore::new(max_bytes).with_wire_decoder(decoder)),
+    })
+}
+
+async fn open_service(
+    settings: &Settings,
+    storage: Arc<dyn Storage>,
+) -> Result<CoverageService, ServerError> {
+    let limits = settings.limits.clone();
     let started = Instant::now();
     // Recovery reads and merges everything stored: blocking work.
-    let (service, recovery) = tokio::task::spawn_blocking(move || {
-        let decoder = crate::rpc::convert::wire_delta_files;
-        let storage: std::sync::Arc<dyn Storage> = match dir {
-            Some(dir) => std::sync::Arc::new(
-                SqliteStore::open_with(&dir, max_bytes)?.with_wire_decoder(decoder),
-            ),
-            None => std::sync::Arc::new(MemoryStore::new(max_bytes).with_wire_decoder(decoder)),
-        };
-        CoverageService::open(limits, storage)
-    })
-    .await
-    .map_err(|e| ServerError::Startup(e.to_string()))??;
+    let (service, recovery) =
+        tokio::task::spawn_blocking(move || CoverageService::open(limits, storage))
+            .await
+            .map_err(|e| ServerError::Startup(e.to_string()))??;
     tracing::info!(
         runs = recovery.runs,
         complete = recovery.complete_runs,

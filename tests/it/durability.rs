@@ -1,22 +1,21 @@
-//! Durability: an acknowledgement means "on disk". Kill -9 loses nothing acknowledged; a
-//! restarted daemon resumes; a second daemon, a damaged database and a failed write are met
-//! with clear refusals.
+//! Durability of the embedded store (`covd serve --data-dir`): kill -9 loses nothing
+//! acknowledged; a second daemon, a damaged database and a damaged delta log are met with clear
+//! refusals. What every backend promises (restarts, attempts, compaction, expiry, a failed
+//! write) is checked once for all of them in `storage.rs`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use covd::model::{BranchArm, BranchKey, Coverage, FileBuilder, FileCoverage};
 use covd::persist::SqliteStore;
 use covd::rpc::convert::{ArmForm, file_to_proto};
-use covd::rpc::proto;
-use covd::server::Settings;
 use covd::service::{CoverageService, Delta, Limits, RunParams, ShardHeader};
 use tokio::sync::watch;
 use tonic::Code;
 
 use crate::cli::{COVD, Served};
-use crate::ingest::{Stream, raw};
+use crate::ingest::Stream;
 use crate::support::*;
 
 const SHARDS: usize = 4;
@@ -273,155 +272,6 @@ fn a_database_cut_in_half_is_reported_at_start() {
     assert!(err.contains("is damaged or not a covd database"), "{err}");
 }
 
-fn durable(dir: &std::path::Path) -> Settings {
-    Settings {
-        data_dir: Some(dir.to_owned()),
-        ..Settings::default()
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_daemon_answers_for_complete_and_open_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::with(durable(dir.path())).await;
-    let mut client = daemon.client();
-    let two = RunParams {
-        expected_shards: vec!["1".into(), "2".into()],
-        ..RunParams::default()
-    };
-    client.open_run("done", two.clone()).await.unwrap();
-    client.open_run("open", two).await.unwrap();
-    for (run, shard) in [("done", 1), ("done", 2), ("open", 1)] {
-        let c = read_lcov(
-            &fixture(&format!("gcc-lcov/shard{shard}.info")),
-            &Default::default(),
-        );
-        push(&mut client, run, &shard.to_string(), 1, c).await;
-    }
-    let (_, done_before) = fetch(&mut client, "done").await;
-    let open_before = client.status("open").await.unwrap();
-    client.open_run("gone", RunParams::default()).await.unwrap();
-    client.delete_run("gone").await.unwrap();
-    daemon.stop().await.unwrap();
-
-    let daemon = Daemon::with(durable(dir.path())).await;
-    let mut client = daemon.client();
-    let (header, done_after) = fetch(&mut client, "done").await;
-    assert!(header.complete);
-    assert_eq!(done_after, done_before);
-    let path = done_before.files.keys().next().unwrap();
-    assert_eq!(
-        &client.file("done", path).await.unwrap(),
-        &done_before.files[path]
-    );
-    let open_after = client.status("open").await.unwrap();
-    assert_eq!(open_after.totals, open_before.totals);
-    assert_eq!(open_after.missing_shards, vec!["2"]);
-    assert!(
-        client.status("gone").await.is_err(),
-        "a deleted run stays deleted"
-    );
-    // The open run resumes: its last shard completes it.
-    let c = read_lcov(&fixture("gcc-lcov/shard2.info"), &Default::default());
-    push(&mut client, "open", "2", 1, c).await;
-    assert_eq!(fetch(&mut client, "open").await.1, done_before);
-    daemon.stop().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_failed_write_stops_acknowledgements() {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
-        max_db_bytes: Some(96 * 1024),
-        ..durable(dir.path())
-    };
-    let daemon = Daemon::with(settings).await;
-    let mut c = raw(&daemon.url).await;
-    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
-    s.delta(1, vec![crate::ingest::file("small.c", &[(1, 1)])])
-        .await
-        .unwrap();
-    // Far more than the cap: the commit fails.
-    let big: Vec<proto::FileDelta> = (0..400)
-        .map(|i| {
-            crate::ingest::file(
-                &format!("f{i}.c"),
-                &(1..200).map(|l| (l, 1)).collect::<Vec<_>>(),
-            )
-        })
-        .collect();
-    let e = s.delta(2, big).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
-    // From now on nothing is acknowledged, however small: no retry of a failed write.
-    let e = daemon
-        .client()
-        .open_run("other", RunParams::default())
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("the store failed"), "{e}");
-    // Nothing of the refused delta reached memory either.
-    let status = daemon.client().status("r").await.unwrap();
-    assert_eq!(status.totals.files, 1);
-}
-
-#[tokio::test]
-async fn expired_runs_keep_their_summary() {
-    let dir = tempfile::tempdir().unwrap();
-    let (service, _) = open_service(dir.path());
-    service
-        .open_run(
-            "old",
-            RunParams {
-                project: "shop".into(),
-                ..RunParams::default()
-            },
-        )
-        .await
-        .unwrap();
-    let session = service
-        .begin_shard(ShardHeader {
-            run_id: "old".into(),
-            shard_id: "0".into(),
-            attempt: 1,
-            params: RunParams::default(),
-        })
-        .await
-        .unwrap();
-    let files = delta(0, 1);
-    service
-        .apply(
-            &session,
-            Delta {
-                seq: 1,
-                files: covd::model::FileBatch::of_files(&files),
-                ..Delta::default()
-            },
-        )
-        .await
-        .unwrap();
-    service.finish(&session, 1, None).await.unwrap();
-    drop(session);
-    let expired = service
-        .expire_runs(SystemTime::now() + Duration::from_secs(1))
-        .await
-        .unwrap();
-    assert_eq!(expired, 1);
-    assert!(service.run_status("old").is_err());
-    let summaries = service.summaries(10).unwrap();
-    assert_eq!(summaries.len(), 1);
-    assert_eq!(
-        (summaries[0].run_id.as_str(), summaries[0].project.as_str()),
-        ("old", "shop")
-    );
-    assert_eq!(summaries[0].files, 3);
-    drop(service);
-
-    // After a restart the run stays gone and its summary stays.
-    let (service, recovery) = open_service(dir.path());
-    assert_eq!(recovery.runs, 0);
-    assert_eq!(service.summaries(10).unwrap().len(), 1);
-}
-
 /// Deltas live in a log file per run until the run is compacted; a damaged log is reported at
 /// start, not read as coverage.
 #[tokio::test]
@@ -496,39 +346,6 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
         .with_wire_decoder(covd::rpc::convert::wire_delta_files);
     let e = CoverageService::open(Limits::default(), std::sync::Arc::new(store)).unwrap_err();
     assert!(e.to_string().contains("delta log"), "{e}");
-}
-
-#[tokio::test]
-async fn shutdown_ends_open_streams_so_clients_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::with(durable(dir.path())).await;
-    let mut c = raw(&daemon.url).await;
-    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
-    s.delta(1, vec![crate::ingest::file("a.c", &[(1, 1)])])
-        .await
-        .unwrap();
-    let stopped = tokio::spawn(daemon.stop());
-    let e = s
-        .delta(2, vec![crate::ingest::file("a.c", &[(2, 1)])])
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
-        ),
-        "{e}"
-    );
-    tokio::time::timeout(Duration::from_secs(30), stopped)
-        .await
-        .expect("the daemon stops within its grace period")
-        .unwrap()
-        .unwrap();
-    // The acknowledged delta is there after a restart.
-    let daemon = Daemon::with(durable(dir.path())).await;
-    let mut c = raw(&daemon.url).await;
-    let (_, resume) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
-    assert_eq!(resume.last_seq, 1);
 }
 
 /// The service over the store in `dir`, as the daemon opens it (with the protocol's decoder

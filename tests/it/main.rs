@@ -10,5 +10,6 @@ mod gcc;
 mod ingest;
 mod merge_laws;
 mod old_daemon;
+mod storage;
 mod stored_data;
 mod support;

@@ -4,11 +4,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use covd::client::{Batcher, Client, PushInput, PushOptions, PushReport, PushTarget};
 use covd::formats::lcov;
 use covd::model::path::PathRules;
 use covd::model::{Coverage, FileCoverage};
+use covd::persist::Storage;
 use covd::server::{self, Settings};
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,16 +27,41 @@ impl Daemon {
     }
 
     pub(crate) async fn with(settings: Settings) -> Daemon {
+        Daemon::serving(|listener, stopped| {
+            tokio::spawn(async move {
+                server::run(listener, settings, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        })
+        .await
+    }
+
+    /// A daemon over storage the test opened (see `storage.rs`).
+    pub(crate) async fn on(settings: Settings, storage: Arc<dyn Storage>) -> Daemon {
+        Daemon::serving(|listener, stopped| {
+            tokio::spawn(async move {
+                let stop = async {
+                    let _ = stopped.await;
+                };
+                server::run_on(listener, settings, storage, stop, oneshot::channel().0).await
+            })
+        })
+        .await
+    }
+
+    async fn serving(
+        serve: impl FnOnce(
+            tokio::net::TcpListener,
+            oneshot::Receiver<()>,
+        ) -> tokio::task::JoinHandle<Result<(), server::ServerError>>,
+    ) -> Daemon {
         // Bound before the server task starts: connections queue in the backlog, no sleep.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            server::run(listener, settings, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
+        let served = serve(listener, stopped);
         Daemon {
             url,
             stop: Some(stop),

@@ -1,0 +1,624 @@
+//! The storage contract (`covd::persist::Storage`), written once and run against every backend:
+//! the embedded SQLite store and the in-memory store (and, when it exists, the cluster's
+//! PostgreSQL + object storage). A "restart" opens the backend again as a new daemon would
+//! find it: the SQLite store reopened from its directory, the in-memory store as the same
+//! instance (what it promises lasts as long as the process).
+//!
+//! The first half drives the trait directly (what is committed reads back, and nothing else);
+//! the second drives a real daemon over the backend (restarts, attempts, compaction, expiry,
+//! a failed write, shutdown). The kill -9 rounds (`durability.rs`) need a backend that
+//! outlives the process, so they run against `covd serve --data-dir` only.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use covd::model::{FileBuilder, FileCoverage};
+use covd::persist::codec::encode_files;
+use covd::persist::{
+    MemoryStore, RunRecord, ShardRecord, SqliteStore, Storage, SummaryRecord, Write,
+};
+use covd::rpc::proto;
+use covd::server::Settings;
+use covd::service::{CoverageService, Delta, Limits, RunParams, ShardHeader};
+use tonic::Code;
+
+use crate::ingest::{Stream, raw};
+use crate::support::*;
+
+/// A storage backend under test.
+pub(crate) enum Backend {
+    Sqlite {
+        dir: tempfile::TempDir,
+        max_bytes: Option<u64>,
+    },
+    Memory(Arc<MemoryStore>),
+}
+
+impl Backend {
+    fn sqlite(max_bytes: Option<u64>) -> Backend {
+        Backend::Sqlite {
+            dir: tempfile::tempdir().unwrap(),
+            max_bytes,
+        }
+    }
+
+    fn memory(max_bytes: Option<u64>) -> Backend {
+        Backend::Memory(Arc::new(
+            MemoryStore::new(max_bytes).with_wire_decoder(covd::rpc::convert::wire_delta_files),
+        ))
+    }
+
+    /// The storage as a daemon starting now finds it. The previous one must be closed.
+    fn open(&self) -> Arc<dyn Storage> {
+        match self {
+            Backend::Sqlite { dir, max_bytes } => Arc::new(
+                SqliteStore::open_with(dir.path(), *max_bytes)
+                    .unwrap()
+                    .with_wire_decoder(covd::rpc::convert::wire_delta_files),
+            ),
+            Backend::Memory(store) => store.clone(),
+        }
+    }
+
+    async fn daemon(&self) -> Daemon {
+        Daemon::on(Settings::default(), self.open()).await
+    }
+
+    fn service(&self) -> (CoverageService, covd::service::Recovery) {
+        CoverageService::open(Limits::default(), self.open()).unwrap()
+    }
+}
+
+type Make = fn(Option<u64>) -> Backend;
+
+/// Runs each case against each backend, as a test of its own (`storage::sqlite::case`).
+macro_rules! every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Backend::sqlite).await
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Backend::memory).await
+                }
+            )*
+        }
+    };
+}
+
+every_backend!(
+    committed_writes_read_back_after_a_restart,
+    writes_for_a_run_that_is_not_stored_are_dropped,
+    a_new_attempt_drops_the_deltas_of_earlier_ones,
+    compaction_keeps_merged_files_and_a_summary,
+    deleting_a_run_keeps_or_drops_its_summary,
+    a_failed_write_refuses_every_later_write,
+    a_restarted_daemon_answers_for_complete_and_open_runs,
+    a_higher_attempt_replaces_the_earlier_one_across_a_restart,
+    a_daemon_refuses_to_acknowledge_after_a_failed_write,
+    expired_runs_keep_their_summary,
+    shutdown_ends_open_streams_so_clients_resume,
+);
+
+fn run(id: &str) -> RunRecord {
+    RunRecord {
+        run_id: id.into(),
+        project: "acme/shop".into(),
+        flags: vec!["unit".into()],
+        expected_shards: vec!["0".into(), "1".into()],
+        created_at_ms: 1_700_000_000_000,
+        ..RunRecord::default()
+    }
+}
+
+fn shard(id: &str, attempt: u32, last_seq: u64) -> ShardRecord {
+    ShardRecord {
+        shard_id: id.into(),
+        expected: true,
+        attempt,
+        last_seq,
+        ..ShardRecord::default()
+    }
+}
+
+/// A delta of one file whose only line is `line`, hit `hits` times.
+fn body(path: &str, line: u32, hits: u64) -> Vec<Bytes> {
+    vec![encode_files([(path, &one_line(line, hits))]).into()]
+}
+
+fn one_line(line: u32, hits: u64) -> FileCoverage {
+    let mut b = FileBuilder::new();
+    b.line(line, hits);
+    b.build()
+}
+
+fn append(run_id: &str, shard_id: &str, attempt: u32, seq: u64, line: u32) -> Write {
+    Write::AppendDelta {
+        run_id: run_id.into(),
+        shard: shard(shard_id, attempt, seq),
+        body: body("a.c", line, 1),
+    }
+}
+
+/// The deltas stored for the attempts, as (shard, the line each one covers).
+fn deltas(
+    storage: &dyn Storage,
+    run_id: &str,
+    attempts: &[(&str, u32, u64)],
+) -> Vec<(String, u32)> {
+    let attempts: Vec<(String, u32, u64)> = attempts
+        .iter()
+        .map(|(s, a, q)| (s.to_string(), *a, *q))
+        .collect();
+    let mut out = Vec::new();
+    storage
+        .for_each_delta(run_id, &attempts, &mut |shard, batch| {
+            for (_, file) in batch.to_files() {
+                out.extend(file.lines().iter().map(|l| (shard.to_owned(), l)));
+            }
+        })
+        .unwrap();
+    out
+}
+
+async fn write(storage: &dyn Storage, writes: Vec<Write>) {
+    storage.write(writes).await.unwrap();
+}
+
+async fn committed_writes_read_back_after_a_restart(make: Make) {
+    let backend = make(None);
+    {
+        let storage = backend.open();
+        assert!(storage.failure().is_none());
+        write(&*storage, vec![Write::PutRun(run("r"))]).await;
+        storage
+            .write(vec![
+                Write::PutShard {
+                    run_id: "r".into(),
+                    shard: shard("1", 1, 0),
+                },
+                Write::PutFiles {
+                    run_id: "r".into(),
+                    files: vec!["a.c".into(), "b.c".into()],
+                },
+            ])
+            .await
+            .unwrap();
+        // From a blocking thread too, as the ingest path commits deltas.
+        let blocking = storage.clone();
+        tokio::task::spawn_blocking(move || {
+            for seq in 1..=3 {
+                blocking
+                    .write_blocking(vec![append("r", "0", 1, seq, 10 + seq as u32)])
+                    .unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        let mut done = run("r");
+        done.completed_at_ms = Some(1_700_000_000_500);
+        write(&*storage, vec![Write::UpdateRun(done)]).await;
+    }
+    let storage = backend.open();
+    let runs = storage.load_runs().unwrap();
+    assert_eq!(runs.len(), 1);
+    let loaded = &runs[0];
+    let mut want = run("r");
+    want.completed_at_ms = Some(1_700_000_000_500);
+    assert_eq!(loaded.run, want);
+    assert_eq!(loaded.shards, [shard("0", 1, 3), shard("1", 1, 0)]);
+    assert!(!loaded.compacted);
+    assert_eq!(
+        loaded.files.as_deref(),
+        Some(&["a.c".to_owned(), "b.c".to_owned()][..])
+    );
+    // In order, and none beyond the sequence asked for (what was acknowledged).
+    assert_eq!(
+        deltas(&*storage, "r", &[("0", 1, 3)]),
+        [("0".into(), 11), ("0".into(), 12), ("0".into(), 13)]
+    );
+    assert_eq!(
+        deltas(&*storage, "r", &[("0", 1, 2), ("1", 1, 0)]),
+        [("0".into(), 11), ("0".into(), 12)]
+    );
+    assert!(deltas(&*storage, "r", &[("0", 2, 3)]).is_empty());
+}
+
+async fn writes_for_a_run_that_is_not_stored_are_dropped(make: Make) {
+    let backend = make(None);
+    let storage = backend.open();
+    write(
+        &*storage,
+        vec![
+            append("nowhere", "0", 1, 1, 1),
+            Write::UpdateRun(run("nowhere")),
+            Write::PutShard {
+                run_id: "nowhere".into(),
+                shard: shard("0", 1, 1),
+            },
+        ],
+    )
+    .await;
+    assert!(storage.load_runs().unwrap().is_empty());
+    // A run deleted while a write for it was on its way: the write does not bring it back.
+    write(&*storage, vec![Write::PutRun(run("gone"))]).await;
+    write(
+        &*storage,
+        vec![Write::DeleteRun {
+            run_id: "gone".into(),
+            summary: None,
+        }],
+    )
+    .await;
+    write(&*storage, vec![append("gone", "0", 1, 1, 1)]).await;
+    assert!(storage.load_runs().unwrap().is_empty());
+    assert!(deltas(&*storage, "gone", &[("0", 1, 1)]).is_empty());
+}
+
+async fn a_new_attempt_drops_the_deltas_of_earlier_ones(make: Make) {
+    let backend = make(None);
+    {
+        let storage = backend.open();
+        write(&*storage, vec![Write::PutRun(run("r"))]).await;
+        write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
+        write(&*storage, vec![append("r", "0", 1, 2, 2)]).await;
+        write(&*storage, vec![append("r", "1", 1, 1, 7)]).await;
+        write(
+            &*storage,
+            vec![Write::StartAttempt {
+                run_id: "r".into(),
+                shard: shard("0", 2, 0),
+            }],
+        )
+        .await;
+        write(&*storage, vec![append("r", "0", 2, 1, 5)]).await;
+    }
+    let storage = backend.open();
+    assert!(deltas(&*storage, "r", &[("0", 1, 2)]).is_empty());
+    assert_eq!(
+        deltas(&*storage, "r", &[("0", 2, 1), ("1", 1, 1)]),
+        [("0".into(), 5), ("1".into(), 7)]
+    );
+    let loaded = storage.load_runs().unwrap();
+    assert_eq!(loaded[0].shards, [shard("0", 2, 1), shard("1", 1, 1)]);
+}
+
+fn summary(run_id: &str, files: u64) -> SummaryRecord {
+    SummaryRecord {
+        run_id: run_id.into(),
+        project: "acme/shop".into(),
+        created_at_ms: 1_700_000_000_000 + files,
+        files,
+        lines: 10 * files,
+        ..SummaryRecord::default()
+    }
+}
+
+async fn compaction_keeps_merged_files_and_a_summary(make: Make) {
+    let backend = make(None);
+    let merged = [("a.c", one_line(3, 9)), ("b.c", one_line(4, 0))];
+    {
+        let storage = backend.open();
+        write(&*storage, vec![Write::PutRun(run("r"))]).await;
+        write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
+        write(
+            &*storage,
+            vec![Write::Compact {
+                run_id: "r".into(),
+                parts: vec![
+                    encode_files([(merged[0].0, &merged[0].1)]),
+                    encode_files([(merged[1].0, &merged[1].1)]),
+                ],
+                summary: summary("r", 2),
+            }],
+        )
+        .await;
+    }
+    let storage = backend.open();
+    let loaded = storage.load_runs().unwrap();
+    assert!(loaded[0].compacted);
+    assert!(deltas(&*storage, "r", &[("0", 1, 1)]).is_empty());
+    let mut parts = Vec::new();
+    storage
+        .for_each_merged("r", &mut |files| parts.push(files))
+        .unwrap();
+    assert_eq!(parts.len(), 2);
+    for (part, (path, file)) in parts.iter().zip(&merged) {
+        assert_eq!(part.len(), 1);
+        assert_eq!((&*part[0].0, &part[0].1), (*path, file));
+    }
+    assert_eq!(storage.summaries(10).unwrap(), [summary("r", 2)]);
+}
+
+async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
+    let backend = make(None);
+    {
+        let storage = backend.open();
+        for id in ["kept", "dropped", "live"] {
+            write(&*storage, vec![Write::PutRun(run(id))]).await;
+        }
+        write(
+            &*storage,
+            vec![
+                Write::DeleteRun {
+                    run_id: "kept".into(),
+                    summary: Some(summary("kept", 1)),
+                },
+                Write::DeleteRun {
+                    run_id: "dropped".into(),
+                    summary: None,
+                },
+            ],
+        )
+        .await;
+    }
+    let storage = backend.open();
+    let ids: Vec<String> = storage
+        .load_runs()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.run.run_id)
+        .collect();
+    assert_eq!(ids, ["live"]);
+    assert_eq!(storage.summaries(10).unwrap(), [summary("kept", 1)]);
+    // Newest first, and no more than asked for.
+    write(
+        &*storage,
+        vec![Write::DeleteRun {
+            run_id: "live".into(),
+            summary: Some(summary("live", 5)),
+        }],
+    )
+    .await;
+    assert_eq!(storage.summaries(1).unwrap(), [summary("live", 5)]);
+}
+
+async fn a_failed_write_refuses_every_later_write(make: Make) {
+    let backend = make(Some(96 * 1024));
+    let storage = backend.open();
+    write(&*storage, vec![Write::PutRun(run("r"))]).await;
+    write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
+    let big: Vec<(String, FileCoverage)> = (0..10_000)
+        .map(|i| (format!("f{i}.c"), one_line(1 + i, 1)))
+        .collect();
+    let e = storage
+        .write(vec![Write::AppendDelta {
+            run_id: "r".into(),
+            shard: shard("0", 1, 2),
+            body: vec![encode_files(big.iter().map(|(p, f)| (p.as_str(), f))).into()],
+        }])
+        .await
+        .unwrap_err();
+    assert!(storage.failure().is_some(), "{e}");
+    // However small, and whatever it is: nothing more is committed.
+    let e = storage
+        .write(vec![Write::PutRun(run("other"))])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("the store failed"), "{e}");
+    // What was committed before is intact; the refused delta is not there.
+    assert_eq!(deltas(&*storage, "r", &[("0", 1, 2)]), [("0".into(), 1)]);
+    let runs = storage.load_runs().unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].shards, [shard("0", 1, 1)]);
+}
+
+async fn a_restarted_daemon_answers_for_complete_and_open_runs(make: Make) {
+    let backend = make(None);
+    let daemon = backend.daemon().await;
+    let mut client = daemon.client();
+    let two = RunParams {
+        expected_shards: vec!["1".into(), "2".into()],
+        ..RunParams::default()
+    };
+    client.open_run("done", two.clone()).await.unwrap();
+    client.open_run("open", two).await.unwrap();
+    for (run, shard) in [("done", 1), ("done", 2), ("open", 1)] {
+        let c = read_lcov(
+            &fixture(&format!("gcc-lcov/shard{shard}.info")),
+            &Default::default(),
+        );
+        push(&mut client, run, &shard.to_string(), 1, c).await;
+    }
+    let (_, done_before) = fetch(&mut client, "done").await;
+    let open_before = client.status("open").await.unwrap();
+    client.open_run("gone", RunParams::default()).await.unwrap();
+    client.delete_run("gone").await.unwrap();
+    daemon.stop().await.unwrap();
+
+    let daemon = backend.daemon().await;
+    let mut client = daemon.client();
+    let (header, done_after) = fetch(&mut client, "done").await;
+    assert!(header.complete);
+    assert_eq!(done_after, done_before);
+    let path = done_before.files.keys().next().unwrap();
+    assert_eq!(
+        &client.file("done", path).await.unwrap(),
+        &done_before.files[path]
+    );
+    let open_after = client.status("open").await.unwrap();
+    assert_eq!(open_after.totals, open_before.totals);
+    assert_eq!(open_after.missing_shards, vec!["2"]);
+    assert!(
+        client.status("gone").await.is_err(),
+        "a deleted run stays deleted"
+    );
+    // The open run resumes: its last shard completes it.
+    let c = read_lcov(&fixture("gcc-lcov/shard2.info"), &Default::default());
+    push(&mut client, "open", "2", 1, c).await;
+    assert_eq!(fetch(&mut client, "open").await.1, done_before);
+    daemon.stop().await.unwrap();
+
+    // Once compacted, the complete runs still answer the same after another restart.
+    let daemon = backend.daemon().await;
+    let mut client = daemon.client();
+    assert_eq!(fetch(&mut client, "open").await.1, done_before);
+    assert_eq!(fetch(&mut client, "done").await.1, done_before);
+    daemon.stop().await.unwrap();
+}
+
+async fn a_higher_attempt_replaces_the_earlier_one_across_a_restart(make: Make) {
+    let backend = make(None);
+    let daemon = backend.daemon().await;
+    let mut client = daemon.client();
+    let two = RunParams {
+        expected_shards: vec!["1".into(), "2".into()],
+        ..RunParams::default()
+    };
+    client.open_run("r", two).await.unwrap();
+    let shard = |n: u32| {
+        read_lcov(
+            &fixture(&format!("gcc-lcov/shard{n}.info")),
+            &Default::default(),
+        )
+    };
+    push(&mut client, "r", "1", 1, shard(3)).await;
+    daemon.stop().await.unwrap();
+
+    let daemon = backend.daemon().await;
+    let mut client = daemon.client();
+    // Attempt 2 of shard 1 sends shard1.info instead: nothing of attempt 1 stays.
+    push(&mut client, "r", "1", 2, shard(1)).await;
+    push(&mut client, "r", "2", 1, shard(2)).await;
+    let (header, merged) = fetch(&mut client, "r").await;
+    assert!(header.complete);
+    let mut want = shard(1);
+    want.merge(&shard(2));
+    assert_eq!(merged, want);
+    daemon.stop().await.unwrap();
+
+    let daemon = backend.daemon().await;
+    assert_eq!(fetch(&mut daemon.client(), "r").await.1, want);
+    daemon.stop().await.unwrap();
+}
+
+async fn a_daemon_refuses_to_acknowledge_after_a_failed_write(make: Make) {
+    let backend = make(Some(96 * 1024));
+    let daemon = backend.daemon().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(1, vec![crate::ingest::file("small.c", &[(1, 1)])])
+        .await
+        .unwrap();
+    // Far more than the cap: the commit fails.
+    let big: Vec<proto::FileDelta> = (0..400)
+        .map(|i| {
+            crate::ingest::file(
+                &format!("f{i}.c"),
+                &(1..200).map(|l| (l, 1)).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let e = s.delta(2, big).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    // From now on nothing is acknowledged, however small: no retry of a failed write.
+    let e = daemon
+        .client()
+        .open_run("other", RunParams::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("the store failed"), "{e}");
+    // Nothing of the refused delta reached memory either.
+    let status = daemon.client().status("r").await.unwrap();
+    assert_eq!(status.totals.files, 1);
+}
+
+async fn expired_runs_keep_their_summary(make: Make) {
+    let backend = make(None);
+    let (service, _) = backend.service();
+    service
+        .open_run(
+            "old",
+            RunParams {
+                project: "shop".into(),
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    let session = service
+        .begin_shard(ShardHeader {
+            run_id: "old".into(),
+            shard_id: "0".into(),
+            attempt: 1,
+            params: RunParams::default(),
+        })
+        .await
+        .unwrap();
+    let files: Vec<(String, FileCoverage)> = ["a.c", "b.c", "c.c"]
+        .iter()
+        .map(|p| (p.to_string(), one_line(1, 1)))
+        .collect();
+    service
+        .apply(
+            &session,
+            Delta {
+                seq: 1,
+                files: covd::model::FileBatch::of_files(&files),
+                ..Delta::default()
+            },
+        )
+        .await
+        .unwrap();
+    service.finish(&session, 1, None).await.unwrap();
+    drop(session);
+    let expired = service
+        .expire_runs(SystemTime::now() + Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(expired, 1);
+    assert!(service.run_status("old").is_err());
+    let summaries = service.summaries(10).unwrap();
+    assert_eq!(summaries.len(), 1);
+    assert_eq!(
+        (summaries[0].run_id.as_str(), summaries[0].project.as_str()),
+        ("old", "shop")
+    );
+    assert_eq!(summaries[0].files, 3);
+    drop(service);
+
+    // After a restart the run stays gone and its summary stays.
+    let (service, recovery) = backend.service();
+    assert_eq!(recovery.runs, 0);
+    assert_eq!(service.summaries(10).unwrap().len(), 1);
+}
+
+async fn shutdown_ends_open_streams_so_clients_resume(make: Make) {
+    let backend = make(None);
+    let daemon = backend.daemon().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(1, vec![crate::ingest::file("a.c", &[(1, 1)])])
+        .await
+        .unwrap();
+    let stopped = tokio::spawn(daemon.stop());
+    let e = s
+        .delta(2, vec![crate::ingest::file("a.c", &[(2, 1)])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{e}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), stopped)
+        .await
+        .expect("the daemon stops within its grace period")
+        .unwrap()
+        .unwrap();
+    // The acknowledged delta is there after a restart.
+    let daemon = backend.daemon().await;
+    let mut c = raw(&daemon.url).await;
+    let (_, resume) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 1);
+}
