@@ -160,6 +160,15 @@ impl Aggregate {
     }
 
     /// Totals of every file.
+    /// About how many bytes the aggregate holds (see [`FileCoverage::heap_bytes`]), with the
+    /// map's own entries; paths are shared with other runs and not counted.
+    pub fn heap_bytes(&self) -> usize {
+        self.files
+            .iter()
+            .map(|e| std::mem::size_of::<(Arc<str>, FileCoverage)>() + 16 + e.value().heap_bytes())
+            .sum()
+    }
+
     pub fn totals(&self) -> Totals {
         *self.totals.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -88,9 +88,13 @@ struct ServeArgs {
     #[arg(long, env = "COVD_DATA_DIR", default_value = "covd-data")]
     data_dir: PathBuf,
     /// Cap the data directory (database and delta logs) at this many bytes; past it the daemon
-    /// stops acknowledging.
+    /// stops acknowledging. With --in-memory: cap the coverage held, refusing deltas beyond it.
     #[arg(long)]
     max_db_bytes: Option<u64>,
+    /// Bytes of memory for complete runs' coverage; beyond it the least recently read leave
+    /// memory and are read back from storage when asked for (open runs always stay).
+    #[arg(long, default_value_t = Settings::default().limits.memory_budget_bytes)]
+    memory_budget: usize,
     /// Keep everything in memory instead (lost when the daemon stops).
     #[arg(long, conflicts_with = "data_dir")]
     in_memory: bool,
@@ -362,6 +366,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_shards_per_run = a.max_shards_per_run;
     settings.limits.max_runs = a.max_runs;
     settings.limits.max_deltas_in_flight = a.max_deltas_in_flight;
+    settings.limits.memory_budget_bytes = a.memory_budget;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;

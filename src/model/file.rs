@@ -327,6 +327,37 @@ impl FileCoverage {
         &self.tests
     }
 
+    /// About how many bytes of heap the file holds: what a memory budget counts. Bitmaps are
+    /// counted at their serialized size, which is close to their containers' size; shared
+    /// test names are not counted.
+    pub fn heap_bytes(&self) -> usize {
+        let counts = match &self.hits {
+            Counts::Narrow(v) => v.capacity() * 4,
+            Counts::Wide(v) => v.capacity() * 8,
+        };
+        let labels: usize = self
+            .branches
+            .iter()
+            .map(|(k, _)| match &k.arm {
+                BranchArm::Label(l) => l.len(),
+                BranchArm::Index(_) => 0,
+            })
+            .sum();
+        let names: usize = self.functions.iter().map(|f| f.name.len()).sum();
+        self.lines.serialized_size()
+            + self.covered.serialized_size()
+            + counts
+            + self.branches.capacity() * std::mem::size_of::<(BranchKey, Taken)>()
+            + labels
+            + self.functions.capacity() * std::mem::size_of::<Function>()
+            + names
+            + self
+                .tests
+                .iter()
+                .map(|(_, lines)| 16 + lines.serialized_size())
+                .sum::<usize>()
+    }
+
     /// The tests that covered `line`.
     pub fn tests_of(&self, line: u32) -> impl Iterator<Item = &Arc<str>> + '_ {
         self.tests

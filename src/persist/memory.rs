@@ -3,8 +3,12 @@
 //! in the map; everything is gone when the process ends.
 //!
 //! Records are kept as the blobs `codec` makes, exactly as a durable backend keeps them, and
-//! deltas as the bytes they came in (shared with the receive buffer, not copied): they are
-//! only read again when an attempt is replaced or a run is loaded back.
+//! deltas as the bytes they came in (copied out of the receive buffer, which would otherwise
+//! stay allocated whole): they are only read again when an attempt is replaced or a run that
+//! left memory is read back (`service/cache.rs`).
+//!
+//! Nothing here can fail the way a disk does, so there is no failure latch: a delta that
+//! would take the store beyond its cap (`--max-db-bytes`) is refused alone, with `Full`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -15,14 +19,13 @@ use futures_util::future::BoxFuture;
 
 use super::codec::{self, WireDecoder};
 use super::records::{FileListRecord, RunRecord, ShardRecord, SummaryRecord};
-use super::{CommitStats, LoadedRun, Storage, StoreError, Write, group_bytes};
+use super::{CommitStats, LoadedRun, Storage, StoreError, Write};
 use crate::model::{FileBatch, FileCoverage};
 
 /// Runs, shards, deltas and summaries in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    failure: Mutex<Option<String>>,
     stats: CommitStats,
     wire: Option<WireDecoder>,
     /// A cap on the bytes of deltas and merged files held (`--max-db-bytes`).
@@ -42,21 +45,27 @@ struct StoredRun {
     record: Vec<u8>,
     shards: BTreeMap<String, Vec<u8>>,
     /// By shard, attempt and sequence number.
-    deltas: BTreeMap<(String, u32, u64), Vec<Bytes>>,
+    deltas: BTreeMap<(String, u32, u64), Bytes>,
     merged: Vec<Vec<u8>>,
     files: Option<Vec<u8>>,
+    /// Bytes of `deltas` and `merged`.
+    bytes: u64,
 }
 
-impl StoredRun {
-    fn bytes(&self) -> u64 {
-        let deltas: u64 = self.deltas.values().flatten().map(|b| b.len() as u64).sum();
-        deltas + self.merged.iter().map(|p| p.len() as u64).sum::<u64>()
-    }
+/// Bytes the deltas of a group add.
+fn delta_bytes(writes: &[Write]) -> u64 {
+    writes
+        .iter()
+        .map(|w| match w {
+            Write::AppendDelta { body, .. } => body.iter().map(|b| b.len() as u64).sum(),
+            _ => 0,
+        })
+        .sum()
 }
 
 impl MemoryStore {
-    /// An empty store; `max_bytes` caps the deltas and merged files it holds, past which it
-    /// refuses writes like a durable store after a failure.
+    /// An empty store; `max_bytes` caps the bytes of deltas and merged files it holds: a
+    /// delta beyond it is refused.
     pub fn new(max_bytes: Option<u64>) -> MemoryStore {
         MemoryStore {
             max_bytes,
@@ -78,20 +87,16 @@ impl MemoryStore {
     }
 
     fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if let Some(f) = self.failure() {
-            return Err(StoreError::Failed(f));
-        }
         let mut inner = self.inner();
+        // Only deltas count against the cap: a compaction replaces a run's deltas by fewer
+        // bytes, and refusing it would help nobody.
         if let Some(max) = self.max_bytes {
-            let total = inner.bytes + group_bytes(&writes);
+            let total = inner.bytes + delta_bytes(&writes);
             if total > max {
-                let message = format!(
-                    "the in-memory store would hold {total} bytes, beyond --max-db-bytes {max}; \
-                     restart covd once the cause is fixed"
-                );
-                tracing::error!("{message}");
-                *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
-                return Err(StoreError::Failed(message));
+                return Err(StoreError::Full(format!(
+                    "the in-memory store would hold {total} bytes of coverage, beyond \
+                     --max-db-bytes {max}; finished runs leave it when they expire or are deleted"
+                )));
             }
         }
         let n = writes.len() as u64;
@@ -124,11 +129,11 @@ fn apply(inner: &mut Inner, w: Write) {
     let run_id = run_id.clone();
     if let Write::DeleteRun { summary, .. } = w {
         if let Some(run) = inner.runs.remove(&run_id) {
-            inner.bytes -= run.bytes();
+            inner.bytes -= run.bytes;
         }
         match summary {
             Some(s) => {
-                inner.summaries.insert(run_id, codec::encode(&s));
+                inner.summaries.insert(s.run_id.clone(), codec::encode(&s));
             }
             None => {
                 inner.summaries.remove(&run_id);
@@ -139,21 +144,30 @@ fn apply(inner: &mut Inner, w: Write) {
     let Some(run) = inner.runs.get_mut(&run_id) else {
         return;
     };
-    let before = run.bytes();
+    let before = run.bytes;
     let mut summary = None;
     match w {
         Write::UpdateRun(record) => run.record = codec::encode(&record),
         Write::PutShard { shard, .. } => put_shard(run, &shard),
         Write::AppendDelta { shard, body, .. } => {
-            run.deltas.insert(
-                (shard.shard_id.clone(), shard.attempt, shard.last_seq),
-                body,
-            );
+            let body = Bytes::from(body.concat());
+            run.bytes += body.len() as u64;
+            let key = (shard.shard_id.clone(), shard.attempt, shard.last_seq);
+            if let Some(replaced) = run.deltas.insert(key, body) {
+                run.bytes -= replaced.len() as u64;
+            }
             put_shard(run, &shard);
         }
         Write::StartAttempt { shard, .. } => {
-            run.deltas
-                .retain(|(id, attempt, _), _| *id != shard.shard_id || *attempt >= shard.attempt);
+            let mut dropped = 0;
+            run.deltas.retain(|(id, attempt, _), body| {
+                let keep = *id != shard.shard_id || *attempt >= shard.attempt;
+                if !keep {
+                    dropped += body.len() as u64;
+                }
+                keep
+            });
+            run.bytes -= dropped;
             put_shard(run, &shard);
         }
         Write::Compact {
@@ -161,6 +175,7 @@ fn apply(inner: &mut Inner, w: Write) {
         } => {
             run.merged = parts;
             run.deltas.clear();
+            run.bytes = run.merged.iter().map(|p| p.len() as u64).sum();
             summary = Some(s);
         }
         Write::PutFiles { files, .. } => {
@@ -168,10 +183,10 @@ fn apply(inner: &mut Inner, w: Write) {
         }
         Write::PutRun(_) | Write::DeleteRun { .. } => unreachable!("handled above"),
     }
-    let after = run.bytes();
+    let after = run.bytes;
     inner.bytes = inner.bytes - before + after;
     if let Some(s) = summary {
-        inner.summaries.insert(run_id, codec::encode(&s));
+        inner.summaries.insert(s.run_id.clone(), codec::encode(&s));
     }
 }
 
@@ -186,10 +201,7 @@ impl Storage for MemoryStore {
     }
 
     fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        None
     }
 
     fn write(&self, writes: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -206,9 +218,14 @@ impl Storage for MemoryStore {
         let inner = self.inner();
         inner
             .runs
-            .values()
-            .map(|stored| {
+            .iter()
+            .map(|(id, stored)| {
                 Ok(LoadedRun {
+                    summary: inner
+                        .summaries
+                        .get(id)
+                        .map(|s| codec::decode::<SummaryRecord>(s))
+                        .transpose()?,
                     run: codec::decode::<RunRecord>(&stored.record)?,
                     shards: stored
                         .shards
@@ -233,7 +250,7 @@ impl Storage for MemoryStore {
         f: &mut dyn FnMut(&str, FileBatch),
     ) -> Result<(), StoreError> {
         // Copied out first: `f` merges, and must not run under the store's lock.
-        let deltas: Vec<(String, Vec<Bytes>)> = {
+        let deltas: Vec<(String, Bytes)> = {
             let inner = self.inner();
             let Some(run) = inner.runs.get(run_id) else {
                 return Ok(());
@@ -249,7 +266,7 @@ impl Storage for MemoryStore {
                 .collect()
         };
         for (shard, body) in deltas {
-            f(&shard, codec::decode_delta(&body.concat(), self.wire)?);
+            f(&shard, codec::decode_delta(&body, self.wire)?);
         }
         Ok(())
     }
@@ -276,7 +293,7 @@ impl Storage for MemoryStore {
             .values()
             .map(|s| codec::decode::<SummaryRecord>(s))
             .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        super::newest_first(&mut out);
         out.truncate(limit);
         Ok(out)
     }

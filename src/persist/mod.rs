@@ -153,6 +153,9 @@ pub struct LoadedRun {
     pub compacted: bool,
     /// The repository's files, when the run was given them.
     pub files: Option<Vec<String>>,
+    /// The run's summary, when one was stored (a compacted run has one): its totals let a
+    /// complete run answer status without reading its files.
+    pub summary: Option<SummaryRecord>,
 }
 
 /// Counters of the group commit, for benchmarks and logs.
@@ -162,14 +165,12 @@ pub struct CommitStats {
     pub writes: AtomicU64,
 }
 
-/// Checks a group of writes against a cap on stored bytes, for backends that keep one.
-fn group_bytes(writes: &[Write]) -> u64 {
-    writes
-        .iter()
-        .map(|w| match w {
-            Write::AppendDelta { body, .. } => body.iter().map(|b| b.len() as u64).sum(),
-            Write::Compact { parts, .. } => parts.iter().map(|p| p.len() as u64).sum(),
-            _ => 0,
-        })
-        .sum()
+/// Orders summaries newest first, and by run id among runs created in the same millisecond,
+/// so that every backend lists them alike.
+fn newest_first(summaries: &mut [SummaryRecord]) {
+    summaries.sort_by(|a, b| {
+        b.created_at_ms
+            .cmp(&a.created_at_ms)
+            .then_with(|| a.run_id.cmp(&b.run_id))
+    });
 }

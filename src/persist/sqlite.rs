@@ -205,6 +205,7 @@ impl Storage for SqliteStore {
             conn.prepare("SELECT record FROM shards WHERE run_id = ?1 ORDER BY shard_id")?;
         let mut merged_stmt = conn.prepare("SELECT 1 FROM merged WHERE run_id = ?1 LIMIT 1")?;
         let mut files_stmt = conn.prepare("SELECT body FROM run_files WHERE run_id = ?1")?;
+        let mut summary_stmt = conn.prepare("SELECT record FROM summaries WHERE run_id = ?1")?;
         for bytes in records {
             let run: RunRecord = codec::decode(&bytes)?;
             let shards = shards_stmt
@@ -220,11 +221,17 @@ impl Storage for SqliteStore {
                 .optional()?
                 .map(|b| codec::decode::<records::FileListRecord>(&b).map(|l| l.paths))
                 .transpose()?;
+            let summary = summary_stmt
+                .query_row([&run.run_id], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?
+                .map(|b| codec::decode::<SummaryRecord>(&b))
+                .transpose()?;
             runs.push(LoadedRun {
                 run,
                 shards,
                 compacted,
                 files,
+                summary,
             });
         }
         Ok(runs)
@@ -279,7 +286,7 @@ impl Storage for SqliteStore {
             .query_map([], |r| r.get::<_, Vec<u8>>(0))?
             .map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        out.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+        super::newest_first(&mut out);
         out.truncate(limit);
         Ok(out)
     }

@@ -22,7 +22,10 @@ pub(super) fn from_ms(ms: u64) -> SystemTime {
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
-        Error::Unavailable(format!("not stored: {e}"))
+        match e {
+            StoreError::Full(why) => Error::ResourceExhausted(format!("not stored: {why}")),
+            e => Error::Unavailable(format!("not stored: {e}")),
+        }
     }
 }
 
@@ -104,12 +107,28 @@ pub(super) fn summary(status: &RunStatus) -> SummaryRecord {
 pub struct Recovery {
     pub runs: usize,
     pub complete_runs: usize,
+    /// Files of every run.
     pub files: usize,
+    /// Files loaded into memory (those of open runs; complete runs stay in storage).
+    pub resident_files: usize,
+}
+
+fn totals_of(s: &SummaryRecord) -> crate::model::Totals {
+    crate::model::Totals {
+        files: s.files,
+        lines: s.lines,
+        lines_covered: s.lines_covered,
+        branches: s.branches,
+        branches_taken: s.branches_taken,
+        functions: s.functions,
+        functions_hit: s.functions_hit,
+    }
 }
 
 impl CoverageService {
-    /// Rebuilds every run from the store: complete runs from their merged files, open runs
-    /// from the delta logs of their shards' current attempts. Blocking.
+    /// Rebuilds every run from the store: open runs from the delta logs of their shards'
+    /// current attempts; complete runs are left in storage (their totals come from their
+    /// summary) until read. Blocking.
     pub(super) fn recover(&self) -> Result<Recovery, StoreError> {
         let store = &*self.shared.storage;
         let mut report = Recovery::default();
@@ -144,52 +163,64 @@ impl CoverageService {
                     Some(Arc::new(files.into_iter().map(Into::into).collect()));
             }
             let interner = &self.shared.interner;
-            if loaded.compacted {
-                store.for_each_merged(&run.id, &mut |files| {
-                    for (path, file) in files {
-                        run.aggregate.merge_file(interner, &path, &file);
-                    }
-                })?;
-            } else {
-                let attempts = run.current_attempts();
-                store.for_each_delta(&run.id, &attempts, &mut |_, files| {
-                    for file in files.files() {
-                        run.aggregate.merge_part(interner, &file);
-                    }
-                })?;
-            }
             let complete = run.state().is_complete();
-            if complete && !loaded.compacted {
-                // The daemon stopped between the last finish and the compaction.
-                self.compact(&run)?;
+            match (&loaded.summary, loaded.compacted) {
+                // A complete run stays in storage until someone reads it.
+                (Some(summary), true) => run.set_stored(totals_of(summary)),
+                (None, true) => {
+                    // No summary to take the totals from: read it.
+                    run.set_stored(crate::model::Totals::default());
+                    let (aggregate, _) = run.load(interner, store)?;
+                    self.shared.cache.admit(&run, aggregate.heap_bytes());
+                }
+                (_, false) => {
+                    if let Some(aggregate) = run.aggregate() {
+                        let attempts = run.current_attempts();
+                        store.for_each_delta(&run.id, &attempts, &mut |_, files| {
+                            for file in files.files() {
+                                aggregate.merge_part(interner, &file);
+                            }
+                        })?;
+                    }
+                    if complete {
+                        // The daemon stopped between the last finish and the compaction.
+                        self.compact(&run)?;
+                        self.shared.cache.forget(&run.id);
+                        run.evict();
+                    }
+                }
             }
             report.runs += 1;
             report.complete_runs += usize::from(complete);
-            report.files += run.aggregate.len();
+            report.files += run.files();
+            report.resident_files += run.aggregate().map_or(0, |a| a.len());
             self.shared.runs.insert(r.run_id, run);
         }
         Ok(report)
     }
 
-    /// Stores a complete run's merged files and drops its delta log. Blocking.
-    pub(super) fn compact(&self, run: &Run) -> Result<(), StoreError> {
+    /// Stores a complete run's merged files and drops its delta log; the run then counts
+    /// against the memory budget, and may leave memory. Blocking.
+    pub(super) fn compact(&self, run: &Arc<Run>) -> Result<(), StoreError> {
         if run.state().stale {
             // The aggregate may hold a replaced attempt's data: keep the delta log instead.
             return Ok(());
         }
+        let Some(aggregate) = run.aggregate() else {
+            // Already stored, and out of memory.
+            return Ok(());
+        };
         let mut parts = Vec::new();
         let mut chunk = Vec::new();
         let _gate = run.gate_shared();
-        let _ = run
-            .aggregate
-            .for_each_sorted(&PathFilter::default(), |path, file| {
-                chunk.push((Arc::<str>::from(path), file.clone()));
-                if chunk.len() >= persist::FILES_PER_PART {
-                    parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
-                    chunk.clear();
-                }
-                Ok::<(), ()>(())
-            });
+        let _ = aggregate.for_each_sorted(&PathFilter::default(), |path, file| {
+            chunk.push((Arc::<str>::from(path), file.clone()));
+            if chunk.len() >= persist::FILES_PER_PART {
+                parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
+                chunk.clear();
+            }
+            Ok::<(), ()>(())
+        });
         if !chunk.is_empty() {
             parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
         }
@@ -202,7 +233,11 @@ impl CoverageService {
                 parts,
                 summary,
             },
-        ])
+        ])?;
+        run.compacted
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.cache.admit(run, aggregate.heap_bytes());
+        Ok(())
     }
 
     /// Drops the raw data of runs created before `cutoff`, keeping their summaries. Returns
@@ -225,6 +260,7 @@ impl CoverageService {
                 }])
                 .await?;
             self.shared.runs.remove(&run.id);
+            self.shared.cache.forget(&run.id);
             run.state().deleted = true;
             run.notify();
         }

@@ -59,8 +59,11 @@ impl CoverageService {
         }
         let (header_tx, header_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
-        tokio::task::spawn_blocking(move || {
-            render(&run, format, &filter, timed_out, header_tx, tx)
+        let service = self.clone();
+        tokio::task::spawn_blocking(move || match service.resident(&run) {
+            Ok(aggregate) => render(&run, &aggregate, format, &filter, timed_out, header_tx, tx),
+            // Reported where the header is awaited.
+            Err(e) => tracing::warn!(run = %run.id, "reading a stored run failed: {e}"),
         });
         let header = header_rx
             .await
@@ -72,6 +75,7 @@ impl CoverageService {
 /// Takes a consistent view of the run, sends the header, then the rendered data.
 fn render(
     run: &Run,
+    aggregate: &Aggregate,
     format: ExportFormat,
     filter: &PathFilter,
     timed_out: bool,
@@ -85,9 +89,9 @@ fn render(
         let state = run.state();
         (state.is_complete(), state.missing(), state.declared())
     };
-    let snapshot: Option<Aggregate> = (!complete).then(|| run.aggregate.snapshot());
+    let snapshot: Option<Aggregate> = (!complete).then(|| aggregate.snapshot());
     drop(gate);
-    let aggregate = snapshot.as_ref().unwrap_or(&run.aggregate);
+    let aggregate = snapshot.as_ref().unwrap_or(aggregate);
     let totals = aggregate.totals_of(filter);
     let header = ExportHeader {
         complete,

@@ -322,20 +322,22 @@ impl CoverageService {
     ) -> Result<Applied> {
         let limits = self.limits();
         let _gate = run.gate_shared();
+        // Taken under the gate: a rebuild replaces the aggregate under it exclusively.
+        let aggregate = run.live()?;
         // Concurrent deltas may each pass this check and overshoot by at most one delta's
         // files; the limit guards memory, not an exact count. Far from the limit, the paths
         // need no lookup.
-        let near_limit = run.aggregate.len() + delta.files.len() > limits.max_files_per_run;
+        let near_limit = aggregate.len() + delta.files.len() > limits.max_files_per_run;
         let new_files = if near_limit {
-            run.aggregate.count_new(delta.files.paths())
+            aggregate.count_new(delta.files.paths())
         } else {
             0
         };
-        if new_files > 0 && run.aggregate.len() + new_files > limits.max_files_per_run {
+        if new_files > 0 && aggregate.len() + new_files > limits.max_files_per_run {
             return Err(Error::ResourceExhausted(format!(
                 "run `{}` would hold {} files, beyond the limit of {}",
                 run.id,
-                run.aggregate.len() + new_files,
+                aggregate.len() + new_files,
                 limits.max_files_per_run
             )));
         }
@@ -376,7 +378,7 @@ impl CoverageService {
         let mut files = delta.files;
         files.intern_tests(|name| interner.intern(name));
         for file in files.files() {
-            run.aggregate.merge_part(interner, &file);
+            aggregate.merge_part(interner, &file);
         }
         files.recycle();
         let mut state = run.state();

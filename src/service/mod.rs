@@ -6,6 +6,7 @@
 //! - `export`: rendering the aggregate in a format, optionally after waiting for completeness;
 //! - `query`: per-file and per-directory reads.
 
+mod cache;
 mod durable;
 mod error;
 mod export;
@@ -29,7 +30,7 @@ pub use types::{
     TestTelemetry,
 };
 
-use crate::aggregate::PathInterner;
+use crate::aggregate::{Aggregate, PathInterner};
 use crate::persist::{MemoryStore, Storage, StoreError, Write};
 use run::Run;
 
@@ -46,6 +47,8 @@ struct Shared {
     limits: Limits,
     /// Where runs are committed before anything is acknowledged.
     storage: Arc<dyn Storage>,
+    /// Which complete runs keep their aggregate in memory.
+    cache: cache::Cache,
     /// Slots for deltas being decoded and applied ([`Limits::max_deltas_in_flight`]).
     deltas_in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -64,6 +67,7 @@ impl CoverageService {
                 deltas_in_flight: Arc::new(tokio::sync::Semaphore::new(
                     limits.max_deltas_in_flight.max(1),
                 )),
+                cache: cache::Cache::new(limits.memory_budget_bytes),
                 limits,
                 storage,
             }),
@@ -211,6 +215,7 @@ impl CoverageService {
             run.state().deleted = true;
             run.notify();
         }
+        self.shared.cache.forget(run_id);
         self.shared.interner.prune();
         Ok(())
     }
@@ -221,6 +226,23 @@ impl CoverageService {
             .get(run_id)
             .map(|r| r.value().clone())
             .ok_or_else(|| Error::RunNotFound(run_id.to_owned()))
+    }
+
+    /// The run's aggregate, read back from storage if the run left memory. Blocking: call
+    /// from a blocking thread.
+    fn resident(&self, run: &Arc<Run>) -> Result<Arc<Aggregate>> {
+        let (aggregate, loaded) = run.load(&self.shared.interner, &*self.shared.storage)?;
+        if loaded {
+            self.shared.cache.admit(run, aggregate.heap_bytes());
+        } else {
+            self.shared.cache.touch(run);
+        }
+        Ok(aggregate)
+    }
+
+    /// Bytes of complete runs' aggregates in memory, and how many such runs.
+    pub fn cached_bytes(&self) -> (usize, usize) {
+        self.shared.cache.usage()
     }
 
     fn get_or_create(&self, run_id: &str, params: &RunParams) -> Result<(bool, Arc<Run>)> {

@@ -12,13 +12,16 @@ impl CoverageService {
     pub async fn file(&self, run_id: &str, path: &str) -> Result<FileCoverage> {
         let run = self.run(run_id)?;
         let key = path.to_owned();
-        // The gate may be held exclusively by a rebuild or snapshot: wait off the async threads.
+        let service = self.clone();
+        // The gate may be held exclusively by a rebuild or snapshot, and a run that left memory
+        // is read back from storage: wait off the async threads.
         let file = tokio::task::spawn_blocking(move || {
+            let aggregate = service.resident(&run)?;
             let _gate = run.gate_shared();
-            run.aggregate.file(&key)
+            Ok::<_, Error>(aggregate.file(&key))
         })
         .await
-        .map_err(|e| Error::Unavailable(format!("reading the file failed: {e}")))?;
+        .map_err(|e| Error::Unavailable(format!("reading the file failed: {e}")))??;
         file.ok_or_else(|| Error::FileNotFound {
             run: run_id.to_owned(),
             path: path.to_owned(),
@@ -29,12 +32,14 @@ impl CoverageService {
     pub async fn directory(&self, run_id: &str, dir: &str) -> Result<DirectorySummary> {
         let run = self.run(run_id)?;
         let dir = dir.trim_end_matches('/');
+        let service = self.clone();
         let files = tokio::task::spawn_blocking(move || {
+            let aggregate = service.resident(&run)?;
             let _gate = run.gate_shared();
-            run.aggregate.file_totals(&PathFilter::default())
+            Ok::<_, Error>(aggregate.file_totals(&PathFilter::default()))
         })
         .await
-        .map_err(|e| Error::Unavailable(format!("reading the directory failed: {e}")))?;
+        .map_err(|e| Error::Unavailable(format!("reading the directory failed: {e}")))??;
         let mut total = Totals::default();
         // Keyed (is_file, path): directories sort before files.
         let mut children: BTreeMap<(bool, Arc<str>), Totals> = BTreeMap::new();

@@ -7,16 +7,22 @@
 //! 2. `state` (std `Mutex`): shard bookkeeping, held for microseconds, never while merging.
 //! 3. the aggregate's own per-file locks (dashmap), taken inside `Aggregate` calls only.
 //!
+//! A complete run whose merged files are stored may leave memory (see `cache`): its aggregate
+//! is then dropped, and read back from storage when a reader needs it. Readers hold an
+//! `Arc<Aggregate>`, so a run leaving memory never takes data from under one.
+//!
 //! std locks rather than tokio's: they are held briefly, from blocking threads or without
 //! awaiting, and std's are cheaper.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
 use tokio::sync::watch;
 
 use crate::aggregate::{Aggregate, PathInterner};
+use crate::model::Totals;
 use crate::persist::{Storage, StoreError};
 
 use super::{Error, Result, RunParams, RunStatus, ShardState, ShardStatus, TestTelemetry};
@@ -116,7 +122,15 @@ pub(super) struct Run {
     pub(super) created_at: SystemTime,
     gate: RwLock<()>,
     state: Mutex<RunState>,
-    pub(super) aggregate: Aggregate,
+    /// The merged coverage, in memory or left in storage.
+    held: RwLock<Held>,
+    /// Serializes reading a stored aggregate back, so two readers do not both read it.
+    loading: Mutex<()>,
+    /// When a reader last used the aggregate (the service's clock), for the cache's order.
+    pub(super) last_used: AtomicU64,
+    /// Whether the run's merged files are stored (it was compacted): only then may its
+    /// aggregate leave memory.
+    pub(super) compacted: AtomicBool,
     /// Bumped on every change; watchers and waiting exports subscribe.
     changed: watch::Sender<u64>,
     /// Serializes writes of the run's stored record, so a stale copy never lands last. A tokio
@@ -158,7 +172,10 @@ impl Run {
             created_at,
             gate: RwLock::new(()),
             state: Mutex::new(state),
-            aggregate: Aggregate::new(),
+            held: RwLock::new(Held::Resident(Arc::new(Aggregate::new()))),
+            loading: Mutex::new(()),
+            last_used: AtomicU64::new(0),
+            compacted: AtomicBool::new(false),
             changed: watch::Sender::new(0),
             record_lock: tokio::sync::Mutex::new(()),
             stored: std::sync::atomic::AtomicBool::new(false),
@@ -198,7 +215,7 @@ impl Run {
     }
 
     pub(super) fn status(&self) -> RunStatus {
-        let totals = self.aggregate.totals();
+        let totals = self.totals();
         let state = self.state();
         RunStatus {
             run_id: self.id.clone(),
@@ -233,13 +250,111 @@ impl Run {
         storage: &dyn Storage,
     ) -> Result<(), StoreError> {
         let _gate = self.gate_exclusive();
-        self.aggregate.clear();
+        let aggregate = Arc::new(Aggregate::new());
+        *self.held_mut() = Held::Resident(aggregate.clone());
         storage.for_each_delta(&self.id, &self.current_attempts(), &mut |_, files| {
             for file in files.files() {
-                self.aggregate.merge_part(interner, &file);
+                aggregate.merge_part(interner, &file);
             }
         })
     }
+
+    fn held(&self) -> RwLockReadGuard<'_, Held> {
+        self.held.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held_mut(&self) -> RwLockWriteGuard<'_, Held> {
+        self.held.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The aggregate, if it is in memory. Open runs always have theirs in memory.
+    pub(super) fn aggregate(&self) -> Option<Arc<Aggregate>> {
+        match &*self.held() {
+            Held::Resident(a) => Some(a.clone()),
+            Held::Stored { .. } => None,
+        }
+    }
+
+    /// The aggregate of a run that is still being written (always in memory).
+    pub(super) fn live(&self) -> Result<Arc<Aggregate>> {
+        self.aggregate().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "run `{}` is complete; its coverage changes no more",
+                self.id
+            ))
+        })
+    }
+
+    /// The totals, whether or not the aggregate is in memory.
+    pub(super) fn totals(&self) -> Totals {
+        match &*self.held() {
+            Held::Resident(a) => a.totals(),
+            Held::Stored { totals, .. } => *totals,
+        }
+    }
+
+    /// How many files the run holds, whether or not the aggregate is in memory.
+    pub(super) fn files(&self) -> usize {
+        match &*self.held() {
+            Held::Resident(a) => a.len(),
+            Held::Stored { totals, .. } => totals.files as usize,
+        }
+    }
+
+    /// Leaves the aggregate in storage (the run must be compacted), keeping its totals.
+    /// Returns whether it was in memory.
+    pub(super) fn evict(&self) -> bool {
+        if !self.compacted.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut held = self.held_mut();
+        let Held::Resident(a) = &*held else {
+            return false;
+        };
+        let totals = a.totals();
+        *held = Held::Stored { totals };
+        true
+    }
+
+    /// Marks a compacted run's aggregate as left in storage from the start, with `totals`.
+    pub(super) fn set_stored(&self, totals: Totals) {
+        self.compacted.store(true, Ordering::Release);
+        *self.held_mut() = Held::Stored { totals };
+    }
+
+    /// The aggregate, read back from the run's stored merged files if it was left there.
+    /// Returns it and whether it had to be read. Blocking.
+    pub(super) fn load(
+        &self,
+        interner: &PathInterner,
+        storage: &dyn Storage,
+    ) -> std::result::Result<(Arc<Aggregate>, bool), StoreError> {
+        if let Some(a) = self.aggregate() {
+            return Ok((a, false));
+        }
+        let _one = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = self.aggregate() {
+            return Ok((a, false));
+        }
+        let aggregate = Arc::new(Aggregate::new());
+        storage.for_each_merged(&self.id, &mut |files| {
+            for (path, file) in files {
+                aggregate.merge_file(interner, &path, &file);
+            }
+        })?;
+        *self.held_mut() = Held::Resident(aggregate.clone());
+        Ok((aggregate, true))
+    }
+}
+
+/// Where a run's merged coverage is.
+#[derive(Debug)]
+enum Held {
+    Resident(Arc<Aggregate>),
+    /// In storage only (a complete, compacted run); its totals are kept for status and lists.
+    Stored {
+        totals: Totals,
+    },
 }
 
 /// Refuses a shard id the run does not expect.

@@ -27,6 +27,9 @@ pub struct Limits {
     /// the cores (and 2): the cores stay busy meanwhile, and groups grow (on the ingest
     /// benchmark, kernel CPU 1.85 → 1.55 s against cores + 1, the same peak memory).
     pub max_deltas_in_flight: usize,
+    /// Bytes of memory for the aggregates of complete runs; beyond it the least recently used
+    /// leave memory and are read back from storage when asked for. Open runs do not count.
+    pub memory_budget_bytes: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +43,7 @@ impl Default for Limits {
             max_name_bytes: 4096,
             max_deltas_in_flight: std::thread::available_parallelism()
                 .map_or(2, |n| 2 * n.get() + 2),
+            memory_budget_bytes: 512 << 20,
         }
     }
 }

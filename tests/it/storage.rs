@@ -66,7 +66,12 @@ impl Backend {
     }
 
     fn service(&self) -> (CoverageService, covd::service::Recovery) {
-        CoverageService::open(Limits::default(), self.open()).unwrap()
+        self.service_with(Limits::default())
+    }
+
+    /// Opening recovers, which is blocking work (as the daemon does it, off the async threads).
+    fn service_with(&self, limits: Limits) -> (CoverageService, covd::service::Recovery) {
+        tokio::task::block_in_place(|| CoverageService::open(limits, self.open()).unwrap())
     }
 }
 
@@ -100,11 +105,12 @@ every_backend!(
     a_new_attempt_drops_the_deltas_of_earlier_ones,
     compaction_keeps_merged_files_and_a_summary,
     deleting_a_run_keeps_or_drops_its_summary,
-    a_failed_write_refuses_every_later_write,
+    a_write_beyond_the_cap_commits_nothing,
     a_restarted_daemon_answers_for_complete_and_open_runs,
     a_higher_attempt_replaces_the_earlier_one_across_a_restart,
-    a_daemon_refuses_to_acknowledge_after_a_failed_write,
+    a_daemon_refuses_a_delta_beyond_the_cap,
     expired_runs_keep_their_summary,
+    complete_runs_leave_memory_and_still_answer,
     shutdown_ends_open_streams_so_clients_resume,
 );
 
@@ -248,6 +254,7 @@ async fn writes_for_a_run_that_is_not_stored_are_dropped(make: Make) {
     )
     .await;
     assert!(storage.load_runs().unwrap().is_empty());
+    assert!(deltas(&*storage, "nowhere", &[("0", 1, 1)]).is_empty());
     // A run deleted while a write for it was on its way: the write does not bring it back.
     write(&*storage, vec![Write::PutRun(run("gone"))]).await;
     write(
@@ -345,6 +352,16 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
         for id in ["kept", "dropped", "live"] {
             write(&*storage, vec![Write::PutRun(run(id))]).await;
         }
+        // "dropped" has a summary before it is deleted without one.
+        write(
+            &*storage,
+            vec![Write::Compact {
+                run_id: "dropped".into(),
+                parts: Vec::new(),
+                summary: summary("dropped", 3),
+            }],
+        )
+        .await;
         write(
             &*storage,
             vec![
@@ -381,7 +398,9 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
     assert_eq!(storage.summaries(1).unwrap(), [summary("live", 5)]);
 }
 
-async fn a_failed_write_refuses_every_later_write(make: Make) {
+/// A durable backend latches after a failed write (it never retries an fsync and carries on);
+/// the in-memory store, which has no fsync to distrust, refuses only the write beyond its cap.
+async fn a_write_beyond_the_cap_commits_nothing(make: Make) {
     let backend = make(Some(96 * 1024));
     let storage = backend.open();
     write(&*storage, vec![Write::PutRun(run("r"))]).await;
@@ -389,7 +408,7 @@ async fn a_failed_write_refuses_every_later_write(make: Make) {
     let big: Vec<(String, FileCoverage)> = (0..10_000)
         .map(|i| (format!("f{i}.c"), one_line(1 + i, 1)))
         .collect();
-    let e = storage
+    storage
         .write(vec![Write::AppendDelta {
             run_id: "r".into(),
             shard: shard("0", 1, 2),
@@ -397,18 +416,23 @@ async fn a_failed_write_refuses_every_later_write(make: Make) {
         }])
         .await
         .unwrap_err();
-    assert!(storage.failure().is_some(), "{e}");
-    // However small, and whatever it is: nothing more is committed.
-    let e = storage
-        .write(vec![Write::PutRun(run("other"))])
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("the store failed"), "{e}");
     // What was committed before is intact; the refused delta is not there.
     assert_eq!(deltas(&*storage, "r", &[("0", 1, 2)]), [("0".into(), 1)]);
     let runs = storage.load_runs().unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].shards, [shard("0", 1, 1)]);
+    let later = storage.write(vec![Write::PutRun(run("other"))]).await;
+    if storage.is_durable() {
+        assert!(storage.failure().is_some());
+        // However small, and whatever it is: nothing more is committed.
+        let e = later.unwrap_err();
+        assert!(e.to_string().contains("the store failed"), "{e}");
+        assert_eq!(storage.load_runs().unwrap().len(), 1);
+    } else {
+        assert!(storage.failure().is_none());
+        later.unwrap();
+        assert_eq!(storage.load_runs().unwrap().len(), 2);
+    }
 }
 
 async fn a_restarted_daemon_answers_for_complete_and_open_runs(make: Make) {
@@ -457,7 +481,8 @@ async fn a_restarted_daemon_answers_for_complete_and_open_runs(make: Make) {
     assert_eq!(fetch(&mut client, "open").await.1, done_before);
     daemon.stop().await.unwrap();
 
-    // Once compacted, the complete runs still answer the same after another restart.
+    // After another restart (the runs compacted, at the latest by the restart's recovery) the
+    // complete runs start in storage, not in memory, and answer the same when read.
     let daemon = backend.daemon().await;
     let mut client = daemon.client();
     assert_eq!(fetch(&mut client, "open").await.1, done_before);
@@ -500,8 +525,9 @@ async fn a_higher_attempt_replaces_the_earlier_one_across_a_restart(make: Make) 
     daemon.stop().await.unwrap();
 }
 
-async fn a_daemon_refuses_to_acknowledge_after_a_failed_write(make: Make) {
+async fn a_daemon_refuses_a_delta_beyond_the_cap(make: Make) {
     let backend = make(Some(96 * 1024));
+    let durable = backend.open().is_durable();
     let daemon = backend.daemon().await;
     let mut c = raw(&daemon.url).await;
     let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
@@ -518,14 +544,20 @@ async fn a_daemon_refuses_to_acknowledge_after_a_failed_write(make: Make) {
         })
         .collect();
     let e = s.delta(2, big).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
-    // From now on nothing is acknowledged, however small: no retry of a failed write.
-    let e = daemon
+    let later = daemon
         .client()
         .open_run("other", RunParams::default())
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("the store failed"), "{e}");
+        .await;
+    if durable {
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+        // From now on nothing is acknowledged, however small: no retry of a failed write.
+        let e = later.unwrap_err();
+        assert!(e.to_string().contains("the store failed"), "{e}");
+    } else {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+        assert!(e.message().contains("--max-db-bytes"), "{}", e.message());
+        later.unwrap();
+    }
     // Nothing of the refused delta reached memory either.
     let status = daemon.client().status("r").await.unwrap();
     assert_eq!(status.totals.files, 1);
@@ -621,4 +653,106 @@ async fn shutdown_ends_open_streams_so_clients_resume(make: Make) {
     let mut c = raw(&daemon.url).await;
     let (_, resume) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
     assert_eq!(resume.last_seq, 1);
+}
+
+/// Pushes `files` (path, line) as one shard of a new run expecting only it, and finishes it.
+async fn complete_run(service: &CoverageService, run_id: &str, files: &[(String, FileCoverage)]) {
+    let one = RunParams {
+        expected_shards: vec!["0".into()],
+        ..RunParams::default()
+    };
+    service.open_run(run_id, one).await.unwrap();
+    let session = service
+        .begin_shard(ShardHeader {
+            run_id: run_id.into(),
+            shard_id: "0".into(),
+            attempt: 1,
+            params: RunParams::default(),
+        })
+        .await
+        .unwrap();
+    service
+        .apply(
+            &session,
+            Delta {
+                seq: 1,
+                files: covd::model::FileBatch::of_files(files),
+                ..Delta::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(service.finish(&session, 1, None).await.unwrap().complete);
+}
+
+async fn export_lcov(service: &CoverageService, run_id: &str) -> Vec<u8> {
+    let mut export = service
+        .export(
+            run_id,
+            covd::service::ExportFormat::Lcov,
+            None,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(chunk) = export.chunks.recv().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
+/// A complete run's aggregate is read from storage when asked for, counts against the memory
+/// budget, and leaves memory beyond it; a restart loads only open runs.
+async fn complete_runs_leave_memory_and_still_answer(make: Make) {
+    let backend = make(None);
+    let files = |run: u32| -> Vec<(String, FileCoverage)> {
+        (0..50)
+            .map(|i| (format!("src/f{i}.c"), one_line(1 + i + run, u64::from(run))))
+            .collect()
+    };
+    let mut answers = Vec::new();
+    {
+        let (service, _) = backend.service();
+        for run in 1..=3 {
+            let id = format!("r{run}");
+            complete_run(&service, &id, &files(run)).await;
+            answers.push((
+                service.run_status(&id).unwrap().totals,
+                service.file(&id, "src/f7.c").await.unwrap(),
+                export_lcov(&service, &id).await,
+            ));
+        }
+        service
+            .open_run("open", RunParams::default())
+            .await
+            .unwrap();
+    }
+    // A budget that holds one of these runs, not two.
+    let (probe, recovery) = backend.service();
+    assert_eq!((recovery.runs, recovery.complete_runs), (4, 3));
+    assert_eq!(recovery.resident_files, 0, "complete runs start in storage");
+    assert_eq!(recovery.files, 150);
+    assert_eq!(probe.cached_bytes(), (0, 0));
+    probe.file("r1", "src/f7.c").await.unwrap();
+    let (one_run, runs) = probe.cached_bytes();
+    assert_eq!(runs, 1);
+    assert!(one_run > 50 * 8, "{one_run} bytes for 50 files");
+    drop(probe);
+
+    let limits = Limits {
+        memory_budget_bytes: one_run + one_run / 2,
+        ..Limits::default()
+    };
+    let (service, _) = backend.service_with(limits);
+    for (i, (totals, file, lcov)) in answers.iter().enumerate() {
+        let id = format!("r{}", i + 1);
+        // Status and lists come from the summary, without reading the run.
+        assert_eq!(&service.run_status(&id).unwrap().totals, totals);
+        assert_eq!(&service.file(&id, "src/f7.c").await.unwrap(), file);
+        assert_eq!(&export_lcov(&service, &id).await, lcov);
+        // Only the run read last stays.
+        assert_eq!(service.cached_bytes().1, 1);
+    }
+    assert_eq!(service.list_runs(10, None).len(), 4);
 }
