@@ -125,6 +125,11 @@ pub async fn run_on(
     health_reporter
         .set_serving::<CoverageServer<CoverageRpc>>()
         .await;
+    tokio::spawn(report_store_failure(
+        service.clone(),
+        health_reporter.clone(),
+        stopping.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -218,6 +223,36 @@ async fn open_service(
         started.elapsed()
     );
     Ok(service)
+}
+
+/// How often the health check looks at the store's failure latch.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Turns the health check to NOT_SERVING (both covd.v1.Coverage and the server as a whole)
+/// once the store refuses writes, and logs why: a load balancer then stops sending shards to a
+/// daemon that can acknowledge nothing, while reads still work.
+async fn report_store_failure(
+    service: CoverageService,
+    health: tonic_health::server::HealthReporter,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(HEALTH_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        if let Some(why) = service.store_failure() {
+            tracing::error!("health: NOT_SERVING, the store refuses writes: {why}");
+            health
+                .set_not_serving::<CoverageServer<CoverageRpc>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            return;
+        }
+    }
 }
 
 /// Drops expired runs now and then, until shutdown.

@@ -125,6 +125,37 @@ struct ServeArgs {
     /// cores, and 2).
     #[arg(long, default_value_t = Settings::default().limits.max_deltas_in_flight)]
     max_deltas_in_flight: usize,
+    /// Most files in one delta.
+    #[arg(long, default_value_t = Settings::default().limits.max_files_per_delta)]
+    max_files_per_delta: usize,
+    /// Longest function name, branch label or test name in a delta, in bytes.
+    #[arg(long, default_value_t = Settings::default().limits.max_name_bytes)]
+    max_name_bytes: usize,
+    /// Longest run id, in bytes.
+    #[arg(long, default_value_t = Settings::default().limits.max_run_id_bytes)]
+    max_run_id_bytes: usize,
+    /// Longest shard id, in bytes.
+    #[arg(long, default_value_t = Settings::default().limits.max_shard_id_bytes)]
+    max_shard_id_bytes: usize,
+    /// Longest project, commit, branch or flag of a run, in bytes.
+    #[arg(long, default_value_t = Settings::default().limits.max_run_field_bytes)]
+    max_run_field_bytes: usize,
+    /// Most test cases one shard reports.
+    #[arg(long, default_value_t = Settings::default().limits.max_tests_per_shard)]
+    max_tests_per_shard: usize,
+    /// Longest test name, suite or platform a shard reports, in bytes.
+    #[arg(long, default_value_t = Settings::default().limits.max_test_field_bytes)]
+    max_test_field_bytes: usize,
+    /// Runs a list answers with, at most.
+    #[arg(long, default_value_t = Settings::default().limits.runs_listed)]
+    runs_listed: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(long, default_value_t = Settings::default().max_concurrent_streams)]
+    max_concurrent_streams: u32,
+    /// How much of one stream the daemon buffers before it reads it (HTTP/2 stream window),
+    /// in bytes.
+    #[arg(long, default_value_t = Settings::default().stream_window_bytes)]
+    stream_window_bytes: u32,
 }
 
 #[derive(Debug, Args)]
@@ -359,6 +390,8 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         retention: (!a.retention.is_zero()).then_some(a.retention),
         shutdown_grace: a.shutdown_grace,
         max_db_bytes: a.max_db_bytes,
+        max_concurrent_streams: a.max_concurrent_streams,
+        stream_window_bytes: a.stream_window_bytes,
         ..Settings::default()
     };
     settings.limits.max_line = a.max_line;
@@ -367,6 +400,14 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_runs = a.max_runs;
     settings.limits.max_deltas_in_flight = a.max_deltas_in_flight;
     settings.limits.memory_budget_bytes = a.memory_budget;
+    settings.limits.max_files_per_delta = a.max_files_per_delta;
+    settings.limits.max_name_bytes = a.max_name_bytes;
+    settings.limits.max_run_id_bytes = a.max_run_id_bytes;
+    settings.limits.max_shard_id_bytes = a.max_shard_id_bytes;
+    settings.limits.max_run_field_bytes = a.max_run_field_bytes;
+    settings.limits.max_tests_per_shard = a.max_tests_per_shard;
+    settings.limits.max_test_field_bytes = a.max_test_field_bytes;
+    settings.limits.runs_listed = a.runs_listed;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;

@@ -152,9 +152,12 @@ fn convert(r: FileReport) -> Result<FileCoverage, String> {
         let n = line(&r.file, l.line_number)?;
         b.line(n, l.count);
         for (position, br) in l.branches.iter().enumerate() {
+            let block = br.source_block_id.or(br.blockno).unwrap_or(0);
+            let block = crate::model::block_number(u64::from(block), "branch block")
+                .map_err(|m| format!("{}: line {n}: {m}", r.file))?;
             let key = BranchKey {
                 line: n,
-                block: br.source_block_id.or(br.blockno).unwrap_or(0),
+                block,
                 arm: BranchArm::Index(br.branchno.unwrap_or(position as u32)),
             };
             b.branch(key, (l.count > 0).then_some(br.count));

@@ -176,11 +176,12 @@ fn convert(path: &str, e: FileEntry) -> Result<FileCoverage, String> {
             let Some(n) = line(path, branch.line.or(first.start.line))? else {
                 continue;
             };
-            let column = first
-                .start
-                .column
-                .unwrap_or(0)
-                .clamp(0, i64::from(u32::MAX)) as u32;
+            // c8 can give -1 (a V8 range that starts on the newline before the line).
+            let column = crate::model::block_number(
+                first.start.column.unwrap_or(0).max(0) as u64,
+                "branch column",
+            )
+            .map_err(|m| format!("{path}: line {n}: {m}"))?;
             let counts = e.b.get(id).map(Vec::as_slice).unwrap_or(&[]);
             for i in 0..branch.locations.len().max(counts.len()) {
                 let key = BranchKey {

@@ -14,14 +14,16 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::ops::Range;
 
-use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE};
+use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE, block_number};
 
 use super::ParseError;
 pub use super::Record;
 
-/// The bit of a branch's block that marks an exception branch (`BRDA:12,e0,…`): blocks are
-/// small numbers, so the top bit is free, and the mark survives merges and the writer.
-pub const EXCEPTION_BLOCK: u32 = 1 << 31;
+pub use crate::model::EXCEPTION_BLOCK;
+
+/// The longest line the reader gathers, in bytes. A longer one (a file that is not LCOV, or
+/// one without newlines) is refused, naming the line, rather than held whole in memory.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// Reads records one at a time, so a tracefile of any size is never held whole in memory.
 #[derive(Debug)]
@@ -114,10 +116,20 @@ impl<R: BufRead> Reader<R> {
                     self.buf.extend_from_slice(available);
                     let partial = available.len();
                     self.input.consume(partial);
-                    let rest = self
-                        .input
+                    // One byte beyond the limit tells a line that is too long.
+                    let room = MAX_LINE_BYTES.saturating_sub(partial) as u64 + 1;
+                    let rest = io::Read::take(&mut self.input, room)
                         .read_until(b'\n', &mut self.buf)
                         .map_err(|e| ParseError::io(self.line_no + 1, e))?;
+                    if self.buf.len() > MAX_LINE_BYTES && self.buf.last() != Some(&b'\n') {
+                        return Err(ParseError::at(
+                            self.line_no + 1,
+                            format!(
+                                "the line is longer than {MAX_LINE_BYTES} bytes (is this an \
+                                 LCOV tracefile?)"
+                            ),
+                        ));
+                    }
                     self.bytes_read += (partial + rest) as u64;
                     (self.buf.as_slice(), 0)
                 }
@@ -359,14 +371,7 @@ fn general_brda(value: &[u8]) -> Result<Option<(BranchKey, Option<u64>)>, String
         Some(n) => (n, EXCEPTION_BLOCK),
         None => (block, 0),
     };
-    let block = number::<u32>(digits, "BRDA block")?;
-    // The top bit is the exception mark: a block that large would read back as `e`.
-    if block & EXCEPTION_BLOCK != 0 {
-        return Err(format!(
-            "BRDA block {block} is beyond the largest accepted block"
-        ));
-    }
-    let block = block | mark;
+    let block = block_number(number::<u64>(digits, "BRDA block")?, "BRDA block")? | mark;
     let comma = rest
         .iter()
         .rposition(|&b| b == b',')
@@ -396,9 +401,7 @@ fn plain_brda(value: &[u8]) -> Option<(BranchKey, Option<u64>)> {
     let line = u32::try_from(line)
         .ok()
         .filter(|l| (1..=MAX_LINE).contains(l))?;
-    let block = u32::try_from(block)
-        .ok()
-        .filter(|b| b & EXCEPTION_BLOCK == 0)?;
+    let block = block_number(block, "").ok()?;
     let arm = BranchArm::Index(u32::try_from(branch).ok()?);
     // `-` is the only way to NOT_RUN: 18 digits stay below it.
     Some((
@@ -712,6 +715,29 @@ mod tests {
     }
 
     #[test]
+    fn a_line_beyond_the_limit_is_refused_not_gathered() {
+        // A small buffer, so that the long line straddles it and is gathered.
+        let mut text = b"SF:a.c\nDA:1,1\nFN:1,".to_vec();
+        text.resize(text.len() + MAX_LINE_BYTES + 10, b'x');
+        let mut r = Reader::new(std::io::BufReader::with_capacity(64, &text[..]));
+        let e = r.next_record().unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("longer than"), "{e}");
+        // Just under the limit, with or without a final newline, it is read.
+        for end in ["\nend_of_record\n", ""] {
+            let mut text = b"SF:a.c\nDA:1,1\nTN:".to_vec();
+            text.resize(text.len() + MAX_LINE_BYTES - 3, b'x');
+            text.extend_from_slice(end.as_bytes());
+            let mut r = Reader::new(std::io::BufReader::with_capacity(64, &text[..]));
+            let read = r.next_record();
+            if end.is_empty() {
+                assert!(read.unwrap_err().to_string().contains("no end_of_record"));
+            } else {
+                assert_eq!(read.unwrap().unwrap().path, "a.c");
+            }
+        }
+    }
+
+    #[test]
     fn round_trips_through_the_writer() {
         let text = "SF:x.py\nFN:1,4,f\nFNDA:2,f\nFNF:1\nFNH:1\nBRDA:2,0,jump to line 3,-\nBRF:1\nBRH:0\nDA:1,2\nDA:2,0\nLF:2\nLH:1\nend_of_record\n";
         let recs = parse_all(text).unwrap();
@@ -876,12 +902,25 @@ mod tests {
     }
 
     #[test]
-    fn a_block_in_the_exception_bit_is_refused() {
-        let err = parse_all("SF:a\nBRDA:1,2147483648,0,1\nend_of_record\n").unwrap_err();
-        assert!(err.to_string().contains("line 2"), "{err}");
-        assert!(err.to_string().contains("block 2147483648"), "{err}");
-        let ok = parse_all("SF:a\nBRDA:1,2147483647,0,1\nBRDA:1,e2147483647,0,1\nend_of_record\n");
-        assert_eq!(ok.unwrap()[0].file.branches().len(), 2);
+    fn a_block_in_a_flag_bit_is_refused() {
+        // 2^31 would read back as an exception block, 2^30 as a coverage.py counted arm.
+        for block in ["2147483648", "1073741824", "e1073741824", "4294967295"] {
+            let text = format!("SF:a\nDA:1,1\nBRDA:1,{block},0,1\nend_of_record\n");
+            let err = parse_all(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("line 3") && err.contains("beyond"),
+                "{block}: {err}"
+            );
+        }
+        let ok = parse_all("SF:a\nBRDA:1,1073741823,0,1\nBRDA:1,e1073741823,0,1\nend_of_record\n");
+        let recs = ok.unwrap();
+        let blocks: Vec<u32> = recs[0]
+            .file
+            .branches()
+            .iter()
+            .map(|(k, _)| k.block)
+            .collect();
+        assert_eq!(blocks, [1073741823, 1073741823 | EXCEPTION_BLOCK]);
     }
 
     #[test]

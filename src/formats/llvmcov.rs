@@ -328,11 +328,13 @@ fn branches_only(mut b: FileBuilder, e: &FileEntry) -> Result<FileCoverage, Stri
             ));
         };
         let line = checked(line).map_err(|m| format!("{}: {m}", e.filename))?;
+        let block = crate::model::block_number(column, "branch column")
+            .map_err(|m| format!("{}: line {line}: {m}", e.filename))?;
         let reached = taken > 0 || not_taken > 0;
         for (i, count) in [taken, not_taken].into_iter().enumerate() {
             let key = BranchKey {
                 line,
-                block: u32::try_from(column).unwrap_or(u32::MAX),
+                block,
                 arm: BranchArm::Index(i as u32),
             };
             b.branch(key, reached.then_some(count));

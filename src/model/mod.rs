@@ -48,6 +48,26 @@ impl std::fmt::Display for BranchArm {
 /// Coverage of the toolz corpus' Cobertura shards merges to exactly coverage.py's combine.
 pub const COUNTED_BLOCK: u32 = 1 << 30;
 
+/// The flag in [`BranchKey::block`] that marks an exception branch (LCOV's `BRDA:12,e0,…`, from
+/// lcov 2 and gcovr): blocks are small numbers, so the top bit is free, and the mark survives
+/// merges and the writers.
+pub const EXCEPTION_BLOCK: u32 = 1 << 31;
+
+/// The largest block number a tool may give (a block id, or the column llvm-cov and Istanbul
+/// key branches by): the bits above it are covd's flags.
+pub const MAX_BLOCK: u32 = COUNTED_BLOCK - 1;
+
+/// A block number as a reader found it, refused when it would set one of the flags (read back,
+/// `BRDA:10,1073741824,0,1` would be a counted arm, and a column beyond 2^31 an exception).
+pub fn block_number(n: u64, what: &str) -> Result<u32, String> {
+    match u32::try_from(n) {
+        Ok(b) if b <= MAX_BLOCK => Ok(b),
+        _ => Err(format!(
+            "{what} {n} is beyond the largest accepted ({MAX_BLOCK})"
+        )),
+    }
+}
+
 /// The identity of a branch within a file.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BranchKey {

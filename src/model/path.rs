@@ -12,14 +12,31 @@ pub enum PathError {
     ParentComponent,
     #[error("the path contains a control character (byte {0:#04x})")]
     ControlCharacter(u8),
+    /// A C1 control, a bidirectional formatting character (which can make a report show a
+    /// path other than the one stored) or a line or paragraph separator.
+    #[error("the path contains the invisible character U+{:04X}", u32::from(*.0))]
+    InvisibleCharacter(char),
 }
 
 /// The longest path accepted, in bytes (Linux's PATH_MAX).
 pub const MAX_PATH_BYTES: usize = 4096;
 
-/// Refuses paths that are empty, too long, carry control characters (NUL included), or climb
-/// out of their root with `..`. Absolute paths are accepted: without path rules, that is what
-/// most tools write.
+/// Characters that change what a reader sees without being seen: C1 controls, Unicode's
+/// bidirectional marks, embeddings, overrides and isolates, and the line and paragraph
+/// separators.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{80}'..='\u{9f}'
+        | '\u{61c}'
+        | '\u{200e}'
+        | '\u{200f}'
+        | '\u{2028}'..='\u{202e}'
+        | '\u{2066}'..='\u{2069}')
+}
+
+/// Refuses paths that are empty, too long, carry control characters (NUL included) or
+/// invisible ones, or climb out of their root with `..`. Absolute paths are accepted: without
+/// path rules, that is what most tools write.
 pub fn check(path: &str) -> Result<(), PathError> {
     if path.is_empty() {
         return Err(PathError::Empty);
@@ -32,6 +49,11 @@ pub fn check(path: &str) -> Result<(), PathError> {
     }
     if let Some(b) = path.bytes().find(|b| b.is_ascii_control()) {
         return Err(PathError::ControlCharacter(b));
+    }
+    if !path.is_ascii()
+        && let Some(c) = path.chars().find(|c| invisible(*c))
+    {
+        return Err(PathError::InvisibleCharacter(c));
     }
     if path.split(['/', '\\']).any(|c| c == "..") {
         return Err(PathError::ParentComponent);
@@ -78,26 +100,28 @@ impl PathRules {
                 p = rest.to_owned();
             }
         }
-        normalize(&p)
+        normalize(&p).into_owned()
     }
 }
 
-/// Removes `.` components and repeated slashes, keeping a leading `/`.
-fn normalize(path: &str) -> String {
-    if !path.contains("//") && !path.contains("./") {
-        return path.to_owned();
-    }
+/// Removes `.` components, repeated slashes and a trailing slash, keeping a leading `/`, so
+/// that `./src//a.c` and `src/a.c` name one file. Borrows when there is nothing to remove.
+pub fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
     let absolute = path.starts_with('/');
+    let body = if absolute { &path[1..] } else { path };
+    if body.split('/').all(|c| !c.is_empty() && c != ".") {
+        return std::borrow::Cow::Borrowed(path);
+    }
     let parts: Vec<&str> = path
         .split('/')
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
     let joined = parts.join("/");
-    if absolute {
+    std::borrow::Cow::Owned(if absolute {
         format!("/{joined}")
     } else {
         joined
-    }
+    })
 }
 
 /// Which paths to keep: those matching any `include` glob (all, when there is none) and no

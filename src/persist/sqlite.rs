@@ -405,6 +405,17 @@ fn writer_loop(
         let result = match failed {
             Some(f) => Err(f),
             None => commit(&mut conn, &mut logs, &group).map_err(|e| {
+                // SQLite's "full" under the page limit the cap set is the cap, not the disk.
+                let e = match (e, logs.cap) {
+                    (StoreError::Sqlite(e), Some((max, _)))
+                        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) =>
+                    {
+                        StoreError::Full(format!(
+                            "the database cannot grow within --max-db-bytes {max} ({e})"
+                        ))
+                    }
+                    (e, _) => e,
+                };
                 let message = format!(
                     "a write to the database failed ({e}); restart covd once the cause is fixed"
                 );

@@ -94,7 +94,12 @@ pub(crate) fn status_to_proto(s: RunStatus) -> proto::RunStatus {
     }
 }
 
-pub(crate) fn telemetry_from_proto(t: proto::TestTelemetry) -> Result<TestTelemetry, Error> {
+/// A shard's test results; `limits` checks them as a finish from a client (the client reads
+/// the daemon's answers with `None`).
+pub(crate) fn telemetry_from_proto(
+    t: proto::TestTelemetry,
+    limits: Option<&Limits>,
+) -> Result<TestTelemetry, Error> {
     let duration = match t.duration {
         None => None,
         Some(d) => Some(Duration::try_from(d).map_err(|e| {
@@ -104,17 +109,32 @@ pub(crate) fn telemetry_from_proto(t: proto::TestTelemetry) -> Result<TestTeleme
             )
         })?),
     };
-    if t.platform.len() > 256 {
-        return Err(Error::invalid(
-            "finish.telemetry.platform",
-            "is longer than 256 bytes",
+    let unlimited = Limits {
+        max_test_field_bytes: usize::MAX,
+        max_tests_per_shard: usize::MAX,
+        ..Limits::default()
+    };
+    let limits = limits.unwrap_or(&unlimited);
+    let field_bytes = |field: &str, value: &str| {
+        if value.len() > limits.max_test_field_bytes {
+            return Err(limits.exceeded(
+                format!("{field} is {} bytes long", value.len()),
+                "max-test-field-bytes",
+                limits.max_test_field_bytes,
+            ));
+        }
+        if value.bytes().any(|b| b.is_ascii_control()) {
+            return Err(Error::invalid(field, "must not contain control characters"));
+        }
+        Ok(())
+    };
+    field_bytes("finish.telemetry.platform", &t.platform)?;
+    if t.tests.len() > limits.max_tests_per_shard {
+        return Err(limits.exceeded(
+            format!("finish.telemetry.tests: {} test cases", t.tests.len()),
+            "max-tests-per-shard",
+            limits.max_tests_per_shard,
         ));
-    }
-    if t.tests.len() > MAX_TESTS {
-        return Err(Error::ResourceExhausted(format!(
-            "finish.telemetry.tests: {} test cases exceed the limit of {MAX_TESTS}",
-            t.tests.len()
-        )));
     }
     let tests = t
         .tests
@@ -122,12 +142,7 @@ pub(crate) fn telemetry_from_proto(t: proto::TestTelemetry) -> Result<TestTeleme
         .enumerate()
         .map(|(i, c)| {
             for (field, value) in [("name", &c.name), ("suite", &c.suite)] {
-                if value.len() > 4096 || value.bytes().any(|b| b.is_ascii_control()) {
-                    return Err(Error::invalid(
-                        format!("finish.telemetry.tests[{i}].{field}"),
-                        "must be at most 4096 bytes without control characters",
-                    ));
-                }
+                field_bytes(&format!("finish.telemetry.tests[{i}].{field}"), value)?;
             }
             let status = match proto::TestStatus::try_from(c.status) {
                 Ok(proto::TestStatus::Passed) => TestStatus::Passed,
@@ -171,9 +186,6 @@ pub(crate) fn telemetry_from_proto(t: proto::TestTelemetry) -> Result<TestTeleme
         tests,
     })
 }
-
-/// Test cases one shard may report.
-const MAX_TESTS: usize = 1_000_000;
 
 pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
     proto::TestTelemetry {
@@ -225,56 +237,6 @@ pub fn wire_delta_files(wire: &[u8]) -> Result<FileBatch, String> {
     Ok(delta.files)
 }
 
-/// Gap-encoded lines from the wire, checked: ascending, distinct, within the line limit.
-pub(super) fn lines_from_gaps(
-    gaps: &[u32],
-    limits: &Limits,
-    field: &str,
-) -> Result<Vec<u32>, (String, String)> {
-    let mut lines = Vec::with_capacity(gaps.len());
-    lines_from_gaps_into(gaps, limits, field, &mut lines)?;
-    Ok(lines)
-}
-
-/// [`lines_from_gaps`] into `lines` (cleared first), to reuse its allocation.
-pub(super) fn lines_from_gaps_into(
-    gaps: &[u32],
-    limits: &Limits,
-    field: &str,
-    lines: &mut Vec<u32>,
-) -> Result<(), (String, String)> {
-    lines.clear();
-    lines.reserve(gaps.len());
-    // The common case in one pass without branches: no gap of 0, and (since the lines ascend)
-    // only the sum of the gaps to compare with the limit.
-    let sum: u64 = gaps.iter().map(|g| u64::from(*g)).sum();
-    if sum <= u64::from(limits.max_line) && !gaps.iter().fold(false, |any, g| any | (*g == 0)) {
-        let mut line = 0u32;
-        lines.extend(gaps.iter().map(|g| {
-            line += g;
-            line
-        }));
-        return Ok(());
-    }
-    let mut line: u64 = 0;
-    for (j, gap) in gaps.iter().enumerate() {
-        if *gap == 0 {
-            let reason = if j == 0 {
-                "line 0 is not a line (lines start at 1)"
-            } else {
-                "a gap of 0 repeats a line (lines must be ascending and distinct)"
-            };
-            return Err((format!("{field}[{j}]"), reason.into()));
-        }
-        line += u64::from(*gap);
-        if line > u64::from(limits.max_line) {
-            return Err((format!("{field}[{j}]"), beyond(line, limits)));
-        }
-        lines.push(line as u32);
-    }
-    Ok(())
-}
-
 fn gaps_of(lines: impl Iterator<Item = u32>) -> Vec<u32> {
     let mut previous = 0;
     lines
@@ -294,48 +256,6 @@ fn tests_to_proto(file: &FileCoverage) -> Vec<proto::TestLines> {
             line_gaps: gaps_of(lines.iter()),
         })
         .collect()
-}
-
-#[cold]
-pub(super) fn beyond(line: u64, limits: &Limits) -> String {
-    format!(
-        "line {line} is beyond the largest accepted line number ({})",
-        limits.max_line
-    )
-}
-
-pub(super) fn check_line(line: u32, limits: &Limits) -> Result<(), String> {
-    if line == 0 {
-        return Err("line 0 is not a line (lines start at 1)".into());
-    }
-    if line > limits.max_line {
-        return Err(beyond(u64::from(line), limits));
-    }
-    Ok(())
-}
-
-pub(super) fn check_name(name: &str, limits: &Limits) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty".into());
-    }
-    // A newline in a name would forge records in every line-based export. The check is a
-    // fold over every byte (the compiler vectorizes it); the search for the culprit only runs
-    // when it fails.
-    if name
-        .bytes()
-        .fold(false, |any, c| any | c.is_ascii_control())
-        && let Some(c) = name.bytes().find(|c| c.is_ascii_control())
-    {
-        return Err(format!("contains a control character (byte {c:#04x})"));
-    }
-    if name.len() > limits.max_name_bytes {
-        return Err(format!(
-            "is {} bytes long; the limit is {}",
-            name.len(),
-            limits.max_name_bytes
-        ));
-    }
-    Ok(())
 }
 
 /// How a file's branch arms go on the wire.
@@ -536,7 +456,9 @@ pub(crate) fn status_from_proto(s: proto::RunStatus) -> RunStatus {
                 last_seq: sh.last_seq,
                 expected: sh.expected,
                 finished_at: time(sh.finished_at),
-                telemetry: sh.telemetry.and_then(|t| telemetry_from_proto(t).ok()),
+                telemetry: sh
+                    .telemetry
+                    .and_then(|t| telemetry_from_proto(t, None).ok()),
             })
             .collect(),
         complete: s.complete,

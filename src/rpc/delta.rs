@@ -13,7 +13,6 @@
 
 use std::sync::Arc;
 
-use super::convert::{beyond, check_line, check_name, lines_from_gaps, lines_from_gaps_into};
 use crate::model::{self, ArmName, FileBatch};
 use crate::service::{Delta, Error, Limits};
 
@@ -21,14 +20,27 @@ use crate::service::{Delta, Error, Limits};
 /// rule (its name relative to the file, and the reason).
 enum Fault {
     Decode { at: usize, what: &'static str },
-    Field(String, String),
+    Field(String, Reason),
 }
 
-impl From<(String, String)> for Fault {
-    fn from((field, reason): (String, String)) -> Fault {
+impl From<(String, Reason)> for Fault {
+    fn from((field, reason): (String, Reason)) -> Fault {
         Fault::Field(field, reason)
     }
 }
+
+/// The fields of each message this reader reads, by number. Each one's `match` below must
+/// read them all: a test compares this list with the compiled `covd.proto`, so a field added
+/// to the protocol and not read here fails the build's tests instead of being dropped.
+#[cfg_attr(not(test), allow(dead_code))]
+const FIELDS_READ: &[(&str, &[i32])] = &[
+    ("Delta", &[1, 2, 3]),
+    ("TestRef", &[1]),
+    ("FileDelta", &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+    ("Branch", &[1, 2, 3, 4, 5]),
+    ("Function", &[1, 2, 3, 4]),
+    ("TestLines", &[1, 2]),
+];
 
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
@@ -211,7 +223,7 @@ pub(crate) fn read(wire: &[u8], limits: &Limits) -> Result<Delta, Error> {
             "delta",
             format!("does not decode as covd.v1.Delta: {what} (byte {at})"),
         ),
-        Fault::Field(field, reason) => Error::invalid(field, reason),
+        Fault::Field(field, reason) => reason.at(field),
     })
 }
 
@@ -301,7 +313,8 @@ impl ArmColumns {
                 (*field).into(),
                 format!(
                     "has {len} values where another arm column has {arms}; every arm has one value in each column"
-                ),
+                )
+                .into(),
             ));
         }
         let mut line = 0u64;
@@ -364,7 +377,9 @@ fn read_file(
         }
     }
     arm_columns.push_into(limits, batch)?;
-    model::path::check(path).map_err(|e| Fault::Field("path".into(), e.to_string()))?;
+    // Spelled as the CLI spells it, so that a raw client's `./a.c` is the same file as `a.c`.
+    let path = model::path::normalize(path);
+    model::path::check(&path).map_err(|e| Fault::Field("path".into(), e.to_string().into()))?;
     if hits.len() != gaps.len() {
         return Err(Fault::Field(
             "hits".into(),
@@ -372,13 +387,14 @@ fn read_file(
                 "has {} counts for {} lines; there must be one per line",
                 hits.len(),
                 gaps.len()
-            ),
+            )
+            .into(),
         ));
     }
     lines_from_gaps_into(gaps, limits, "line_gaps", lines)?;
     batch
-        .end_file(path, lines, hits)
-        .map_err(|e| Fault::Field("line_gaps".into(), e.to_string()))
+        .end_file(&path, lines, hits)
+        .map_err(|e| Fault::Field("line_gaps".into(), e.to_string().into()))
 }
 
 fn read_branch(
@@ -471,12 +487,155 @@ fn read_test_lines(
     Ok((Arc::from(name), bitmap))
 }
 
+/// Gap-encoded lines from the wire, checked: ascending, distinct, within the line limit.
+fn lines_from_gaps(
+    gaps: &[u32],
+    limits: &Limits,
+    field: &str,
+) -> Result<Vec<u32>, (String, Reason)> {
+    let mut lines = Vec::with_capacity(gaps.len());
+    lines_from_gaps_into(gaps, limits, field, &mut lines)?;
+    Ok(lines)
+}
+
+/// [`lines_from_gaps`] into `lines` (cleared first), to reuse its allocation.
+fn lines_from_gaps_into(
+    gaps: &[u32],
+    limits: &Limits,
+    field: &str,
+    lines: &mut Vec<u32>,
+) -> Result<(), (String, Reason)> {
+    lines.clear();
+    lines.reserve(gaps.len());
+    // The common case in one pass without branches: no gap of 0, and (since the lines ascend)
+    // only the sum of the gaps to compare with the limit.
+    let sum: u64 = gaps.iter().map(|g| u64::from(*g)).sum();
+    if sum <= u64::from(limits.max_line) && !gaps.iter().fold(false, |any, g| any | (*g == 0)) {
+        let mut line = 0u32;
+        lines.extend(gaps.iter().map(|g| {
+            line += g;
+            line
+        }));
+        return Ok(());
+    }
+    let mut line: u64 = 0;
+    for (j, gap) in gaps.iter().enumerate() {
+        if *gap == 0 {
+            let reason = if j == 0 {
+                "line 0 is not a line (lines start at 1)"
+            } else {
+                "a gap of 0 repeats a line (lines must be ascending and distinct)"
+            };
+            return Err((format!("{field}[{j}]"), reason.into()));
+        }
+        line += u64::from(*gap);
+        if line > u64::from(limits.max_line) {
+            return Err((format!("{field}[{j}]"), beyond(line, limits)));
+        }
+        lines.push(line as u32);
+    }
+    Ok(())
+}
+
+/// Why a value is refused: malformed (INVALID_ARGUMENT), or beyond one of the daemon's limits
+/// (RESOURCE_EXHAUSTED, naming it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reason {
+    Invalid(String),
+    Limit(String),
+}
+
+impl From<String> for Reason {
+    fn from(why: String) -> Reason {
+        Reason::Invalid(why)
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(why: &str) -> Reason {
+        Reason::Invalid(why.to_owned())
+    }
+}
+
+impl Reason {
+    /// The refusal of a value in `field`.
+    fn at(self, field: impl Into<String>) -> Error {
+        match self {
+            Reason::Invalid(why) => Error::invalid(field, why),
+            Reason::Limit(why) => Error::ResourceExhausted(format!("{}: {why}", field.into())),
+        }
+    }
+}
+
+#[cold]
+fn beyond(line: u64, limits: &Limits) -> Reason {
+    Reason::Limit(format!(
+        "line {line} is beyond the limit --max-line ({})",
+        limits.max_line
+    ))
+}
+
+fn check_line(line: u32, limits: &Limits) -> Result<(), Reason> {
+    if line == 0 {
+        return Err("line 0 is not a line (lines start at 1)".into());
+    }
+    if line > limits.max_line {
+        return Err(beyond(u64::from(line), limits));
+    }
+    Ok(())
+}
+
+fn check_name(name: &str, limits: &Limits) -> Result<(), Reason> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    // A newline in a name would forge records in every line-based export. The check is a
+    // fold over every byte (the compiler vectorizes it); the search for the culprit only runs
+    // when it fails.
+    if name
+        .bytes()
+        .fold(false, |any, c| any | c.is_ascii_control())
+        && let Some(c) = name.bytes().find(|c| c.is_ascii_control())
+    {
+        return Err(format!("contains a control character (byte {c:#04x})").into());
+    }
+    if name.len() > limits.max_name_bytes {
+        return Err(Reason::Limit(format!(
+            "is {} bytes long, beyond the limit --max-name-bytes ({})",
+            name.len(),
+            limits.max_name_bytes
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
     use prost::Message;
 
     use super::*;
+
+    #[test]
+    fn the_reader_reads_every_field_the_protocol_defines() {
+        let set =
+            prost_types::FileDescriptorSet::decode(crate::rpc::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let file = set.file.iter().find(|f| f.package() == "covd.v1").unwrap();
+        for (message, read) in FIELDS_READ {
+            let m = file
+                .message_type
+                .iter()
+                .find(|m| m.name() == *message)
+                .unwrap_or_else(|| panic!("covd.v1.{message} is not in covd.proto"));
+            let mut defined: Vec<i32> = m.field.iter().map(|f| f.number()).collect();
+            defined.sort_unstable();
+            assert_eq!(
+                &defined, read,
+                "covd.v1.{message} defines fields {defined:?}; rpc/delta.rs reads {read:?}: \
+                 read the new field in its reader, then list it in FIELDS_READ"
+            );
+        }
+    }
     use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage};
     use crate::rpc::proto;
 

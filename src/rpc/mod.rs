@@ -116,7 +116,7 @@ impl Coverage for CoverageRpc {
         request: Request<proto::ListRunsRequest>,
     ) -> Result<Response<proto::ListRunsResponse>, Status> {
         let r = request.into_inner();
-        let limit = if r.limit == 0 { 100 } else { r.limit as usize };
+        let limit = r.limit as usize;
         let project = (!r.project.is_empty()).then_some(r.project.as_str());
         let runs = self.service.list_runs(limit, project);
         Ok(Response::new(proto::ListRunsResponse {
@@ -277,7 +277,10 @@ async fn ingest(
                 }
             }
             Some(In::Finish(finish)) => {
-                let telemetry = finish.telemetry.map(telemetry_from_proto).transpose()?;
+                let telemetry = finish
+                    .telemetry
+                    .map(|t| telemetry_from_proto(t, Some(service.limits())))
+                    .transpose()?;
                 let run = service
                     .finish(&session, finish.final_seq, telemetry)
                     .await?;

@@ -184,9 +184,19 @@ impl CoverageService {
                     }
                     if complete {
                         // The daemon stopped between the last finish and the compaction.
-                        self.compact(&run)?;
-                        self.shared.cache.forget(&run.id);
-                        run.evict();
+                        // Compaction only saves space: if it cannot be stored (a full
+                        // directory), the run is served from its deltas, and the store's
+                        // failure (health NOT_SERVING) says that nothing can be written.
+                        match self.compact(&run) {
+                            Ok(()) => {
+                                self.shared.cache.forget(&run.id);
+                                run.evict();
+                            }
+                            Err(e) => tracing::error!(
+                                run = %run.id,
+                                "compacting the complete run failed; it stays in its delta log: {e}"
+                            ),
+                        }
                     }
                 }
             }

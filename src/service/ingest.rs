@@ -12,7 +12,7 @@ use super::durable::shard_record;
 use super::run::{Run, RunState, Shard, check_expected};
 use super::{
     Applied, CoverageService, Delta, Error, MAX_UNKNOWN_REPORTED, Result, RunStatus, ShardHeader,
-    TestTelemetry, check_name, normalize_params,
+    TestTelemetry, check_run_id, check_shard_id, normalize_params,
 };
 use crate::persist::{Write, codec};
 
@@ -106,9 +106,10 @@ impl CoverageService {
     /// Starts a stream for a shard attempt: opens the run if needed, replaces an older attempt,
     /// and says where to resume.
     pub async fn begin_shard(&self, header: ShardHeader) -> Result<ShardSession> {
-        check_name("header.run_id", &header.run_id, 256)?;
-        check_name("header.shard_id", &header.shard_id, 128)?;
-        let mut params = normalize_params(header.params)?;
+        let limits = self.limits();
+        check_run_id(limits, "header.run_id", &header.run_id)?;
+        check_shard_id(limits, "header.shard_id", &header.shard_id)?;
+        let mut params = normalize_params(limits, header.params)?;
         params.expected_shards.clear(); // only OpenRun declares expectations
         let (_, run) = self.get_or_create(&header.run_id, &params)?;
         // Not only when this stream created the run: the stream that did may have failed
@@ -141,11 +142,15 @@ impl CoverageService {
             }
             check_expected(&state, &run.id, &shard_id)?;
             let known = state.shards.len();
-            if !state.shards.contains_key(&shard_id) && known >= self.limits().max_shards_per_run {
-                return Err(Error::ResourceExhausted(format!(
-                    "run `{}` has {known} shards, its limit",
-                    run.id
-                )));
+            if !state.shards.contains_key(&shard_id) && known >= limits.max_shards_per_run {
+                return Err(limits.exceeded(
+                    format!(
+                        "a new shard `{shard_id}` of run `{}`, which has {known}",
+                        run.id
+                    ),
+                    "max-shards-per-run",
+                    limits.max_shards_per_run,
+                ));
             }
             let shard = state.shards.entry(shard_id.clone()).or_default();
             if attempt < shard.attempt {
@@ -273,11 +278,14 @@ impl CoverageService {
     ) -> Result<Option<Applied>> {
         let limits = self.limits();
         if delta.files.len() > limits.max_files_per_delta {
-            return Err(Error::ResourceExhausted(format!(
-                "a delta of {} files exceeds the limit of {}; send smaller deltas",
-                delta.files.len(),
-                limits.max_files_per_delta
-            )));
+            return Err(limits.exceeded(
+                format!(
+                    "a delta of {} files (send smaller deltas)",
+                    delta.files.len()
+                ),
+                "max-files-per-delta",
+                limits.max_files_per_delta,
+            ));
         }
         if delta.seq == 0 {
             return Err(Error::invalid("delta.seq", "sequence numbers start at 1"));
@@ -334,12 +342,15 @@ impl CoverageService {
             0
         };
         if new_files > 0 && aggregate.len() + new_files > limits.max_files_per_run {
-            return Err(Error::ResourceExhausted(format!(
-                "run `{}` would hold {} files, beyond the limit of {}",
-                run.id,
-                aggregate.len() + new_files,
-                limits.max_files_per_run
-            )));
+            return Err(limits.exceeded(
+                format!(
+                    "run `{}` would hold {} files",
+                    run.id,
+                    aggregate.len() + new_files
+                ),
+                "max-files-per-run",
+                limits.max_files_per_run,
+            ));
         }
         let shard = {
             let state = run.state();

@@ -140,25 +140,30 @@ impl CoverageService {
         params: RunParams,
         known_files: Vec<String>,
     ) -> Result<(bool, RunStatus)> {
-        if known_files.len() > self.shared.limits.max_files_per_run {
-            return Err(Error::ResourceExhausted(format!(
-                "{} known files exceed the limit of {} per run",
-                known_files.len(),
-                self.shared.limits.max_files_per_run
-            )));
+        let limits = &self.shared.limits;
+        if known_files.len() > limits.max_files_per_run {
+            return Err(limits.exceeded(
+                format!("{} known files", known_files.len()),
+                "max-files-per-run",
+                limits.max_files_per_run,
+            ));
         }
+        let known_files: Vec<String> = known_files
+            .into_iter()
+            .map(|f| crate::model::path::normalize(&f).into_owned())
+            .collect();
         for (i, f) in known_files.iter().enumerate() {
             crate::model::path::check(f)
                 .map_err(|e| Error::invalid(format!("known_files[{i}]"), e.to_string()))?;
         }
-        check_name("run_id", run_id, 256)?;
-        let params = normalize_params(params)?;
-        if params.expected_shards.len() > self.shared.limits.max_shards_per_run {
-            return Err(Error::ResourceExhausted(format!(
-                "{} expected shards exceed the limit of {} per run",
-                params.expected_shards.len(),
-                self.shared.limits.max_shards_per_run
-            )));
+        check_run_id(limits, "run_id", run_id)?;
+        let params = normalize_params(limits, params)?;
+        if params.expected_shards.len() > limits.max_shards_per_run {
+            return Err(limits.exceeded(
+                format!("{} expected shards", params.expected_shards.len()),
+                "max-shards-per-run",
+                limits.max_shards_per_run,
+            ));
         }
         let (created, run) = self.get_or_create(run_id, &params)?;
         if !created {
@@ -190,8 +195,10 @@ impl CoverageService {
         Ok(self.run(run_id)?.subscribe())
     }
 
-    /// Runs, newest first.
+    /// Runs, newest first: at most `limit`, or `--runs-listed` when `limit` is 0 or more.
     pub fn list_runs(&self, limit: usize, project: Option<&str>) -> Vec<RunStatus> {
+        let most = self.shared.limits.runs_listed;
+        let limit = if limit == 0 { most } else { limit.min(most) };
         let mut runs: Vec<Arc<Run>> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
         runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         runs.into_iter()
@@ -251,11 +258,16 @@ impl CoverageService {
         }
         // Checked before the entry lock: `len` visits every map shard, including the one the
         // entry would hold. A race can overshoot the limit by the number of concurrent opens.
-        if self.shared.runs.len() >= self.shared.limits.max_runs {
-            return Err(Error::ResourceExhausted(format!(
-                "the daemon holds {} runs, its limit; delete finished runs or raise --max-runs",
-                self.shared.limits.max_runs
-            )));
+        let limits = &self.shared.limits;
+        if self.shared.runs.len() >= limits.max_runs {
+            return Err(limits.exceeded(
+                format!(
+                    "a new run `{run_id}` while the daemon holds {} (delete finished runs)",
+                    self.shared.runs.len()
+                ),
+                "max-runs",
+                limits.max_runs,
+            ));
         }
         match self.shared.runs.entry(run_id.to_owned()) {
             Entry::Occupied(e) => Ok((false, e.get().clone())),
@@ -268,16 +280,39 @@ impl CoverageService {
     }
 }
 
+/// A run id: a name within `--max-run-id-bytes`.
+fn check_run_id(limits: &Limits, field: &str, id: &str) -> Result<()> {
+    check_name(
+        limits,
+        field,
+        id,
+        "max-run-id-bytes",
+        limits.max_run_id_bytes,
+    )
+}
+
+/// A shard id: a name within `--max-shard-id-bytes`.
+fn check_shard_id(limits: &Limits, field: &str, id: &str) -> Result<()> {
+    check_name(
+        limits,
+        field,
+        id,
+        "max-shard-id-bytes",
+        limits.max_shard_id_bytes,
+    )
+}
+
 /// Run and shard names: printable ASCII without spaces, so they are safe in logs, file names
 /// and URLs.
-fn check_name(field: &str, name: &str, max: usize) -> Result<()> {
+fn check_name(limits: &Limits, field: &str, name: &str, setting: &str, max: usize) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
     if name.len() > max {
-        return Err(Error::invalid(
-            field,
-            format!("is {} bytes long; the limit is {max}", name.len()),
+        return Err(limits.exceeded(
+            format!("{field} is {} bytes long", name.len()),
+            setting,
+            max,
         ));
     }
     if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
@@ -289,9 +324,9 @@ fn check_name(field: &str, name: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn normalize_params(mut params: RunParams) -> Result<RunParams> {
+fn normalize_params(limits: &Limits, mut params: RunParams) -> Result<RunParams> {
     for (i, s) in params.expected_shards.iter().enumerate() {
-        check_name(&format!("params.expected_shards[{i}]"), s, 128)?;
+        check_shard_id(limits, &format!("params.expected_shards[{i}]"), s)?;
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = params.expected_shards.iter().find(|s| !seen.insert(*s)) {
@@ -300,16 +335,26 @@ fn normalize_params(mut params: RunParams) -> Result<RunParams> {
             format!("shard `{dup}` is listed twice"),
         ));
     }
-    for (field, value) in [
-        ("params.project", &params.project),
-        ("params.commit", &params.commit),
-        ("params.branch", &params.branch),
-    ] {
-        if value.len() > 1024 || value.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                field,
-                "must be at most 1024 bytes without control characters",
+    let fields = [
+        ("params.project".to_owned(), &params.project),
+        ("params.commit".to_owned(), &params.commit),
+        ("params.branch".to_owned(), &params.branch),
+    ];
+    let flags = params
+        .flags
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!("params.flags[{i}]"), f));
+    for (field, value) in fields.into_iter().chain(flags) {
+        if value.len() > limits.max_run_field_bytes {
+            return Err(limits.exceeded(
+                format!("{field} is {} bytes long", value.len()),
+                "max-run-field-bytes",
+                limits.max_run_field_bytes,
             ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(Error::invalid(field, "must not contain control characters"));
         }
     }
     params.expected_shards.sort_by(|a, b| natural_cmp(a, b));

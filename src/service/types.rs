@@ -6,7 +6,9 @@ use std::time::SystemTime;
 
 use crate::model::{FileBatch, Totals};
 
-/// Limits on what one client can make the daemon hold. Each is a named setting of `serve`.
+/// Limits on what one client can make the daemon hold. Each is a named setting of `serve`
+/// (`--max-run-id-bytes` for `max_run_id_bytes`, …), and a request beyond one is refused with
+/// RESOURCE_EXHAUSTED naming it ([`Limits::exceeded`]).
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// The largest line number accepted.
@@ -19,8 +21,20 @@ pub struct Limits {
     pub max_shards_per_run: usize,
     /// Runs held at once.
     pub max_runs: usize,
-    /// Bytes of a function name or branch label.
+    /// Bytes of a function name, branch label or test name in a delta.
     pub max_name_bytes: usize,
+    /// Bytes of a run id.
+    pub max_run_id_bytes: usize,
+    /// Bytes of a shard id.
+    pub max_shard_id_bytes: usize,
+    /// Bytes of a run's project, commit, branch or flag.
+    pub max_run_field_bytes: usize,
+    /// Test cases one shard reports with its finish.
+    pub max_tests_per_shard: usize,
+    /// Bytes of a test case's name or suite, or of a shard's platform, in its finish.
+    pub max_test_field_bytes: usize,
+    /// Runs a list answers with when the request names no number (and the most it answers).
+    pub runs_listed: usize,
     /// Deltas decoded and applied at once, over all streams. A decoded delta takes several
     /// times its wire size, so this bounds the daemon's memory for in-flight work. A delta
     /// holds its slot while it waits for its group commit's fsync, so the default is twice
@@ -41,10 +55,30 @@ impl Default for Limits {
             max_shards_per_run: 10_000,
             max_runs: 10_000,
             max_name_bytes: 4096,
+            max_run_id_bytes: 256,
+            max_shard_id_bytes: 128,
+            max_run_field_bytes: 1024,
+            max_tests_per_shard: 1_000_000,
+            max_test_field_bytes: 4096,
+            runs_listed: 100,
             max_deltas_in_flight: std::thread::available_parallelism()
                 .map_or(2, |n| 2 * n.get() + 2),
             memory_budget_bytes: 512 << 20,
         }
+    }
+}
+
+impl Limits {
+    /// The refusal of `what`, which goes beyond the limit whose `serve` flag is `setting`.
+    pub fn exceeded(
+        &self,
+        what: impl std::fmt::Display,
+        setting: &str,
+        limit: impl std::fmt::Display,
+    ) -> crate::service::Error {
+        crate::service::Error::ResourceExhausted(format!(
+            "{what}: beyond the limit --{setting} ({limit})"
+        ))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use covd::rpc::proto;
 use covd::server::Settings;
+use covd::service::RunParams;
 use tonic::Code;
 
 use crate::ingest::{Stream, file, raw};
@@ -49,7 +50,7 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
         (
             vec![file("a.c", &[(u32::MAX - 1, 1)])],
             "delta.files[0].line_gaps[0]",
-            "beyond the largest accepted line",
+            "beyond the limit --max-line (10000000)",
         ),
         (
             vec![proto::FileDelta {
@@ -136,7 +137,13 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
     ];
     for (files, field, needle) in cases {
         let e = refuse(&daemon, files).await;
-        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {}", e.message());
+        // A line beyond --max-line is within the protocol but beyond a limit.
+        let code = if needle.starts_with("beyond") {
+            Code::ResourceExhausted
+        } else {
+            Code::InvalidArgument
+        };
+        assert_eq!(e.code(), code, "{field}: {}", e.message());
         assert!(
             e.message().starts_with(field),
             "expected {field}: {}",
@@ -223,7 +230,8 @@ async fn the_file_limit_of_a_run_is_resource_exhausted() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(
-        e.message().contains("beyond the limit of 3"),
+        e.message()
+            .contains("beyond the limit --max-files-per-run (3)"),
         "{}",
         e.message()
     );
@@ -273,4 +281,96 @@ async fn a_delta_that_does_not_decode_is_invalid_argument_and_the_shard_resumes(
     let (mut s, resume) = Stream::open(&mut c, "cut", "s", 1).await.unwrap();
     assert_eq!(resume.last_seq, 0);
     s.delta(1, vec![file("a.c", &[(1, 1)])]).await.unwrap();
+}
+
+/// A raw client's path spellings are the CLI's: `./a.c`, `a//b.c` and `a.c`, `a/b.c` are two
+/// files, not four. Invisible characters that would make a report show another path than the
+/// one stored are refused.
+#[tokio::test]
+async fn paths_are_spelled_one_way_and_invisible_characters_are_refused() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(
+        1,
+        vec![file("./a.c", &[(1, 1)]), file("src//b.c/", &[(1, 2)])],
+    )
+    .await
+    .unwrap();
+    s.delta(
+        2,
+        vec![file("a.c", &[(1, 1)]), file("src/./b.c", &[(2, 1)])],
+    )
+    .await
+    .unwrap();
+    let mut client = daemon.client();
+    let (_, merged) = fetch(&mut client, "r").await;
+    let paths: Vec<&str> = merged.files.keys().map(String::as_str).collect();
+    assert_eq!(paths, ["a.c", "src/b.c"]);
+    assert_eq!(merged.files["a.c"].hits_of(1), Some(2));
+    for bad in [
+        "src/\u{202e}cod.exe",
+        "a\u{85}b.c",
+        "a\u{2066}.c",
+        "x\u{2028}y.c",
+    ] {
+        let e = refuse(&daemon, vec![file(bad, &[(1, 1)])]).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {}", e.message());
+        assert!(
+            e.message().starts_with("delta.files[0].path") && e.message().contains("invisible"),
+            "{bad:?}: {}",
+            e.message()
+        );
+    }
+}
+
+/// Every limit names its setting in the refusal.
+#[tokio::test]
+async fn limits_are_resource_exhausted_naming_the_setting() {
+    let limits = covd::service::Limits {
+        max_run_id_bytes: 8,
+        max_shard_id_bytes: 4,
+        max_run_field_bytes: 5,
+        max_name_bytes: 6,
+        ..covd::service::Limits::default()
+    };
+    let daemon = Daemon::with(covd::server::Settings {
+        limits,
+        ..covd::server::Settings::default()
+    })
+    .await;
+    let mut client = daemon.client();
+    let e = client
+        .open_run("a-long-run-id", RunParams::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("--max-run-id-bytes (8)"), "{e}");
+    let params = RunParams {
+        project: "acme/too-long".into(),
+        ..RunParams::default()
+    };
+    let e = client.open_run("r", params).await.unwrap_err();
+    assert!(e.to_string().contains("--max-run-field-bytes (5)"), "{e}");
+    let mut c = raw(&daemon.url).await;
+    let Err(e) = Stream::open(&mut c, "r", "shard-1", 1).await else {
+        panic!("a shard id beyond the limit was accepted");
+    };
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("--max-shard-id-bytes (4)"), "{e}");
+    let (mut s, _) = Stream::open(&mut c, "r", "s1", 1).await.unwrap();
+    let named = proto::FileDelta {
+        functions: vec![proto::Function {
+            name: "a_long_name".into(),
+            start_line: 1,
+            ..Default::default()
+        }],
+        ..file("a.c", &[(1, 1)])
+    };
+    let e = s.delta(1, vec![named]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(
+        e.message().starts_with("delta.files[0].functions[0].name")
+            && e.message().contains("--max-name-bytes (6)"),
+        "{e}"
+    );
 }

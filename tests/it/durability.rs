@@ -356,3 +356,126 @@ fn open_service(dir: &std::path::Path) -> (CoverageService, covd::service::Recov
         .with_wire_decoder(covd::rpc::convert::wire_delta_files);
     CoverageService::open(Limits::default(), std::sync::Arc::new(store)).unwrap()
 }
+
+/// A data directory at its `--max-db-bytes` still starts and serves what it holds: a start
+/// that must compact a complete run and cannot (the cap) leaves the run in its delta log,
+/// refuses writes, and says so in the health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_directory_starts_and_serves_reads() {
+    const CAP: u64 = 256 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let open = |cap| {
+        let store = SqliteStore::open_with(dir.path(), cap)
+            .unwrap()
+            .with_wire_decoder(covd::rpc::convert::wire_delta_files);
+        tokio::task::block_in_place(|| {
+            CoverageService::open(Limits::default(), std::sync::Arc::new(store))
+        })
+    };
+    let header = |run: &str| ShardHeader {
+        run_id: run.into(),
+        shard_id: "0".into(),
+        attempt: 1,
+        params: RunParams::default(),
+    };
+    let file_of = delta(0, 1).remove(0);
+    // Large enough that its compacted form cannot fit in what the filler leaves.
+    let done_files: Vec<(String, FileCoverage)> = (0..400)
+        .map(|i| (format!("done/{i}.c"), delta(0, 1 + i).remove(0).1))
+        .chain([file_of.clone()])
+        .collect();
+    {
+        let (service, _) = open(Some(CAP)).unwrap();
+        let one = RunParams {
+            expected_shards: vec!["0".into()],
+            ..RunParams::default()
+        };
+        service.open_run("done", one).await.unwrap();
+        let session = service.begin_shard(header("done")).await.unwrap();
+        let files = covd::model::FileBatch::of_files(&done_files);
+        service
+            .apply(
+                &session,
+                Delta {
+                    seq: 1,
+                    files,
+                    ..Delta::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(service.finish(&session, 1, None).await.unwrap().complete);
+        // Dropped before its compaction (2 s after the finish) runs: a start must do it.
+        // Fill the directory up to its cap with another run.
+        let session = service.begin_shard(header("filler")).await.unwrap();
+        let mut seq = 0;
+        let refused = loop {
+            seq += 1;
+            let files: Vec<(String, FileCoverage)> = (0..20)
+                .map(|i| (format!("fill/{seq}/{i}.c"), delta(1, seq).remove(0).1))
+                .collect();
+            let files = covd::model::FileBatch::of_files(&files);
+            match service
+                .apply(
+                    &session,
+                    Delta {
+                        seq,
+                        files,
+                        ..Delta::default()
+                    },
+                )
+                .await
+            {
+                Ok(_) => assert!(seq < 10_000, "the cap never refused a delta"),
+                Err(e) => break e,
+            }
+        };
+        assert!(refused.to_string().contains("max-db-bytes"), "{refused}");
+    }
+    // It starts, holding both runs, and refuses writes since compacting "done" failed.
+    let (service, recovery) = open(Some(CAP)).expect("a full directory starts");
+    assert_eq!(recovery.runs, 2);
+    let why = service
+        .store_failure()
+        .expect("the failed compaction latched");
+    assert!(why.contains("max-db-bytes"), "{why}");
+    assert!(service.run_status("done").unwrap().complete);
+    assert_eq!(service.file("done", &file_of.0).await.unwrap(), file_of.1);
+    assert!(service.open_run("new", RunParams::default()).await.is_err());
+    drop(service);
+
+    // The daemon on it serves reads and says NOT_SERVING.
+    let settings = covd::server::Settings {
+        data_dir: Some(dir.path().to_owned()),
+        max_db_bytes: Some(CAP),
+        ..covd::server::Settings::default()
+    };
+    let daemon = Daemon::with(settings).await;
+    let mut client = daemon.client();
+    assert_eq!(client.file("done", &file_of.0).await.unwrap(), file_of.1);
+    let channel = tonic::transport::Endpoint::from_shared(daemon.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut statuses = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "covd.v1.Coverage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(s) = statuses.message().await.unwrap() {
+            if s.status == not_serving {
+                return;
+            }
+        }
+        panic!("the health stream ended");
+    })
+    .await
+    .expect("NOT_SERVING once the store refuses writes");
+    daemon.stop().await.unwrap();
+}

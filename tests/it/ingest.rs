@@ -46,6 +46,16 @@ impl Stream {
         }
     }
 
+    /// Waits until the daemon ends the stream without being asked anything: the status it
+    /// ended with, or `None` for a clean end.
+    pub(crate) async fn ended(&mut self) -> Option<tonic::Status> {
+        match self.rx.message().await {
+            Ok(Some(m)) => panic!("expected the end of the stream, got {m:?}"),
+            Ok(None) => None,
+            Err(status) => Some(status),
+        }
+    }
+
     pub(crate) async fn send(&mut self, m: In) -> Result<Out, tonic::Status> {
         // A closed request stream means the connection died: the response says why.
         if self.tx.send(msg(m)).await.is_err() {
