@@ -107,8 +107,11 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Every shard's records, merged per file once, as the deltas a push sends.
-fn deltas(shards: &[PathBuf]) -> Vec<Vec<PushInput>> {
+/// Every shard's records, merged per file once, as the deltas a push sends: read once, and
+/// cloned for each run, so that the benchmark's own parsing does not take the daemon's cores.
+type Deltas = Vec<Vec<Vec<(String, covd::model::FileCoverage)>>>;
+
+fn deltas(shards: &[PathBuf]) -> Deltas {
     shards
         .iter()
         .map(|path| {
@@ -121,16 +124,16 @@ fn deltas(shards: &[PathBuf]) -> Vec<Vec<PushInput>> {
             let mut out = Vec::new();
             for (p, f) in c.files {
                 if let Some(d) = batcher.push(p, f) {
-                    out.push(PushInput::Delta(d));
+                    out.push(d);
                 }
             }
-            out.extend(batcher.finish().map(PushInput::Delta));
+            out.extend(batcher.finish());
             out
         })
         .collect()
 }
 
-async fn push_run(url: &str, run_id: &str, shards: &[PathBuf]) {
+async fn push_run(url: &str, run_id: &str, shards: &Deltas) {
     let mut client = Client::connect(url).unwrap();
     let ids: Vec<String> = (0..shards.len()).map(|i| i.to_string()).collect();
     let params = RunParams {
@@ -139,8 +142,9 @@ async fn push_run(url: &str, run_id: &str, shards: &[PathBuf]) {
         ..RunParams::default()
     };
     client.open_run(run_id, params).await.unwrap();
-    let pushes: Vec<_> = deltas(shards)
-        .into_iter()
+    let pushes: Vec<_> = shards
+        .iter()
+        .cloned()
         .zip(ids)
         .map(|(inputs, id)| {
             let mut client = Client::connect(url).unwrap();
@@ -148,7 +152,7 @@ async fn push_run(url: &str, run_id: &str, shards: &[PathBuf]) {
             tokio::spawn(async move {
                 let (tx, rx) = mpsc::channel(inputs.len() + 1);
                 for d in inputs {
-                    tx.send(d).await.unwrap();
+                    tx.send(PushInput::Delta(d)).await.unwrap();
                 }
                 tx.send(PushInput::Done(None)).await.unwrap();
                 let target = PushTarget {
@@ -188,7 +192,7 @@ async fn read_run(url: &str, run_id: &str, path: &str) -> [Duration; 3] {
 async fn measure(
     covd: &Path,
     budget: Option<&str>,
-    shards: &[PathBuf],
+    shards: &Deltas,
     a: &Args,
     path: &str,
 ) -> Figures {
@@ -301,10 +305,11 @@ async fn main() {
     println!(
         "data: {} runs × {} shards × {} files (LCOV from gen_lcov.py in {}), durable daemons",
         a.runs,
-        shards.len(),
+        a.shards,
         a.files,
         dir.display()
     );
+    let shards = deltas(&shards);
     let reference = match &a.reference {
         Some(bin) => {
             let f = measure(bin, None, &shards, &a, &path).await;

@@ -32,6 +32,9 @@ const WINDOW: usize = 16;
 /// files, 250-file deltas still grew the peak by 48% over 16 shards.
 const DELTA_LINES: usize = 20_000;
 const DELTA_FILES: usize = 100;
+/// Lines of a file asked for in one query answer: about 2 MB of lines, within any daemon's
+/// message limit even with branches on every line.
+pub const FILE_PAGE_LINES: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -78,13 +81,22 @@ impl ClientError {
         }
     }
 
-    /// Whether the daemon refused the request's content.
+    /// Whether the daemon refused the request's content (including a push of an attempt
+    /// that another push holds).
     pub fn is_invalid_input(&self) -> bool {
-        matches!(self, ClientError::Status(s) if matches!(
-            s.code(),
-            Code::InvalidArgument | Code::FailedPrecondition | Code::ResourceExhausted
-                | Code::AlreadyExists | Code::NotFound | Code::Unimplemented
-        ))
+        match self {
+            ClientError::Status(s) => matches!(
+                s.code(),
+                Code::InvalidArgument
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted
+                    | Code::AlreadyExists
+                    | Code::NotFound
+                    | Code::Unimplemented
+            ),
+            ClientError::AttemptTaken { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -272,16 +284,37 @@ impl Client {
         Ok(())
     }
 
+    /// One file's merged coverage, read in pages of at most [`FILE_PAGE_LINES`] lines (the
+    /// daemon may answer smaller ones).
     pub async fn file(&mut self, run_id: &str, path: &str) -> Result<FileCoverage, ClientError> {
-        let f = self
-            .inner
-            .get_file(proto::GetFileRequest {
-                run_id: run_id.to_owned(),
-                path: path.to_owned(),
-            })
-            .await?
-            .into_inner();
-        convert::file_coverage_from_proto(f).map_err(|e| ClientError::Protocol(e.to_string()))
+        let mut whole = FileCoverage::default();
+        let mut first_line = 0;
+        loop {
+            let page = self
+                .inner
+                .get_file(proto::GetFileRequest {
+                    run_id: run_id.to_owned(),
+                    path: path.to_owned(),
+                    first_line,
+                    max_lines: FILE_PAGE_LINES,
+                })
+                .await?
+                .into_inner();
+            let next = page.next_line;
+            let page = convert::file_coverage_from_proto(page)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            // Pages hold disjoint lines: merging them is their union.
+            whole.merge(&page);
+            if next == 0 {
+                return Ok(whole);
+            }
+            if next <= first_line {
+                return Err(ClientError::Protocol(format!(
+                    "a page of `{path}` after line {first_line} says the next starts at {next}"
+                )));
+            }
+            first_line = next;
+        }
     }
 
     pub async fn directory(
@@ -375,6 +408,7 @@ impl Client {
             input_done: false,
             unknown: Vec::new(),
             telemetry: target.telemetry.clone(),
+            session: new_session_id(),
         };
         let mut reconnects = 0u32;
         let mut failures = 0u32;
@@ -418,6 +452,7 @@ impl Client {
             input_done,
             unknown,
             telemetry,
+            session,
         } = state;
         let fail = |error: ClientError| PushFailure {
             error,
@@ -430,6 +465,7 @@ impl Client {
             shard_id: target.shard_id.clone(),
             attempt: target.attempt,
             params: Some(convert::params_to_proto(target.params.clone())),
+            session_id: session.clone(),
         };
         // The channel has room: these sends cannot wait.
         let _ = tx.send(request(ingest_request::Msg::Header(header))).await;
@@ -582,6 +618,19 @@ struct PushState {
     input_done: bool,
     unknown: Vec<String>,
     telemetry: Option<TestTelemetry>,
+    /// This push's session id, the same on every stream of it.
+    session: Vec<u8>,
+}
+
+/// A session id for one push: 16 bytes that no other push has. std's `RandomState` keys are
+/// random per process and differ per instance; the process id and the time make two
+/// processes' ids differ even if their keys met.
+fn new_session_id() -> Vec<u8> {
+    use std::hash::BuildHasher;
+    let a = std::collections::hash_map::RandomState::new()
+        .hash_one((std::process::id(), std::time::SystemTime::now()));
+    let b = std::collections::hash_map::RandomState::new().hash_one(a);
+    [a.to_le_bytes(), b.to_le_bytes()].concat()
 }
 
 /// A delta as sent.

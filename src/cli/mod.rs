@@ -149,6 +149,9 @@ struct ServeArgs {
     /// Runs a list answers with, at most.
     #[arg(long, default_value_t = Settings::default().limits.runs_listed)]
     runs_listed: usize,
+    /// Lines of a file one query answer holds (larger files are read in pages).
+    #[arg(long, default_value_t = Settings::default().limits.file_page_lines)]
+    file_page_lines: usize,
     /// Concurrent HTTP/2 streams per connection.
     #[arg(long, default_value_t = Settings::default().max_concurrent_streams)]
     max_concurrent_streams: u32,
@@ -248,7 +251,8 @@ pub(crate) struct PushArgs {
     /// With --watch: a file is complete once its size and time stay unchanged this long.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     settle: Duration,
-    /// Coverage files to send (LCOV, coverage.py JSON, Cobertura XML).
+    /// Coverage files to send (any format of --format; JUnit XML files are the shard's test
+    /// results).
     #[arg(required_unless_present = "watch", conflicts_with = "watch")]
     files: Vec<PathBuf>,
     /// With --watch: the test command and its arguments.
@@ -408,6 +412,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_tests_per_shard = a.max_tests_per_shard;
     settings.limits.max_test_field_bytes = a.max_test_field_bytes;
     settings.limits.runs_listed = a.runs_listed;
+    settings.limits.file_page_lines = a.file_page_lines;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;

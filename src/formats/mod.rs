@@ -63,6 +63,9 @@ impl Format {
         "go",
         "gcovr-json",
         "istanbul",
+        "llvm-cov",
+        "jacoco",
+        "clover",
     ];
 
     pub fn from_name(name: &str) -> Option<Format> {

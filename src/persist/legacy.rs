@@ -74,6 +74,7 @@ impl Legacy<'_> for Shard {
             last_seq: self.last_seq,
             finished_at_ms: self.finished_at_ms,
             telemetry: self.telemetry.map(Telemetry::upgrade),
+            writer_session: Vec::new(),
         }
     }
 }

@@ -342,21 +342,54 @@ fn functions_to_proto(file: &FileCoverage) -> Vec<proto::Function> {
         .collect()
 }
 
-pub(crate) fn file_coverage_to_proto(path: String, file: &FileCoverage) -> proto::FileCoverage {
+/// One page of a file for a query answer: its executable lines from `first_line` on, at most
+/// `max_lines` of them, with what lies on them (see `GetFileRequest.max_lines`).
+pub(crate) fn file_page_to_proto(
+    path: String,
+    file: &FileCoverage,
+    first_line: u32,
+    max_lines: usize,
+) -> proto::FileCoverage {
+    let mut lines = file.line_hits().skip_while(|(line, _)| *line < first_line);
+    let page: Vec<proto::LineCoverage> = lines
+        .by_ref()
+        .take(max_lines)
+        .map(|(line, hits)| proto::LineCoverage { line, hits })
+        .collect();
+    let next_line = lines.next().map_or(0, |(line, _)| line);
+    let end = if next_line == 0 { u32::MAX } else { next_line };
+    let on_page = |line: u32| (first_line..end).contains(&line);
     proto::FileCoverage {
         path,
-        lines: file
-            .line_hits()
-            .map(|(line, hits)| proto::LineCoverage { line, hits })
+        lines: page,
+        branches: file
+            .branches()
+            .iter()
+            .filter(|(k, _)| on_page(k.line))
+            .map(|(k, taken)| branch_to_proto(k, *taken))
             .collect(),
-        branches: branches_to_proto(file),
-        functions: functions_to_proto(file),
+        functions: functions_to_proto(file)
+            .into_iter()
+            .filter(|f| on_page(f.start_line))
+            .collect(),
         totals: Some(totals_to_proto(file.totals())),
-        tests: tests_to_proto(file),
+        tests: file
+            .tests()
+            .iter()
+            .filter_map(|(name, lines)| {
+                let gaps = gaps_of(lines.iter().filter(|l| on_page(*l)));
+                (!gaps.is_empty()).then(|| proto::TestLines {
+                    test: name.to_string(),
+                    line_gaps: gaps,
+                })
+            })
+            .collect(),
+        next_line,
     }
 }
 
-/// Rebuilds a file from a query answer (the client side of `file_coverage_to_proto`).
+/// Rebuilds a file, or one page of it, from a query answer (the client side of
+/// `file_page_to_proto`).
 pub fn file_coverage_from_proto(f: proto::FileCoverage) -> Result<FileCoverage, Error> {
     let mut builder = model::FileBuilder::new();
     for l in f.lines {

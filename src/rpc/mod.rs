@@ -186,7 +186,33 @@ impl Coverage for CoverageRpc {
     ) -> Result<Response<proto::FileCoverage>, Status> {
         let r = request.into_inner();
         let file = self.service.file(&r.run_id, &r.path).await?;
-        Ok(Response::new(file_coverage_to_proto(r.path, &file)))
+        let limits = self.service.limits();
+        let page = limits.file_page_lines;
+        let max_lines = match r.max_lines as usize {
+            // The whole file, as clients from before pages ask for it.
+            0 if file.lines().len() > page as u64 => {
+                return Err(limits
+                    .exceeded(
+                        format!(
+                            "file `{}` has {} lines, more than one answer holds: ask for it in \
+                             pages (GetFileRequest.max_lines)",
+                            r.path,
+                            file.lines().len()
+                        ),
+                        "file-page-lines",
+                        page,
+                    )
+                    .into());
+            }
+            0 => usize::MAX,
+            n => n.min(page),
+        };
+        Ok(Response::new(file_page_to_proto(
+            r.path,
+            &file,
+            r.first_line,
+            max_lines,
+        )))
     }
 
     async fn get_directory(
@@ -234,6 +260,7 @@ async fn ingest(
             shard_id: header.shard_id,
             attempt: header.attempt,
             params: params_from_proto(header.params),
+            session: header.session_id,
         })
         .await?;
     let resume = proto::Resume {
@@ -241,6 +268,7 @@ async fn ingest(
         last_seq: session.resume_from(),
         finished: session.already_finished(),
         branch_columns: true,
+        sessions: true,
     };
     if tx.send(Ok(reply(Out::Resume(resume)))).await.is_err() {
         return Ok(());

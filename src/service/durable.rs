@@ -49,6 +49,7 @@ pub(super) fn shard_record(id: &str, s: &Shard) -> ShardRecord {
         attempt: s.attempt,
         last_seq: s.last_seq,
         finished_at_ms: s.finished_at.map(to_ms),
+        writer_session: s.writer.to_vec(),
         telemetry: s.telemetry.as_ref().map(|t| TelemetryRecord {
             passed: t.passed,
             failed: t.failed,
@@ -68,6 +69,7 @@ fn shard_from_record(r: ShardRecord) -> Shard {
         attempt: r.attempt,
         last_seq: r.last_seq,
         finished_at: r.finished_at_ms.map(from_ms),
+        writer: r.writer_session.into_boxed_slice(),
         telemetry: r.telemetry.map(|t| TestTelemetry {
             passed: t.passed,
             failed: t.failed,

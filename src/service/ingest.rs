@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::durable::shard_record;
-use super::run::{Run, RunState, Shard, check_expected};
+use super::run::{RECENT_DIGESTS, Run, RunState, Shard, check_expected};
+use super::types::MAX_SESSION_BYTES;
 use super::{
     Applied, CoverageService, Delta, Error, MAX_UNKNOWN_REPORTED, Result, RunStatus, ShardHeader,
     TestTelemetry, check_run_id, check_shard_id, normalize_params,
@@ -117,8 +118,18 @@ impl CoverageService {
         if !run.stored.load(std::sync::atomic::Ordering::Acquire) {
             self.persist_run(&run).await?;
         }
+        if header.session.len() > MAX_SESSION_BYTES {
+            return Err(Error::invalid(
+                "header.session_id",
+                format!(
+                    "is {} bytes long; the limit is {MAX_SESSION_BYTES}",
+                    header.session.len()
+                ),
+            ));
+        }
         let attempt = header.attempt.max(1);
         let shard_id = header.shard_id;
+        let session_id = header.session;
 
         // Bookkeeping first, under the lock; the store and the rebuild after it.
         let (start, replaced) = {
@@ -168,6 +179,26 @@ impl CoverageService {
                     shard.attempt
                 )));
             }
+            if !start && *shard.writer != *session_id {
+                let untouched =
+                    shard.last_seq == 0 && shard.streams == 0 && shard.finished_at.is_none();
+                if !untouched {
+                    return Err(Error::AlreadyExists(format!(
+                        "attempt {attempt} of shard `{shard_id}` {} by another push ({} deltas \
+                         acknowledged); two pushes of one attempt would mix or lose coverage: \
+                         push with a higher --attempt to replace it",
+                        if shard.finished_at.is_some() {
+                            "was finished"
+                        } else {
+                            "is being written"
+                        },
+                        shard.last_seq
+                    )));
+                }
+                // Nothing of it was acknowledged and nobody streams it: this push takes it over
+                // (stored with its first delta).
+                shard.writer = session_id.clone().into();
+            }
             // A complete run never needs one: it accepts no new attempt, and its delta log may
             // already be compacted away.
             let replaced = !state_complete
@@ -178,6 +209,8 @@ impl CoverageService {
                 shard.finished_at = None;
                 shard.telemetry = None;
                 shard.busy = Some(attempt);
+                shard.writer = session_id.into();
+                shard.recent.clear();
             }
             shard.streams += 1;
             let record = start.then(|| shard_record(&shard_id, shard));
@@ -246,7 +279,9 @@ impl CoverageService {
         let (shard_id, attempt) = (session.shard_id.clone(), session.attempt);
         let task = tokio::task::spawn_blocking(move || {
             let delta = decode()?;
-            if let Some(duplicate) = service.admit(&run, &shard_id, attempt, &delta)? {
+            // What a re-send of this delta must match (deltas that came as wire bytes).
+            let digest = delta.wire.as_deref().map(crc32fast::hash);
+            if let Some(duplicate) = service.admit(&run, &shard_id, attempt, &delta, digest)? {
                 return Ok(duplicate);
             }
             let _busy = Busy {
@@ -254,7 +289,7 @@ impl CoverageService {
                 shard_id: &shard_id,
                 attempt,
             };
-            service.store_and_merge(&run, &shard_id, attempt, delta)
+            service.store_and_merge(&run, &shard_id, attempt, delta, digest)
         });
         match task.await {
             Ok(result) => result,
@@ -275,6 +310,7 @@ impl CoverageService {
         shard_id: &str,
         attempt: u32,
         delta: &Delta,
+        digest: Option<u32>,
     ) -> Result<Option<Applied>> {
         let limits = self.limits();
         if delta.files.len() > limits.max_files_per_delta {
@@ -299,6 +335,18 @@ impl CoverageService {
             )));
         }
         if delta.seq <= shard.last_seq {
+            if let Some(digest) = digest
+                && let Some(&(_, stored)) = shard.recent.iter().find(|(s, _)| *s == delta.seq)
+                && stored != digest
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "delta {seq} of attempt {attempt} of shard `{shard_id}` differs from the \
+                     delta {seq} already acknowledged (CRC-32 {digest:08x}, acknowledged \
+                     {stored:08x}): another push is writing this attempt; nothing of this delta \
+                     was applied; push with a higher --attempt to replace the attempt",
+                    seq = delta.seq
+                )));
+            }
             return Ok(Some(Applied {
                 seq: delta.seq,
                 duplicate: true,
@@ -327,6 +375,7 @@ impl CoverageService {
         shard_id: &str,
         attempt: u32,
         delta: Delta,
+        digest: Option<u32>,
     ) -> Result<Applied> {
         let limits = self.limits();
         let _gate = run.gate_shared();
@@ -400,6 +449,16 @@ impl CoverageService {
         // The busy mark kept other attempts from starting, so the attempt is still current.
         debug_assert_eq!(shard.attempt, attempt);
         shard.last_seq = delta.seq;
+        match digest {
+            Some(d) => {
+                if shard.recent.len() == RECENT_DIGESTS {
+                    shard.recent.pop_front();
+                }
+                shard.recent.push_back((delta.seq, d));
+            }
+            // A delta of the library API: no bytes to compare re-sends with.
+            None => shard.recent.clear(),
+        }
         drop(state);
         run.notify();
         Ok(Applied {
@@ -439,6 +498,7 @@ impl CoverageService {
             finished.expected = shard.expected;
             finished.attempt = shard.attempt;
             finished.last_seq = shard.last_seq;
+            finished.writer = shard.writer.clone();
             let record = shard_record(&session.shard_id, &finished);
             mark_busy(&mut state, &session.shard_id, session.attempt)?;
             let busy = Busy {

@@ -14,7 +14,7 @@
 //! std locks rather than tokio's: they are held briefly, from blocking threads or without
 //! awaiting, and std's are cheaper.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
@@ -41,6 +41,13 @@ pub(super) struct Shard {
     /// replacement overlap, and keeps the shard's stored record from being overwritten by a
     /// superseded attempt.
     pub(super) busy: Option<u32>,
+    /// The push that writes the current attempt (its session id); empty for clients without
+    /// sessions. Another push's stream for the attempt is refused.
+    pub(super) writer: Box<[u8]>,
+    /// (sequence, CRC-32 of the delta's bytes) of the last deltas acknowledged, newest last: a
+    /// re-sent delta whose bytes differ from what was acknowledged under its number was not
+    /// sent by the same push, and is refused rather than answered "duplicate".
+    pub(super) recent: VecDeque<(u64, u32)>,
     pub(super) telemetry: Option<TestTelemetry>,
 }
 
@@ -346,6 +353,11 @@ impl Run {
         Ok((aggregate, true))
     }
 }
+
+/// Deltas whose digest a shard keeps: a client re-sends at most the deltas it had in flight (16
+/// for covd's own), so four times that catches every re-send of a push, and a second push's
+/// deltas while the two overlap.
+pub(super) const RECENT_DIGESTS: usize = 64;
 
 /// Where a run's merged coverage is.
 #[derive(Debug)]

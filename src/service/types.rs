@@ -35,6 +35,8 @@ pub struct Limits {
     pub max_test_field_bytes: usize,
     /// Runs a list answers with when the request names no number (and the most it answers).
     pub runs_listed: usize,
+    /// Lines of a file one query answer holds; larger files are read in pages.
+    pub file_page_lines: usize,
     /// Deltas decoded and applied at once, over all streams. A decoded delta takes several
     /// times its wire size, so this bounds the daemon's memory for in-flight work. A delta
     /// holds its slot while it waits for its group commit's fsync, so the default is twice
@@ -61,6 +63,7 @@ impl Default for Limits {
             max_tests_per_shard: 1_000_000,
             max_test_field_bytes: 4096,
             runs_listed: 100,
+            file_page_lines: 200_000,
             max_deltas_in_flight: std::thread::available_parallelism()
                 .map_or(2, |n| 2 * n.get() + 2),
             memory_budget_bytes: 512 << 20,
@@ -149,7 +152,13 @@ pub struct ShardHeader {
     pub attempt: u32,
     /// Used when the push opens the run implicitly; `expected_shards` is ignored.
     pub params: RunParams,
+    /// Names one push across its reconnects (`ShardHeader.session_id` in covd.proto): an
+    /// attempt belongs to the push that started it. Empty for clients without sessions.
+    pub session: Vec<u8>,
 }
+
+/// The longest session id accepted, in bytes.
+pub(super) const MAX_SESSION_BYTES: usize = 64;
 
 /// A validated delta: files with their coverage, applied whole or not at all.
 #[derive(Debug, Clone, Default)]

@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use covd::model::Coverage;
 use covd::model::path::PathRules;
 
 use crate::support::*;
@@ -514,4 +515,156 @@ fn push_watch_skips_unknown_files_and_second_formats_instead_of_counting_twice()
         },
     );
     assert_eq!(read_lcov(&out, &PathRules::default()), lcov, "counted once");
+}
+
+/// Two `covd push` of one shard and attempt at once (a CI job retried without a new attempt
+/// number): one wins, the other exits 2 saying another push holds the attempt, and the run
+/// holds exactly the winner's coverage; never both "succeeded" with coverage missing.
+#[test]
+fn two_pushes_of_one_attempt_at_once_never_lose_coverage_silently() {
+    let served = Served::start();
+    let dir = tempfile::tempdir().unwrap();
+    // Six deltas each (100 files a delta), so that the pushes interleave.
+    let input = |name: &str| {
+        let path = dir.path().join(format!("{name}.info"));
+        let mut text = String::new();
+        for i in 0..600 {
+            text.push_str(&format!(
+                "SF:{name}/f{i}.c\nDA:1,1\nDA:2,{}\nend_of_record\n",
+                i % 3
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let inputs = [input("a"), input("b")];
+    let expected: Vec<Coverage> = inputs
+        .iter()
+        .map(|p| read_lcov(p, &PathRules::default()))
+        .collect();
+    for round in 0..12 {
+        let run = format!("race-{round}");
+        let ok = served
+            .covd(&["open", "--run", &run, "--shards", "1"])
+            .output()
+            .unwrap();
+        assert!(ok.status.success());
+        let pushes: Vec<std::process::Child> = inputs
+            .iter()
+            .map(|input| {
+                served
+                    .covd(&["push", "--run", &run, "--shard", "0", "--fail-on-error"])
+                    .arg(input)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outcomes: Vec<(Option<i32>, String)> = pushes
+            .into_iter()
+            .map(|p| {
+                let out = p.wait_with_output().unwrap();
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+            .collect();
+        let winners: Vec<usize> = (0..2).filter(|&i| outcomes[i].0 == Some(0)).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+        let (code, stderr) = &outcomes[1 - winners[0]];
+        assert_eq!(*code, Some(2), "round {round}: {stderr}");
+        assert!(
+            stderr.contains("another push") && stderr.contains("--attempt"),
+            "round {round}: {stderr}"
+        );
+        let fetched = served
+            .covd(&["fetch", "--run", &run, "--wait", "--timeout", "30s"])
+            .output()
+            .unwrap();
+        assert!(fetched.status.success(), "round {round}");
+        let merged = parse_lcov_bytes(&fetched.stdout);
+        assert_eq!(
+            merged, expected[winners[0]],
+            "round {round}: the run holds exactly the winner's coverage"
+        );
+    }
+}
+
+/// `--format` names every format covd reads (the README tells jest users to pick one).
+#[test]
+fn push_format_names_every_reader() {
+    let served = Served::start();
+    for (format, file) in [
+        ("llvm-cov", "llvm-cov/shard1.json"),
+        ("jacoco", "jacoco/shard1.xml"),
+        ("clover", "clover/shard1.xml"),
+        ("istanbul", "istanbul/nyc-shard1.json"),
+        ("gcovr-json", "gcovr/shard1.json"),
+    ] {
+        let out = served
+            .covd(&["push", "--run", format, "--shard", "0", "--fail-on-error"])
+            .args(["--format", format])
+            .arg(fixture(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = served.covd(&["status", "--run", format]).output().unwrap();
+        let status = String::from_utf8(status.stdout).unwrap();
+        assert!(!status.contains("files 0 "), "{format}: {status}");
+    }
+    let help = served.covd(&["push", "--help"]).output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for name in covd::formats::Format::NAMES {
+        assert!(help.contains(name), "push --help does not list {name}");
+    }
+}
+
+/// The quickstart's HTML report shows the demo's own sources (shipped beside its coverage),
+/// not whatever `src/lib.rs` the current directory holds.
+#[test]
+fn the_quickstart_report_shows_the_demo_sources() {
+    let served = Served::start();
+    let quickstart = fixture("../../examples/quickstart");
+    for (shard, file) in [("0", "shard-a.info"), ("1", "shard-b.info")] {
+        let r = served
+            .covd(&["push", "--run", "q", "--shard", shard])
+            .arg(quickstart.join(file))
+            .output()
+            .unwrap();
+        assert!(r.status.success());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let r = served
+        .covd(&["fetch", "--run", "q", "--format", "html", "--output"])
+        .arg(&out)
+        .arg("--source-root")
+        .arg(&quickstart)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let pages: Vec<String> = std::fs::read_dir(out.join("f"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let lib = pages
+        .iter()
+        .find(|p| p.contains("src/lib.rs"))
+        .expect("a page for src/lib.rs");
+    // Line 12 ran in both shards; the demo's own line, not covd's.
+    let line = lib
+        .split("<tr")
+        .find(|r| r.contains(r#"<td class="num">12</td>"#))
+        .unwrap();
+    assert!(line.contains("let quotient = a / b;"), "{line}");
+    assert!(
+        !lib.contains("pub mod client"),
+        "covd's own src/lib.rs was shown"
+    );
 }

@@ -298,6 +298,7 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
                     shard_id: "0".into(),
                     attempt: 1,
                     params: RunParams::default(),
+                    session: Vec::new(),
                 })
                 .await
                 .unwrap();
@@ -377,6 +378,7 @@ async fn a_full_data_directory_starts_and_serves_reads() {
         shard_id: "0".into(),
         attempt: 1,
         params: RunParams::default(),
+        session: Vec::new(),
     };
     let file_of = delta(0, 1).remove(0);
     // Large enough that its compacted form cannot fit in what the filler leaves.

@@ -30,12 +30,24 @@ impl Stream {
         shard: &str,
         attempt: u32,
     ) -> Result<(Stream, proto::Resume), tonic::Status> {
+        Stream::open_as(client, run, shard, attempt, b"").await
+    }
+
+    /// [`Stream::open`] as the push `session` (its `session_id`; empty for none).
+    pub(crate) async fn open_as(
+        client: &mut CoverageClient<Channel>,
+        run: &str,
+        shard: &str,
+        attempt: u32,
+        session: &[u8],
+    ) -> Result<(Stream, proto::Resume), tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         tx.send(msg(In::Header(proto::ShardHeader {
             run_id: run.into(),
             shard_id: shard.into(),
             attempt,
             params: None,
+            session_id: session.to_vec(),
         })))
         .await
         .unwrap();
@@ -178,6 +190,100 @@ async fn a_reconnecting_shard_resumes_and_a_resent_delta_counts_once() {
         f.line_hits().collect::<Vec<_>>(),
         vec![(1, 1), (2, 10), (3, 7)]
     );
+}
+
+/// A re-sent delta is a duplicate only if its bytes are those acknowledged under its number:
+/// a second writer of the attempt (here two clients without sessions) is refused, not told
+/// "duplicate" for coverage the run never got.
+#[tokio::test]
+async fn a_resent_delta_that_differs_is_refused() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut first, _) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    first.delta(1, vec![file("x.c", &[(1, 1)])]).await.unwrap();
+    drop(first);
+    let mut client = daemon.client();
+    wait_for_state(&mut client, "r", "a", ShardState::Interrupted).await;
+    let (mut second, resume) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 1);
+    assert!(resume.sessions);
+    let e = second
+        .delta(1, vec![file("y.c", &[(1, 1)])])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    assert!(
+        e.message()
+            .contains("differs from the delta 1 already acknowledged")
+            && e.message().contains("--attempt"),
+        "{e}"
+    );
+    let (mut third, _) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    let same = third.delta(1, vec![file("x.c", &[(1, 1)])]).await.unwrap();
+    assert!(same.duplicate);
+    let f = client.file("r", "x.c").await.unwrap();
+    assert_eq!(f.line_hits().collect::<Vec<_>>(), [(1, 1)]);
+    assert!(client.file("r", "y.c").await.is_err());
+}
+
+/// An attempt belongs to the push (session) that started it: a reconnect of that push resumes,
+/// another push is refused while the attempt has data or an open stream, and takes over an
+/// attempt that has neither.
+#[tokio::test]
+async fn a_second_push_of_an_attempt_is_refused() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut a, _) = Stream::open_as(&mut c, "r", "s", 1, b"push-a")
+        .await
+        .unwrap();
+    a.delta(1, vec![file("x.c", &[(1, 1)])]).await.unwrap();
+    let refused = |e: tonic::Status, how: &str| {
+        assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+        assert!(
+            e.message().contains(how) && e.message().contains("another push"),
+            "{e}"
+        );
+    };
+    let Err(e) = Stream::open_as(&mut c, "r", "s", 1, b"push-b").await else {
+        panic!("a second push of the attempt was let in");
+    };
+    refused(e, "is being written");
+    // A push without a session is another push too.
+    let Err(e) = Stream::open(&mut c, "r", "s", 1).await else {
+        panic!("a push without a session was let in");
+    };
+    refused(e, "is being written");
+    drop(a);
+    let (mut a, resume) = Stream::open_as(&mut c, "r", "s", 1, b"push-a")
+        .await
+        .unwrap();
+    assert_eq!(resume.last_seq, 1);
+    a.finish(1).await.unwrap();
+    let Err(e) = Stream::open_as(&mut c, "r", "s", 1, b"push-b").await else {
+        panic!("a second push of a finished attempt was let in");
+    };
+    refused(e, "was finished");
+    // A higher attempt replaces it, whoever sends it.
+    Stream::open_as(&mut c, "r", "s", 2, b"push-b")
+        .await
+        .unwrap();
+
+    // Nothing acknowledged and no stream open: the next push takes the attempt over.
+    let (idle, _) = Stream::open_as(&mut c, "r", "t", 1, b"push-c")
+        .await
+        .unwrap();
+    drop(idle);
+    let mut client = daemon.client();
+    wait_for_state(&mut client, "r", "t", ShardState::Interrupted).await;
+    let (mut d, resume) = Stream::open_as(&mut c, "r", "t", 1, b"push-d")
+        .await
+        .unwrap();
+    assert_eq!(resume.last_seq, 0);
+    d.delta(1, vec![file("t.c", &[(1, 1)])]).await.unwrap();
+    let Err(e) = Stream::open_as(&mut c, "r", "t", 1, b"push-c").await else {
+        panic!("the push that took the attempt over lost it");
+    };
+    refused(e, "is being written");
 }
 
 async fn wait_for_state(
@@ -493,4 +599,72 @@ async fn channel(daemon: &Daemon) -> Channel {
         .connect()
         .await
         .unwrap()
+}
+
+/// A file larger than one answer is read in pages that add up to the whole file (lines,
+/// branches, functions and tests on page boundaries included); a client that asks for the
+/// whole of it at once is told to page, naming the limit.
+#[tokio::test]
+async fn a_large_file_is_read_in_pages() {
+    let limits = covd::service::Limits {
+        file_page_lines: 1000,
+        ..covd::service::Limits::default()
+    };
+    let daemon = Daemon::with(covd::server::Settings {
+        limits,
+        ..covd::server::Settings::default()
+    })
+    .await;
+    let mut b = covd::model::FileBuilder::new();
+    let test: std::sync::Arc<str> = "t".into();
+    for line in (1..=9000u32).step_by(2) {
+        b.line(line, u64::from(line % 7));
+        if line % 10 == 1 {
+            b.branch(
+                covd::model::BranchKey {
+                    line,
+                    block: 0,
+                    arm: covd::model::BranchArm::Index(0),
+                },
+                Some(1),
+            );
+            b.function(&format!("f{line}"), line, line + 1, 1);
+            b.test_line(&test, line);
+        }
+    }
+    let big = b.build();
+    let mut client = daemon.client();
+    let mut c = covd::model::Coverage::default();
+    c.add("big.c", &big);
+    push(&mut client, "r", "s", 1, c).await;
+    assert_eq!(client.file("r", "big.c").await.unwrap(), big);
+
+    let mut c = raw(&daemon.url).await;
+    let e = c
+        .get_file(proto::GetFileRequest {
+            run_id: "r".into(),
+            path: "big.c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("--file-page-lines (1000)"), "{e}");
+    let page = c
+        .get_file(proto::GetFileRequest {
+            run_id: "r".into(),
+            path: "big.c".into(),
+            first_line: 0,
+            max_lines: 5000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        page.lines.len(),
+        1000,
+        "the daemon caps a page at its limit"
+    );
+    assert_eq!(page.next_line, 2001);
+    assert_eq!(page.totals.unwrap().lines, 4500);
 }

@@ -197,7 +197,7 @@ proptest! {
                 let replays = replays.clone();
                 tokio::spawn(async move {
                     let session = service.begin_shard(ShardHeader {
-                        run_id: "r".into(), shard_id: i.to_string(), attempt: 1, params: Default::default(),
+                        run_id: "r".into(), shard_id: i.to_string(), attempt: 1, params: Default::default(), session: Vec::new(),
                     }).await.unwrap();
                     for (seq, d) in deltas.iter().enumerate() {
                         let seq = seq as u64 + 1;

@@ -107,6 +107,8 @@ impl Coverage for Stand {
                 last_seq: 0,
                 finished: false,
                 branch_columns: plan.columns,
+                // A daemon from before sessions.
+                sessions: false,
             };
             let _ = tx.send(reply(Out::Resume(resume))).await;
             while let Ok(Some(message)) = inbound.message().await {

@@ -111,6 +111,7 @@ every_backend!(
     a_daemon_refuses_a_delta_beyond_the_cap,
     expired_runs_keep_their_summary,
     complete_runs_leave_memory_and_still_answer,
+    a_push_keeps_its_attempt_across_a_restart,
     shutdown_ends_open_streams_so_clients_resume,
 );
 
@@ -582,6 +583,7 @@ async fn expired_runs_keep_their_summary(make: Make) {
             shard_id: "0".into(),
             attempt: 1,
             params: RunParams::default(),
+            session: Vec::new(),
         })
         .await
         .unwrap();
@@ -661,6 +663,7 @@ async fn complete_run(service: &CoverageService, run_id: &str, files: &[(String,
             shard_id: "0".into(),
             attempt: 1,
             params: RunParams::default(),
+            session: Vec::new(),
         })
         .await
         .unwrap();
@@ -748,4 +751,35 @@ async fn complete_runs_leave_memory_and_still_answer(make: Make) {
         assert_eq!(service.cached_bytes().1, 1);
     }
     assert_eq!(service.list_runs(10, None).len(), 4);
+}
+
+/// The push (session) that writes an attempt is stored with it: after a restart that push
+/// resumes, and another one is still refused.
+async fn a_push_keeps_its_attempt_across_a_restart(make: Make) {
+    let backend = make(None);
+    let daemon = backend.daemon().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut a, _) = Stream::open_as(&mut c, "r", "s", 1, b"push-a")
+        .await
+        .unwrap();
+    a.delta(1, vec![crate::ingest::file("a.c", &[(1, 1)])])
+        .await
+        .unwrap();
+    a.delta(2, vec![crate::ingest::file("a.c", &[(2, 1)])])
+        .await
+        .unwrap();
+    drop(a);
+    daemon.stop().await.unwrap();
+
+    let daemon = backend.daemon().await;
+    let mut c = raw(&daemon.url).await;
+    let Err(e) = Stream::open_as(&mut c, "r", "s", 1, b"push-b").await else {
+        panic!("another push took the attempt after a restart");
+    };
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    let (_, resume) = Stream::open_as(&mut c, "r", "s", 1, b"push-a")
+        .await
+        .unwrap();
+    assert_eq!(resume.last_seq, 2);
+    daemon.stop().await.unwrap();
 }
