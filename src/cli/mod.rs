@@ -150,7 +150,11 @@ struct ServeArgs {
     #[arg(long, default_value_t = Settings::default().limits.runs_listed)]
     runs_listed: usize,
     /// Lines of a file one query answer holds (larger files are read in pages).
-    #[arg(long, default_value_t = Settings::default().limits.file_page_lines)]
+    #[arg(
+        long,
+        default_value_t = Settings::default().limits.file_page_lines,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     file_page_lines: usize,
     /// Concurrent HTTP/2 streams per connection.
     #[arg(long, default_value_t = Settings::default().max_concurrent_streams)]

@@ -237,7 +237,12 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         rules: PathRules {
             strip: a.strip_prefix.clone(),
             map: a.map_prefix.clone(),
-            root: a.root.clone(),
+            // Without rules, paths under the CI workspace are made relative to it.
+            root: a.root.clone().or_else(|| {
+                (a.strip_prefix.is_empty() && a.map_prefix.is_empty())
+                    .then(workspace)
+                    .flatten()
+            }),
         },
         filter,
         forced,
@@ -381,6 +386,38 @@ fn send_files(mut sender: Sender, inputs: Vec<(PathBuf, File)>) -> anyhow::Resul
         }
     }
     Ok(sender.finish())
+}
+
+/// The CI checkout (or, outside CI, the current directory): absolute paths under it are made
+/// relative to it, as the repository names its files, unless `--root` says otherwise. The
+/// variables are those the providers set to the checkout.
+const WORKSPACE_VARIABLES: &[&str] = &[
+    "GITHUB_WORKSPACE",
+    "CI_PROJECT_DIR",
+    "CIRCLE_WORKING_DIRECTORY",
+    "BUILDKITE_BUILD_CHECKOUT_PATH",
+    "BUILD_SOURCESDIRECTORY",
+    "WORKSPACE",
+];
+
+fn workspace() -> Option<String> {
+    // CircleCI's is `~/project`.
+    let home = |dir: String| match dir.strip_prefix("~/") {
+        Some(rest) => std::env::var("HOME")
+            .map(|h| format!("{}/{rest}", h.trim_end_matches('/')))
+            .unwrap_or(dir),
+        None => dir,
+    };
+    // The root directory would make every absolute path relative.
+    let usable = |dir: String| {
+        let dir = dir.trim_end_matches('/').to_owned();
+        (dir.starts_with('/') && dir.len() > 1).then_some(dir)
+    };
+    WORKSPACE_VARIABLES
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find_map(|dir| usable(home(dir)))
+        .or_else(|| usable(std::env::current_dir().ok()?.to_str()?.to_owned()))
 }
 
 /// What a file looked like at the last scan.

@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::ops::Range;
 
-use crate::model::{BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_LINE, block_number};
+use crate::model::{
+    BranchArm, BranchKey, FileBuilder, FileCoverage, MAX_BLOCK, MAX_LINE, block_number,
+};
 
 use super::ParseError;
 pub use super::Record;
@@ -607,7 +609,9 @@ pub fn write_record_as(
         if key.block & EXCEPTION_BLOCK != 0 {
             out.text(b"e");
         }
-        out.number(key.block & !EXCEPTION_BLOCK).text(b",");
+        // LCOV has no way to say "counted arm" (coverage.py's Cobertura): such arms are written
+        // as plain ones, which every reader (covd's included) accepts.
+        out.number(key.block & MAX_BLOCK).text(b",");
         match &key.arm {
             BranchArm::Index(i) => out.number(*i),
             BranchArm::Label(l) => out.text(l.as_bytes()),

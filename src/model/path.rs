@@ -164,9 +164,139 @@ impl PathFilter {
     }
 }
 
+/// A repository's files (`git ls-files`), and the rule that puts a path a tool wrote somewhere
+/// else back among them: Codecov's path fixing. A path that is not one of the files is the file
+/// that shares its longest ending, component by component, when exactly one does, and the
+/// ending is the whole file path or at least two components (a file name alone would put
+/// `/usr/include/config.h` on the repository's `src/config.h`): coverage.py's Cobertura writes
+/// `/srv/ci/workspace/toolz-1.2.0/toolz/dicttoolz.py` (its `<source>` joined with the file) for
+/// `toolz/dicttoolz.py`. Two files that share the longest ending leave the path unresolved.
+#[derive(Debug, Default)]
+pub struct RepoFiles {
+    files: std::collections::HashSet<Box<str>>,
+    /// The files by their last component.
+    by_name: std::collections::HashMap<Box<str>, Vec<Box<str>>>,
+}
+
+/// What a path is among a repository's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// One of the files.
+    Known,
+    /// Not one of them, but the one that shares its longest ending.
+    Resolved(String),
+    /// Not one of them, and several share its longest ending (at most a few are named).
+    Ambiguous(Vec<String>),
+    /// Not one of them, and none shares even its file name.
+    Unknown,
+}
+
+impl RepoFiles {
+    pub fn new(files: impl IntoIterator<Item = String>) -> RepoFiles {
+        let mut repo = RepoFiles::default();
+        for f in files {
+            let name: Box<str> = f.rsplit('/').next().unwrap_or(&f).into();
+            let f: Box<str> = f.into();
+            if repo.files.insert(f.clone()) {
+                repo.by_name.entry(name).or_default().push(f);
+            }
+        }
+        repo
+    }
+
+    pub fn contains(&self, path: &str) -> bool {
+        self.files.contains(path)
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn resolve(&self, path: &str) -> Resolution {
+        if self.files.contains(path) {
+            return Resolution::Known;
+        }
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let Some(candidates) = self.by_name.get(name) else {
+            return Resolution::Unknown;
+        };
+        let shared = |file: &str| {
+            file.rsplit('/')
+                .zip(path.rsplit('/'))
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let enough = |file: &str| {
+            let n = shared(file);
+            n >= 2 || n == file.split('/').count()
+        };
+        let longest = candidates
+            .iter()
+            .filter(|c| enough(c))
+            .map(|c| shared(c))
+            .max();
+        let Some(longest) = longest else {
+            return Resolution::Unknown;
+        };
+        let best: Vec<&Box<str>> = candidates
+            .iter()
+            .filter(|c| enough(c) && shared(c) == longest)
+            .collect();
+        match best.as_slice() {
+            [one] => Resolution::Resolved(one.to_string()),
+            many => Resolution::Ambiguous(many.iter().take(4).map(|c| c.to_string()).collect()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_written_elsewhere_resolves_to_the_one_file_with_its_longest_ending() {
+        let repo = RepoFiles::new(
+            [
+                "toolz/curried/__init__.py",
+                "toolz/__init__.py",
+                "toolz/dicttoolz.py",
+                "a/util.py",
+                "b/util.py",
+            ]
+            .map(String::from),
+        );
+        let r = |p: &str| repo.resolve(p);
+        assert_eq!(r("toolz/dicttoolz.py"), Resolution::Known);
+        assert_eq!(
+            r("/srv/ci/workspace/toolz-1.2.0/toolz/curried/__init__.py"),
+            Resolution::Resolved("toolz/curried/__init__.py".into())
+        );
+        assert_eq!(
+            r("/srv/ci/workspace/toolz-1.2.0/toolz/__init__.py"),
+            Resolution::Resolved("toolz/__init__.py".into())
+        );
+        // A file name alone is not enough: it could be anybody's `dicttoolz.py`.
+        assert_eq!(r("/x/dicttoolz.py"), Resolution::Unknown);
+        assert_eq!(
+            r("/build/a/util.py"),
+            Resolution::Resolved("a/util.py".into())
+        );
+        assert_eq!(r("/build/nothing.py"), Resolution::Unknown);
+        let repo = RepoFiles::new(["setup.py", "a/x/util.py", "b/x/util.py"].map(String::from));
+        // A file at the top is its whole path.
+        assert_eq!(
+            repo.resolve("/srv/ci/setup.py"),
+            Resolution::Resolved("setup.py".into())
+        );
+        assert_eq!(
+            repo.resolve("/build/x/util.py"),
+            Resolution::Ambiguous(vec!["a/x/util.py".into(), "b/x/util.py".into()])
+        );
+    }
 
     #[test]
     fn hostile_paths_are_refused() {

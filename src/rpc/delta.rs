@@ -218,7 +218,25 @@ fn u32_of(v: u64) -> u32 {
 
 /// Reads and validates a delta.
 pub(crate) fn read(wire: &[u8], limits: &Limits) -> Result<Delta, Error> {
-    read_delta(wire, limits).map_err(|fault| match fault {
+    read_checked(wire, limits, Paths::Checked)
+}
+
+/// Reads a delta the store kept: its paths were checked when it was acknowledged, by whatever
+/// rules that release had, so they are only spelled the current way; refusing them now would
+/// make acknowledged data unreadable.
+pub(crate) fn read_stored(wire: &[u8], limits: &Limits) -> Result<Delta, Error> {
+    read_checked(wire, limits, Paths::Stored)
+}
+
+/// Whether a delta's paths are checked (a client's) or only spelled one way (a stored one).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Paths {
+    Checked,
+    Stored,
+}
+
+fn read_checked(wire: &[u8], limits: &Limits, paths: Paths) -> Result<Delta, Error> {
+    read_delta(wire, limits, paths).map_err(|fault| match fault {
         Fault::Decode { at, what } => Error::invalid(
             "delta",
             format!("does not decode as covd.v1.Delta: {what} (byte {at})"),
@@ -227,7 +245,7 @@ pub(crate) fn read(wire: &[u8], limits: &Limits) -> Result<Delta, Error> {
     })
 }
 
-fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
+fn read_delta(wire: &[u8], limits: &Limits, paths: Paths) -> Result<Delta, Fault> {
     let mut r = Reader::new(wire, 0);
     let mut seq = 0;
     let mut files = FileBatch::recycled();
@@ -242,12 +260,14 @@ fn read_delta(wire: &[u8], limits: &Limits) -> Result<Delta, Fault> {
             2 => {
                 let mut m = r.submessage(wire_type)?;
                 let i = files.len();
-                read_file(&mut m, limits, &mut files, &mut scratch).map_err(|f| match f {
-                    Fault::Field(field, reason) => {
-                        Fault::Field(format!("delta.files[{i}].{field}"), reason)
-                    }
-                    decode => decode,
-                })?;
+                read_file(&mut m, limits, paths, &mut files, &mut scratch).map_err(
+                    |f| match f {
+                        Fault::Field(field, reason) => {
+                            Fault::Field(format!("delta.files[{i}].{field}"), reason)
+                        }
+                        decode => decode,
+                    },
+                )?;
             }
             3 => {
                 let mut m = r.submessage(wire_type)?;
@@ -335,6 +355,7 @@ impl ArmColumns {
 fn read_file(
     r: &mut Reader<'_>,
     limits: &Limits,
+    paths: Paths,
     batch: &mut FileBatch,
     scratch: &mut Scratch,
 ) -> Result<(), Fault> {
@@ -379,7 +400,9 @@ fn read_file(
     arm_columns.push_into(limits, batch)?;
     // Spelled as the CLI spells it, so that a raw client's `./a.c` is the same file as `a.c`.
     let path = model::path::normalize(path);
-    model::path::check(&path).map_err(|e| Fault::Field("path".into(), e.to_string().into()))?;
+    if paths == Paths::Checked {
+        model::path::check(&path).map_err(|e| Fault::Field("path".into(), e.to_string().into()))?;
+    }
     if hits.len() != gaps.len() {
         return Err(Fault::Field(
             "hits".into(),

@@ -161,8 +161,7 @@ impl CoverageService {
                 }
             }
             if let Some(files) = loaded.files {
-                run.state().known_files =
-                    Some(Arc::new(files.into_iter().map(Into::into).collect()));
+                run.state().known_files = Some(Arc::new(crate::model::path::RepoFiles::new(files)));
             }
             let interner = &self.shared.interner;
             let complete = run.state().is_complete();

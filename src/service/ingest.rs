@@ -15,6 +15,8 @@ use super::{
     Applied, CoverageService, Delta, Error, MAX_UNKNOWN_REPORTED, Result, RunStatus, ShardHeader,
     TestTelemetry, check_run_id, check_shard_id, normalize_params,
 };
+use crate::model::FileBatch;
+use crate::model::path::{RepoFiles, Resolution};
 use crate::persist::{Write, codec};
 
 /// How long after a run completes its compaction starts (see `finish`).
@@ -107,6 +109,15 @@ impl CoverageService {
     /// Starts a stream for a shard attempt: opens the run if needed, replaces an older attempt,
     /// and says where to resume.
     pub async fn begin_shard(&self, header: ShardHeader) -> Result<ShardSession> {
+        if header.session.len() > MAX_SESSION_BYTES {
+            return Err(Error::invalid(
+                "header.session_id",
+                format!(
+                    "is {} bytes long; the limit is {MAX_SESSION_BYTES}",
+                    header.session.len()
+                ),
+            ));
+        }
         let limits = self.limits();
         check_run_id(limits, "header.run_id", &header.run_id)?;
         check_shard_id(limits, "header.shard_id", &header.shard_id)?;
@@ -117,15 +128,6 @@ impl CoverageService {
         // before its write, and another shard's deltas must not be acknowledged meanwhile.
         if !run.stored.load(std::sync::atomic::Ordering::Acquire) {
             self.persist_run(&run).await?;
-        }
-        if header.session.len() > MAX_SESSION_BYTES {
-            return Err(Error::invalid(
-                "header.session_id",
-                format!(
-                    "is {} bytes long; the limit is {MAX_SESSION_BYTES}",
-                    header.session.len()
-                ),
-            ));
         }
         let attempt = header.attempt.max(1);
         let shard_id = header.shard_id;
@@ -180,8 +182,12 @@ impl CoverageService {
                 )));
             }
             if !start && *shard.writer != *session_id {
-                let untouched =
-                    shard.last_seq == 0 && shard.streams == 0 && shard.finished_at.is_none();
+                // Nothing of it acknowledged, or written by a client without sessions (or a
+                // release before them), and nobody streams it: this push may take it over.
+                // Re-sent deltas are still checked against what was acknowledged.
+                let untouched = shard.streams == 0
+                    && (shard.writer.is_empty()
+                        || (shard.last_seq == 0 && shard.finished_at.is_none()));
                 if !untouched {
                     return Err(Error::AlreadyExists(format!(
                         "attempt {attempt} of shard `{shard_id}` {} by another push ({} deltas \
@@ -195,8 +201,7 @@ impl CoverageService {
                         shard.last_seq
                     )));
                 }
-                // Nothing of it was acknowledged and nobody streams it: this push takes it over
-                // (stored with its first delta).
+                // Stored with its next delta.
                 shard.writer = session_id.clone().into();
             }
             // A complete run never needs one: it accepts no new attempt, and its delta log may
@@ -378,6 +383,13 @@ impl CoverageService {
         digest: Option<u32>,
     ) -> Result<Applied> {
         let limits = self.limits();
+        let known = run.state().known_files.clone();
+        // Paths a tool wrote elsewhere are put back among the repository's files before the
+        // delta is stored, so that a replay reads them resolved.
+        let (delta, unknown_paths) = match &known {
+            Some(known) => resolve_paths(delta, known),
+            None => (delta, Vec::new()),
+        };
         let _gate = run.gate_shared();
         // Taken under the gate: a rebuild replaces the aggregate under it exclusively.
         let aggregate = run.live()?;
@@ -423,17 +435,6 @@ impl CoverageService {
                 shard: shard.0,
                 body,
             }])?;
-        let known = run.state().known_files.clone();
-        let unknown_paths: Vec<String> = match &known {
-            Some(known) => delta
-                .files
-                .paths()
-                .filter(|p| !known.contains(*p))
-                .take(MAX_UNKNOWN_REPORTED)
-                .map(str::to_owned)
-                .collect(),
-            None => Vec::new(),
-        };
         let interner = &self.shared.interner;
         let mut files = delta.files;
         files.intern_tests(|name| interner.intern(name));
@@ -551,6 +552,64 @@ impl CoverageService {
     }
 }
 
+/// The delta with its paths resolved among the repository's files ([`RepoFiles::resolve`]), and
+/// the paths that stayed outside them (at most [`MAX_UNKNOWN_REPORTED`]; an ambiguous one names
+/// its candidates). A path whose file the delta already names, or that another of its paths
+/// resolved to, stays as it was: two records of one delta must not become one file. A delta
+/// with a resolved path is re-encoded: its wire bytes name the paths as the tool wrote them.
+fn resolve_paths(delta: Delta, known: &RepoFiles) -> (Delta, Vec<String>) {
+    if delta.files.paths().all(|p| known.contains(p)) {
+        return (delta, Vec::new());
+    }
+    let mut unknown = Vec::new();
+    let mut report = |what: String| {
+        if unknown.len() < MAX_UNKNOWN_REPORTED {
+            unknown.push(what);
+        }
+    };
+    let mut taken: std::collections::HashSet<String> = delta
+        .files
+        .paths()
+        .filter(|p| known.contains(p))
+        .map(str::to_owned)
+        .collect();
+    let renames: Vec<Option<String>> = delta
+        .files
+        .paths()
+        .map(|path| match known.resolve(path) {
+            Resolution::Known => None,
+            Resolution::Resolved(to) if taken.insert(to.clone()) => Some(to),
+            Resolution::Resolved(to) => {
+                report(format!("{path} (its file {to} is already in this delta)"));
+                None
+            }
+            Resolution::Ambiguous(candidates) => {
+                report(format!("{path} (matches {})", candidates.join(", ")));
+                None
+            }
+            Resolution::Unknown => {
+                report(path.to_owned());
+                None
+            }
+        })
+        .collect();
+    if renames.iter().all(Option::is_none) {
+        return (delta, unknown);
+    }
+    let mut files = delta.files.to_files();
+    for ((path, _), to) in files.iter_mut().zip(renames) {
+        if let Some(to) = to {
+            *path = to;
+        }
+    }
+    let delta = Delta {
+        seq: delta.seq,
+        files: FileBatch::of_files(&files),
+        wire: None,
+    };
+    (delta, unknown)
+}
+
 /// A shard's stored record as it will be once the delta `seq` is stored.
 struct ShardRecordAt(crate::persist::ShardRecord);
 
@@ -587,4 +646,67 @@ fn current_shard<'a>(
         )));
     }
     Ok(shard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FileBuilder;
+
+    fn delta(paths: &[&str]) -> Delta {
+        let files: Vec<(String, crate::model::FileCoverage)> = paths
+            .iter()
+            .map(|p| {
+                let mut b = FileBuilder::new();
+                b.line(1, 1);
+                (p.to_string(), b.build())
+            })
+            .collect();
+        Delta {
+            seq: 1,
+            files: FileBatch::of_files(&files),
+            wire: Some(bytes::Bytes::from_static(b"as sent")),
+        }
+    }
+
+    #[test]
+    fn two_paths_of_a_delta_never_become_one_file() {
+        let repo = RepoFiles::new(["toolz/x.py", "toolz/y.py"].map(String::from));
+        // All known: the delta goes as it came, wire bytes and all.
+        let (same, unknown) = resolve_paths(delta(&["toolz/x.py"]), &repo);
+        assert!(same.wire.is_some() && unknown.is_empty());
+        let (resolved, unknown) = resolve_paths(
+            delta(&[
+                "toolz/x.py",
+                "/ci/toolz/x.py",
+                "/ci/toolz/y.py",
+                "/other/toolz/y.py",
+                "/ci/z.py",
+            ]),
+            &repo,
+        );
+        let paths: Vec<&str> = resolved.files.paths().collect();
+        assert_eq!(
+            paths,
+            [
+                "toolz/x.py",
+                "/ci/toolz/x.py",
+                "toolz/y.py",
+                "/other/toolz/y.py",
+                "/ci/z.py"
+            ]
+        );
+        assert!(
+            resolved.wire.is_none(),
+            "re-encoded with the resolved paths"
+        );
+        assert_eq!(
+            unknown,
+            [
+                "/ci/toolz/x.py (its file toolz/x.py is already in this delta)",
+                "/other/toolz/y.py (its file toolz/y.py is already in this delta)",
+                "/ci/z.py"
+            ]
+        );
+    }
 }

@@ -181,7 +181,7 @@ impl CoverageService {
                 }])
                 .await?;
             run.state().known_files =
-                Some(Arc::new(known_files.into_iter().map(Into::into).collect()));
+                Some(Arc::new(crate::model::path::RepoFiles::new(known_files)));
         }
         Ok((created, run.status()))
     }

@@ -14,7 +14,7 @@
 //! std locks rather than tokio's: they are held briefly, from blocking threads or without
 //! awaiting, and std's are cheaper.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::aggregate::{Aggregate, PathInterner};
 use crate::model::Totals;
+use crate::model::path::RepoFiles;
 use crate::persist::{Storage, StoreError};
 
 use super::{Error, Result, RunParams, RunStatus, ShardState, ShardStatus, TestTelemetry};
@@ -77,7 +78,7 @@ pub(super) struct RunState {
     pub(super) stale: bool,
     /// The repository's files, when the run was given them: delta paths outside it are
     /// reported back to the shard.
-    pub(super) known_files: Option<Arc<HashSet<Box<str>>>>,
+    pub(super) known_files: Option<Arc<RepoFiles>>,
 }
 
 impl RunState {

@@ -668,3 +668,81 @@ fn the_quickstart_report_shows_the_demo_sources() {
         "covd's own src/lib.rs was shown"
     );
 }
+
+/// coverage.py's Cobertura names files relative to an absolute `<source>` on the CI machine
+/// (`/srv/ci/workspace/toolz-1.2.0/toolz`), where its LCOV and JSON write `toolz/…`. Mixed in one
+/// run, the two must be one entry per file, without path rules: through the run's repository
+/// files (`--files-from`), or, without them, the CI workspace the push runs in.
+#[test]
+fn coverage_py_cobertura_and_lcov_shards_name_files_alike() {
+    use std::io::Read;
+    let served = Served::start();
+    let dir = tempfile::tempdir().unwrap();
+    let same = corpus("python-toolz/same-path");
+    let lcov = same.join("full-run.lcov");
+    let xml = dir.path().join("coverage.xml");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(same.join("merged.cobertura.xml.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    std::fs::write(&xml, text).unwrap();
+    let oracle = read_lcov(&lcov, &PathRules::default());
+    let files = dir.path().join("files.txt");
+    let listed: String = oracle.files.keys().map(|p| format!("{p}\n")).collect();
+    std::fs::write(&files, listed).unwrap();
+
+    let push = |run: &str, shard: &str, input: &std::path::Path, workspace: Option<&str>| {
+        let mut c = served.covd(&["push", "--run", run, "--shard", shard, "--fail-on-error"]);
+        c.arg(input).current_dir(dir.path());
+        for v in ["GITHUB_WORKSPACE", "CI_PROJECT_DIR", "WORKSPACE"] {
+            c.env_remove(v);
+        }
+        if let Some(w) = workspace {
+            c.env("GITHUB_WORKSPACE", w);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let merged_paths = |run: &str| {
+        let out = served.covd(&["fetch", "--run", run]).output().unwrap();
+        assert!(out.status.success());
+        parse_lcov_bytes(&out.stdout)
+            .files
+            .into_keys()
+            .collect::<Vec<_>>()
+    };
+    let want: Vec<String> = oracle.files.keys().cloned().collect();
+
+    // The run knows the repository's files: the Cobertura paths resolve to them.
+    let out = served
+        .covd(&["open", "--run", "listed", "--shards", "2", "--files-from"])
+        .arg(&files)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    push("listed", "0", &lcov, None);
+    let said = push("listed", "1", &xml, None);
+    assert!(
+        !said.contains("not among the run's files"),
+        "nothing stays unknown: {said}"
+    );
+    assert_eq!(merged_paths("listed"), want);
+
+    // No file list: the push makes paths under its CI workspace relative to it.
+    push("ws", "0", &lcov, None);
+    push("ws", "1", &xml, Some("/srv/ci/workspace/toolz-1.2.0"));
+    assert_eq!(merged_paths("ws"), want);
+    // The merge of the two is exact: coverage.py's Cobertura lines are its LCOV's.
+    let out = served.covd(&["fetch", "--run", "listed"]).output().unwrap();
+    let merged = parse_lcov_bytes(&out.stdout);
+    for (path, file) in &oracle.files {
+        assert_eq!(merged.files[path].lines(), file.lines(), "{path}");
+    }
+}

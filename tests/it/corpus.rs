@@ -159,8 +159,11 @@ async fn coverage_py_json_shards_merge_like_coverage_combine() {
     assert_same_shapes(&merged, &oracle);
 }
 
+/// A run that knows the repository's files puts a shard's paths back among them (the shard
+/// here has no path rules: every path is under `/srv/ci/shard1/toolz-1.2.0/`), after a restart
+/// too, and reports the paths that match no file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shard_with_wrong_path_rules_is_told_which_paths_match_no_file() {
+async fn a_shards_paths_resolve_to_the_repository_files_and_the_rest_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let settings = covd::server::Settings {
         data_dir: Some(dir.path().to_owned()),
@@ -173,50 +176,55 @@ async fn a_shard_with_wrong_path_rules_is_told_which_paths_match_no_file() {
         &PathRules::default(),
     );
     let files: Vec<String> = repo.files.keys().cloned().collect();
+    let two = RunParams {
+        expected_shards: vec!["1".into(), "2".into()],
+        ..RunParams::default()
+    };
     client
-        .open_run_with_files("r", RunParams::default(), files)
+        .open_run_with_files("r", two, files.clone())
         .await
         .unwrap();
     let raw = read_lcov(
         &corpus("python-toolz/prefixed-paths/shard1.lcov"),
         &PathRules::default(),
     );
-    let report = push(&mut client, "r", "wrong", 1, raw).await;
-    assert!(!report.unknown_paths.is_empty());
+    assert!(raw.files.keys().all(|p| p.starts_with("/srv/ci/shard1/")));
+    let report = push(&mut client, "r", "1", 1, raw).await;
     assert!(
-        report
-            .unknown_paths
-            .iter()
-            .all(|p| p.starts_with("/srv/ci/shard1/")),
+        report.unknown_paths.is_empty(),
         "{:?}",
         report.unknown_paths
     );
     daemon.stop().await.unwrap();
 
-    // The list is stored: after a restart, a shard with right rules hears nothing.
+    // Stored resolved: after a restart the run holds the repository's paths, and the second
+    // shard (its own prefix) merges into them.
     let daemon = Daemon::with(settings).await;
     let mut client = daemon.client();
-    let rules = PathRules {
-        strip: vec!["/srv/ci/shard2/toolz-1.2.0/".into()],
-        ..PathRules::default()
-    };
-    let right = read_lcov(&corpus("python-toolz/prefixed-paths/shard2.lcov"), &rules);
-    assert!(
-        push(&mut client, "r", "right", 1, right)
-            .await
-            .unknown_paths
-            .is_empty()
-    );
-    let raw = read_lcov(
-        &corpus("python-toolz/prefixed-paths/shard3.lcov"),
+    let mut raw = read_lcov(
+        &corpus("python-toolz/prefixed-paths/shard2.lcov"),
         &PathRules::default(),
     );
-    assert!(
-        !push(&mut client, "r", "wrong-again", 1, raw)
-            .await
-            .unknown_paths
-            .is_empty()
+    let stray = raw.files.values().next().unwrap().clone();
+    raw.add("/srv/ci/shard2/toolz-1.2.0/generated/stray.py", &stray);
+    let report = push(&mut client, "r", "2", 1, raw).await;
+    assert_eq!(
+        report.unknown_paths,
+        ["/srv/ci/shard2/toolz-1.2.0/generated/stray.py"]
     );
+    let (header, merged) = fetch(&mut client, "r").await;
+    assert!(header.complete);
+    let mut paths: Vec<&String> = merged.files.keys().collect();
+    paths.retain(|p| !p.ends_with("stray.py"));
+    let known: Vec<&String> = repo.files.keys().collect();
+    assert_eq!(paths, known);
+    // Shards 1 and 2 merged, as coverage.py's combine of the two would: the oracle's lines.
+    let oracle = read_lcov(
+        &corpus("python-toolz/prefixed-paths/merged.lcov"),
+        &PathRules::default(),
+    );
+    let path = "toolz/itertoolz.py";
+    assert!(merged.files[path].lines() == oracle.files[path].lines());
     daemon.stop().await.unwrap();
 }
 
