@@ -79,26 +79,42 @@ impl Aggregate {
     /// Merges one file in, and returns its path as the aggregate holds it (interned). Never
     /// holds more than this file's map shard.
     pub fn merge_file(&self, interner: &PathInterner, path: &str, file: &FileCoverage) -> Arc<str> {
-        self.merge_with(interner, path, |f| f.merge_counted(file))
+        self.merge_with(interner, path, file.is_placeholder(), |f| {
+            f.merge_counted(file)
+        })
     }
 
     /// Merges one file of a batch in (see [`FileCoverage::merge_part`]). Never holds more
     /// than this file's map shard.
     pub fn merge_part(&self, interner: &PathInterner, part: &FilePart<'_>) {
-        self.merge_with(interner, part.path(), |f| f.merge_part(part));
+        self.merge_with(interner, part.path(), part.is_placeholder(), |f| {
+            f.merge_part(part)
+        });
     }
 
     /// Applies `merge` to the file at `path` (new and empty if there is none) and adds what it
-    /// added to the totals.
+    /// added to the totals. When a c8 placeholder is involved (`placeholder`: the incoming
+    /// record is one), the merge may also take away, and the file's totals are compared.
     fn merge_with(
         &self,
         interner: &PathInterner,
         path: &str,
+        placeholder: bool,
         merge: impl FnOnce(&mut FileCoverage) -> Totals,
     ) -> Arc<str> {
         if let Some(mut existing) = self.files.get_mut(path) {
-            let added = merge(&mut existing);
             let path = existing.key().clone();
+            if placeholder || existing.is_placeholder() {
+                let before = existing.totals();
+                merge(&mut existing);
+                let after = existing.totals();
+                drop(existing);
+                let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+                *totals = totals.minus(&before);
+                *totals += after;
+                return path;
+            }
+            let added = merge(&mut existing);
             drop(existing);
             self.add_totals(added);
             return path;

@@ -5,9 +5,10 @@
 //! - Functions: name and the line of its declaration, with its count.
 //! - Branches: istanbul identifies a branch by where it is in the source, so a branch is keyed
 //!   by its line, the column it starts at (as the block) and the location's index.
-//! - c8's placeholders (`"all": true`, written for files no test loaded) are not coverage:
-//!   their lines (all 0) are kept, so the file counts as uncovered, but their made-up
-//!   `(empty-report)` function and whole-file branch are dropped.
+//! - c8's placeholders (`"all": true`, written for files no test loaded) are read whole, as c8
+//!   writes them to LCOV too: every line 0, the `(empty-report)` function that marks them
+//!   ([`crate::model::PLACEHOLDER_FUNCTION`]), one untaken branch. The merge then treats them
+//!   as istanbul's does: a placeholder gives way to a real record of the file.
 //!
 //! A limit: c8 branches are V8 block ranges, and V8 leaves out a range whose count equals its
 //! parent's, so two c8 shards may list different branches; istanbul's merge then adds the
@@ -151,49 +152,57 @@ fn convert(path: &str, e: FileEntry) -> Result<FileCoverage, String> {
     for (n, hits) in lines {
         b.line(n, hits);
     }
-    if !e.all {
-        for (id, func) in &e.fn_map {
-            let start = func
-                .decl
-                .and_then(|r| r.start.line)
-                .or(func.line)
-                .or(func.loc.and_then(|r| r.start.line));
-            let Some(start) = line(path, start)? else {
-                continue;
-            };
-            if func.name.is_empty() {
-                continue;
-            }
-            b.function(&func.name, start, 0, e.f.get(id).copied().unwrap_or(0));
+    for (id, func) in &e.fn_map {
+        let start = func
+            .decl
+            .and_then(|r| r.start.line)
+            .or(func.line)
+            .or(func.loc.and_then(|r| r.start.line));
+        let Some(start) = line(path, start)? else {
+            continue;
+        };
+        if func.name.is_empty() {
+            continue;
         }
-        for (id, branch) in &e.branch_map {
-            let first = branch
-                .locations
-                .first()
-                .copied()
-                .or(branch.loc)
-                .unwrap_or_default();
-            let Some(n) = line(path, branch.line.or(first.start.line))? else {
-                continue;
+        b.function(&func.name, start, 0, e.f.get(id).copied().unwrap_or(0));
+    }
+    for (id, branch) in &e.branch_map {
+        let first = branch
+            .locations
+            .first()
+            .copied()
+            .or(branch.loc)
+            .unwrap_or_default();
+        let Some(n) = line(path, branch.line.or(first.start.line))? else {
+            continue;
+        };
+        // c8 can give -1 (a V8 range that starts on the newline before the line).
+        let column = crate::model::block_number(
+            first.start.column.unwrap_or(0).max(0) as u64,
+            "branch column",
+        )
+        .map_err(|m| format!("{path}: line {n}: {m}"))?;
+        let counts = e.b.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        for i in 0..branch.locations.len().max(counts.len()) {
+            let key = BranchKey {
+                line: n,
+                block: column,
+                arm: BranchArm::Index(i as u32),
             };
-            // c8 can give -1 (a V8 range that starts on the newline before the line).
-            let column = crate::model::block_number(
-                first.start.column.unwrap_or(0).max(0) as u64,
-                "branch column",
-            )
-            .map_err(|m| format!("{path}: line {n}: {m}"))?;
-            let counts = e.b.get(id).map(Vec::as_slice).unwrap_or(&[]);
-            for i in 0..branch.locations.len().max(counts.len()) {
-                let key = BranchKey {
-                    line: n,
-                    block: column,
-                    arm: BranchArm::Index(i as u32),
-                };
-                b.branch(key, Some(counts.get(i).copied().unwrap_or(0)));
-            }
+            b.branch(key, Some(counts.get(i).copied().unwrap_or(0)));
         }
     }
-    Ok(b.build())
+    let mut file = b.build();
+    if e.all && !file.is_placeholder() {
+        // Marked by its flag only (not as c8 writes it): the mark is what the merge reads.
+        let mut b = FileBuilder::new();
+        for (line, hits) in file.line_hits() {
+            b.line(line, hits);
+        }
+        b.function(crate::model::PLACEHOLDER_FUNCTION, 1, 0, 0);
+        file = b.build();
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -240,7 +249,8 @@ mod tests {
         assert_eq!(b, vec![(3, 2, Some(0)), (3, 2, Some(2))]);
         let placeholder = &recs[1].file;
         assert_eq!(placeholder.totals().lines, 2);
-        assert!(placeholder.functions().is_empty() && placeholder.branches().is_empty());
+        assert!(placeholder.is_placeholder());
+        assert_eq!(placeholder.branches().len(), 1);
     }
 
     #[test]

@@ -422,6 +422,15 @@ impl<'a> FilePart<'a> {
             })
     }
 
+    /// Whether this is a c8 placeholder record (see [`super::PLACEHOLDER_FUNCTION`]).
+    pub fn is_placeholder(&self) -> bool {
+        let mut functions = self.functions();
+        functions.len() == 1
+            && functions
+                .next()
+                .is_some_and(|f| f.start_line == 1 && f.name == super::PLACEHOLDER_FUNCTION)
+    }
+
     /// Whether any line is attributed to a test (per file or by the batch's test).
     pub fn has_tests(&self) -> bool {
         !self.slot.tests.is_empty() || self.batch.test.is_some()

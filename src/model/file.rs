@@ -418,11 +418,26 @@ impl FileCoverage {
         self.functions = functions;
     }
 
-    /// Adds `other` into `self`: union of lines, sum of hits, branch and function outcomes.
+    /// Whether this is a c8 placeholder record (see [`super::PLACEHOLDER_FUNCTION`]).
+    pub fn is_placeholder(&self) -> bool {
+        matches!(self.functions.as_slice(), [f] if f.start_line == 1 && &*f.name == super::PLACEHOLDER_FUNCTION)
+    }
+
+    /// Adds `other` into `self`: union of lines, sum of hits, branch and function outcomes. A
+    /// c8 placeholder gives way to a real record of the file, and adds nothing to another
+    /// placeholder, in either order.
     pub fn merge(&mut self, other: &FileCoverage) {
         if self.is_empty() {
             self.clone_from(other);
             return;
+        }
+        match (self.is_placeholder(), other.is_placeholder()) {
+            (_, true) => return,
+            (true, false) => {
+                self.clone_from(other);
+                return;
+            }
+            (false, false) => {}
         }
         self.merge_lines(other);
         if !other.branches.is_empty() {
@@ -452,9 +467,14 @@ impl FileCoverage {
     ///
     /// Returns what the merge added to the file's [`Totals`] (merging only ever adds), so that
     /// an aggregate keeps its totals without adding up every file.
+    ///
+    /// When either side is a c8 placeholder the merge may take lines away (the placeholder
+    /// gives way): the caller compares the totals before and after instead.
     pub fn merge_part(&mut self, part: &FilePart<'_>) -> Totals {
         if !self.is_empty()
             && !part.has_tests()
+            && !self.is_placeholder()
+            && !part.is_placeholder()
             && let Some(added) = self.merge_known(part)
         {
             return added;
@@ -826,6 +846,47 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_c8_placeholder_gives_way_to_a_real_record_in_either_order() {
+        let placeholder = {
+            let mut b = FileBuilder::new();
+            for line in 1..=6 {
+                b.line(line, 0);
+            }
+            b.function(crate::model::PLACEHOLDER_FUNCTION, 1, 0, 0);
+            b.branch(
+                BranchKey {
+                    line: 1,
+                    block: 0,
+                    arm: BranchArm::Index(0),
+                },
+                Some(0),
+            );
+            b.build()
+        };
+        let real = {
+            let mut b = FileBuilder::new();
+            b.line(2, 3);
+            b.line(4, 0);
+            b.function("f", 2, 4, 3);
+            b.build()
+        };
+        assert!(placeholder.is_placeholder() && !real.is_placeholder());
+        for (first, second) in [(&placeholder, &real), (&real, &placeholder)] {
+            let mut merged = first.clone();
+            merged.merge(second);
+            assert_eq!(merged, real);
+        }
+        let mut twice = placeholder.clone();
+        twice.merge(&placeholder);
+        assert_eq!(twice, placeholder);
+        // Through a batch part, as the daemon merges.
+        let batch = crate::model::FileBatch::of_files(&[("a.js".to_owned(), real.clone())]);
+        let mut merged = placeholder.clone();
+        merged.merge_part(&batch.files().next().unwrap());
+        assert_eq!(merged, real);
+    }
 
     #[test]
     fn a_roomy_vector_is_not_kept_in_the_file() {

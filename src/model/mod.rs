@@ -68,6 +68,13 @@ pub fn block_number(n: u64, what: &str) -> Result<u32, String> {
     }
 }
 
+/// The function c8 (`--all`) names in the record it writes for a file no test process loaded:
+/// every line 0, this one function at line 1, one untaken branch. Not a JavaScript identifier,
+/// so no real function has it. Such a placeholder merges as istanbul's own merge does
+/// (istanbul-lib-coverage's `FileCoverage.merge`, on its `all` flag): it gives way to any real
+/// record of the file, and two of them are one (see `tests/fixtures/c8-placeholders`).
+pub const PLACEHOLDER_FUNCTION: &str = "(empty-report)";
+
 /// The identity of a branch within a file.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BranchKey {

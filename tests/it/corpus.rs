@@ -557,3 +557,58 @@ async fn clover_shards_merge_like_one_phpunit_run_and_like_nyc_merge() {
     .await;
     assert_exact_lines_and_branch_lower_bound(&merged, &oracle);
 }
+
+/// c8 `--all` writes a placeholder record for each file a shard's processes never loaded.
+/// Merged as istanbul merges them (`nyc merge`, the oracle), a placeholder gives way to the
+/// real record of another shard, and a file no shard loaded is one placeholder; in LCOV and in
+/// `coverage-final.json` alike. (c.js, loaded by both shards, is merged by position here and
+/// by location in istanbul: its branches are not compared.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c8_placeholders_give_way_like_nyc_merge() {
+    use covd::formats::Format;
+    let oracle = read_lcov(
+        &fixture("c8-placeholders/merged.info"),
+        &PathRules::default(),
+    );
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for (run, format, ext) in [
+        ("lcov", Format::Lcov, "info"),
+        ("json", Format::Istanbul, "json"),
+    ] {
+        for shard in 1..=2 {
+            let rules = PathRules {
+                strip: vec![format!("/builds/shard-{shard}/")],
+                ..PathRules::default()
+            };
+            let path = fixture(&format!("c8-placeholders/shard{shard}.{ext}"));
+            let c = read_format(format, &path, &rules);
+            assert!(c.files["src/never.js"].is_placeholder(), "{run}");
+            push(&mut client, run, &shard.to_string(), 1, c).await;
+        }
+        let (_, merged) = fetch(&mut client, run).await;
+        assert_eq!(
+            merged.files.keys().collect::<Vec<_>>(),
+            oracle.files.keys().collect::<Vec<_>>()
+        );
+        for path in ["src/a.js", "src/b.js", "src/never.js", "src/empty.js"] {
+            let (ours, theirs) = (&merged.files[path], &oracle.files[path]);
+            assert_eq!(shape(ours), shape(theirs), "{run}: {path}");
+            assert_eq!(
+                ours.line_hits().collect::<Vec<_>>(),
+                theirs.line_hits().collect::<Vec<_>>(),
+                "{run}: {path}"
+            );
+        }
+        let c = &merged.files["src/c.js"];
+        assert_eq!(c.lines(), oracle.files["src/c.js"].lines(), "{run}");
+        assert!(!c.is_placeholder());
+        // Totals without the placeholders of loaded files: istanbul's 30/52 lines.
+        let status = client.status(run).await.unwrap();
+        assert_eq!(
+            (status.totals.lines_covered, status.totals.lines),
+            (30, 52),
+            "{run}"
+        );
+    }
+}
