@@ -1,7 +1,8 @@
-//! Stored data outlives releases: a data directory written by an earlier release
-//! (`tests/fixtures/datadir-v1`, made by its `make.sh`) opens with this build and answers
-//! status, file and directory queries and exports exactly as that release answered them.
-//! Every change to stored records must keep this test green.
+//! Stored data outlives releases: data directories written by earlier releases
+//! (`tests/fixtures/datadir-v1`, postcard records; `datadir-v2`, protobuf records; made by
+//! `datadir-v1/make.sh`) open with this build and answer status, file and directory queries and
+//! exports exactly as those releases answered them. Every change to stored records must keep
+//! these tests green.
 
 use std::path::Path;
 
@@ -77,7 +78,16 @@ fn check_answers(served: &Served, expected: &Path) {
 
 #[test]
 fn a_data_directory_of_the_first_release_answers_as_it_did() {
-    let fixture = fixture("datadir-v1");
+    answers_as_it_did("datadir-v1");
+}
+
+#[test]
+fn a_data_directory_with_protobuf_records_answers_as_it_did() {
+    answers_as_it_did("datadir-v2");
+}
+
+fn answers_as_it_did(name: &str) {
+    let fixture = fixture(name);
     let expected = fixture.join("expected");
     let data = tempfile::tempdir().unwrap();
     copy_dir(&fixture.join("data"), data.path());
