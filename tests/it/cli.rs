@@ -393,10 +393,7 @@ fn fetch_html_writes_a_report_with_marked_sources() {
     assert!(index.contains("src/"), "{index}");
     assert!(index.contains("Completeness unknown"));
     // The directory page links both files; each file page shows its source, marked.
-    let pages: Vec<String> = std::fs::read_dir(out.join("f"))
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let pages = report_pages(&out);
     let calc = pages
         .iter()
         .find(|p| p.contains("src/calc.c"))
@@ -649,10 +646,7 @@ fn the_quickstart_report_shows_the_demo_sources() {
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let pages: Vec<String> = std::fs::read_dir(out.join("f"))
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let pages = report_pages(&out);
     let lib = pages
         .iter()
         .find(|p| p.contains("src/lib.rs"))
@@ -745,4 +739,12 @@ fn coverage_py_cobertura_and_lcov_shards_name_files_alike() {
     for (path, file) in &oracle.files {
         assert_eq!(merged.files[path].lines(), file.lines(), "{path}");
     }
+}
+
+/// The file pages of an HTML report.
+fn report_pages(report: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(report.join("f"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect()
 }

@@ -103,70 +103,48 @@ fn answers_as_it_did(name: &str) {
     // The old runs go on: a second attempt replaces the interrupted shard's acknowledged delta,
     // and the open run completes when its missing shard arrives.
     let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
-    let out = served
-        .covd(&[
-            "push",
-            "--run",
-            "interrupted",
-            "--shard",
-            "0",
-            "--attempt",
-            "2",
-            "--fail-on-error",
-        ])
-        .arg(quickstart.join("shard-b.info"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // A command that must succeed, and what it printed.
+    let covd = |args: &[&str], file: Option<&str>| {
+        let mut c = served.covd(args);
+        if let Some(f) = file {
+            c.arg(quickstart.join(f));
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "covd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let push = ["push", "--fail-on-error", "--run"];
+    covd(
+        &[
+            &push[..],
+            &["interrupted", "--shard", "0", "--attempt", "2"],
+        ]
+        .concat(),
+        Some("shard-b.info"),
     );
-    let status = served
-        .covd(&["status", "--run", "interrupted"])
-        .output()
-        .unwrap();
-    let status = String::from_utf8(status.stdout).unwrap();
+    let status = covd(&["status", "--run", "interrupted"], None);
     assert!(
         status.contains("finished") && status.contains("attempt 2 deltas 1"),
         "{status}"
     );
     // What attempt 1 sent is gone: the run holds shard-b.info alone, like a new run of it.
-    let out = served
-        .covd(&["push", "--run", "b-only", "--shard", "0", "--fail-on-error"])
-        .arg(quickstart.join("shard-b.info"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    covd(
+        &[&push[..], &["b-only", "--shard", "0"]].concat(),
+        Some("shard-b.info"),
     );
-    let file = |run: &str| {
-        let out = served
-            .covd(&["file", "--run", run, "src/lib.rs"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    assert_eq!(file("interrupted"), file("b-only"));
+    assert_eq!(
+        covd(&["file", "--run", "interrupted", "src/lib.rs"], None),
+        covd(&["file", "--run", "b-only", "src/lib.rs"], None)
+    );
 
-    let out = served
-        .covd(&["push", "--run", "open", "--shard", "2", "--fail-on-error"])
-        .arg(quickstart.join("shard-a.info"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    covd(
+        &[&push[..], &["open", "--shard", "2"]].concat(),
+        Some("shard-a.info"),
     );
-    let status = served.covd(&["status", "--run", "open"]).output().unwrap();
-    let status = String::from_utf8(status.stdout).unwrap();
+    let status = covd(&["status", "--run", "open"], None);
     assert!(status.starts_with("run open: complete"), "{status}");
 }
