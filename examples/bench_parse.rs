@@ -10,6 +10,9 @@
 //! prints MB/s for each; then, when grcov is installed (or `GRCOV=path`), grcov's wall time to
 //! merge the same LCOV files into one, with the ratio.
 
+#[path = "common/bench_data.rs"]
+mod bench_data;
+
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
@@ -38,7 +41,7 @@ fn main() {
             other => panic!("unknown argument {other}"),
         }
     }
-    let dir = data.unwrap_or_else(|| generate(shards, files));
+    let dir = data.unwrap_or_else(|| bench_data::generate(shards, files));
     let mut lcov: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("data directory")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -154,28 +157,4 @@ fn grcov(paths: &[PathBuf]) -> Option<f64> {
     let secs = start.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&out);
     status.success().then_some(secs)
-}
-
-fn generate(shards: usize, files: usize) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join(format!("target/bench-data/s{shards}_f{files}"));
-    if !dir.join("manifest.json").exists() {
-        let status = Command::new("python3")
-            .arg(root.join("../shared/bench/gen_lcov.py"))
-            .args([
-                "--out",
-                dir.to_str().unwrap(),
-                "-S",
-                &shards.to_string(),
-                "-F",
-                &files.to_string(),
-                "-L",
-                "100",
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .expect("python3");
-        assert!(status.success(), "gen_lcov.py failed");
-    }
-    dir
 }

@@ -14,6 +14,9 @@
 //! release, which kept every run in memory) and prints the ratios side by side.
 //! `--memory-budget BYTES` is passed to the measured binary (the reference may not know it).
 
+#[path = "common/bench_data.rs"]
+mod bench_data;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -233,29 +236,6 @@ async fn measure(
     }
 }
 
-fn generate(shards: usize, files: usize) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join(format!("target/bench-data/s{shards}_f{files}"));
-    if !dir.join("manifest.json").exists() {
-        let status = Command::new("python3")
-            .arg(root.join("../shared/bench/gen_lcov.py"))
-            .args(["--out", dir.to_str().unwrap()])
-            .args([
-                "-S",
-                &shards.to_string(),
-                "-F",
-                &files.to_string(),
-                "-L",
-                "100",
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .expect("python3");
-        assert!(status.success(), "gen_lcov.py failed");
-    }
-    dir
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
@@ -291,7 +271,7 @@ fn print(name: &str, f: &Figures) {
 #[tokio::main]
 async fn main() {
     let a = args();
-    let dir = generate(a.shards, a.files);
+    let dir = bench_data::generate(a.shards, a.files);
     let mut shards: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -25,6 +25,9 @@
 
 mod reference;
 
+#[path = "../common/bench_data.rs"]
+mod bench_data;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -91,7 +94,7 @@ fn main() {
     let dir = a
         .data
         .clone()
-        .unwrap_or_else(|| generate(a.shards, a.files));
+        .unwrap_or_else(|| bench_data::generate(a.shards, a.files));
     let mut shards: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("data directory")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -521,35 +524,6 @@ async fn run(
         cpu_after_last: (cpu_written - cpu_at_last).max(0.0),
         totals: header.totals,
     }
-}
-
-fn generate(shards: usize, files: usize) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join(format!("target/bench-data/s{shards}_f{files}"));
-    if dir.join("manifest.json").exists() {
-        return dir;
-    }
-    eprintln!(
-        "generating {shards} shards × {files} files into {} …",
-        dir.display()
-    );
-    let status = Command::new("python3")
-        .arg(root.join("../shared/bench/gen_lcov.py"))
-        .args([
-            "--out",
-            dir.to_str().unwrap(),
-            "-S",
-            &shards.to_string(),
-            "-F",
-            &files.to_string(),
-            "-L",
-            "100",
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .expect("python3");
-    assert!(status.success(), "gen_lcov.py failed");
-    dir
 }
 
 fn count_records(path: &Path) -> u64 {
