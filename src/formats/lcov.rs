@@ -554,8 +554,64 @@ pub enum Dialect {
     /// lcov 2.x, genhtml 2.x, coverage.py, Codecov: `FN:start,end,name` when the end is known.
     Lcov2,
     /// lcov 1.x and genhtml 1.x, which read `FN:start,end,name` as a function named
-    /// `end,name` (and then match no `FNDA`): always `FN:start,name`.
+    /// `end,name` (and then match no `FNDA`): always `FN:start,name`. They also skip every
+    /// `BRDA` whose block or branch is not a number, so exception blocks (`e0`) and named arms
+    /// (coverage.py's `jump to line 7`) are numbered (see [`Lcov1Branches`]).
     Lcov1,
+}
+
+/// The numbers an lcov 1.x reader gets for blocks and arms it could not read as written.
+///
+/// Branches come sorted by line, block, arm, and that order does the work: on a line, the
+/// exception blocks (the flag is the top bit) follow every plain block, so each becomes a number
+/// after the line's largest plain one; in a block, named arms follow numbered ones, so each
+/// takes a number after the block's largest. Numbers that were numbers stay as they are.
+#[derive(Default)]
+struct Lcov1Branches {
+    line: u32,
+    block: Option<u32>,
+    /// The line's largest plain block, and how many exception blocks it had so far.
+    plain_blocks_end: u32,
+    exception_blocks: u32,
+    /// The block's written number, its largest numbered arm, and how many named arms so far.
+    written_block: u32,
+    index_end: u32,
+    labels: u32,
+}
+
+impl Lcov1Branches {
+    fn next(&mut self, key: &BranchKey) -> (u32, u32) {
+        if key.line != self.line || self.block.is_none() {
+            *self = Lcov1Branches {
+                line: key.line,
+                ..Lcov1Branches::default()
+            };
+        }
+        if self.block != Some(key.block) {
+            self.block = Some(key.block);
+            self.index_end = 0;
+            self.labels = 0;
+            self.written_block = if key.block & EXCEPTION_BLOCK == 0 {
+                let block = key.block & MAX_BLOCK;
+                self.plain_blocks_end = block + 1;
+                block
+            } else {
+                self.exception_blocks += 1;
+                self.plain_blocks_end + self.exception_blocks - 1
+            };
+        }
+        let arm = match key.arm {
+            BranchArm::Index(i) => {
+                self.index_end = i.saturating_add(1);
+                i
+            }
+            BranchArm::Label(_) => {
+                self.labels += 1;
+                self.index_end.saturating_add(self.labels - 1)
+            }
+        };
+        (self.written_block, arm)
+    }
 }
 
 /// [`write_record`] for the readers of `dialect`.
@@ -604,18 +660,24 @@ pub fn write_record_as(
             .number(totals.functions_hit)
             .text(b"\n");
     }
+    let mut lcov1 = Lcov1Branches::default();
     for (key, taken) in branches {
         out.text(b"BRDA:").number(key.line).text(b",");
-        if key.block & EXCEPTION_BLOCK != 0 {
-            out.text(b"e");
+        if dialect == Dialect::Lcov1 {
+            let (block, arm) = lcov1.next(key);
+            out.number(block).text(b",").number(arm);
+        } else {
+            if key.block & EXCEPTION_BLOCK != 0 {
+                out.text(b"e");
+            }
+            // LCOV has no way to say "counted arm" (coverage.py's Cobertura): such arms are
+            // written as plain ones, which every reader (covd's included) accepts.
+            out.number(key.block & MAX_BLOCK).text(b",");
+            match &key.arm {
+                BranchArm::Index(i) => out.number(*i),
+                BranchArm::Label(l) => out.text(l.as_bytes()),
+            };
         }
-        // LCOV has no way to say "counted arm" (coverage.py's Cobertura): such arms are written
-        // as plain ones, which every reader (covd's included) accepts.
-        out.number(key.block & MAX_BLOCK).text(b",");
-        match &key.arm {
-            BranchArm::Index(i) => out.number(*i),
-            BranchArm::Label(l) => out.text(l.as_bytes()),
-        };
         out.text(b",");
         match taken {
             Some(t) => out.number(*t),
@@ -771,6 +833,38 @@ mod tests {
         write_record_as(&mut out, &recs[0].path, &recs[0].file, Dialect::Lcov1).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("FN:1,f\nFNDA:2,f\n"), "{text}");
+    }
+
+    #[test]
+    fn the_lcov1_dialect_numbers_exception_blocks_and_named_arms() {
+        let recs = parse_all(
+            "SF:x.py\nBRDA:3,0,0,1\nBRDA:3,2,1,0\nBRDA:3,e0,0,4\nBRDA:3,e1,0,-\n\
+             BRDA:5,0,jump to line 7,1\nBRDA:5,0,return from f,0\nBRDA:6,1,0,2\n\
+             BRDA:6,1,exit,3\nBRDA:8,e0,0,1\nDA:3,1\nend_of_record\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write_record_as(&mut out, &recs[0].path, &recs[0].file, Dialect::Lcov1).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let brda: Vec<&str> = text.lines().filter(|l| l.starts_with("BRDA:")).collect();
+        assert_eq!(
+            brda,
+            [
+                "BRDA:3,0,0,1",
+                "BRDA:3,2,1,0",
+                "BRDA:3,3,0,4",
+                "BRDA:3,4,0,-",
+                "BRDA:5,0,0,1",
+                "BRDA:5,0,1,0",
+                "BRDA:6,1,0,2",
+                "BRDA:6,1,1,3",
+                "BRDA:8,0,0,1",
+            ],
+            "{text}"
+        );
+        // Read back, nothing collides: the same branches with the same counts.
+        let back = parse_all(&text).unwrap();
+        assert_eq!(back[0].file.totals(), recs[0].file.totals());
     }
 
     #[test]

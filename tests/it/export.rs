@@ -293,35 +293,3 @@ async fn lcov_and_cobertura_exports_read_back_as_what_was_merged() {
         );
     }
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lcov1_export_is_readable_by_lcov_1() {
-    let daemon = Daemon::start().await;
-    let mut client = toolz_run(&daemon).await;
-    let text = export(&mut client, ExportFormat::Lcov1).await;
-    // lcov 1.x reads `FN:<line>,<name>`: every FN must have a name its FNDA matches.
-    let mut names = BTreeSet::new();
-    for line in text.lines() {
-        if let Some(fn_) = line.strip_prefix("FN:") {
-            let (start, name) = fn_.split_once(',').unwrap();
-            assert!(start.parse::<u32>().is_ok(), "{line}");
-            assert!(
-                !name
-                    .split(',')
-                    .next()
-                    .unwrap()
-                    .chars()
-                    .all(|c| c.is_ascii_digit()),
-                "3-field FN: {line}"
-            );
-            names.insert(name.to_owned());
-        }
-    }
-    let fnda: BTreeSet<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("FNDA:"))
-        .map(|l| l.split_once(',').unwrap().1.to_owned())
-        .collect();
-    assert!(!names.is_empty());
-    assert_eq!(names, fnda);
-}

@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod cobertura_dtd;
+mod consumers;
 mod corpus;
 mod durability;
 mod export;
