@@ -17,12 +17,12 @@ use crate::cli::{COVD, Served};
 use crate::ingest::Stream;
 use crate::support::*;
 
-const SHARDS: usize = 4;
-const DELTAS: u64 = 200;
+pub(crate) const SHARDS: usize = 4;
+pub(crate) const DELTAS: u64 = 200;
 
 /// The deterministic delta `seq` of shard `s`: a few files with lines, counts, a branch and a
 /// function, overlapping between shards.
-fn delta(s: usize, seq: u64) -> Vec<(String, FileCoverage)> {
+pub(crate) fn delta(s: usize, seq: u64) -> Vec<(String, FileCoverage)> {
     (0..3)
         .map(|k| {
             let file = (s as u64 * 7 + seq * 3 + k) % 12;
@@ -45,7 +45,7 @@ fn delta(s: usize, seq: u64) -> Vec<(String, FileCoverage)> {
         .collect()
 }
 
-fn expected() -> Coverage {
+pub(crate) fn expected() -> Coverage {
     let mut c = Coverage::default();
     for s in 0..SHARDS {
         for seq in 1..=DELTAS {
@@ -95,15 +95,15 @@ fn serve(dir: &std::path::Path, abort_in_commit: Option<u32>) -> (Killed, String
 /// What the shards share with the test that kills their daemon: its address (each restart
 /// gets a new port), and how many deltas have been acknowledged in all.
 #[derive(Clone)]
-struct Crashes {
-    url: watch::Receiver<String>,
-    acked: watch::Sender<u64>,
+pub(crate) struct Crashes {
+    pub(crate) url: watch::Receiver<String>,
+    pub(crate) acked: watch::Sender<u64>,
 }
 
 /// Streams every delta of shard `s`, reconnecting to the next daemon whenever the connection
 /// breaks, and finishes the shard. Each resume point must be at or past every sequence the
 /// shard saw acknowledged. Returns how many times it resumed.
-async fn shard_client(s: usize, mut crashes: Crashes) -> u32 {
+pub(crate) async fn shard_client(s: usize, mut crashes: Crashes) -> u32 {
     let mut resumes = 0;
     let mut acked = 0;
     loop {

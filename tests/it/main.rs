@@ -11,6 +11,7 @@ mod gcc;
 mod ingest;
 mod merge_laws;
 mod old_daemon;
+mod power_cut;
 mod storage;
 mod stored_data;
 mod support;
