@@ -288,11 +288,27 @@ fn push_watch_streams_files_while_the_command_runs_and_exits_with_its_code() {
     let served = Served::start();
     let dir = tempfile::tempdir().unwrap();
     let cov = dir.path().join("cov");
-    // The "test command": writes one coverage file, waits until the daemon has merged it
-    // (proof that it was streamed while the command still ran), writes another, and fails.
+    // What the run holds with the first file alone: its totals line.
+    let alone = served
+        .covd(&["push", "--run", "ref", "--shard", "0"])
+        .args(["--strip-prefix", "/builds/shard-1/"])
+        .arg(fixture("gcc-lcov/shard1.info"))
+        .status()
+        .unwrap();
+    assert!(alone.success());
+    let status = served.covd(&["status", "--run", "ref"]).output().unwrap();
+    let first_file = String::from_utf8_lossy(&status.stdout)
+        .lines()
+        .find(|l| l.trim_start().starts_with("files "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(first_file.contains("lines 35/73"), "{first_file}");
+    // The "test command": writes one coverage file, waits until the daemon has merged it (for
+    // a minute at most), shows the run's status, writes another, and fails.
     let script = format!(
         "mkdir -p {cov}; cp {a} {cov}/a.info; \
-         for i in $(seq 100); do {covd} status --run w | grep -q 'files 2' && break; sleep 0.1; done; \
+         for i in $(seq 300); do {covd} status --run w | grep -q 'files 2' && break; sleep 0.2; done; \
          {covd} status --run w | sed 's/^/during: /'; \
          cp {b} {cov}/b.info; exit 3",
         cov = cov.display(),
@@ -326,13 +342,17 @@ fn push_watch_streams_files_while_the_command_runs_and_exits_with_its_code() {
         "the test command's own exit code; {}",
         String::from_utf8_lossy(&r.stderr)
     );
-    assert!(stdout.contains("during: run w"), "{stdout}");
+    // While the command ran, the run held the first file's coverage, from a shard still
+    // streaming: sent then, not at the command's exit.
+    let during: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("during: "))
+        .collect();
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.starts_with("during:") && l.contains("streaming")),
-        "{stdout}"
+        during.iter().any(|l| l.trim() == first_file),
+        "the run did not hold {first_file:?} while the command ran: {stdout}"
     );
+    assert!(during.iter().any(|l| l.contains("streaming")), "{stdout}");
 
     let out = dir.path().join("merged.info");
     let f = served
