@@ -978,17 +978,34 @@ mod tests {
 
         #[test]
         fn merging_a_batch_part_equals_merging_the_file((a, b) in file_pair()) {
-            let mut whole = a.clone();
-            whole.merge(&b);
-            let batch = FileBatch::of_files(&[("f.c", b)]);
-            let mut parts = a.clone();
-            let mut added = Totals::default();
-            for part in batch.files() {
-                added += parts.merge_part(&part);
-            }
-            prop_assert_eq!(&parts, &whole);
-            prop_assert_eq!(added, whole.totals().minus(&a.totals()));
+            part_merges_like_the_file(a, b);
         }
+    }
+
+    fn part_merges_like_the_file(a: FileCoverage, b: FileCoverage) {
+        let mut whole = a.clone();
+        whole.merge(&b);
+        let batch = FileBatch::of_files(&[("f.c", b)]);
+        let mut parts = a.clone();
+        let mut added = Totals::default();
+        for part in batch.files() {
+            added += parts.merge_part(&part);
+        }
+        assert_eq!(parts, whole);
+        assert_eq!(added, whole.totals().minus(&a.totals()));
+    }
+
+    /// The case proptest once found (proptest-regressions/model/file.txt), pinned: a part
+    /// that covers a line the file held uncovered.
+    #[test]
+    fn a_part_covering_a_line_held_uncovered_merges_like_the_file() {
+        let mut a = FileBuilder::new();
+        for line in 1..=3 {
+            a.line(line, 0);
+        }
+        let mut b = FileBuilder::new();
+        b.line(1, 1);
+        part_merges_like_the_file(a.build(), b.build());
     }
 
     #[test]
