@@ -203,13 +203,9 @@ fn fetch_wait_that_times_out_is_exit_4_and_names_the_missing_shards() {
 
 #[test]
 fn push_without_a_daemon_warns_unless_asked_to_fail() {
-    // A port nobody listens on: bind one, then free it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
+    // A port nobody listens on, and none a test daemon can get: below the range the OS
+    // chooses ports from for 127.0.0.1:0, and privileged.
+    let url = "http://127.0.0.1:1".to_owned();
     let push = |extra: &[&str]| {
         Command::new(COVD)
             .args([
