@@ -209,6 +209,15 @@ async fn open_service(
     storage: Arc<dyn Storage>,
 ) -> Result<CoverageService, ServerError> {
     let limits = settings.limits.clone();
+    // Stored deltas are read back (after a restart, or when an attempt is replaced) with the
+    // model's own bound: a larger limit would acknowledge lines that a restart cannot read.
+    if limits.max_line > crate::model::MAX_LINE {
+        return Err(ServerError::Startup(format!(
+            "max_line {} is beyond {}, the largest line covd stores",
+            limits.max_line,
+            crate::model::MAX_LINE
+        )));
+    }
     let started = Instant::now();
     // Recovery reads and merges everything stored: blocking work.
     let (service, recovery) =

@@ -109,8 +109,12 @@ struct ServeArgs {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, default_value_t = Settings::default().max_message_bytes)]
     max_message_bytes: usize,
-    /// Largest line number accepted.
-    #[arg(long, default_value_t = Settings::default().limits.max_line)]
+    /// Largest line number accepted (at most 10,000,000, the largest covd stores).
+    #[arg(
+        long,
+        default_value_t = Settings::default().limits.max_line,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(covd::model::MAX_LINE))
+    )]
     max_line: u32,
     /// Most distinct files in one run.
     #[arg(long, default_value_t = Settings::default().limits.max_files_per_run)]

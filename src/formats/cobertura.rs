@@ -194,7 +194,9 @@ pub fn read(
     let mut reader = quick_xml::Reader::from_reader(input);
     let mut buf = Vec::new();
     let mut sources: Vec<String> = Vec::new();
-    let mut in_source = false;
+    // The text of the <source> being read: quick-xml gives it in pieces, split at each
+    // entity reference (`/srv/a&amp;b`).
+    let mut source: Option<String> = None;
     let mut class: Option<(String, FileBuilder)> = None;
     let mut method: Option<(String, Option<(u32, u64)>)> = None;
     let mut saw_coverage = false;
@@ -210,7 +212,7 @@ pub fn read(
                 let empty = matches!(event, Event::Empty(_));
                 match e.local_name().as_ref() {
                     "coverage" => saw_coverage = true,
-                    "source" if !empty => in_source = true,
+                    "source" if !empty => source = Some(String::new()),
                     "class" => {
                         let filename = super::xml_attr(e, "filename")
                             .map_err(&fail)?
@@ -269,11 +271,29 @@ pub fn read(
                     _ => {}
                 }
             }
-            Event::Text(t) if in_source => {
-                sources.push(t.xml10_content().trim().to_owned());
+            Event::Text(t) if source.is_some() => {
+                if let Some(text) = &mut source {
+                    text.push_str(&t.xml10_content());
+                }
+            }
+            Event::GeneralRef(r) if source.is_some() => {
+                let resolved = match r.resolve_char_ref() {
+                    Ok(Some(c)) => c.to_string(),
+                    Ok(None) => quick_xml::escape::resolve_predefined_entity(&r)
+                        .ok_or_else(|| fail(format!("source: unrecognized entity `{}`", &*r)))?
+                        .to_owned(),
+                    Err(e) => return Err(fail(format!("source: {e}"))),
+                };
+                if let Some(text) = &mut source {
+                    text.push_str(&resolved);
+                }
             }
             Event::End(e) => match e.local_name().as_ref() {
-                "source" => in_source = false,
+                "source" => {
+                    if let Some(text) = source.take() {
+                        sources.push(text.trim().to_owned());
+                    }
+                }
                 "method" => {
                     if let (Some((name, Some((line, hits)))), Some((_, builder))) =
                         (method.take(), &mut class)

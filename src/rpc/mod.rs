@@ -252,7 +252,15 @@ async fn ingest(
                 Error::invalid("header", "the first message of a stream must be a header").into(),
             );
         }
-        None => return Ok(()),
+        // A client that opened a stream and sent nothing, or an empty first message: no shard
+        // to answer for, but never a clean end that could read as success.
+        None => {
+            return Err(Error::invalid(
+                "header",
+                "the stream ended or sent an empty message before its header",
+            )
+            .into());
+        }
     };
     let session = service
         .begin_shard(ShardHeader {

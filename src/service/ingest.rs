@@ -479,6 +479,9 @@ impl CoverageService {
         let run = &session.run;
         let (record, _busy) = {
             let mut state = run.state();
+            // A run deleted or expired while the shard streamed: the finish would be dropped
+            // with it, so it is not answered as if it were stored.
+            state.check_live(&run.id)?;
             let shard = shard_of(&mut state, session)?;
             if shard.last_seq != final_seq {
                 return Err(Error::FailedPrecondition(format!(
@@ -518,6 +521,7 @@ impl CoverageService {
             .await?;
         let completed = {
             let mut state = run.state();
+            state.check_live(&run.id)?;
             let shard = shard_of(&mut state, session)?;
             shard.finished_at = record.finished_at_ms.map(super::durable::from_ms);
             shard.telemetry = telemetry;

@@ -369,8 +369,28 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
     }
     drop(service);
 
-    // Cut the open run's log in half: the daemon refuses to start and says why.
+    let reopen = || {
+        let store = SqliteStore::open(dir.path())
+            .unwrap()
+            .with_wire_decoder(covd::rpc::convert::wire_delta_files);
+        CoverageService::open(Limits::default(), std::sync::Arc::new(store)).map(|_| ())
+    };
+    // Flip one bit in the open run's log: the daemon refuses to start and says which delta.
     let log = log_files().pop().unwrap();
+    let bytes = std::fs::read(&log).unwrap();
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 0x20;
+    std::fs::write(&log, &flipped).unwrap();
+    let e = reopen().unwrap_err();
+    assert!(
+        e.to_string().contains("delta log") && e.to_string().contains("fails its checksum"),
+        "{e}"
+    );
+    // The bit put back, it opens.
+    std::fs::write(&log, &bytes).unwrap();
+    reopen().unwrap();
+
+    // Cut the open run's log in half: the daemon refuses to start and says why.
     let len = std::fs::metadata(&log).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -378,11 +398,11 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
         .unwrap()
         .set_len(len / 2)
         .unwrap();
-    let store = SqliteStore::open(dir.path())
-        .unwrap()
-        .with_wire_decoder(covd::rpc::convert::wire_delta_files);
-    let e = CoverageService::open(Limits::default(), std::sync::Arc::new(store)).unwrap_err();
-    assert!(e.to_string().contains("delta log"), "{e}");
+    let e = reopen().unwrap_err();
+    assert!(
+        e.to_string().contains("delta log") && e.to_string().contains("ends at byte"),
+        "{e}"
+    );
 }
 
 /// The service over the store in `dir`, as the daemon opens it (with the protocol's decoder

@@ -1,6 +1,7 @@
 //! Integration tests: a real daemon on 127.0.0.1:0, real clients, real coverage files.
 
 mod bad_input;
+mod bad_streams;
 mod cli;
 mod cobertura_dtd;
 mod consumers;
@@ -8,6 +9,7 @@ mod corpus;
 mod durability;
 mod export;
 mod gcc;
+mod hostile_files;
 mod ingest;
 mod merge_laws;
 mod old_daemon;
