@@ -303,6 +303,7 @@ async fn paths_are_spelled_one_way_and_invisible_characters_are_refused() {
     )
     .await
     .unwrap();
+    s.finish(2).await.unwrap();
     let mut client = daemon.client();
     let (_, merged) = fetch(&mut client, "r").await;
     let paths: Vec<&str> = merged.files.keys().map(String::as_str).collect();

@@ -292,23 +292,23 @@ async fn wait_for_state(
     shard: &str,
     state: ShardState,
 ) -> covd::service::ShardStatus {
-    let mut found = None;
-    // The server notices the closed stream asynchronously; the watch stream reports it.
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.watch(run, |s| {
-            if let Some(sh) = s
-                .shards
-                .iter()
-                .find(|x| x.shard_id == shard && x.state == state)
-            {
-                found.get_or_insert(sh.clone());
-            }
-        }),
-    )
-    .await;
-    // The watch ends only when the run completes; a timeout is expected here.
-    found.unwrap_or_else(|| panic!("shard {shard} never reached {state:?}"))
+    // The server notices the closed stream asynchronously: asked until it has (10 s at most).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client.status(run).await.unwrap();
+        if let Some(found) = status
+            .shards
+            .iter()
+            .find(|x| x.shard_id == shard && x.state == state)
+        {
+            return found.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shard {shard} never reached {state:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
