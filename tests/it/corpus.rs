@@ -274,19 +274,7 @@ async fn go_profiles_of_two_shards_merge_like_one_run_of_all_tests() {
             assert_eq!(merged.files[path].covered(), f.covered(), "{run} {path}");
         }
     }
-    // In count mode, a line with one block has the summed count, as `go test` of all gives.
-    let (_, merged) = fetch(&mut client, "count").await;
-    let mut same = 0;
-    for (path, f) in &full.files {
-        for (line, hits) in f.line_hits() {
-            same += usize::from(merged.files[path].hits_of(line) == Some(hits));
-        }
-    }
-    assert!(
-        same * 10 >= full.totals().lines as usize * 9,
-        "{same} of {} lines",
-        full.totals().lines
-    );
+    // Counts, exactly, against the profiles read by hand: `cross_format.rs`.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

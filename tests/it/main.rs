@@ -6,6 +6,7 @@ mod cli;
 mod cobertura_dtd;
 mod consumers;
 mod corpus;
+mod cross_format;
 mod durability;
 mod export;
 mod gcc;
