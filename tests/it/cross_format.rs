@@ -278,3 +278,114 @@ async fn jacoco_branches_per_line_against_jacocos_merge() {
         [None, None]
     );
 }
+
+/// Per file: lines and functions as written; per line, the branch counts in ascending order
+/// (tools number a line's arms differently: nyc by branch id, covd by column).
+fn sorted_arms(mut files: BTreeMap<String, Traced>) -> BTreeMap<String, Traced> {
+    for f in files.values_mut() {
+        for arms in f.branches.values_mut() {
+            arms.sort();
+        }
+    }
+    files
+}
+
+fn strip_shard(i: usize) -> PathRules {
+    PathRules {
+        strip: vec![format!("/builds/shard-{}/", i + 1)],
+        ..PathRules::default()
+    }
+}
+
+async fn merged_shards(format: Format, shards: &[&str]) -> BTreeMap<String, Traced> {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for (i, shard) in shards.iter().enumerate() {
+        let mut coverage = covd::model::Coverage::default();
+        let input = std::io::BufReader::new(std::fs::File::open(fixture(shard)).unwrap());
+        let rules = strip_shard(i);
+        covd::formats::read(format, input, |r| {
+            coverage.add(&rules.apply(&r.path), &r.file);
+            true
+        })
+        .unwrap();
+        push(&mut client, "x", &i.to_string(), 1, coverage).await;
+    }
+    let mut out = Vec::new();
+    client.export("x", None, &mut out).await.unwrap();
+    sorted_arms(traced(&String::from_utf8(out).unwrap()))
+}
+
+fn lcov_fixture(rel: &str) -> BTreeMap<String, Traced> {
+    sorted_arms(traced(&std::fs::read_to_string(fixture(rel)).unwrap()))
+}
+
+/// Istanbul's JSON shards (nyc, c8) against `nyc report --reporter=lcov` of nyc's merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istanbul_json_merges_to_what_nycs_lcov_says() {
+    let shards = ["istanbul/nyc-shard1.json", "istanbul/nyc-shard2.json"];
+    let ours = merged_shards(Format::Istanbul, &shards).await;
+    let theirs = lcov_fixture("istanbul/nyc-merged.info");
+    assert_eq!(ours, theirs);
+    assert_eq!(totals(&ours), [(23, 28), (5, 6), (21, 26)]);
+
+    // c8: V8 leaves out a range whose count equals its parent's, and istanbul's merge of the
+    // raw ranges puts such a count back from the narrowest range around it. covd merges the
+    // shards' JSON, where those ranges are already gone: on one line of this project the
+    // counts it sums are lower. Everything else is exact.
+    let shards = ["istanbul/c8-shard1.json", "istanbul/c8-shard2.json"];
+    let mut ours = merged_shards(Format::Istanbul, &shards).await;
+    let mut theirs = lcov_fixture("istanbul/c8-merged.info");
+    let line_18 = |files: &mut BTreeMap<String, Traced>| {
+        files
+            .get_mut("src/shapes.js")
+            .unwrap()
+            .branches
+            .remove(&18)
+            .unwrap()
+    };
+    assert_eq!(line_18(&mut ours), [Some(0), Some(0), Some(1), Some(1)]);
+    assert_eq!(line_18(&mut theirs), [Some(1), Some(1), Some(1), Some(2)]);
+    assert_eq!(ours, theirs);
+    assert_eq!(totals(&ours), [(49, 69), (5, 7), (21, 23)], "line 18 aside");
+}
+
+/// Clover XML from nyc's shards against nyc's merge of the same project in LCOV: Clover gives
+/// per line only how many arms were taken and not, so where both shards took some of a line's
+/// arms covd says the larger count (as for JaCoCo); lines and counts are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clover_merges_to_what_nycs_lcov_of_the_same_runs_says() {
+    let shards = ["clover/nyc-shard1.xml", "clover/nyc-shard2.xml"];
+    let ours = merged_shards(Format::Clover, &shards).await;
+    let theirs = lcov_fixture("istanbul/nyc-merged.info");
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    let mut differs = Vec::new();
+    for (path, t) in &theirs {
+        let o = &ours[path];
+        assert_eq!(o.lines, t.lines, "{path}");
+        assert_eq!(
+            o.branches.keys().collect::<Vec<_>>(),
+            t.branches.keys().collect::<Vec<_>>(),
+            "{path}"
+        );
+        let taken = |arms: &[Option<u64>]| arms.iter().filter(|a| a.is_some_and(|n| n > 0)).count();
+        for (line, arms) in &t.branches {
+            assert_eq!(o.branches[line].len(), arms.len(), "{path}:{line}");
+            let (ours, theirs) = (taken(&o.branches[line]), taken(arms));
+            assert!(ours <= theirs, "{path}:{line}");
+            if ours != theirs {
+                differs.push((path.clone(), *line, ours, theirs));
+            }
+        }
+    }
+    assert_eq!(
+        differs,
+        [
+            ("src/shapes.js".to_owned(), 4, 3, 4),
+            ("src/shapes.js".to_owned(), 18, 3, 4),
+        ]
+    );
+}
