@@ -389,3 +389,28 @@ async fn clover_merges_to_what_nycs_lcov_of_the_same_runs_says() {
         ]
     );
 }
+
+/// c8 `--all` shards with placeholders for unloaded files (JSON and LCOV), against nyc's
+/// merge in LCOV: every line, function and branch count, but on c.js's two lines with ranges
+/// V8 left out (as for `istanbul_json_merges_to_what_nycs_lcov_says`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c8_placeholder_shards_merge_to_what_nycs_lcov_says() {
+    let mut theirs = lcov_fixture("c8-placeholders/merged.info");
+    let c = theirs.get_mut("src/c.js").unwrap();
+    assert_eq!(c.branches.remove(&5).unwrap(), [Some(1)]);
+    assert_eq!(c.branches.remove(&8).unwrap(), [Some(0), Some(2)]);
+    for (format, ext) in [(Format::Istanbul, "json"), (Format::Lcov, "info")] {
+        let shards = [1, 2].map(|i| format!("c8-placeholders/shard{i}.{ext}"));
+        let shards = [shards[0].as_str(), shards[1].as_str()];
+        let mut ours = merged_shards(format, &shards).await;
+        let c = ours.get_mut("src/c.js").unwrap();
+        assert_eq!(c.branches.remove(&5).unwrap(), [Some(0)], "{ext}");
+        assert_eq!(c.branches.remove(&8).unwrap(), [Some(0), Some(0)], "{ext}");
+        assert_eq!(ours, theirs, "{ext}");
+        assert_eq!(
+            totals(&ours),
+            [(30, 52), (3, 6), (6, 9)],
+            "{ext}, c.js 5 and 8 aside"
+        );
+    }
+}
