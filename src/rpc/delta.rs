@@ -875,6 +875,53 @@ mod tests {
         }
     }
 
+    /// The comparison above runs only for damaged bytes this reader accepts: here are some
+    /// that it must accept, and read as prost does (a count changed in place, a delta cut
+    /// between two files, a file's path changed to another valid one).
+    #[test]
+    fn damaged_bytes_that_are_still_a_delta_are_read_as_prost_reads_them() {
+        let file = |path: &str, hits: u64| proto::FileDelta {
+            path: path.into(),
+            line_gaps: vec![1, 2],
+            hits: vec![hits, 1],
+            ..Default::default()
+        };
+        let d = proto::Delta {
+            seq: 3,
+            files: vec![file("a.c", 5), file("b.c", 6)],
+            test: None,
+        };
+        let bytes = d.encode_to_vec();
+        let at = |needle: &[u8]| {
+            bytes
+                .windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap()
+        };
+        let mut count = bytes.clone();
+        let five = at(&[2, 5, 1]) + 1;
+        count[five] = 9;
+        let cut = bytes[..at(b"b.c") - 4].to_vec();
+        let mut renamed = bytes.clone();
+        renamed[at(b"b.c")] = b'z';
+        for damaged in [count, cut, renamed] {
+            let read = read_default(&damaged).expect("still a delta");
+            let theirs = proto::Delta::decode(&damaged[..]).unwrap();
+            assert_eq!(read.seq, theirs.seq);
+            let paths: Vec<String> = read.files.to_files().into_iter().map(|(p, _)| p).collect();
+            let their_paths: Vec<String> = theirs.files.iter().map(|f| f.path.clone()).collect();
+            assert_eq!(paths, their_paths);
+            let hits: Vec<u64> = read
+                .files
+                .to_files()
+                .iter()
+                .flat_map(|(_, f)| f.line_hits().map(|(_, h)| h).collect::<Vec<_>>())
+                .collect();
+            let their_hits: Vec<u64> = theirs.files.iter().flat_map(|f| f.hits.clone()).collect();
+            assert_eq!(hits, their_hits);
+        }
+    }
+
     #[test]
     fn unpacked_numbers_unknown_fields_and_repeats_follow_protobuf() {
         // FileDelta by hand: path twice (the last wins), line gaps 3 and 2 unpacked, hits
