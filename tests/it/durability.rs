@@ -537,3 +537,36 @@ async fn a_full_data_directory_starts_and_serves_reads() {
     .expect("NOT_SERVING once the store refuses writes");
     daemon.stop().await.unwrap();
 }
+
+/// A daemon that stopped has closed its store: its directory opens at once, even when the
+/// run it just completed had its compaction still to come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_daemon_has_released_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = covd::server::Settings {
+        data_dir: Some(dir.path().to_owned()),
+        ..covd::server::Settings::default()
+    };
+    let daemon = Daemon::with(settings).await;
+    let mut client = daemon.client();
+    let mut c = Coverage::default();
+    for (p, f) in delta(0, 1) {
+        c.add(&p, &f);
+    }
+    let one = RunParams {
+        expected_shards: vec!["0".into()],
+        ..RunParams::default()
+    };
+    client.open_run("r", one).await.unwrap();
+    push(&mut client, "r", "0", 1, c.clone()).await;
+    daemon.stop().await.unwrap();
+    let store = SqliteStore::open(dir.path()).expect("the directory is free");
+    let (service, _) = tokio::task::block_in_place(|| {
+        CoverageService::open(
+            Limits::default(),
+            std::sync::Arc::new(store.with_wire_decoder(covd::rpc::convert::wire_delta_files)),
+        )
+    })
+    .unwrap();
+    assert_eq!(service.run_status("r").unwrap().totals, c.totals());
+}

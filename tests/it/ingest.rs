@@ -667,4 +667,71 @@ async fn a_large_file_is_read_in_pages() {
     );
     assert_eq!(page.next_line, 2001);
     assert_eq!(page.totals.unwrap().lines, 4500);
+
+    // A client from before pages asks for a file of a page or less whole, and gets it.
+    let mut small = covd::model::Coverage::default();
+    let mut b = covd::model::FileBuilder::new();
+    for line in 1..=1000 {
+        b.line(line, u64::from(line % 3));
+    }
+    small.add("small.c", &b.build());
+    push(&mut client, "r2", "s", 1, small).await;
+    let whole = c
+        .get_file(proto::GetFileRequest {
+            run_id: "r2".into(),
+            path: "small.c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(whole.lines.len(), 1000);
+    assert_eq!(whole.next_line, 0, "nothing more to ask for");
+}
+
+/// A watch follows the run and ends when the run completes, with the complete status last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_the_run_completes() {
+    let daemon = Daemon::start().await;
+    open(&daemon, "r", &["a", "b"]).await;
+    let mut watcher = daemon.client();
+    let watching = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        watcher
+            .watch("r", |s| seen.push((s.complete, s.missing_shards.clone())))
+            .await
+            .unwrap();
+        seen
+    });
+    let mut client = daemon.client();
+    for shard in ["a", "b"] {
+        let mut c = covd::model::Coverage::default();
+        c.add("x.c", &{
+            let mut b = covd::model::FileBuilder::new();
+            b.line(1, 1);
+            b.build()
+        });
+        push(&mut client, "r", shard, 1, c).await;
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(30), watching)
+        .await
+        .expect("the watch ends once the run is complete")
+        .unwrap();
+    assert_eq!(seen.last(), Some(&(true, Vec::new())), "{seen:?}");
+    assert!(
+        seen[..seen.len() - 1].iter().all(|(complete, _)| !complete),
+        "{seen:?}"
+    );
+}
+
+/// An in-memory daemon's acknowledgements say they are not durable (a data directory's say
+/// they are: `durability.rs`).
+#[tokio::test]
+async fn an_in_memory_daemon_says_its_acknowledgements_are_not_durable() {
+    let daemon = Daemon::start().await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    let ack = s.delta(1, vec![file("a.c", &[(1, 1)])]).await.unwrap();
+    assert_eq!(ack.seq, 1);
+    assert!(!ack.durable);
 }
