@@ -241,6 +241,24 @@ async fn the_file_limit_of_a_run_is_resource_exhausted() {
     s.delta(2, vec![file("a", &[(2, 1)]), file("c", &[(1, 1)])])
         .await
         .unwrap();
+
+    // The repository's files given with a run count against the same limit: as many as it
+    // allows, not one more.
+    let mut client = daemon.client();
+    let files = |n: usize| (0..n).map(|i| format!("src/{i}.c")).collect::<Vec<_>>();
+    client
+        .open_run_with_files("listed", RunParams::default(), files(3))
+        .await
+        .unwrap();
+    let e = client
+        .open_run_with_files("too-many", RunParams::default(), files(4))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("4 known files: beyond the limit --max-files-per-run (3)"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
