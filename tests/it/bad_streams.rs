@@ -428,3 +428,20 @@ async fn a_line_limit_beyond_what_covd_stores_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// A limit is the most allowed, not the first refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_may_expect_as_many_shards_as_the_limit() {
+    let daemon = Daemon::with(limited(Limits {
+        max_shards_per_run: 2,
+        ..Limits::default()
+    }))
+    .await;
+    let two = RunParams {
+        expected_shards: vec!["a".into(), "b".into()],
+        ..RunParams::default()
+    };
+    let (created, status) = daemon.client().open_run("r", two).await.unwrap();
+    assert!(created);
+    assert_eq!(status.missing_shards, ["a", "b"]);
+}

@@ -735,3 +735,25 @@ async fn an_in_memory_daemon_says_its_acknowledgements_are_not_durable() {
     assert_eq!(ack.seq, 1);
     assert!(!ack.durable);
 }
+
+/// Runs are listed newest first: as many as asked for, or all up to `--runs-listed` when the
+/// request names no number.
+#[tokio::test]
+async fn runs_are_listed_newest_first_up_to_the_number_asked() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for run in ["first", "second", "third"] {
+        client.open_run(run, RunParams::default()).await.unwrap();
+        // Creation times are kept to the millisecond: one apart, the order is by time.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let ids = |runs: Vec<covd::service::RunStatus>| {
+        runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(client.list_runs(0).await.unwrap()),
+        ["third", "second", "first"]
+    );
+    assert_eq!(ids(client.list_runs(2).await.unwrap()), ["third", "second"]);
+    assert_eq!(ids(client.list_runs(1).await.unwrap()), ["third"]);
+}
