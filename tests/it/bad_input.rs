@@ -364,6 +364,11 @@ async fn limits_are_resource_exhausted_naming_the_setting() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("--max-run-id-bytes (8)"), "{e}");
+    // As long as the limit is allowed.
+    client
+        .open_run("exactly8", RunParams::default())
+        .await
+        .unwrap();
     let params = RunParams {
         project: "acme/too-long".into(),
         ..RunParams::default()
