@@ -375,6 +375,11 @@ async fn limits_are_resource_exhausted_naming_the_setting() {
     };
     let e = client.open_run("r", params).await.unwrap_err();
     assert!(e.to_string().contains("--max-run-field-bytes (5)"), "{e}");
+    let params = RunParams {
+        project: "acme/".into(),
+        ..RunParams::default()
+    };
+    client.open_run("five", params).await.unwrap();
     let mut c = raw(&daemon.url).await;
     let Err(e) = Stream::open(&mut c, "r", "shard-1", 1).await else {
         panic!("a shard id beyond the limit was accepted");

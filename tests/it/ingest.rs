@@ -757,3 +757,15 @@ async fn runs_are_listed_newest_first_up_to_the_number_asked() {
     assert_eq!(ids(client.list_runs(2).await.unwrap()), ["third", "second"]);
     assert_eq!(ids(client.list_runs(1).await.unwrap()), ["third"]);
 }
+
+/// Shards are listed as people count them: `2` before `10`.
+#[tokio::test]
+async fn expected_shards_are_listed_in_counting_order() {
+    let daemon = Daemon::start().await;
+    let params = RunParams {
+        expected_shards: ["10", "2", "1", "b", "a"].map(String::from).to_vec(),
+        ..RunParams::default()
+    };
+    let (_, status) = daemon.client().open_run("r", params).await.unwrap();
+    assert_eq!(status.missing_shards, ["1", "2", "10", "a", "b"]);
+}
