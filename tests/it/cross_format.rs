@@ -55,12 +55,18 @@ fn traced(text: &str) -> BTreeMap<String, Traced> {
     files
 }
 
-async fn merged_lcov(format: Format, shards: &[&str], rules: &PathRules) -> String {
+/// The shards merged by a daemon (shard `i` read with `rules(i)`), as its LCOV export.
+async fn merged_lcov(
+    format: Format,
+    shards: &[&str],
+    rules: impl Fn(usize) -> PathRules,
+) -> String {
     let daemon = Daemon::start().await;
     let mut client = daemon.client();
     for (i, shard) in shards.iter().enumerate() {
         let mut coverage = covd::model::Coverage::default();
         let input = std::io::BufReader::new(std::fs::File::open(fixture(shard)).unwrap());
+        let rules = rules(i);
         covd::formats::read(format, input, |r| {
             coverage.add(&rules.apply(&r.path), &r.file);
             true
@@ -96,7 +102,7 @@ async fn gcovr_json_merges_to_what_gcovrs_lcov_says() {
         &merged_lcov(
             Format::GcovrJson,
             &["gcovr/shard1.json", "gcovr/shard2.json"],
-            &PathRules::default(),
+            |_| PathRules::default(),
         )
         .await,
     );
@@ -194,8 +200,12 @@ async fn go_shards_merge_to_what_one_run_of_all_tests_counts() {
         map: vec![("covd.example/gofx/".into(), "".into())],
         ..PathRules::default()
     };
-    let ours =
-        traced(&merged_lcov(Format::GoCover, &["go/shard1.out", "go/shard2.out"], &rules).await);
+    let ours = traced(
+        &merged_lcov(Format::GoCover, &["go/shard1.out", "go/shard2.out"], |_| {
+            rules.clone()
+        })
+        .await,
+    );
     // covd sums the shards' line counts; on these profiles that equals the full run's
     // largest block per line, on every line.
     assert_eq!(ours, lines);
@@ -211,7 +221,7 @@ async fn jacoco_branches_per_line_against_jacocos_merge() {
         &merged_lcov(
             Format::JaCoCo,
             &["jacoco/shard1.xml", "jacoco/shard2.xml"],
-            &PathRules::default(),
+            |_| PathRules::default(),
         )
         .await,
     );
@@ -298,22 +308,7 @@ fn strip_shard(i: usize) -> PathRules {
 }
 
 async fn merged_shards(format: Format, shards: &[&str]) -> BTreeMap<String, Traced> {
-    let daemon = Daemon::start().await;
-    let mut client = daemon.client();
-    for (i, shard) in shards.iter().enumerate() {
-        let mut coverage = covd::model::Coverage::default();
-        let input = std::io::BufReader::new(std::fs::File::open(fixture(shard)).unwrap());
-        let rules = strip_shard(i);
-        covd::formats::read(format, input, |r| {
-            coverage.add(&rules.apply(&r.path), &r.file);
-            true
-        })
-        .unwrap();
-        push(&mut client, "x", &i.to_string(), 1, coverage).await;
-    }
-    let mut out = Vec::new();
-    client.export("x", None, &mut out).await.unwrap();
-    sorted_arms(traced(&String::from_utf8(out).unwrap()))
+    sorted_arms(traced(&merged_lcov(format, shards, strip_shard).await))
 }
 
 fn lcov_fixture(rel: &str) -> BTreeMap<String, Traced> {
