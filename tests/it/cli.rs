@@ -10,6 +10,19 @@ use crate::support::*;
 
 pub(crate) const COVD: &str = env!("CARGO_BIN_EXE_covd");
 
+/// The address a `covd serve` child (with its standard error piped) says it listens on, in
+/// the first line it writes once ready.
+pub(crate) fn address(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("covd did not start: {line:?}"))
+        .to_owned()
+}
+
 /// `covd serve` on port 0; the address is read from its first line of output, no sleeping.
 pub(crate) struct Served {
     child: Child,
@@ -30,15 +43,7 @@ impl Served {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_owned();
+        let url = address(&mut child);
         Served { child, url, data }
     }
 

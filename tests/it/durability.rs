@@ -3,7 +3,6 @@
 //! refusals. What every backend promises (restarts, attempts, compaction, expiry, a failed
 //! write) is checked once for all of them in `storage.rs`.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use covd::rpc::convert::{ArmForm, file_to_proto};
 use covd::service::{CoverageService, Delta, Limits, RunParams, ShardHeader};
 use tokio::sync::watch;
 
-use crate::cli::{COVD, Served};
+use crate::cli::{COVD, Served, address};
 use crate::ingest::Stream;
 use crate::support::*;
 
@@ -80,15 +79,7 @@ fn serve(dir: &std::path::Path, abort_in_commit: Option<u32>) -> (Killed, String
         command.env("COVD_FAULT_ABORT_IN_COMMIT", n.to_string());
     }
     let mut child = command.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("covd did not start: {line:?}"))
-        .to_owned();
+    let url = address(&mut child);
     (Killed(child), url)
 }
 
@@ -125,6 +116,38 @@ pub(crate) async fn shard_client(s: usize, mut crashes: Crashes) -> u32 {
             }
         }
     }
+}
+
+/// The next of a xorshift sequence: crash points that are arbitrary but the same every run.
+pub(crate) fn xorshift(rng: &mut u64) -> u64 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    *rng
+}
+
+/// Returns once `more` deltas beyond those acknowledged now have been acknowledged.
+pub(crate) async fn acknowledged(progress: &mut watch::Receiver<u64>, more: u64) {
+    let target = *progress.borrow() + more;
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        progress.wait_for(|n| *n >= target),
+    )
+    .await
+    .expect("the shards make progress")
+    .unwrap();
+}
+
+/// Waits for every shard client to finish; returns how many times they resumed in all.
+pub(crate) async fn finished(clients: Vec<tokio::task::JoinHandle<u32>>) -> u32 {
+    let mut resumes = 0;
+    for c in clients {
+        resumes += tokio::time::timeout(Duration::from_secs(120), c)
+            .await
+            .expect("every shard finishes")
+            .unwrap();
+    }
+    resumes
 }
 
 async fn stream_shard(
@@ -195,19 +218,10 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     let mut kills = 0;
     let mut aborts = 0;
     for round in 0..8u32 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
+        let rng = xorshift(&mut rng);
         if round % 2 == 0 {
             // SIGKILL once 20 to 80 more deltas were acknowledged: at any point of a commit.
-            let target = *progress.borrow() + 20 + rng % 61;
-            tokio::time::timeout(
-                Duration::from_secs(120),
-                progress.wait_for(|n| *n >= target),
-            )
-            .await
-            .expect("the shards make progress")
-            .unwrap();
+            acknowledged(&mut progress, 20 + rng % 61).await;
             drop(child);
             kills += 1;
         } else {
@@ -235,13 +249,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         restarted.send_replace(url);
     }
     let last_crash = *progress.borrow();
-    let mut resumes = 0;
-    for c in clients {
-        resumes += tokio::time::timeout(Duration::from_secs(120), c)
-            .await
-            .expect("every shard finishes")
-            .unwrap();
-    }
+    let resumes = finished(clients).await;
     eprintln!("crash test: {kills} kills and {aborts} aborts in a commit, {resumes} resumes");
     assert!(
         last_crash < SHARDS as u64 * DELTAS,

@@ -13,7 +13,9 @@ use covd::service::RunParams;
 use futures_util::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
-use crate::durability::{Crashes, DELTAS, SHARDS, expected, shard_client};
+use crate::durability::{
+    Crashes, DELTAS, SHARDS, acknowledged, expected, finished, shard_client, xorshift,
+};
 use crate::support::*;
 
 /// Writes that reached the store but not its disk; with `holding`, writes wait here for a
@@ -245,17 +247,7 @@ async fn a_power_cut_loses_no_acknowledged_delta() {
     let mut lost = 0;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     for _ in 0..6 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let target = *progress.borrow() + 20 + rng % 81;
-        tokio::time::timeout(
-            Duration::from_secs(120),
-            progress.wait_for(|n| *n >= target),
-        )
-        .await
-        .expect("the shards make progress")
-        .unwrap();
+        acknowledged(&mut progress, 20 + xorshift(&mut rng) % 81).await;
         let (writes, store) = machine.cut().await;
         assert!(writes > 0);
         lost += writes;
@@ -264,13 +256,7 @@ async fn a_power_cut_loses_no_acknowledged_delta() {
         booted.send_replace(machine.url.clone());
     }
     let last_cut = *progress.borrow();
-    let mut resumes = 0;
-    for c in clients {
-        resumes += tokio::time::timeout(Duration::from_secs(120), c)
-            .await
-            .expect("every shard finishes")
-            .unwrap();
-    }
+    let resumes = finished(clients).await;
     assert!(
         last_cut < SHARDS as u64 * DELTAS,
         "the last cut came after {last_cut} acknowledgements, before the shards finished"
