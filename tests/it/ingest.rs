@@ -458,6 +458,66 @@ async fn opening_is_idempotent_and_conflicts_are_refused() {
     assert!(e.to_string().contains("project `shop`"), "{e}");
 }
 
+/// A second open may leave out what the first said (an empty field agrees with anything) and
+/// may add what the first left out; flags, once given, must be the same.
+#[tokio::test]
+async fn a_second_open_may_say_less_but_not_otherwise() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let first = RunParams {
+        branch: "main".into(),
+        flags: flags(&["unit"]),
+        expected_shards: vec!["0".into(), "1".into()],
+        ..RunParams::default()
+    };
+    client.open_run("r", first.clone()).await.unwrap();
+    // Saying nothing agrees; saying the same agrees.
+    let (created, status) = client.open_run("r", RunParams::default()).await.unwrap();
+    assert!(!created);
+    assert_eq!(status.params, first);
+    client.open_run("r", first.clone()).await.unwrap();
+    // A field the first open left empty is taken from the second.
+    let more = RunParams {
+        project: "shop".into(),
+        ..RunParams::default()
+    };
+    let (_, status) = client.open_run("r", more).await.unwrap();
+    assert_eq!(status.params.project, "shop");
+    assert_eq!(status.params.flags, flags(&["unit"]));
+    let other_flags = RunParams {
+        flags: flags(&["integration"]),
+        ..RunParams::default()
+    };
+    let e = client.open_run("r", other_flags).await.unwrap_err();
+    assert!(e.to_string().contains("different flags"), "{e}");
+    let other_branch = RunParams {
+        branch: "dev".into(),
+        ..RunParams::default()
+    };
+    let e = client.open_run("r", other_branch).await.unwrap_err();
+    assert!(e.to_string().contains("branch `main`, not `dev`"), "{e}");
+    // Flags given to a run opened without any are taken.
+    client
+        .open_run("plain", RunParams::default())
+        .await
+        .unwrap();
+    let (_, status) = client
+        .open_run(
+            "plain",
+            RunParams {
+                flags: flags(&["unit"]),
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.params.flags, flags(&["unit"]));
+}
+
+fn flags(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
 #[tokio::test]
 async fn a_push_before_the_open_is_given_its_expectations_later() {
     let daemon = Daemon::start().await;
@@ -756,6 +816,34 @@ async fn runs_are_listed_newest_first_up_to_the_number_asked() {
     );
     assert_eq!(ids(client.list_runs(2).await.unwrap()), ["third", "second"]);
     assert_eq!(ids(client.list_runs(1).await.unwrap()), ["third"]);
+}
+
+/// A project's runs are listed without the other projects' runs.
+#[tokio::test]
+async fn runs_are_listed_per_project() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    for (run, project) in [("a1", "acme"), ("b1", "bolt"), ("a2", "acme")] {
+        let params = RunParams {
+            project: project.to_owned(),
+            ..RunParams::default()
+        };
+        client.open_run(run, params).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut c = raw(&daemon.url).await;
+    let mut listed = async |project: &str| {
+        let request = proto::ListRunsRequest {
+            limit: 0,
+            project: project.to_owned(),
+        };
+        let runs = c.list_runs(request).await.unwrap().into_inner().runs;
+        runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>()
+    };
+    assert_eq!(listed("acme").await, ["a2", "a1"]);
+    assert_eq!(listed("bolt").await, ["b1"]);
+    assert!(listed("none").await.is_empty());
+    assert_eq!(listed("").await, ["a2", "b1", "a1"]);
 }
 
 /// Shards are listed as people count them: `2` before `10`.
