@@ -125,14 +125,8 @@ fn benches(c: &mut Criterion) {
     g.bench_function("batch_into_aggregate", |b| {
         let aggregate = Aggregate::new();
         let interner = PathInterner::default();
-        for part in batch.files() {
-            aggregate.merge_part(&interner, &part);
-        }
-        b.iter(|| {
-            for part in black_box(&batch).files() {
-                aggregate.merge_part(&interner, &part);
-            }
-        })
+        aggregate.merge_batch(&interner, &batch);
+        b.iter(|| aggregate.merge_batch(&interner, black_box(&batch)))
     });
     // The union of two shards that cover different lines.
     g.bench_function("union_of_two_shards", |b| {

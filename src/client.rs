@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::time::Duration;
 
+use roaring::RoaringBitmap;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +22,7 @@ use crate::rpc::proto::coverage_client::CoverageClient;
 use crate::rpc::proto::{self, ingest_request, ingest_response};
 use crate::service::{
     DirectorySummary, ExportFormat, ExportHeader, RunParams, RunStatus, TestTelemetry,
+    TestsForLines,
 };
 
 /// Deltas sent but not yet acknowledged, at most.
@@ -147,6 +149,11 @@ const UNKNOWN_KEPT: usize = 100;
 #[derive(Debug)]
 pub enum PushInput {
     Delta(Vec<(String, FileCoverage)>),
+    /// What one test covered: every covered line of these files is attributed to `test`.
+    TestDelta {
+        test: String,
+        files: Vec<(String, FileCoverage)>,
+    },
     /// The end; with the shard's test results, when it read any (they replace
     /// `PushTarget::telemetry`).
     Done(Option<TestTelemetry>),
@@ -315,6 +322,74 @@ impl Client {
             }
             first_line = next;
         }
+    }
+
+    /// The tests that covered any of the given lines: `(path, ranges)`, each range inclusive,
+    /// no ranges meaning the whole file.
+    pub async fn tests_for_lines(
+        &mut self,
+        run_id: &str,
+        files: &[(String, Vec<(u32, u32)>)],
+    ) -> Result<TestsForLines, ClientError> {
+        let request = proto::GetTestsForLinesRequest {
+            run_id: run_id.to_owned(),
+            files: files
+                .iter()
+                .map(|(path, ranges)| proto::FileLines {
+                    path: path.clone(),
+                    ranges: ranges
+                        .iter()
+                        .map(|(first, last)| proto::LineRange {
+                            first: *first,
+                            last: *last,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let mut chunks = self.inner.get_tests_for_lines(request).await?.into_inner();
+        let mut answer = TestsForLines::default();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            answer.unknown_files.extend(chunk.unknown_files);
+            answer.tests.extend(chunk.tests.into_iter().map(Into::into));
+        }
+        Ok(answer)
+    }
+
+    /// The lines one test covered, per file, sorted by path.
+    pub async fn test_lines(
+        &mut self,
+        run_id: &str,
+        test: &str,
+    ) -> Result<Vec<(String, RoaringBitmap)>, ClientError> {
+        let request = proto::GetTestLinesRequest {
+            run_id: run_id.to_owned(),
+            test: test.to_owned(),
+        };
+        let mut chunks = self.inner.get_test_lines(request).await?.into_inner();
+        let mut files = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            for f in chunk?.files {
+                let lines = convert::lines_from_gaps(&f.line_gaps)
+                    .map_err(|e| ClientError::Protocol(format!("{}: {e}", f.path)))?;
+                files.push((f.path, lines));
+            }
+        }
+        Ok(files)
+    }
+
+    /// Every test the run has named, sorted.
+    pub async fn tests(&mut self, run_id: &str) -> Result<Vec<String>, ClientError> {
+        let request = proto::ListTestsRequest {
+            run_id: run_id.to_owned(),
+        };
+        let mut chunks = self.inner.list_tests(request).await?.into_inner();
+        let mut tests = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            tests.extend(chunk?.tests);
+        }
+        Ok(tests)
     }
 
     pub async fn directory(
@@ -544,29 +619,34 @@ impl Client {
             }
             let can_send = !*input_done && unacked.len() < WINDOW;
             tokio::select! {
-                batch = deltas.recv(), if can_send => match batch {
-                    Some(PushInput::Delta(files)) => {
-                        let delta = proto::Delta {
-                            seq: *next_seq,
-                            files: files.into_iter().map(|(p, f)| file_to_proto(p, &f, arm_form)).collect(),
-                            test: None,
-                        };
-                        let needs_columns = delta.files.iter().any(|f| !f.arm_line_gaps.is_empty());
-                        let request = proto::IngestRequest::delta(&delta);
-                        unacked.push_back((*next_seq, Sent { request: request.clone(), needs_columns }));
-                        *next_seq += 1;
-                        let _ = tx.send(request).await;
-                    }
-                    Some(PushInput::Done(tests)) => {
-                        *input_done = true;
-                        if tests.is_some() {
-                            *telemetry = tests;
+                batch = deltas.recv(), if can_send => {
+                    let (files, test) = match batch {
+                        Some(PushInput::Delta(files)) => (files, None),
+                        Some(PushInput::TestDelta { test, files }) => {
+                            (files, Some(proto::TestRef { name: test }))
                         }
-                    }
-                    None => {
-                        return Err(PushFailure { error: ClientError::InputAborted, progressed });
-                    }
-                },
+                        Some(PushInput::Done(tests)) => {
+                            *input_done = true;
+                            if tests.is_some() {
+                                *telemetry = tests;
+                            }
+                            continue;
+                        }
+                        None => {
+                            return Err(PushFailure { error: ClientError::InputAborted, progressed });
+                        }
+                    };
+                    let delta = proto::Delta {
+                        seq: *next_seq,
+                        files: files.into_iter().map(|(p, f)| file_to_proto(p, &f, arm_form)).collect(),
+                        test,
+                    };
+                    let needs_columns = delta.files.iter().any(|f| !f.arm_line_gaps.is_empty());
+                    let request = proto::IngestRequest::delta(&delta);
+                    unacked.push_back((*next_seq, Sent { request: request.clone(), needs_columns }));
+                    *next_seq += 1;
+                    let _ = tx.send(request).await;
+                }
                 response = responses.next() => match response {
                     Some(Ok(proto::IngestResponse { msg: Some(ingest_response::Msg::Ack(ack)) })) => {
                         while unacked.front().is_some_and(|(seq, _)| *seq <= ack.seq) {

@@ -5,14 +5,21 @@
 //!   contend, and two streams merging the same file lock only that file's shard of the map.
 //! - [`PathInterner`]: one allocation per distinct path across all runs; successive runs of a
 //!   project name the same files, and the daemon keeps many runs.
+//! - [`attribution`]: which tests covered which lines, per run, when shards name tests.
 
+pub mod attribution;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use roaring::RoaringBitmap;
 
 use crate::model::path::PathFilter;
-use crate::model::{FileCoverage, FilePart, Totals};
+use crate::model::{FileBatch, FileCoverage, Totals};
+pub use attribution::{FileTests, TestId, TestTable};
 
 /// Shares path strings between runs.
 #[derive(Debug, Default)]
@@ -47,11 +54,39 @@ impl PathInterner {
 /// One run's merged coverage.
 #[derive(Debug, Default)]
 pub struct Aggregate {
-    files: DashMap<Arc<str>, FileCoverage>,
+    files: DashMap<Arc<str>, FileEntry>,
     /// The totals of every file, kept as merges add to them: a run's status is asked for at
     /// every finish and every change a watcher sees, and adding up 35,000 files each time was
     /// 3% of the daemon's CPU on the ingest benchmark. A std mutex: held for an addition.
     totals: Mutex<Totals>,
+    tests: TestTable,
+}
+
+/// One file of an aggregate: its coverage, and which tests covered which lines when the run
+/// names tests.
+#[derive(Debug, Clone, Default)]
+struct FileEntry {
+    coverage: FileCoverage,
+    tests: Option<Box<FileTests>>,
+}
+
+impl FileEntry {
+    /// Adds each `(test, lines)` record; returns the tests new to the file.
+    fn attribute<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = (TestId, &'a RoaringBitmap)>,
+    ) -> Vec<TestId> {
+        let tests = self.tests.get_or_insert_default();
+        let new = records
+            .into_iter()
+            .filter(|(id, lines)| tests.add(*id, lines))
+            .map(|(id, _)| id)
+            .collect();
+        if tests.is_empty() {
+            self.tests = None;
+        }
+        new
+    }
 }
 
 impl Aggregate {
@@ -76,60 +111,110 @@ impl Aggregate {
             .count()
     }
 
-    /// Merges one file in, and returns its path as the aggregate holds it (interned). Never
-    /// holds more than this file's map shard.
-    pub fn merge_file(&self, interner: &PathInterner, path: &str, file: &FileCoverage) -> Arc<str> {
-        self.merge_with(interner, path, file.is_placeholder(), |f| {
-            f.merge_counted(file)
-        })
-    }
-
-    /// Merges one file of a batch in (see [`FileCoverage::merge_part`]). Never holds more
-    /// than this file's map shard.
-    pub fn merge_part(&self, interner: &PathInterner, part: &FilePart<'_>) {
-        self.merge_with(interner, part.path(), part.is_placeholder(), |f| {
-            f.merge_part(part)
+    /// Merges one file in (its tests included).
+    pub fn merge_file(&self, interner: &PathInterner, path: &str, mut file: FileCoverage) {
+        let named = file.take_tests();
+        let records = self.test_ids(named.iter().map(|(name, lines)| (&**name, lines)));
+        self.merge_with(interner, path, file.is_placeholder(), |entry| {
+            let added = entry.coverage.merge_counted(&file);
+            let new = entry.attribute(records.iter().map(|(id, lines)| (*id, *lines)));
+            (added, new)
         });
     }
 
-    /// Applies `merge` to the file at `path` (new and empty if there is none) and adds what it
-    /// added to the totals. When a c8 placeholder is involved (`placeholder`: the incoming
-    /// record is one), the merge may also take away, and the file's totals are compared.
+    /// Merges every file of a delta in, one file at a time: never holds more than one file's
+    /// map shard.
+    pub fn merge_batch(&self, interner: &PathInterner, batch: &FileBatch) {
+        if !batch.has_tests() {
+            for part in batch.files() {
+                self.merge_with(interner, part.path(), part.is_placeholder(), |entry| {
+                    (entry.coverage.merge_part(&part), Vec::new())
+                });
+            }
+            return;
+        }
+        // Names are interned once per batch: the whole delta's test, and each name the files'
+        // own records give (a local map, so that streams do not meet on the run's table).
+        let whole = batch.test().and_then(|name| self.tests.intern(name));
+        let mut ids: HashMap<&str, Option<TestId>> = HashMap::new();
+        for part in batch.files() {
+            let covered = whole.map(|id| (id, part.covered()));
+            let mut records: Vec<(TestId, &RoaringBitmap)> = part
+                .own_tests()
+                .iter()
+                .filter_map(|(name, lines)| {
+                    let id = *ids
+                        .entry(&**name)
+                        .or_insert_with(|| self.tests.intern(name));
+                    Some((id?, lines))
+                })
+                .collect();
+            records.extend(covered.as_ref().map(|(id, lines)| (*id, lines)));
+            self.merge_with(interner, part.path(), part.is_placeholder(), |entry| {
+                let added = entry.coverage.merge_part(&part);
+                (added, entry.attribute(records))
+            });
+        }
+    }
+
+    /// The ids of named records (records of tests beyond the id space are dropped).
+    fn test_ids<'a>(
+        &self,
+        named: impl Iterator<Item = (&'a str, &'a RoaringBitmap)>,
+    ) -> Vec<(TestId, &'a RoaringBitmap)> {
+        named
+            .filter_map(|(name, lines)| Some((self.tests.intern(name)?, lines)))
+            .collect()
+    }
+
+    /// Applies `merge` to the file at `path` (new and empty if there is none), adds what it
+    /// added to the totals, and records the tests it reports new to the file. When a c8
+    /// placeholder is involved (`placeholder`: the incoming record is one), the merge may also
+    /// take away, and the file's totals are compared.
     fn merge_with(
         &self,
         interner: &PathInterner,
         path: &str,
         placeholder: bool,
-        merge: impl FnOnce(&mut FileCoverage) -> Totals,
-    ) -> Arc<str> {
-        if let Some(mut existing) = self.files.get_mut(path) {
+        merge: impl FnOnce(&mut FileEntry) -> (Totals, Vec<TestId>),
+    ) {
+        let (path, new_tests) = if let Some(mut existing) = self.files.get_mut(path) {
             let path = existing.key().clone();
-            if placeholder || existing.is_placeholder() {
-                let before = existing.totals();
-                merge(&mut existing);
-                let after = existing.totals();
+            if placeholder || existing.coverage.is_placeholder() {
+                let before = existing.coverage.totals();
+                let (_, new) = merge(&mut existing);
+                let after = existing.coverage.totals();
                 drop(existing);
                 let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
                 *totals = totals.minus(&before);
                 *totals += after;
-                return path;
+                (path, new)
+            } else {
+                let (added, new) = merge(&mut existing);
+                drop(existing);
+                self.add_totals(added);
+                (path, new)
             }
-            let added = merge(&mut existing);
-            drop(existing);
+        } else {
+            let (path, added, new) = match self.files.entry(interner.intern(path)) {
+                Entry::Occupied(mut o) => {
+                    let (added, new) = merge(o.get_mut());
+                    (o.key().clone(), added, new)
+                }
+                Entry::Vacant(v) => {
+                    let mut entry = FileEntry::default();
+                    let (mut added, new) = merge(&mut entry);
+                    added.files += 1;
+                    (v.insert(entry).key().clone(), added, new)
+                }
+            };
             self.add_totals(added);
-            return path;
-        }
-        let (path, added) = match self.files.entry(interner.intern(path)) {
-            Entry::Occupied(mut o) => (o.key().clone(), merge(o.get_mut())),
-            Entry::Vacant(v) => {
-                let mut file = FileCoverage::default();
-                let mut added = merge(&mut file);
-                added.files += 1;
-                (v.insert(file).key().clone(), added)
-            }
+            (path, new)
         };
-        self.add_totals(added);
-        path
+        if !new_tests.is_empty() {
+            self.tests
+                .touched(new_tests.into_iter().map(|id| (id, path.clone())));
+        }
     }
 
     fn add_totals(&self, added: Totals) {
@@ -140,12 +225,33 @@ impl Aggregate {
 
     pub fn clear(&self) {
         self.files.clear();
+        self.tests.clear();
         *self.totals.lock().unwrap_or_else(|e| e.into_inner()) = Totals::default();
     }
 
-    /// A copy of one file.
+    /// A copy of one file, with its tests.
     pub fn file(&self, path: &str) -> Option<FileCoverage> {
-        self.files.get(path).map(|f| f.clone())
+        self.files
+            .get(path)
+            .map(|e| self.with_tests(&e).into_owned())
+    }
+
+    /// The file's coverage with its tests by name: borrowed when it has none.
+    fn with_tests<'a>(&self, entry: &'a FileEntry) -> Cow<'a, FileCoverage> {
+        match &entry.tests {
+            None => Cow::Borrowed(&entry.coverage),
+            Some(tests) => {
+                let mut file = entry.coverage.clone();
+                file.set_tests(
+                    tests
+                        .records()
+                        .iter()
+                        .filter_map(|(id, lines)| Some((self.tests.name(*id)?, lines.clone())))
+                        .collect(),
+                );
+                Cow::Owned(file)
+            }
+        }
     }
 
     /// Every path `filter` keeps, sorted.
@@ -160,31 +266,42 @@ impl Aggregate {
         paths
     }
 
-    /// Calls `f` for each file `filter` keeps, in path order, holding one file's guard at a
-    /// time.
+    /// Calls `f` for each file `filter` keeps (with its tests), in path order, holding one
+    /// file's guard at a time.
     pub fn for_each_sorted<E>(
         &self,
         filter: &PathFilter,
         mut f: impl FnMut(&str, &FileCoverage) -> Result<(), E>,
     ) -> Result<(), E> {
         for path in self.paths(filter) {
-            if let Some(file) = self.files.get(&*path) {
-                f(&path, &file)?;
+            if let Some(entry) = self.files.get(&*path) {
+                f(&path, &self.with_tests(&entry))?;
             }
         }
         Ok(())
     }
 
-    /// Totals of every file.
     /// About how many bytes the aggregate holds (see [`FileCoverage::heap_bytes`]), with the
-    /// map's own entries; paths are shared with other runs and not counted.
+    /// map's own entries and the run's tests; paths are shared with other runs and not
+    /// counted.
     pub fn heap_bytes(&self) -> usize {
-        self.files
+        let files: usize = self
+            .files
             .iter()
-            .map(|e| std::mem::size_of::<(Arc<str>, FileCoverage)>() + 16 + e.value().heap_bytes())
-            .sum()
+            .map(|e| {
+                std::mem::size_of::<(Arc<str>, FileEntry)>()
+                    + 16
+                    + e.value().coverage.heap_bytes()
+                    + e.value()
+                        .tests
+                        .as_ref()
+                        .map_or(0, |t| std::mem::size_of::<FileTests>() + t.heap_bytes())
+            })
+            .sum();
+        files + self.tests.heap_bytes()
     }
 
+    /// Totals of every file.
     pub fn totals(&self) -> Totals {
         *self.totals.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -196,7 +313,7 @@ impl Aggregate {
         }
         let mut t = Totals::default();
         for e in self.files.iter().filter(|e| filter.keeps(e.key())) {
-            t += e.value().totals();
+            t += e.value().coverage.totals();
         }
         t
     }
@@ -206,7 +323,7 @@ impl Aggregate {
         self.files
             .iter()
             .filter(|e| filter.keeps(e.key()))
-            .map(|e| (e.key().clone(), e.value().totals()))
+            .map(|e| (e.key().clone(), e.value().coverage.totals()))
             .collect()
     }
 
@@ -215,12 +332,64 @@ impl Aggregate {
         Aggregate {
             files: self.files.clone(),
             totals: Mutex::new(self.totals()),
+            tests: self.tests.clone(),
         }
+    }
+
+    /// How many tests the run has named.
+    pub fn test_count(&self) -> usize {
+        self.tests.len()
+    }
+
+    /// Every test the run has named, in the order it first saw them.
+    pub fn test_names(&self) -> Vec<Arc<str>> {
+        self.tests.all()
+    }
+
+    /// The tests that covered any of `lines` (`None`: any line) of the file at `path`;
+    /// `None` when the aggregate does not hold the file.
+    pub fn tests_for(&self, path: &str, lines: Option<&RoaringBitmap>) -> Option<RoaringBitmap> {
+        let entry = self.files.get(path)?;
+        let Some(tests) = &entry.tests else {
+            return Some(RoaringBitmap::new());
+        };
+        Some(match lines {
+            Some(lines) => tests.tests_for(lines),
+            None => tests.records().iter().map(|(id, _)| *id).collect(),
+        })
+    }
+
+    /// The names of `ids` (see [`Aggregate::tests_for`]).
+    pub fn names_of(&self, ids: &RoaringBitmap) -> Vec<Arc<str>> {
+        self.tests.names(ids)
+    }
+
+    /// The lines test `name` covered, per file, sorted by path; `None` when the run has not
+    /// seen the test.
+    pub fn lines_of_test(&self, name: &str) -> Option<Vec<(Arc<str>, RoaringBitmap)>> {
+        let id = self.tests.id(name)?;
+        let mut files: Vec<(Arc<str>, RoaringBitmap)> = self
+            .tests
+            .files_of(id)
+            .into_iter()
+            .filter_map(|path| {
+                let entry = self.files.get(&*path)?;
+                let lines = entry.tests.as_ref()?.lines_of(id)?.clone();
+                drop(entry);
+                Some((path, lines))
+            })
+            .collect();
+        files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Some(files)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
     use super::*;
     use crate::model::{FileBatch, FileBuilder};
 
@@ -244,10 +413,8 @@ mod tests {
             vec![("b.c", file(&[(5, 1)])), ("a.c", file(&[(3, 1)]))],
         ];
         for shard in &shards {
-            for part in FileBatch::of_files(shard).files() {
-                agg.merge_part(&interner, &part);
-            }
-            agg.merge_file(&interner, "empty.c", &file(&[]));
+            agg.merge_batch(&interner, &FileBatch::of_files(shard));
+            agg.merge_file(&interner, "empty.c", file(&[]));
             let mut sum = Totals::default();
             for (_, t) in agg.file_totals(&PathFilter::default()) {
                 sum += t;
@@ -264,5 +431,114 @@ mod tests {
         );
         agg.clear();
         assert_eq!(agg.totals(), Totals::default());
+    }
+
+    /// A delta: files with lines and counts, each file's own test records, and maybe a test
+    /// for the whole delta.
+    type Delta = (Vec<(String, FileCoverage)>, Option<String>);
+
+    fn deltas() -> impl Strategy<Value = Vec<Delta>> {
+        let test = "t[0-4]";
+        let file = (
+            "[ab]\\.c",
+            prop::collection::btree_map(1u32..40, 0u64..3, 0..12),
+            prop::collection::vec((test, prop::collection::btree_set(1u32..40, 1..6)), 0..3),
+        )
+            .prop_map(|(path, lines, tests)| {
+                let mut b = FileBuilder::new();
+                for (l, h) in &lines {
+                    b.line(*l, *h);
+                }
+                for (name, covered) in tests {
+                    let name: Arc<str> = Arc::from(name.as_str());
+                    for l in covered {
+                        b.test_line(&name, l);
+                    }
+                }
+                (path, b.build())
+            });
+        let delta = (
+            prop::collection::vec(file, 1..4),
+            prop::option::of(test.prop_map(String::from)),
+        );
+        prop::collection::vec(delta, 1..8)
+    }
+
+    fn batch_of((files, test): &Delta) -> FileBatch {
+        let mut batch = FileBatch::of_files(files);
+        if let Some(name) = test {
+            batch.set_test(Arc::from(name.as_str()));
+        }
+        batch
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Attribution kept apart in the aggregate (and merged through the fast path) reads
+        /// back as the model's own merge of whole files, tests included; the index by line
+        /// and the files of each test answer what those files say.
+        #[test]
+        fn attribution_reads_back_as_the_models_merge(deltas in deltas()) {
+            let agg = Aggregate::new();
+            let interner = PathInterner::default();
+            let mut model: BTreeMap<String, FileCoverage> = BTreeMap::new();
+            for delta in &deltas {
+                let batch = batch_of(delta);
+                agg.merge_batch(&interner, &batch);
+                for (path, file) in batch.to_files() {
+                    model.entry(path).or_default().merge(&file);
+                }
+            }
+            for (path, file) in &model {
+                prop_assert_eq!(agg.file(path), Some(file.clone()));
+                for line in 1..41 {
+                    let ids = agg.tests_for(path, Some(&std::iter::once(line).collect())).unwrap();
+                    let mut names = agg.names_of(&ids);
+                    names.sort();
+                    let want: Vec<Arc<str>> = file.tests_of(line).cloned().collect();
+                    prop_assert_eq!(names, want, "{} line {}", path, line);
+                }
+            }
+            let mut tests: Vec<Arc<str>> = agg.test_names();
+            tests.sort();
+            for name in &tests {
+                let want: Vec<(Arc<str>, RoaringBitmap)> = model
+                    .iter()
+                    .filter_map(|(path, file)| {
+                        let (_, lines) = file.tests().iter().find(|(t, _)| t == name)?;
+                        Some((Arc::from(path.as_str()), lines.clone()))
+                    })
+                    .collect();
+                prop_assert_eq!(agg.lines_of_test(name), Some(want));
+            }
+            // Every test with lines is known (a test that covered nothing is known too).
+            let named: BTreeSet<Arc<str>> = model
+                .values()
+                .flat_map(|f| f.tests().iter().map(|(t, _)| t.clone()))
+                .collect();
+            prop_assert!(named.iter().all(|t| tests.contains(t)));
+            prop_assert_eq!(agg.lines_of_test("nobody"), None);
+        }
+    }
+
+    /// A snapshot carries the attribution; clearing forgets it.
+    #[test]
+    fn a_snapshot_keeps_tests_and_clear_drops_them() {
+        let agg = Aggregate::new();
+        let interner = PathInterner::default();
+        let mut batch = FileBatch::of_files(&[("a.c", file(&[(1, 1), (2, 0)]))]);
+        batch.set_test(Arc::from("t"));
+        agg.merge_batch(&interner, &batch);
+        let copy = agg.snapshot();
+        assert_eq!(copy.lines_of_test("t"), agg.lines_of_test("t"));
+        assert_eq!(
+            agg.lines_of_test("t"),
+            Some(vec![(Arc::from("a.c"), std::iter::once(1).collect())])
+        );
+        agg.clear();
+        assert_eq!(agg.test_count(), 0);
+        assert_eq!(agg.lines_of_test("t"), None);
+        assert_eq!(copy.test_count(), 1);
     }
 }

@@ -1,6 +1,7 @@
 //! The `covd` command line: one subcommand per task, each a thin use of the library.
 //! `push` (with its `--watch` mode) lives in `push`, the HTML report's files in `html`.
 
+mod attribution;
 mod html;
 mod push;
 
@@ -52,6 +53,9 @@ enum Command {
     File(FileArgs),
     /// Show coverage totals of a directory and its children.
     Dir(DirArgs),
+    /// Per-test attribution: the tests that covered some lines (one name per line of output,
+    /// ready for a test runner), the lines one test covered, or every test a run named.
+    Tests(attribution::TestsArgs),
     /// List the runs the daemon holds.
     Runs(ServerArg),
     /// Delete a run.
@@ -381,6 +385,7 @@ impl Cli {
             Command::Status(a) => status(a).await,
             Command::File(a) => file(a).await,
             Command::Dir(a) => dir(a).await,
+            Command::Tests(a) => attribution::tests(a).await,
             Command::Runs(a) => runs(a).await,
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;

@@ -9,12 +9,14 @@
 //! [`FileCoverage::merge_part`] adds a file into an aggregate that already knows its keys
 //! without building it at all.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use roaring::RoaringBitmap;
 
+use super::file::bitmap_of_sorted;
 use super::{BranchArm, BranchKey, FileCoverage, Function, Taken};
 
 /// A string in [`FileBatch::text`]: start and length.
@@ -344,6 +346,16 @@ impl FileBatch {
         }
     }
 
+    /// The test every covered line of every file is attributed to, if any.
+    pub fn test(&self) -> Option<&Arc<str>> {
+        self.test.as_ref()
+    }
+
+    /// Whether any line of the batch is attributed to a test.
+    pub fn has_tests(&self) -> bool {
+        !self.tests.is_empty() || self.test.is_some()
+    }
+
     /// The number of files.
     pub fn len(&self) -> usize {
         self.files.len()
@@ -436,8 +448,59 @@ impl<'a> FilePart<'a> {
         !self.slot.tests.is_empty() || self.batch.test.is_some()
     }
 
+    /// The tests of this file and the lines each covered: the file's own records, then the
+    /// batch's test (if any) with every line the file covered.
+    pub fn tests(&self) -> impl Iterator<Item = (&'a Arc<str>, Cow<'a, RoaringBitmap>)> + 'a {
+        let own = self
+            .own_tests()
+            .iter()
+            .map(|(name, lines)| (name, Cow::Borrowed(lines)));
+        let part = *self;
+        let whole = self
+            .batch
+            .test
+            .as_ref()
+            .map(move |name| (name, Cow::Owned(part.covered())));
+        own.chain(whole)
+    }
+
+    /// The file's own test records (the batch's test aside).
+    pub fn own_tests(&self) -> &'a [(Arc<str>, RoaringBitmap)] {
+        within(&self.batch.tests, &self.slot.tests)
+    }
+
+    /// The lines with a non-zero count.
+    pub fn covered(&self) -> RoaringBitmap {
+        let (lines, hits) = (self.lines(), self.hits());
+        let bitmap = if hits.iter().all(|h| *h > 0) {
+            bitmap_of_sorted(lines)
+        } else {
+            let covered: Vec<u32> = lines
+                .iter()
+                .zip(hits)
+                .filter(|(_, h)| **h > 0)
+                .map(|(l, _)| *l)
+                .collect();
+            bitmap_of_sorted(&covered)
+        };
+        bitmap.expect("a batch holds ascending lines")
+    }
+
     /// The file built whole: sorted, duplicates summed.
     pub fn to_file(&self) -> FileCoverage {
+        let mut file = self.to_coverage();
+        if self.has_tests() {
+            file.set_tests(
+                self.tests()
+                    .map(|(name, lines)| (name.clone(), lines.into_owned()))
+                    .collect(),
+            );
+        }
+        file
+    }
+
+    /// The file built whole, without its tests.
+    pub fn to_coverage(&self) -> FileCoverage {
         let mut file = FileCoverage::from_sorted_lines(self.lines(), self.hits())
             .expect("a batch holds ascending lines with one count each");
         if self.slot.arms.start != self.slot.arms.end {
@@ -454,13 +517,6 @@ impl<'a> FilePart<'a> {
                     })
                     .collect(),
             );
-        }
-        if self.has_tests() {
-            let mut tests = within(&self.batch.tests, &self.slot.tests).to_vec();
-            if let Some(name) = &self.batch.test {
-                tests.push((name.clone(), file.covered().clone()));
-            }
-            file.set_tests(tests);
         }
         file
     }

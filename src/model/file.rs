@@ -54,7 +54,7 @@ pub struct FileCoverage {
 /// benchmark (callgrind, 16 shards × 500 files). Reading the same values in roaring's portable
 /// serialization (its documented format: cookie, container keys and sizes, offsets, then each
 /// container) copies each container whole, and roaring checks what it reads.
-fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
+pub(super) fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
     let mut buf = Vec::new();
     if !portable_of_sorted(values, &mut buf) {
         return None;
@@ -373,6 +373,11 @@ impl FileCoverage {
         }
     }
 
+    /// Takes the attribution out of the file, leaving it without.
+    pub fn take_tests(&mut self) -> Vec<(Arc<str>, RoaringBitmap)> {
+        std::mem::take(&mut self.tests)
+    }
+
     /// Replaces the attribution with `tests`, uniting the lines of duplicate names.
     pub fn set_tests(&mut self, mut tests: Vec<(Arc<str>, RoaringBitmap)>) {
         tests.retain(|(_, lines)| !lines.is_empty());
@@ -461,9 +466,11 @@ impl FileCoverage {
         }
     }
 
-    /// Adds one file of a batch into `self`, like [`FileCoverage::merge`] with the part built
-    /// whole, but without building it when `self` already holds every line, arm and function
-    /// the part names (every shard after the first, when shards list the same files).
+    /// Adds the coverage of one file of a batch into `self`, like [`FileCoverage::merge`] with
+    /// the part built whole, but without building it when `self` already holds every line, arm
+    /// and function the part names (every shard after the first, when shards list the same
+    /// files). The part's tests are left out: an aggregate keeps attribution apart (see
+    /// `aggregate::attribution`), so that attributed deltas take the same fast path.
     ///
     /// Returns what the merge added to the file's [`Totals`] (merging only ever adds), so that
     /// an aggregate keeps its totals without adding up every file.
@@ -472,14 +479,13 @@ impl FileCoverage {
     /// gives way): the caller compares the totals before and after instead.
     pub fn merge_part(&mut self, part: &FilePart<'_>) -> Totals {
         if !self.is_empty()
-            && !part.has_tests()
             && !self.is_placeholder()
             && !part.is_placeholder()
             && let Some(added) = self.merge_known(part)
         {
             return added;
         }
-        self.merge_counted(&part.to_file())
+        self.merge_counted(&part.to_coverage())
     }
 
     /// [`FileCoverage::merge`], returning what it added to the totals (see

@@ -4,9 +4,11 @@
 
 use std::time::{Duration, SystemTime};
 
+use roaring::RoaringBitmap;
+
 use super::proto;
 use crate::model::{
-    self, BranchArm, BranchKey, FileBatch, FileCoverage, TestCase, TestStatus, Totals,
+    self, BranchArm, BranchKey, FileBatch, FileCoverage, MAX_LINE, TestCase, TestStatus, Totals,
 };
 use crate::service::{
     self, Delta, DirectorySummary, Error, ExportHeader, Limits, RunParams, RunStatus, ShardState,
@@ -239,7 +241,7 @@ pub fn wire_delta_files(wire: &[u8]) -> Result<FileBatch, String> {
     Ok(delta.files)
 }
 
-fn gaps_of(lines: impl Iterator<Item = u32>) -> Vec<u32> {
+pub(crate) fn gaps_of(lines: impl Iterator<Item = u32>) -> Vec<u32> {
     let mut previous = 0;
     lines
         .map(|l| {
@@ -541,4 +543,61 @@ pub(crate) fn export_format_to_proto(f: service::ExportFormat) -> proto::ExportF
         service::ExportFormat::Markdown => proto::ExportFormat::Markdown,
         service::ExportFormat::Lcov1 => proto::ExportFormat::Lcov1,
     }
+}
+
+/// The files and lines of a GetTestsForLines request: each range checked (1-based, first at
+/// most last, within the lines a file may have); a file without ranges stands for every line.
+pub(crate) fn file_lines_from_proto(
+    files: Vec<proto::FileLines>,
+) -> Result<Vec<(String, Option<RoaringBitmap>)>, Error> {
+    files
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            if f.ranges.is_empty() {
+                return Ok((f.path, None));
+            }
+            let mut lines = RoaringBitmap::new();
+            for (j, r) in f.ranges.iter().enumerate() {
+                let last = if r.last == 0 { r.first } else { r.last };
+                let field = || format!("files[{i}].ranges[{j}]");
+                if r.first == 0 {
+                    return Err(Error::invalid(field(), "lines are numbered from 1"));
+                }
+                if last < r.first {
+                    return Err(Error::invalid(
+                        field(),
+                        format!("the range {}-{last} ends before it starts", r.first),
+                    ));
+                }
+                if last > MAX_LINE {
+                    return Err(Error::invalid(
+                        field(),
+                        format!("line {last} is beyond the last line a file may have ({MAX_LINE})"),
+                    ));
+                }
+                lines.insert_range(r.first..=last);
+            }
+            Ok((f.path, Some(lines)))
+        })
+        .collect()
+}
+
+/// Lines sent as gaps (see `FileDelta.line_gaps`), as a daemon's answer gives them.
+pub fn lines_from_gaps(gaps: &[u32]) -> Result<RoaringBitmap, Error> {
+    let mut line = 0u32;
+    let mut lines = Vec::with_capacity(gaps.len());
+    for (i, gap) in gaps.iter().enumerate() {
+        line = match line.checked_add(*gap) {
+            Some(next) if *gap > 0 => next,
+            _ => {
+                return Err(Error::invalid(
+                    format!("line_gaps[{i}]"),
+                    "lines must ascend within 32 bits",
+                ));
+            }
+        };
+        lines.push(line);
+    }
+    Ok(RoaringBitmap::from_sorted_iter(lines).expect("ascending by construction"))
 }

@@ -233,6 +233,92 @@ impl Coverage for CoverageRpc {
             .await?;
         Ok(Response::new(proto::DeleteRunResponse {}))
     }
+
+    type GetTestsForLinesStream = BoxStream<proto::TestsForLinesChunk>;
+
+    async fn get_tests_for_lines(
+        &self,
+        request: Request<proto::GetTestsForLinesRequest>,
+    ) -> Result<Response<Self::GetTestsForLinesStream>, Status> {
+        let r = request.into_inner();
+        let files = file_lines_from_proto(r.files)?;
+        let answer = self.service.tests_for_lines(&r.run_id, files).await?;
+        let count = answer.tests.len() as u32;
+        let mut unknown_files = answer.unknown_files;
+        let chunks = in_chunks(answer.tests, |t| t.len())
+            .enumerate()
+            .map(move |(i, tests)| {
+                let first = i == 0;
+                Ok(proto::TestsForLinesChunk {
+                    tests: tests.iter().map(|t| t.to_string()).collect(),
+                    unknown_files: if first {
+                        std::mem::take(&mut unknown_files)
+                    } else {
+                        Vec::new()
+                    },
+                    test_count: if first { count } else { 0 },
+                })
+            });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    type GetTestLinesStream = BoxStream<proto::TestLinesChunk>;
+
+    async fn get_test_lines(
+        &self,
+        request: Request<proto::GetTestLinesRequest>,
+    ) -> Result<Response<Self::GetTestLinesStream>, Status> {
+        let r = request.into_inner();
+        let files = self.service.test_lines(&r.run_id, &r.test).await?;
+        let chunks =
+            in_chunks(files, |(path, lines)| path.len() + 4 * lines.len() as usize).map(|files| {
+                Ok(proto::TestLinesChunk {
+                    files: files
+                        .iter()
+                        .map(|(path, lines)| proto::FileLineGaps {
+                            path: path.to_string(),
+                            line_gaps: gaps_of(lines.iter()),
+                        })
+                        .collect(),
+                })
+            });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    type ListTestsStream = BoxStream<proto::TestNames>;
+
+    async fn list_tests(
+        &self,
+        request: Request<proto::ListTestsRequest>,
+    ) -> Result<Response<Self::ListTestsStream>, Status> {
+        let tests = self.service.tests(&request.into_inner().run_id).await?;
+        let chunks = in_chunks(tests, |t| t.len()).map(|tests| {
+            Ok(proto::TestNames {
+                tests: tests.iter().map(|t| t.to_string()).collect(),
+            })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+/// Bytes of an answer's chunk, about: well under the 4 MB a gRPC client accepts by default.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// `items` cut into chunks of about [`CHUNK_BYTES`] (`size` tells an item's bytes); one empty
+/// chunk when there are none, so that an answer always has a first chunk.
+fn in_chunks<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> impl Iterator<Item = Vec<T>> {
+    let mut chunks = vec![Vec::new()];
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item) + 8;
+        if bytes + n > CHUNK_BYTES && !chunks.last().is_none_or(Vec::is_empty) {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += n;
+        chunks.last_mut().expect("never empty").push(item);
+    }
+    chunks.into_iter()
 }
 
 /// One ingest stream: header, deltas, finish. Messages are pulled one at a time, so HTTP/2

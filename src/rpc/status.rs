@@ -7,7 +7,9 @@ use crate::service::Error;
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
-            Error::RunNotFound(_) | Error::FileNotFound { .. } => Code::NotFound,
+            Error::RunNotFound(_) | Error::FileNotFound { .. } | Error::TestNotFound { .. } => {
+                Code::NotFound
+            }
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,

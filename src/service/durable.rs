@@ -178,9 +178,7 @@ impl CoverageService {
                     if let Some(aggregate) = run.aggregate() {
                         let attempts = run.current_attempts();
                         store.for_each_delta(&run.id, &attempts, &mut |_, files| {
-                            for file in files.files() {
-                                aggregate.merge_part(interner, &file);
-                            }
+                            aggregate.merge_batch(interner, &files);
                         })?;
                     }
                     if complete {

@@ -8,6 +8,8 @@ pub enum Error {
     RunNotFound(String),
     #[error("run `{run}` has no file `{path}`")]
     FileNotFound { run: String, path: String },
+    #[error("run `{run}` has no test `{test}`")]
+    TestNotFound { run: String, test: String },
     /// Malformed input; `field` names where (e.g. `delta.files[3].line_gaps[17]`).
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },

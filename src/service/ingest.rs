@@ -436,11 +436,8 @@ impl CoverageService {
                 body,
             }])?;
         let interner = &self.shared.interner;
-        let mut files = delta.files;
-        files.intern_tests(|name| interner.intern(name));
-        for file in files.files() {
-            aggregate.merge_part(interner, &file);
-        }
+        let files = delta.files;
+        aggregate.merge_batch(interner, &files);
         files.recycle();
         let mut state = run.state();
         let shard = state

@@ -27,7 +27,7 @@ pub use ingest::ShardSession;
 pub use types::{
     Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits,
     MAX_UNKNOWN_REPORTED, RunParams, RunStatus, ShardHeader, ShardState, ShardStatus,
-    TestTelemetry,
+    TestTelemetry, TestsForLines,
 };
 
 use crate::aggregate::{Aggregate, PathInterner};

@@ -261,9 +261,7 @@ impl Run {
         let aggregate = Arc::new(Aggregate::new());
         *self.held_mut() = Held::Resident(aggregate.clone());
         storage.for_each_delta(&self.id, &self.current_attempts(), &mut |_, files| {
-            for file in files.files() {
-                aggregate.merge_part(interner, &file);
-            }
+            aggregate.merge_batch(interner, &files);
         })
     }
 
@@ -347,7 +345,7 @@ impl Run {
         let aggregate = Arc::new(Aggregate::new());
         storage.for_each_merged(&self.id, &mut |files| {
             for (path, file) in files {
-                aggregate.merge_file(interner, &path, &file);
+                aggregate.merge_file(interner, &path, file);
             }
         })?;
         *self.held_mut() = Held::Resident(aggregate.clone());

@@ -230,3 +230,12 @@ pub struct DirectorySummary {
     pub totals: Totals,
     pub entries: Vec<DirectoryEntry>,
 }
+
+/// Which tests covered some lines (see `CoverageService::tests_for_lines`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestsForLines {
+    /// Sorted.
+    pub tests: Vec<Arc<str>>,
+    /// Asked-for paths the run does not hold.
+    pub unknown_files: Vec<String>,
+}

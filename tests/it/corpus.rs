@@ -97,7 +97,7 @@ async fn prefixed_shards_without_rules_do_not_merge() {
 }
 
 /// A coverage.py JSON report of the corpus, read through covd's reader.
-fn read_json(rel: &str, rules: &PathRules) -> covd::model::Coverage {
+pub(crate) fn read_json(rel: &str, rules: &PathRules) -> covd::model::Coverage {
     let gz = std::fs::File::open(corpus(rel)).unwrap();
     let input = std::io::BufReader::new(flate2::read::GzDecoder::new(gz));
     let mut coverage = covd::model::Coverage::default();

@@ -1,5 +1,6 @@
 //! Integration tests: a real daemon on 127.0.0.1:0, real clients, real coverage files.
 
+mod attribution;
 mod bad_input;
 mod bad_streams;
 mod cli;

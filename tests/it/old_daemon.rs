@@ -79,6 +79,33 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    type GetTestsForLinesStream = ReceiverStream<Result<proto::TestsForLinesChunk, Status>>;
+
+    async fn get_tests_for_lines(
+        &self,
+        _: Request<proto::GetTestsForLinesRequest>,
+    ) -> Result<Response<Self::GetTestsForLinesStream>, Status> {
+        unimplemented()
+    }
+
+    type GetTestLinesStream = ReceiverStream<Result<proto::TestLinesChunk, Status>>;
+
+    async fn get_test_lines(
+        &self,
+        _: Request<proto::GetTestLinesRequest>,
+    ) -> Result<Response<Self::GetTestLinesStream>, Status> {
+        unimplemented()
+    }
+
+    type ListTestsStream = ReceiverStream<Result<proto::TestNames, Status>>;
+
+    async fn list_tests(
+        &self,
+        _: Request<proto::ListTestsRequest>,
+    ) -> Result<Response<Self::ListTestsStream>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(
