@@ -336,16 +336,6 @@ impl FileBatch {
         self.test = Some(name);
     }
 
-    /// Swaps each test name for the one `intern` returns (so a run keeps one copy per name).
-    pub fn intern_tests(&mut self, mut intern: impl FnMut(&str) -> Arc<str>) {
-        for (name, _) in &mut self.tests {
-            *name = intern(name);
-        }
-        if let Some(name) = &mut self.test {
-            *name = intern(name);
-        }
-    }
-
     /// The test every covered line of every file is attributed to, if any.
     pub fn test(&self) -> Option<&Arc<str>> {
         self.test.as_ref()

@@ -366,13 +366,6 @@ impl FileCoverage {
             .map(|(name, _)| name)
     }
 
-    /// Swaps each test name for the one `intern` returns (so a run keeps one copy per name).
-    pub fn intern_tests(&mut self, mut intern: impl FnMut(&str) -> Arc<str>) {
-        for (name, _) in &mut self.tests {
-            *name = intern(name);
-        }
-    }
-
     /// Takes the attribution out of the file, leaving it without.
     pub fn take_tests(&mut self) -> Vec<(Arc<str>, RoaringBitmap)> {
         std::mem::take(&mut self.tests)
