@@ -21,15 +21,17 @@
 //! Options: `--stagger SECS` spreads the shards' starts evenly over SECS (shards arriving
 //! while others run, as in CI); `--with-memory` also runs the `--in-memory` daemon;
 //! `--no-lcov` skips `lcov -a` (minutes at the seed's scale); `--no-reference` skips all three.
-//! `COVD_BENCH_WRAP` runs the daemon under a profiler (see `spawn_daemon`).
+//! `COVD_BENCH_WRAP` runs the daemon under a profiler (see `common/daemon.rs`).
 
 mod reference;
 
 #[path = "../common/bench_data.rs"]
 mod bench_data;
+#[path = "../common/daemon.rs"]
+mod daemon;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -86,8 +88,10 @@ fn args() -> Args {
 
 fn main() {
     // The same executable serves as the daemon, so that its memory and CPU are its own.
-    if std::env::args().nth(1).as_deref() == Some("__daemon") {
-        daemon(std::env::args().nth(2).map(PathBuf::from));
+    if daemon::serve_if_asked(|data_dir| covd::Settings {
+        data_dir,
+        ..covd::Settings::default()
+    }) {
         return;
     }
     let a = args();
@@ -244,60 +248,6 @@ fn main() {
     let _ = std::fs::remove_dir_all(&scratch);
 }
 
-fn daemon(data_dir: Option<PathBuf>) {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (ready, is_ready) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            if is_ready.await.is_ok() {
-                println!("http://{addr}");
-                std::io::stdout().flush().unwrap();
-            }
-        });
-        let settings = covd::Settings {
-            data_dir,
-            ..covd::Settings::default()
-        };
-        covd::server::run_with_ready(listener, settings, std::future::pending(), ready)
-            .await
-            .unwrap();
-    });
-}
-
-/// Starts the daemon child; returns it, its URL, and how long it took to be ready.
-fn spawn_daemon(data_dir: Option<&Path>) -> (std::process::Child, String, Duration) {
-    let started = Instant::now();
-    // COVD_BENCH_WRAP runs the daemon under a profiler, e.g.
-    // `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p` or
-    // `valgrind --tool=massif --depth=40` (the profile of the first round goes to
-    // /tmp/massif.PID.ingest).
-    let wrap = std::env::var("COVD_BENCH_WRAP").unwrap_or_default();
-    let mut words = wrap.split_whitespace();
-    let mut cmd = match words.next() {
-        Some(program) => {
-            let mut c = Command::new(program);
-            c.args(words).arg(std::env::current_exe().unwrap());
-            c
-        }
-        None => Command::new(std::env::current_exe().unwrap()),
-    };
-    cmd.arg("__daemon");
-    if let Some(dir) = data_dir {
-        cmd.arg(dir);
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (child, line.trim().to_owned(), started.elapsed())
-}
-
 /// What one ingest round measured.
 struct Figures {
     ingest: Duration,
@@ -332,7 +282,7 @@ fn round(
     stagger: Duration,
     scratch: &Path,
 ) -> Figures {
-    let (mut child, url, _) = spawn_daemon(data_dir);
+    let (mut child, url, _) = daemon::spawn(data_dir);
     let pid = child.id();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let merged = scratch.join(if data_dir.is_some() {
@@ -349,8 +299,8 @@ fn round(
         stagger,
         &merged,
     ));
-    let peak_kb = peak_rss_kb(pid);
-    let end_kb = status_kb(pid, "VmRSS:");
+    let peak_kb = daemon::peak_rss_kb(pid);
+    let end_kb = daemon::status_kb(pid, "VmRSS:");
     if std::env::var("COVD_BENCH_WRAP").is_ok_and(|w| w.contains("massif")) {
         // Likewise for massif: every snapshot so far, the peak's in detail.
         let _ = Command::new("vgdb")
@@ -386,7 +336,7 @@ fn round(
         let _ = std::fs::remove_file(&open);
         let _ = child.kill(); // SIGKILL: no clean shutdown
         let _ = child.wait();
-        let (again, url, took) = spawn_daemon(Some(dir));
+        let (again, url, took) = daemon::spawn(Some(dir));
         child = again;
         let status = runtime
             .block_on(async { Client::connect(&url).unwrap().status("open").await })
@@ -450,11 +400,11 @@ async fn run(
             let wait = (expect == ids_len).then_some(Duration::from_secs(3600));
             let header = client.export(run_id, wait, &mut out).await.unwrap();
             out.into_inner().unwrap().sync_all().unwrap();
-            (Instant::now(), cpu_seconds(pid), header)
+            (Instant::now(), daemon::cpu_seconds(pid), header)
         })
     };
-    let cpu_before = cpu_seconds(pid);
-    let system_before = cpu_split(pid).1;
+    let cpu_before = daemon::cpu_seconds(pid);
+    let system_before = daemon::cpu_split(pid).1;
     let start = Instant::now();
     // The latest finish so far, with the daemon's CPU seconds at that moment.
     let last_finish = Arc::new(std::sync::Mutex::new((start, cpu_before)));
@@ -503,7 +453,7 @@ async fn run(
                     .await
                     .unwrap();
                 let now = Instant::now();
-                let cpu = cpu_seconds(pid);
+                let cpu = daemon::cpu_seconds(pid);
                 {
                     let mut last = last_finish.lock().unwrap();
                     if now > last.0 {
@@ -525,7 +475,7 @@ async fn run(
         ingest: last - start,
         wait: written.saturating_duration_since(last),
         cpu: cpu_written - cpu_before,
-        cpu_system: cpu_split(pid).1 - system_before,
+        cpu_system: daemon::cpu_split(pid).1 - system_before,
         cpu_after_last: (cpu_written - cpu_at_last).max(0.0),
         totals: header.totals,
     }
@@ -559,41 +509,6 @@ fn parse_and_union(shards: &[PathBuf]) -> f64 {
     let took = start.elapsed().as_secs_f64();
     assert!(!union.files.is_empty(), "the shards hold coverage");
     took / records as f64
-}
-
-/// utime + stime of a process, from /proc (clock ticks of 1/100 s on Linux).
-fn cpu_seconds(pid: u32) -> f64 {
-    let (user, system) = cpu_split(pid);
-    user + system
-}
-
-/// (user, system) CPU seconds of a process.
-fn cpu_split(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) / 100.0, ticks(12) / 100.0)
-}
-
-fn peak_rss_kb(pid: u32) -> u64 {
-    status_kb(pid, "VmHWM:")
-}
-
-/// A `/proc/PID/status` figure in KB (`VmHWM:` peak RSS, `VmRSS:` RSS now).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The generator's ground truth against the merged totals.
