@@ -291,8 +291,7 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     if daemon::serve_if_asked(|data_dir| {
         let mut settings = covd::Settings {
             data_dir,
@@ -304,6 +303,10 @@ async fn main() {
     }) {
         return;
     }
+    tokio::runtime::Runtime::new().unwrap().block_on(bench());
+}
+
+async fn bench() {
     let a = args();
     let scratch: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tests");
     println!(
