@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use roaring::RoaringBitmap;
 
-use super::file::bitmap_of_sorted;
+use super::file::covered_of;
 use super::{BranchArm, BranchKey, FileCoverage, Function, Taken};
 
 /// A string in [`FileBatch::text`]: start and length.
@@ -461,19 +461,7 @@ impl<'a> FilePart<'a> {
 
     /// The lines with a non-zero count.
     pub fn covered(&self) -> RoaringBitmap {
-        let (lines, hits) = (self.lines(), self.hits());
-        let bitmap = if hits.iter().all(|h| *h > 0) {
-            bitmap_of_sorted(lines)
-        } else {
-            let covered: Vec<u32> = lines
-                .iter()
-                .zip(hits)
-                .filter(|(_, h)| **h > 0)
-                .map(|(l, _)| *l)
-                .collect();
-            bitmap_of_sorted(&covered)
-        };
-        bitmap.expect("a batch holds ascending lines")
+        covered_of(self.lines(), self.hits()).expect("a batch holds ascending lines")
     }
 
     /// The file built whole: sorted, duplicates summed.

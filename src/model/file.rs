@@ -62,6 +62,24 @@ pub(super) fn bitmap_of_sorted(values: &[u32]) -> Option<RoaringBitmap> {
     RoaringBitmap::deserialize_from(&buf[..]).ok()
 }
 
+/// The lines of ascending, distinct `lines` whose count in `hits` is not zero; `None` when
+/// the lines are not ascending and distinct.
+pub(super) fn covered_of(lines: &[u32], hits: &[u64]) -> Option<RoaringBitmap> {
+    if hits.iter().all(|h| *h == 0) {
+        return Some(RoaringBitmap::new());
+    }
+    if hits.iter().all(|h| *h > 0) {
+        return bitmap_of_sorted(lines);
+    }
+    let covered: Vec<u32> = lines
+        .iter()
+        .zip(hits)
+        .filter(|(_, h)| **h > 0)
+        .map(|(l, _)| *l)
+        .collect();
+    bitmap_of_sorted(&covered)
+}
+
 /// Writes ascending, distinct `values` into `buf` in roaring's portable format (as roaring's
 /// own `serialize_into` writes a bitmap without run containers); false when they are not
 /// ascending and distinct.
@@ -260,18 +278,10 @@ impl FileCoverage {
             return None;
         }
         let bitmap = bitmap_of_sorted(lines)?;
-        let covered = if hits.iter().all(|h| *h == 0) {
-            RoaringBitmap::new()
-        } else if hits.iter().all(|h| *h > 0) {
+        let covered = if hits.iter().all(|h| *h > 0) {
             bitmap.clone()
         } else {
-            let covered: Vec<u32> = lines
-                .iter()
-                .zip(hits)
-                .filter(|(_, h)| **h > 0)
-                .map(|(l, _)| *l)
-                .collect();
-            bitmap_of_sorted(&covered)?
+            covered_of(lines, hits)?
         };
         Some(FileCoverage {
             lines: bitmap,
