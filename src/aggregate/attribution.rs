@@ -85,9 +85,13 @@ impl TestTable {
             .collect()
     }
 
-    /// The name of one id.
-    pub fn name(&self, id: TestId) -> Option<Arc<str>> {
-        self.read().names.get(id as usize).cloned()
+    /// `records` with each test's name for its id (under one lock; unknown ids are left out).
+    pub fn named<T: Clone>(&self, records: &[(TestId, T)]) -> Vec<(Arc<str>, T)> {
+        let tests = self.read();
+        records
+            .iter()
+            .filter_map(|(id, x)| Some((tests.names.get(*id as usize)?.clone(), x.clone())))
+            .collect()
     }
 
     /// Every test's name, in id order (the order the run first saw them).
@@ -154,12 +158,6 @@ impl Clone for FileTests {
             records: self.records.clone(),
             index: OnceLock::new(),
         }
-    }
-}
-
-impl PartialEq for FileTests {
-    fn eq(&self, other: &FileTests) -> bool {
-        self.records == other.records
     }
 }
 

@@ -19,7 +19,7 @@ use roaring::RoaringBitmap;
 
 use crate::model::path::PathFilter;
 use crate::model::{FileBatch, FileCoverage, Totals};
-pub use attribution::{FileTests, TestId, TestTable};
+use attribution::{FileTests, TestId, TestTable};
 
 /// Shares path strings between runs.
 #[derive(Debug, Default)]
@@ -242,13 +242,7 @@ impl Aggregate {
             None => Cow::Borrowed(&entry.coverage),
             Some(tests) => {
                 let mut file = entry.coverage.clone();
-                file.set_tests(
-                    tests
-                        .records()
-                        .iter()
-                        .filter_map(|(id, lines)| Some((self.tests.name(*id)?, lines.clone())))
-                        .collect(),
-                );
+                file.set_tests(self.tests.named(tests.records()));
                 Cow::Owned(file)
             }
         }
@@ -334,11 +328,6 @@ impl Aggregate {
             totals: Mutex::new(self.totals()),
             tests: self.tests.clone(),
         }
-    }
-
-    /// How many tests the run has named.
-    pub fn test_count(&self) -> usize {
-        self.tests.len()
     }
 
     /// Every test the run has named, in the order it first saw them.
@@ -537,8 +526,8 @@ mod tests {
             Some(vec![(Arc::from("a.c"), std::iter::once(1).collect())])
         );
         agg.clear();
-        assert_eq!(agg.test_count(), 0);
+        assert!(agg.test_names().is_empty());
         assert_eq!(agg.lines_of_test("t"), None);
-        assert_eq!(copy.test_count(), 1);
+        assert_eq!(copy.test_names().len(), 1);
     }
 }
