@@ -21,7 +21,7 @@ use crate::rpc::convert::{self, ArmForm, file_to_proto};
 use crate::rpc::proto::coverage_client::CoverageClient;
 use crate::rpc::proto::{self, ingest_request, ingest_response};
 use crate::service::{
-    DirectorySummary, ExportFormat, ExportHeader, RunParams, RunStatus, TestTelemetry,
+    DirectorySummary, ExportFormat, ExportHeader, RunParams, RunStatus, TestImpact, TestTelemetry,
     TestsForLines,
 };
 
@@ -377,6 +377,31 @@ impl Client {
             }
         }
         Ok(files)
+    }
+
+    /// Test impact: the tests of base run `run_id` that `diff` (a unified diff) affects.
+    /// `strip`: leading path components to drop (`None`: git's `a/` and `b/`); `collected`:
+    /// the head commit's tests, when known.
+    pub async fn test_impact(
+        &mut self,
+        run_id: &str,
+        diff: Vec<u8>,
+        strip: Option<u32>,
+        collected: Option<Vec<String>>,
+    ) -> Result<TestImpact, ClientError> {
+        let request = proto::GetTestImpactRequest {
+            run_id: run_id.to_owned(),
+            diff,
+            strip,
+            has_collected: collected.is_some(),
+            collected: collected.unwrap_or_default(),
+        };
+        let mut stream = self.inner.get_test_impact(request).await?.into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            chunks.push(chunk?);
+        }
+        convert::impact_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Every test the run has named, sorted.

@@ -9,11 +9,12 @@
 //! # Layout
 //!
 //! Dependencies point one way: `server`/`client` → `rpc` → `service` → `aggregate`/`persist` →
-//! `model`, and `formats` → `model`.
+//! `model`, and `formats` → `model`; `service` also reads diffs with `diff`.
 //!
 //! - [`model`]: pure domain types and the merge (no I/O, no async).
 //! - [`formats`]: coverage file formats: streaming readers (LCOV, coverage.py JSON, Cobertura,
 //!   Istanbul, gcovr, Go, llvm-cov, JaCoCo, Clover, JUnit) and writers (LCOV, Cobertura, JSON, Markdown, HTML).
+//! - [`diff`]: unified diffs (`git diff`) as changed lines per file, for test impact.
 //! - [`aggregate`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
 //! - [`persist`]: durable storage behind one trait ([`persist::Storage`]): the embedded SQLite
 //!   store with a delta log file per run (group commit, versioned records, recovery reads), and
@@ -25,10 +26,11 @@
 //! - [`server`]: wiring, limits, health and reflection, shutdown.
 //! - [`client`]: the typed client the CLI and tests use.
 //!
-//! The `covd` binary (`src/main.rs`, `src/cli.rs`) is a thin command line over these.
+//! The `covd` binary (`src/main.rs`, `src/cli/`) is a thin command line over these.
 
 pub mod aggregate;
 pub mod client;
+pub mod diff;
 pub mod formats;
 pub mod model;
 pub mod persist;

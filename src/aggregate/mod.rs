@@ -348,6 +348,56 @@ impl Aggregate {
         })
     }
 
+    /// The path the aggregate holds for `path`: `path` itself, or else the one path that ends
+    /// with `/path` (a diff names files from the repository's root; coverage may name them
+    /// under a prefix). `None` when there is none, or more than one.
+    pub fn find_path(&self, path: &str) -> Option<Arc<str>> {
+        if let Some(entry) = self.files.get(path) {
+            return Some(entry.key().clone());
+        }
+        let mut found = None;
+        for entry in self.files.iter() {
+            let key = entry.key();
+            if key.len() > path.len()
+                && key.ends_with(path)
+                && key.as_bytes()[key.len() - path.len() - 1] == b'/'
+            {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(key.clone());
+            }
+        }
+        found
+    }
+
+    /// The lines the file's coverage measured (covered or not); `None` when not held.
+    pub fn measured(&self, path: &str) -> Option<RoaringBitmap> {
+        self.files.get(path).map(|e| e.coverage.lines().clone())
+    }
+
+    /// Each test that covered any of `lines` of the file at `path`, with those of `lines` it
+    /// covered, in no particular order.
+    pub fn attribution_of(
+        &self,
+        path: &str,
+        lines: &RoaringBitmap,
+    ) -> Vec<(Arc<str>, RoaringBitmap)> {
+        let Some(entry) = self.files.get(path) else {
+            return Vec::new();
+        };
+        let Some(tests) = &entry.tests else {
+            return Vec::new();
+        };
+        let records: Vec<(TestId, RoaringBitmap)> = tests
+            .tests_for(lines)
+            .iter()
+            .filter_map(|id| Some((id, tests.lines_of(id)? & lines)))
+            .collect();
+        drop(entry);
+        self.tests.named(&records)
+    }
+
     /// The names of `ids` (see [`Aggregate::tests_for`]).
     pub fn names_of(&self, ids: &RoaringBitmap) -> Vec<Arc<str>> {
         self.tests.names(ids)

@@ -69,7 +69,7 @@ pub(super) async fn tests(a: TestsArgs) -> Result<ExitCode, Failure> {
 }
 
 /// Lines as ranges: `1-4,9`.
-fn ranges_of(lines: &RoaringBitmap) -> String {
+pub(super) fn ranges_of(lines: &RoaringBitmap) -> String {
     let mut out = String::new();
     let mut lines = lines.iter().peekable();
     while let Some(first) = lines.next() {

@@ -3,6 +3,7 @@
 
 mod attribution;
 mod html;
+mod impact;
 mod push;
 
 use std::fs::File;
@@ -26,7 +27,9 @@ Exit codes:
   1  an unexpected error
   2  bad input: a malformed file, bad arguments, or the daemon refused the request
   3  the daemon is unreachable or unavailable
-  4  fetch --wait: the deadline passed before the run was complete (the output is written)";
+  4  fetch --wait: the deadline passed before the run was complete (the output is written)
+  5  tests-for: no test covers the change (nothing to run)
+  6  tests-for: covd cannot tell which tests the change affects (run every test)";
 
 /// covd: merges coverage from parallel CI shards while they run.
 #[derive(Debug, Parser)]
@@ -56,6 +59,9 @@ enum Command {
     /// Per-test attribution: the tests that covered some lines (one name per line of output,
     /// ready for a test runner), the lines one test covered, or every test a run named.
     Tests(attribution::TestsArgs),
+    /// Test impact: the tests of a base run that a diff affects (one per line, ready for a
+    /// test runner); exit code 5 when none does, 6 when covd cannot tell (run everything).
+    TestsFor(impact::TestsForArgs),
     /// List the runs the daemon holds.
     Runs(ServerArg),
     /// Delete a run.
@@ -386,6 +392,7 @@ impl Cli {
             Command::File(a) => file(a).await,
             Command::Dir(a) => dir(a).await,
             Command::Tests(a) => attribution::tests(a).await,
+            Command::TestsFor(a) => impact::tests_for(a).await,
             Command::Runs(a) => runs(a).await,
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use roaring::RoaringBitmap;
 
 use super::proto;
+use crate::diff::ChangeKind;
 use crate::model::{
     self, BranchArm, BranchKey, FileBatch, FileCoverage, MAX_LINE, TestCase, TestStatus, Totals,
 };
@@ -600,4 +601,131 @@ pub fn lines_from_gaps(gaps: &[u32]) -> Result<RoaringBitmap, Error> {
         lines.push(line);
     }
     Ok(RoaringBitmap::from_sorted_iter(lines).expect("ascending by construction"))
+}
+
+/// A test impact answer in chunks: the first carries the state, the reasons and the files.
+pub(crate) fn impact_to_proto(
+    answer: service::TestImpact,
+) -> impl Iterator<Item = proto::TestImpactChunk> {
+    use proto::test_impact_chunk::State;
+    let state = match answer.state {
+        service::ImpactState::Selected => State::Selected,
+        service::ImpactState::Empty => State::Empty,
+        service::ImpactState::Unknown => State::Unknown,
+    };
+    let mut first = Some(proto::TestImpactChunk {
+        state: state as i32,
+        unknown: answer.unknown,
+        files: answer
+            .files
+            .into_iter()
+            .map(|f| proto::ImpactFile {
+                path: f.path.to_string(),
+                new_path: f.new_path.unwrap_or_default(),
+                change: f.change.as_str().to_owned(),
+                line_gaps: gaps_of(f.lines.iter()),
+                uncovered_gaps: gaps_of(f.uncovered.iter()),
+                tests: u32::try_from(f.tests).unwrap_or(u32::MAX),
+            })
+            .collect(),
+        ignored: answer.ignored,
+        gone: answer.gone.iter().map(|t| t.to_string()).collect(),
+        tests: Vec::new(),
+    });
+    let size = |t: &service::SelectedTest| {
+        t.name.len()
+            + t.lines
+                .iter()
+                .map(|(p, l)| p.len() + 4 * l.len() as usize)
+                .sum::<usize>()
+    };
+    super::in_chunks(answer.tests, size).map(move |tests| {
+        let mut chunk = first.take().unwrap_or_default();
+        chunk.tests = tests
+            .into_iter()
+            .map(|t| proto::SelectedTest {
+                name: t.name.to_string(),
+                new: t.new,
+                files: t
+                    .lines
+                    .iter()
+                    .map(|(path, lines)| proto::FileLineGaps {
+                        path: path.to_string(),
+                        line_gaps: gaps_of(lines.iter()),
+                    })
+                    .collect(),
+            })
+            .collect();
+        chunk
+    })
+}
+
+/// Gathers the chunks of a test impact answer.
+pub(crate) fn impact_from_proto(
+    chunks: Vec<proto::TestImpactChunk>,
+) -> Result<service::TestImpact, Error> {
+    use proto::test_impact_chunk::State;
+    let mut chunks = chunks.into_iter();
+    let first = chunks
+        .next()
+        .ok_or_else(|| Error::invalid("answer", "the test impact answer is empty"))?;
+    let state = match State::try_from(first.state) {
+        Ok(State::Selected) => service::ImpactState::Selected,
+        Ok(State::Empty) => service::ImpactState::Empty,
+        Ok(State::Unknown) => service::ImpactState::Unknown,
+        _ => {
+            return Err(Error::invalid(
+                "state",
+                format!("unknown state {}", first.state),
+            ));
+        }
+    };
+    let change = |c: &str| match c {
+        "modified" => Ok(ChangeKind::Modified),
+        "added" => Ok(ChangeKind::Added),
+        "deleted" => Ok(ChangeKind::Deleted),
+        "renamed" => Ok(ChangeKind::Renamed),
+        "copied" => Ok(ChangeKind::Copied),
+        other => Err(Error::invalid(
+            "change",
+            format!("unknown change `{other}`"),
+        )),
+    };
+    let files = first
+        .files
+        .iter()
+        .map(|f| {
+            Ok(service::ImpactFile {
+                path: f.path.as_str().into(),
+                new_path: (!f.new_path.is_empty()).then(|| f.new_path.clone()),
+                change: change(&f.change)?,
+                lines: lines_from_gaps(&f.line_gaps)?,
+                uncovered: lines_from_gaps(&f.uncovered_gaps)?,
+                tests: f.tests as usize,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    let mut tests = Vec::new();
+    for chunk in std::iter::once(first.tests).chain(chunks.map(|c| c.tests)) {
+        for t in chunk {
+            let lines = t
+                .files
+                .iter()
+                .map(|f| Ok((f.path.as_str().into(), lines_from_gaps(&f.line_gaps)?)))
+                .collect::<Result<_, Error>>()?;
+            tests.push(service::SelectedTest {
+                name: t.name.into(),
+                new: t.new,
+                lines,
+            });
+        }
+    }
+    Ok(service::TestImpact {
+        state,
+        tests,
+        unknown: first.unknown,
+        files,
+        ignored: first.ignored,
+        gone: first.gone.into_iter().map(Into::into).collect(),
+    })
 }

@@ -299,6 +299,25 @@ impl Coverage for CoverageRpc {
         });
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
+
+    type GetTestImpactStream = BoxStream<proto::TestImpactChunk>;
+
+    async fn get_test_impact(
+        &self,
+        request: Request<proto::GetTestImpactRequest>,
+    ) -> Result<Response<Self::GetTestImpactStream>, Status> {
+        let r = request.into_inner();
+        let strip = r.strip.map(|s| s as usize);
+        let diff = tokio::task::spawn_blocking(move || crate::diff::parse(&r.diff, strip))
+            .await
+            .map_err(|e| Status::internal(format!("reading the diff failed: {e}")))?
+            .map_err(|e| Error::invalid("diff", e.to_string()))?;
+        let collected = r.has_collected.then_some(r.collected);
+        let answer = self.service.test_impact(&r.run_id, diff, collected).await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            impact_to_proto(answer).map(Ok),
+        ))))
+    }
 }
 
 /// Bytes of an answer's chunk, about: well under the 4 MB a gRPC client accepts by default.

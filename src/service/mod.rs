@@ -4,12 +4,14 @@
 //! - `run`: one run's state and the locking discipline;
 //! - `ingest`: shard streams (header, deltas, finish), attempts and resume;
 //! - `export`: rendering the aggregate in a format, optionally after waiting for completeness;
-//! - `query`: per-file and per-directory reads.
+//! - `query`: per-file and per-directory reads, per-test attribution;
+//! - `impact`: test impact, the tests a diff affects.
 
 mod cache;
 mod durable;
 mod error;
 mod export;
+mod impact;
 mod ingest;
 mod query;
 mod run;
@@ -23,6 +25,7 @@ use dashmap::mapref::entry::Entry;
 pub use durable::Recovery;
 pub use error::{Error, Result};
 pub use export::Export;
+pub use impact::{ImpactFile, ImpactState, SelectedTest, TestImpact};
 pub use ingest::ShardSession;
 pub use types::{
     Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits,

@@ -132,7 +132,7 @@ impl CoverageService {
     /// Calls `f` with the run's aggregate, off the async threads: the gate may be held
     /// exclusively by a rebuild or snapshot, and a run that left memory is read back from
     /// storage.
-    async fn read<T: Send + 'static>(
+    pub(super) async fn read<T: Send + 'static>(
         &self,
         run_id: &str,
         what: &str,

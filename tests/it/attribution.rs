@@ -16,11 +16,22 @@ use crate::corpus::read_json;
 use crate::support::*;
 
 /// What `merged.json`'s file-level `contexts` say: per file, per line, the labels that ran it.
-type Contexts = BTreeMap<String, BTreeMap<u32, BTreeSet<String>>>;
+pub(crate) type Contexts = BTreeMap<String, BTreeMap<u32, BTreeSet<String>>>;
 
-/// Read once for every test here (a debug build parses the 9 MB report in seconds). Only the
-/// file-level `contexts` are kept; the rest is skipped.
-fn merged_contexts() -> &'static Contexts {
+/// What `merged.json` says coverage.py measured: per file, its executed and missing lines.
+pub(crate) type Measured = BTreeMap<String, BTreeSet<u32>>;
+
+pub(crate) fn merged_contexts() -> &'static Contexts {
+    &merged_report().0
+}
+
+pub(crate) fn merged_measured() -> &'static Measured {
+    &merged_report().1
+}
+
+/// Read once for every test (a debug build parses the 9 MB report in seconds). Only the
+/// file-level `contexts` and line lists are kept; the rest is skipped.
+fn merged_report() -> &'static (Contexts, Measured) {
     #[derive(serde::Deserialize)]
     struct Report {
         files: BTreeMap<String, FileReport>,
@@ -28,22 +39,27 @@ fn merged_contexts() -> &'static Contexts {
     #[derive(serde::Deserialize)]
     struct FileReport {
         contexts: BTreeMap<u32, BTreeSet<String>>,
+        executed_lines: Vec<u32>,
+        missing_lines: Vec<u32>,
     }
-    static CONTEXTS: OnceLock<Contexts> = OnceLock::new();
-    CONTEXTS.get_or_init(|| {
+    static REPORT: OnceLock<(Contexts, Measured)> = OnceLock::new();
+    REPORT.get_or_init(|| {
         let gz = std::fs::File::open(corpus("python-toolz/same-path/merged.json.gz")).unwrap();
         let input = std::io::BufReader::new(flate2::read::GzDecoder::new(gz));
         let report: Report = serde_json::from_reader(input).unwrap();
-        report
-            .files
-            .into_iter()
-            .map(|(path, file)| (path, file.contexts))
-            .collect()
+        let mut contexts = Contexts::new();
+        let mut measured = Measured::new();
+        for (path, file) in report.files {
+            let lines = file.executed_lines.iter().chain(&file.missing_lines);
+            measured.insert(path.clone(), lines.copied().collect());
+            contexts.insert(path, file.contexts);
+        }
+        (contexts, measured)
     })
 }
 
 /// Streams the four same-path shards of the toolz corpus into `run`.
-async fn push_toolz(client: &mut Client, run: &str) {
+pub(crate) async fn push_toolz(client: &mut Client, run: &str) {
     for i in 1..=4 {
         let shard = read_json(
             &format!("python-toolz/same-path/shard{i}.json.gz"),
@@ -227,7 +243,7 @@ async fn attribution_outlives_compaction_and_a_restart() {
 type TestDelta = (&'static str, Vec<(&'static str, FileCoverage)>);
 
 /// A file with `covered` lines run once and `missed` lines not run.
-fn lines(covered: &[u32], missed: &[u32]) -> FileCoverage {
+pub(crate) fn lines(covered: &[u32], missed: &[u32]) -> FileCoverage {
     let mut b = FileBuilder::new();
     for l in covered {
         b.line(*l, 1);

@@ -12,6 +12,7 @@ mod durability;
 mod export;
 mod gcc;
 mod hostile_files;
+mod impact;
 mod ingest;
 mod merge_laws;
 mod old_daemon;

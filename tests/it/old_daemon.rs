@@ -106,6 +106,15 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    type GetTestImpactStream = ReceiverStream<Result<proto::TestImpactChunk, Status>>;
+
+    async fn get_test_impact(
+        &self,
+        _: Request<proto::GetTestImpactRequest>,
+    ) -> Result<Response<Self::GetTestImpactStream>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(
