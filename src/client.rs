@@ -21,8 +21,8 @@ use crate::rpc::convert::{self, ArmForm, file_to_proto};
 use crate::rpc::proto::coverage_client::CoverageClient;
 use crate::rpc::proto::{self, ingest_request, ingest_response};
 use crate::service::{
-    DirectorySummary, ExportFormat, ExportHeader, RunParams, RunStatus, TestImpact, TestTelemetry,
-    TestsForLines,
+    DirectorySummary, ExportFormat, ExportHeader, PatchCoverage, RunParams, RunStatus, TestImpact,
+    TestTelemetry, TestsForLines,
 };
 
 /// Deltas sent but not yet acknowledged, at most.
@@ -402,6 +402,23 @@ impl Client {
             chunks.push(chunk?);
         }
         convert::impact_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Patch coverage: of the lines `diff` (a unified diff ending at the run's commit) adds,
+    /// those the run measured and covered. `strip` as for [`Client::test_impact`].
+    pub async fn patch_coverage(
+        &mut self,
+        run_id: &str,
+        diff: Vec<u8>,
+        strip: Option<u32>,
+    ) -> Result<PatchCoverage, ClientError> {
+        let request = proto::GetPatchCoverageRequest {
+            run_id: run_id.to_owned(),
+            diff,
+            strip,
+        };
+        let answer = self.inner.get_patch_coverage(request).await?.into_inner();
+        convert::patch_from_proto(answer).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Every test the run has named, sorted.

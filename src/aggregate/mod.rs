@@ -371,9 +371,12 @@ impl Aggregate {
         found
     }
 
-    /// The lines the file's coverage measured (covered or not); `None` when not held.
-    pub fn measured(&self, path: &str) -> Option<RoaringBitmap> {
-        self.files.get(path).map(|e| e.coverage.lines().clone())
+    /// The lines the file's coverage measured (covered or not), and those covered; `None`
+    /// when not held.
+    pub fn file_lines(&self, path: &str) -> Option<(RoaringBitmap, RoaringBitmap)> {
+        self.files
+            .get(path)
+            .map(|e| (e.coverage.lines().clone(), e.coverage.covered().clone()))
     }
 
     /// Each test that covered any of `lines` of the file at `path`, with those of `lines` it

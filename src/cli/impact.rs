@@ -2,7 +2,7 @@
 //! for each state of the answer so that CI never mistakes "nothing to run" or "cannot tell"
 //! for a green run.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,7 +13,7 @@ use roaring::RoaringBitmap;
 use serde_json::json;
 
 use super::attribution::ranges_of;
-use super::{Failure, RunArg, bad_input, client};
+use super::{Failure, RunArg, bad_input, client, read_diff};
 
 /// `tests-for`: no test covers the change.
 pub(super) const EXIT_EMPTY: u8 = 5;
@@ -49,17 +49,7 @@ enum Output {
 }
 
 pub(super) async fn tests_for(a: TestsForArgs) -> Result<ExitCode, Failure> {
-    let diff = if a.diff.as_os_str() == "-" {
-        let mut diff = Vec::new();
-        io::stdin()
-            .read_to_end(&mut diff)
-            .context("reading the diff from standard input")?;
-        diff
-    } else {
-        std::fs::read(&a.diff)
-            .with_context(|| format!("reading {}", a.diff.display()))
-            .map_err(bad_input)?
-    };
+    let diff = read_diff(&a.diff)?;
     let collected = match &a.collected {
         None => None,
         Some(path) => Some(

@@ -4,6 +4,7 @@
 mod attribution;
 mod html;
 mod impact;
+mod patch;
 mod push;
 
 use std::fs::File;
@@ -27,9 +28,11 @@ Exit codes:
   1  an unexpected error
   2  bad input: a malformed file, bad arguments, or the daemon refused the request
   3  the daemon is unreachable or unavailable
-  4  fetch --wait: the deadline passed before the run was complete (the output is written)
+  4  fetch --wait, patch --watch: the deadline passed before the run was complete (the
+     output is written)
   5  tests-for: no test covers the change (nothing to run)
-  6  tests-for: covd cannot tell which tests the change affects (run every test)";
+  6  tests-for: covd cannot tell which tests the change affects (run every test)
+  7  patch --fail-under: the changed lines' coverage is below the bar";
 
 /// covd: merges coverage from parallel CI shards while they run.
 #[derive(Debug, Parser)]
@@ -62,6 +65,9 @@ enum Command {
     /// Test impact: the tests of a base run that a diff affects (one per line, ready for a
     /// test runner); exit code 5 when none does, 6 when covd cannot tell (run everything).
     TestsFor(impact::TestsForArgs),
+    /// Patch coverage: how many of the lines a diff adds the run covered (text, Markdown for a
+    /// pull request, JSON); exit code 7 below --fail-under; --watch follows a streaming run.
+    Patch(patch::PatchArgs),
     /// List the runs the daemon holds.
     Runs(ServerArg),
     /// Delete a run.
@@ -393,6 +399,7 @@ impl Cli {
             Command::Dir(a) => dir(a).await,
             Command::Tests(a) => attribution::tests(a).await,
             Command::TestsFor(a) => impact::tests_for(a).await,
+            Command::Patch(a) => patch::patch(a).await,
             Command::Runs(a) => runs(a).await,
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;
@@ -401,6 +408,19 @@ impl Cli {
             }
         }
     }
+}
+
+/// A unified diff from a file, or from standard input for `-`.
+fn read_diff(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    if path.as_os_str() == "-" {
+        let mut diff = Vec::new();
+        io::Read::read_to_end(&mut io::stdin(), &mut diff)
+            .context("reading the diff from standard input")?;
+        return Ok(diff);
+    }
+    std::fs::read(path)
+        .with_context(|| format!("reading {}", path.display()))
+        .map_err(bad_input)
 }
 
 fn client(server: &ServerArg) -> Result<Client, Failure> {

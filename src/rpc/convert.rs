@@ -729,3 +729,38 @@ pub(crate) fn impact_from_proto(
         gone: first.gone.into_iter().map(Into::into).collect(),
     })
 }
+
+pub(crate) fn patch_to_proto(p: service::PatchCoverage) -> proto::PatchCoverage {
+    proto::PatchCoverage {
+        files: p
+            .files
+            .iter()
+            .map(|f| proto::PatchFile {
+                path: f.path.to_string(),
+                changed_gaps: gaps_of(f.changed.iter()),
+                covered_gaps: gaps_of(f.covered.iter()),
+            })
+            .collect(),
+        unmeasured: p.unmeasured,
+        complete: p.complete,
+    }
+}
+
+pub(crate) fn patch_from_proto(p: proto::PatchCoverage) -> Result<service::PatchCoverage, Error> {
+    let files = p
+        .files
+        .into_iter()
+        .map(|f| {
+            Ok(service::PatchFile {
+                path: f.path.into(),
+                changed: lines_from_gaps(&f.changed_gaps)?,
+                covered: lines_from_gaps(&f.covered_gaps)?,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(service::PatchCoverage {
+        files,
+        unmeasured: p.unmeasured,
+        complete: p.complete,
+    })
+}

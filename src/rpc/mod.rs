@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::diff::FileChange;
 use crate::service::{CoverageService, Error, ShardHeader};
 use convert::*;
 
@@ -307,17 +308,33 @@ impl Coverage for CoverageRpc {
         request: Request<proto::GetTestImpactRequest>,
     ) -> Result<Response<Self::GetTestImpactStream>, Status> {
         let r = request.into_inner();
-        let strip = r.strip.map(|s| s as usize);
-        let diff = tokio::task::spawn_blocking(move || crate::diff::parse(&r.diff, strip))
-            .await
-            .map_err(|e| Status::internal(format!("reading the diff failed: {e}")))?
-            .map_err(|e| Error::invalid("diff", e.to_string()))?;
+        let diff = read_diff(r.diff, r.strip).await?;
         let collected = r.has_collected.then_some(r.collected);
         let answer = self.service.test_impact(&r.run_id, diff, collected).await?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             impact_to_proto(answer).map(Ok),
         ))))
     }
+
+    async fn get_patch_coverage(
+        &self,
+        request: Request<proto::GetPatchCoverageRequest>,
+    ) -> Result<Response<proto::PatchCoverage>, Status> {
+        let r = request.into_inner();
+        let diff = read_diff(r.diff, r.strip).await?;
+        let answer = self.service.patch_coverage(&r.run_id, diff).await?;
+        Ok(Response::new(patch_to_proto(answer)))
+    }
+}
+
+/// Reads a unified diff off the async threads (it may be as large as a message).
+async fn read_diff(diff: Vec<u8>, strip: Option<u32>) -> Result<Vec<FileChange>, Status> {
+    let strip = strip.map(|s| s as usize);
+    let changes = tokio::task::spawn_blocking(move || crate::diff::parse(&diff, strip))
+        .await
+        .map_err(|e| Status::internal(format!("reading the diff failed: {e}")))?
+        .map_err(|e| Error::invalid("diff", e.to_string()))?;
+    Ok(changes)
 }
 
 /// Bytes of an answer's chunk, about: well under the 4 MB a gRPC client accepts by default.

@@ -176,7 +176,7 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
             }
             continue;
         };
-        let measured = aggregate.measured(&path).unwrap_or_default();
+        let measured = aggregate.file_lines(&path).unwrap_or_default().0;
         let whole =
             change.binary || matches!(change.kind, ChangeKind::Deleted | ChangeKind::Renamed);
         let lines = if whole {
@@ -260,7 +260,7 @@ fn outside_tests(name: &str, sorted_names: &[Arc<str>]) -> bool {
 
 /// The extensions of the files the run measures (`py`, `rs`): a changed file with one of them
 /// is code the run would measure.
-fn code_extensions(aggregate: &Aggregate) -> HashSet<String> {
+pub(super) fn code_extensions(aggregate: &Aggregate) -> HashSet<String> {
     aggregate
         .paths(&PathFilter::default())
         .iter()
@@ -268,7 +268,7 @@ fn code_extensions(aggregate: &Aggregate) -> HashSet<String> {
         .collect()
 }
 
-fn is_code(path: &str, code: &HashSet<String>) -> bool {
+pub(super) fn is_code(path: &str, code: &HashSet<String>) -> bool {
     extension(path).is_some_and(|e| code.contains(&e))
 }
 

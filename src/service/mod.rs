@@ -5,7 +5,8 @@
 //! - `ingest`: shard streams (header, deltas, finish), attempts and resume;
 //! - `export`: rendering the aggregate in a format, optionally after waiting for completeness;
 //! - `query`: per-file and per-directory reads, per-test attribution;
-//! - `impact`: test impact, the tests a diff affects.
+//! - `impact`: test impact, the tests a diff affects;
+//! - `patch`: patch coverage, how much of the lines a diff adds ran.
 
 mod cache;
 mod durable;
@@ -13,6 +14,7 @@ mod error;
 mod export;
 mod impact;
 mod ingest;
+mod patch;
 mod query;
 mod run;
 mod types;
@@ -27,6 +29,7 @@ pub use error::{Error, Result};
 pub use export::Export;
 pub use impact::{ImpactFile, ImpactState, SelectedTest, TestImpact};
 pub use ingest::ShardSession;
+pub use patch::{PatchCoverage, PatchFile};
 pub use types::{
     Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits,
     MAX_UNKNOWN_REPORTED, RunParams, RunStatus, ShardHeader, ShardState, ShardStatus,

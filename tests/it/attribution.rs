@@ -29,9 +29,14 @@ pub(crate) fn merged_measured() -> &'static Measured {
     &merged_report().1
 }
 
+/// Per file, the lines `merged.json` says ran.
+pub(crate) fn merged_executed() -> &'static Measured {
+    &merged_report().2
+}
+
 /// Read once for every test (a debug build parses the 9 MB report in seconds). Only the
 /// file-level `contexts` and line lists are kept; the rest is skipped.
-fn merged_report() -> &'static (Contexts, Measured) {
+fn merged_report() -> &'static (Contexts, Measured, Measured) {
     #[derive(serde::Deserialize)]
     struct Report {
         files: BTreeMap<String, FileReport>,
@@ -42,19 +47,21 @@ fn merged_report() -> &'static (Contexts, Measured) {
         executed_lines: Vec<u32>,
         missing_lines: Vec<u32>,
     }
-    static REPORT: OnceLock<(Contexts, Measured)> = OnceLock::new();
+    static REPORT: OnceLock<(Contexts, Measured, Measured)> = OnceLock::new();
     REPORT.get_or_init(|| {
         let gz = std::fs::File::open(corpus("python-toolz/same-path/merged.json.gz")).unwrap();
         let input = std::io::BufReader::new(flate2::read::GzDecoder::new(gz));
         let report: Report = serde_json::from_reader(input).unwrap();
         let mut contexts = Contexts::new();
         let mut measured = Measured::new();
+        let mut executed = Measured::new();
         for (path, file) in report.files {
             let lines = file.executed_lines.iter().chain(&file.missing_lines);
             measured.insert(path.clone(), lines.copied().collect());
+            executed.insert(path.clone(), file.executed_lines.into_iter().collect());
             contexts.insert(path, file.contexts);
         }
-        (contexts, measured)
+        (contexts, measured, executed)
     })
 }
 

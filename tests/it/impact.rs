@@ -17,12 +17,12 @@ use crate::cli::COVD;
 use crate::support::*;
 
 /// A git repository holding a file of numbered lines for each path, committed.
-struct Repo {
+pub(crate) struct Repo {
     dir: tempfile::TempDir,
 }
 
 impl Repo {
-    fn new(files: impl IntoIterator<Item = (String, u32)>) -> Repo {
+    pub(crate) fn new(files: impl IntoIterator<Item = (String, u32)>) -> Repo {
         let repo = Repo {
             dir: tempfile::tempdir().unwrap(),
         };
@@ -36,7 +36,7 @@ impl Repo {
         repo
     }
 
-    fn git(&self, args: &[&str]) -> Vec<u8> {
+    pub(crate) fn git(&self, args: &[&str]) -> Vec<u8> {
         let out = Command::new("git")
             .args(["-c", "user.name=covd", "-c", "user.email=covd@localhost"])
             .args(args)
@@ -47,43 +47,43 @@ impl Repo {
         out.stdout
     }
 
-    fn write(&self, path: &str, text: &str) {
+    pub(crate) fn write(&self, path: &str, text: &str) {
         let full = self.dir.path().join(path);
         std::fs::create_dir_all(full.parent().unwrap()).unwrap();
         std::fs::write(full, text).unwrap();
     }
 
-    fn lines(&self, path: &str) -> Vec<String> {
+    pub(crate) fn lines(&self, path: &str) -> Vec<String> {
         let text = std::fs::read_to_string(self.dir.path().join(path)).unwrap();
         text.lines().map(str::to_owned).collect()
     }
 
-    fn set_lines(&self, path: &str, lines: &[String]) {
+    pub(crate) fn set_lines(&self, path: &str, lines: &[String]) {
         self.write(path, &(lines.join("\n") + "\n"));
     }
 
     /// Replaces line `n` of `path`.
-    fn replace(&self, path: &str, n: u32, with: &str) {
+    pub(crate) fn replace(&self, path: &str, n: u32, with: &str) {
         let mut l = self.lines(path);
         l[n as usize - 1] = with.to_owned();
         self.set_lines(path, &l);
     }
 
     /// Inserts a line after line `n` of `path`.
-    fn insert_after(&self, path: &str, n: u32, text: &str) {
+    pub(crate) fn insert_after(&self, path: &str, n: u32, text: &str) {
         let mut l = self.lines(path);
         l.insert(n as usize, text.to_owned());
         self.set_lines(path, &l);
     }
 
-    fn remove(&self, path: &str, n: u32) {
+    pub(crate) fn remove(&self, path: &str, n: u32) {
         let mut l = self.lines(path);
         l.remove(n as usize - 1);
         self.set_lines(path, &l);
     }
 
     /// `git diff -M` of everything changed since the commit, and back to the commit.
-    fn diff(&self) -> Vec<u8> {
+    pub(crate) fn diff(&self) -> Vec<u8> {
         self.git(&["add", "-A"]);
         let diff = self.git(&["diff", "--cached", "-M", "HEAD"]);
         self.git(&["reset", "-q", "--hard"]);
@@ -91,13 +91,19 @@ impl Repo {
         diff
     }
 
-    fn path(&self) -> &Path {
+    /// Commits everything as it is now.
+    pub(crate) fn commit(&self, message: &str) {
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-qm", message]);
+    }
+
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }
 
 /// The toolz files as they were (same paths, as many lines), and a README.
-fn toolz_repo() -> Repo {
+pub(crate) fn toolz_repo() -> Repo {
     let files = merged_measured().iter().map(|(path, lines)| {
         let last = lines.iter().max().copied().unwrap_or(0);
         (path.clone(), last + 3)
@@ -108,7 +114,7 @@ fn toolz_repo() -> Repo {
 }
 
 /// The toolz run, with its four shards declared so that it can be complete.
-async fn toolz_run(client: &mut Client, run: &str) {
+pub(crate) async fn toolz_run(client: &mut Client, run: &str) {
     let params = RunParams {
         expected_shards: ["1", "2", "3", "4"].map(String::from).to_vec(),
         ..RunParams::default()
@@ -119,7 +125,7 @@ async fn toolz_run(client: &mut Client, run: &str) {
 
 /// Labels coverage.py wrote for a line: `shard1|mod.test_x` is a test; `shard1` alone ran
 /// outside any test.
-fn labels(path: &str, line: u32) -> BTreeSet<String> {
+pub(crate) fn labels(path: &str, line: u32) -> BTreeSet<String> {
     merged_contexts()[path]
         .get(&line)
         .cloned()
@@ -512,33 +518,10 @@ async fn the_command_has_an_exit_code_per_state() {
     repo.write("toolz/newmod.py", "X = 1\n");
     let unknown = repo.diff();
 
-    let url = daemon.url.clone();
-    let run = move |diff: Vec<u8>, args: &[&str]| {
-        let url = url.clone();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let mut child = Command::new(COVD)
-                    .args(["tests-for", "--run", "base", "--diff", "-"])
-                    .args(&args)
-                    .env("COVD_SERVER", url)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                use std::io::Write;
-                child.stdin.take().unwrap().write_all(&diff).unwrap();
-                let out = child.wait_with_output().unwrap();
-                (
-                    out.status.code(),
-                    String::from_utf8(out.stdout).unwrap(),
-                    String::from_utf8(out.stderr).unwrap(),
-                )
-            })
-            .await
-            .unwrap()
-        }
+    let run = |diff: Vec<u8>, args: &[&str]| {
+        let mut all = vec!["tests-for", "--run", "base", "--diff", "-"];
+        all.extend(args);
+        covd_with_input(&daemon.url, &all, diff)
     };
 
     let mut want: BTreeSet<String> = labels(a, line);
@@ -576,4 +559,34 @@ async fn the_command_has_an_exit_code_per_state() {
         let l = l.as_u64().unwrap() as u32;
         assert!(labels(a, l).contains(name), "{name} at {l}");
     }
+}
+
+/// Runs the `covd` binary against the daemon at `url` with `input` on its standard input:
+/// its exit code, standard output and standard error.
+pub(crate) fn covd_with_input(
+    url: &str,
+    args: &[&str],
+    input: Vec<u8>,
+) -> impl Future<Output = (Option<i32>, String, String)> + use<> {
+    let url = url.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(COVD)
+            .args(&args)
+            .env("COVD_SERVER", url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    });
+    async { done.await.unwrap() }
 }

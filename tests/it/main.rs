@@ -16,6 +16,7 @@ mod impact;
 mod ingest;
 mod merge_laws;
 mod old_daemon;
+mod patch;
 mod power_cut;
 mod storage;
 mod stored_data;

@@ -115,6 +115,13 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    async fn get_patch_coverage(
+        &self,
+        _: Request<proto::GetPatchCoverageRequest>,
+    ) -> Result<Response<proto::PatchCoverage>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(
