@@ -12,8 +12,9 @@
 //! to a second daemon without the test names, the reference. Prints, for both: the daemon's
 //! CPU per (test, file) record and the ratio of the two; the daemon's peak RSS. For the named
 //! run: the time from the last shard's finish to the first answer, and the latency (through
-//! gRPC, one client, one question at a time) of "tests for file:line" and of "tests for a
-//! 50-file diff".
+//! gRPC, one client, one question at a time) of "tests for file:line", of "tests for a
+//! 50-file diff", and of the test impact and the patch coverage of the same change written as
+//! a `git diff`.
 
 #[path = "common/daemon.rs"]
 mod daemon;
@@ -147,6 +148,8 @@ struct Figures {
     first_answer: Option<Duration>,
     line_latency: Vec<Duration>,
     diff_latency: Vec<Duration>,
+    impact_latency: Vec<Duration>,
+    patch_latency: Vec<Duration>,
 }
 
 async fn round(a: &Args, named: bool, dir: &Path) -> Figures {
@@ -217,6 +220,8 @@ async fn round(a: &Args, named: bool, dir: &Path) -> Figures {
         first_answer: None,
         line_latency: Vec::new(),
         diff_latency: Vec::new(),
+        impact_latency: Vec::new(),
+        patch_latency: Vec::new(),
     };
     if named {
         let first = [(path(0), vec![(1, 1)])];
@@ -257,8 +262,25 @@ async fn round(a: &Args, named: bool, dir: &Path) -> Figures {
                 })
                 .collect();
             let asked = Instant::now();
-            client.tests_for_lines("tests", &files).await.unwrap();
+            let tests = client.tests_for_lines("tests", &files).await.unwrap();
             figures.diff_latency.push(asked.elapsed());
+
+            // The same change as `git diff` text: test impact and patch coverage.
+            let diff = unified_diff(&files);
+            let asked = Instant::now();
+            let impact = client
+                .test_impact("tests", diff.clone(), None, None)
+                .await
+                .unwrap();
+            figures.impact_latency.push(asked.elapsed());
+            // Impact also looks at the measured lines around each replaced block.
+            let selected: std::collections::HashSet<&str> =
+                impact.tests.iter().map(|t| &*t.name).collect();
+            assert!(tests.tests.iter().all(|t| selected.contains(&**t)));
+            let asked = Instant::now();
+            let patch = client.patch_coverage("tests", diff, None).await.unwrap();
+            figures.patch_latency.push(asked.elapsed());
+            assert!(patch.totals().1 > 0, "the changed lines are measured");
         }
         // The answers agree with the generator: a test's own line names it.
         let (f, lines) = test_coverage(a.tests / 2, a.files).pop().unwrap();
@@ -279,6 +301,32 @@ async fn round(a: &Args, named: bool, dir: &Path) -> Figures {
     let _ = child.kill();
     let _ = child.wait();
     figures
+}
+
+/// `files`' line ranges as a unified diff that replaces each range by as many new lines.
+fn unified_diff(files: &[(String, Vec<(u32, u32)>)]) -> Vec<u8> {
+    let mut out = String::new();
+    for (path, hunks) in files {
+        let mut hunks = hunks.clone();
+        hunks.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::new();
+        for (first, last) in hunks {
+            match merged.last_mut() {
+                Some(prev) if first <= prev.1 + 1 => prev.1 = prev.1.max(last),
+                _ => merged.push((first, last)),
+            }
+        }
+        out.push_str(&format!(
+            "diff --git a/{path} b/{path}\n--- a/{path}\n+++ b/{path}\n"
+        ));
+        for (first, last) in merged {
+            let n = last - first + 1;
+            out.push_str(&format!("@@ -{first},{n} +{first},{n} @@\n"));
+            out.extend((first..=last).map(|l| format!("-old {l}\n")));
+            out.extend((first..=last).map(|l| format!("+new {l}\n")));
+        }
+    }
+    out.into_bytes()
 }
 
 fn percentile(latencies: &[Duration], p: f64) -> Duration {
@@ -353,6 +401,16 @@ async fn bench() {
     for (label, latencies, target) in [
         ("tests for file:line", &named.line_latency, "1 ms"),
         ("tests for a 50-file diff", &named.diff_latency, "20 ms"),
+        (
+            "test impact of a 50-file git diff",
+            &named.impact_latency,
+            "20 ms",
+        ),
+        (
+            "patch coverage of a 50-file git diff",
+            &named.patch_latency,
+            "20 ms",
+        ),
     ] {
         if latencies.is_empty() {
             continue;

@@ -155,7 +155,8 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
         return answer;
     }
     names.sort_unstable();
-    let code = code_extensions(aggregate);
+    let code = std::cell::OnceCell::new();
+    let code = || code.get_or_init(|| code_extensions(aggregate));
     let mut selected: BTreeMap<Arc<str>, Vec<(Arc<str>, RoaringBitmap)>> = BTreeMap::new();
 
     for change in diff {
@@ -166,7 +167,7 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
         };
         let Some(path) = old.and_then(|p| aggregate.find_path(p)) else {
             let shown = change.path();
-            if is_code(shown, &code) || old.is_some_and(|p| is_code(p, &code)) {
+            if is_code(shown, code()) || old.is_some_and(|p| is_code(p, code())) {
                 answer.unknown.push(format!(
                     "{shown} ({}) is code the run does not measure: no test is known to cover it",
                     change.kind.as_str()
@@ -259,7 +260,8 @@ fn outside_tests(name: &str, sorted_names: &[Arc<str>]) -> bool {
 }
 
 /// The extensions of the files the run measures (`py`, `rs`): a changed file with one of them
-/// is code the run would measure.
+/// is code the run would measure. Asked for only when a changed file is not in the run: it
+/// reads every path.
 pub(super) fn code_extensions(aggregate: &Aggregate) -> HashSet<String> {
     aggregate
         .paths(&PathFilter::default())

@@ -50,7 +50,7 @@ impl CoverageService {
     ) -> Result<PatchCoverage> {
         let complete = self.run_status(run_id)?.complete;
         self.read(run_id, "patch coverage", move |aggregate| {
-            let code = code_extensions(aggregate);
+            let code = std::cell::OnceCell::new();
             let mut answer = PatchCoverage {
                 complete,
                 ..PatchCoverage::default()
@@ -60,7 +60,7 @@ impl CoverageService {
                     continue;
                 };
                 let Some(path) = aggregate.find_path(new_path) else {
-                    if is_code(new_path, &code) {
+                    if is_code(new_path, code.get_or_init(|| code_extensions(aggregate))) {
                         answer.unmeasured.push(new_path.to_owned());
                     }
                     continue;
