@@ -305,11 +305,7 @@ impl FileBatch {
         if lines.windows(2).any(|w| w[0] >= w[1]) {
             return Err(BatchError::Unsorted);
         }
-        if self.text.len() + path.len() > MAX_ITEMS
-            || self.lines.len() + lines.len() > MAX_ITEMS
-            || self.arms.len() > MAX_ITEMS
-            || self.functions.len() > MAX_ITEMS
-        {
+        if !self.fits(path, lines) {
             return Err(BatchError::Full);
         }
         let (arms, functions, tests) = self.open.take().unwrap_or((
@@ -329,6 +325,15 @@ impl FileBatch {
             tests: tests..self.tests.len() as u32,
         });
         Ok(())
+    }
+
+    /// Whether the columns can take one more file, indexed by `u32`. Only past 4 G items,
+    /// which no message reaches: cargo-mutants leaves it out (`.cargo/mutants.toml`).
+    fn fits(&self, path: &str, lines: &[u32]) -> bool {
+        self.text.len() + path.len() <= MAX_ITEMS
+            && self.lines.len() + lines.len() <= MAX_ITEMS
+            && self.arms.len() <= MAX_ITEMS
+            && self.functions.len() <= MAX_ITEMS
     }
 
     /// Attributes every covered line of every file to `name`.
@@ -600,5 +605,24 @@ mod tests {
         );
         assert_eq!(batch.end_file("a", &[1], &[]), Err(BatchError::Counts));
         assert!(batch.is_empty());
+        batch.begin_file();
+        batch.end_file("a", &[1], &[1]).unwrap();
+        assert!(!batch.is_empty());
+    }
+
+    /// The merge takes its fast path for a batch without tests: `has_tests` says which.
+    #[test]
+    fn a_batch_says_whether_it_names_tests() {
+        let files = vec![("a.c", file(&[(1, 1)], &[], &[]))];
+        let plain = FileBatch::of_files(&files);
+        assert!(!plain.has_tests());
+        let mut whole = FileBatch::of_files(&files);
+        whole.set_test("t".into());
+        assert!(whole.has_tests());
+        let mut per_line = FileBatch::new();
+        per_line.begin_file();
+        per_line.push_test("t".into(), [1].into_iter().collect());
+        per_line.end_file("a.c", &[1], &[1]).unwrap();
+        assert!(per_line.has_tests());
     }
 }

@@ -512,6 +512,28 @@ async fn a_second_open_may_say_less_but_not_otherwise() {
         .await
         .unwrap();
     assert_eq!(status.params.flags, flags(&["unit"]));
+    // A run a push opened, opened again without expected shards: nothing to check the
+    // received shards against.
+    push(
+        &mut client,
+        "pushed",
+        "0",
+        1,
+        covd::model::Coverage::default(),
+    )
+    .await;
+    let (created, status) = client
+        .open_run(
+            "pushed",
+            RunParams {
+                project: "shop".into(),
+                ..RunParams::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!created);
+    assert!(status.params.expected_shards.is_empty());
 }
 
 fn flags(names: &[&str]) -> std::collections::BTreeSet<String> {
