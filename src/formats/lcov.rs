@@ -1,6 +1,7 @@
 //! LCOV tracefiles (geninfo's `.info`), in and out.
 //!
-//! Reading accepts what geninfo 1.x/2.x, coverage.py, c8, grcov and llvm-cov write: `TN`, `SF`,
+//! Reading accepts what geninfo 1.x/2.x, coverage.py, c8, grcov and llvm-cov write: `TN` (a
+//! named test's covered lines are attributed to it), `SF`,
 //! `DA` (with or without a checksum), `FN` in both the 2-field and the 3-field
 //! (`FN:start,end,name`) form, `FNDA`, lcov 2.2's `FNL`/`FNA`, `BRDA` with `-`, the summary
 //! lines (`LF`, `LH`, `FNF`, `FNH`, `BRF`, `BRH`; checked to be numbers, then recomputed), and
@@ -149,10 +150,17 @@ impl<R: BufRead> Reader<R> {
             if let Some(mut o) = step? {
                 self.sizes = o.sizes();
                 let path = std::mem::take(&mut o.path);
+                let mut file = finish(o);
+                // A named test's section (`lcov --test-name`, kept apart by `lcov -a`): its
+                // covered lines are that test's.
+                if !self.test_name.is_empty() {
+                    let covered = file.covered().clone();
+                    file.set_tests(vec![(self.test_name.as_str().into(), covered)]);
+                }
                 return Ok(Some(Record {
                     test_name: self.test_name.clone(),
                     path,
-                    file: finish(o),
+                    file,
                 }));
             }
         }

@@ -78,3 +78,60 @@ async fn gcc_shards_merge_to_exactly_what_lcov_a_writes() {
     let file = client.file("gcc", "src/calc.c").await.unwrap();
     assert_eq!(&file, calc);
 }
+
+/// `lcov -a` of captures named with `lcov --test-name` keeps a `TN:` section per test: each
+/// test is credited with the lines its own capture covered. The oracle is the per-test
+/// captures, read here line by line (`SF:`, `DA:line,count`), not by covd's reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lcov_test_names_attribute_lines_to_tests() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let merged = read_lcov(
+        &fixture("gcc-lcov/per-test/merged.info"),
+        &PathRules::default(),
+    );
+    push(&mut client, "tn", "1", 1, merged).await;
+
+    let names = [
+        "test_add",
+        "test_classify",
+        "test_divide",
+        "test_factorial",
+        "test_primes",
+    ];
+    // (path, line) -> the tests whose capture ran it.
+    let mut want: std::collections::BTreeMap<(String, u32), Vec<String>> = Default::default();
+    let mut every_line: std::collections::BTreeSet<(String, u32)> = Default::default();
+    for name in names {
+        let text =
+            std::fs::read_to_string(fixture(&format!("gcc-lcov/per-test/{name}.info"))).unwrap();
+        let mut path = String::new();
+        for line in text.lines() {
+            if let Some(p) = line.strip_prefix("SF:") {
+                path = p.to_owned();
+            } else if let Some(da) = line.strip_prefix("DA:") {
+                let mut fields = da.split(',');
+                let n: u32 = fields.next().unwrap().parse().unwrap();
+                let count: u64 = fields.next().unwrap().parse().unwrap();
+                every_line.insert((path.clone(), n));
+                if count > 0 {
+                    want.entry((path.clone(), n))
+                        .or_default()
+                        .push(name.to_owned());
+                }
+            }
+        }
+    }
+    assert_eq!(client.tests("tn").await.unwrap(), names);
+    for (path, line) in &every_line {
+        let files = [(path.clone(), vec![(*line, *line)])];
+        let answer = client.tests_for_lines("tn", &files).await.unwrap();
+        let got: Vec<String> = answer.tests.iter().map(|t| t.to_string()).collect();
+        let expected = want
+            .get(&(path.clone(), *line))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(got, expected, "{path}:{line}");
+    }
+    assert!(want.values().any(|t| t.len() > 1) && want.values().any(|t| t.len() == 1));
+}
