@@ -115,7 +115,7 @@ impl Aggregate {
     pub fn merge_file(&self, interner: &PathInterner, path: &str, mut file: FileCoverage) {
         let named = file.take_tests();
         let records = self.test_ids(named.iter().map(|(name, lines)| (&**name, lines)));
-        self.merge_with(interner, path, file.is_placeholder(), |entry| {
+        self.merge_with(interner, path, |entry| {
             let added = entry.coverage.merge_counted(&file);
             let new = entry.attribute(records.iter().map(|(id, lines)| (*id, *lines)));
             (added, new)
@@ -127,7 +127,7 @@ impl Aggregate {
     pub fn merge_batch(&self, interner: &PathInterner, batch: &FileBatch) {
         if !batch.has_tests() {
             for part in batch.files() {
-                self.merge_with(interner, part.path(), part.is_placeholder(), |entry| {
+                self.merge_with(interner, part.path(), |entry| {
                     (entry.coverage.merge_part(&part), Vec::new())
                 });
             }
@@ -150,7 +150,7 @@ impl Aggregate {
                 })
                 .collect();
             records.extend(covered.as_ref().map(|(id, lines)| (*id, lines)));
-            self.merge_with(interner, part.path(), part.is_placeholder(), |entry| {
+            self.merge_with(interner, part.path(), |entry| {
                 let added = entry.coverage.merge_part(&part);
                 (added, entry.attribute(records))
             });
@@ -168,19 +168,19 @@ impl Aggregate {
     }
 
     /// Applies `merge` to the file at `path` (new and empty if there is none), adds what it
-    /// added to the totals, and records the tests it reports new to the file. When a c8
-    /// placeholder is involved (`placeholder`: the incoming record is one), the merge may also
-    /// take away, and the file's totals are compared.
+    /// added to the totals, and records the tests it reports new to the file. When the file
+    /// is a c8 placeholder, a real record replaces it and may take lines away: the file's
+    /// totals are compared. (An incoming placeholder gives way to what is there: it adds
+    /// nothing, and the merge says so.)
     fn merge_with(
         &self,
         interner: &PathInterner,
         path: &str,
-        placeholder: bool,
         merge: impl FnOnce(&mut FileEntry) -> (Totals, Vec<TestId>),
     ) {
         let (path, new_tests) = if let Some(mut existing) = self.files.get_mut(path) {
             let path = existing.key().clone();
-            if placeholder || existing.coverage.is_placeholder() {
+            if existing.coverage.is_placeholder() {
                 let before = existing.coverage.totals();
                 let (_, new) = merge(&mut existing);
                 let after = existing.coverage.totals();
