@@ -21,8 +21,8 @@ use crate::rpc::convert::{self, ArmForm, file_to_proto};
 use crate::rpc::proto::coverage_client::CoverageClient;
 use crate::rpc::proto::{self, ingest_request, ingest_response};
 use crate::service::{
-    DirectorySummary, ExportFormat, ExportHeader, PatchCoverage, RunParams, RunStatus, TestImpact,
-    TestTelemetry, TestsForLines,
+    Differential, DirectorySummary, ExportFormat, ExportHeader, PatchCoverage, RunParams,
+    RunStatus, TestImpact, TestTelemetry, TestsForLines,
 };
 
 /// Deltas sent but not yet acknowledged, at most.
@@ -419,6 +419,30 @@ impl Client {
         };
         let answer = self.inner.get_patch_coverage(request).await?.into_inner();
         convert::patch_from_proto(answer).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Differential coverage of run `run_id` against `base_id`; `diff` goes from the base's
+    /// commit to the run's (`None`: the same source). `strip` as for [`Client::test_impact`].
+    pub async fn differential(
+        &mut self,
+        run_id: &str,
+        base_id: &str,
+        diff: Option<Vec<u8>>,
+        strip: Option<u32>,
+    ) -> Result<Differential, ClientError> {
+        let request = proto::GetDifferentialRequest {
+            run_id: run_id.to_owned(),
+            base_run_id: base_id.to_owned(),
+            has_diff: diff.is_some(),
+            diff: diff.unwrap_or_default(),
+            strip,
+        };
+        let mut stream = self.inner.get_differential(request).await?.into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            chunks.push(chunk?);
+        }
+        convert::differential_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Every test the run has named, sorted.

@@ -62,6 +62,43 @@ impl FileChange {
             .or(self.old_path.as_deref())
             .unwrap_or_default()
     }
+
+    /// Where old line `old` is in the new version; `None` when the change removed it (or the
+    /// file). The lines a diff leaves are matched in order, so the k-th unchanged old line is
+    /// the k-th unchanged new line.
+    pub fn new_line(&self, old: u32) -> Option<u32> {
+        if self.new_path.is_none() || old == 0 || self.removed.contains(old) {
+            return None;
+        }
+        Some(nth_outside(
+            &self.added,
+            old - self.removed.rank(old) as u32,
+        ))
+    }
+
+    /// Where new line `new` was in the old version; `None` when the change added it.
+    pub fn old_line(&self, new: u32) -> Option<u32> {
+        if self.old_path.is_none() || new == 0 || self.added.contains(new) {
+            return None;
+        }
+        Some(nth_outside(
+            &self.removed,
+            new - self.added.rank(new) as u32,
+        ))
+    }
+}
+
+/// The `k`-th line (from 1) that is not in `lines`.
+fn nth_outside(lines: &RoaringBitmap, k: u32) -> u32 {
+    // n - rank(n) = k: start at k and step by the lines skipped until none is left.
+    let mut n = k;
+    loop {
+        let next = k + lines.rank(n) as u32;
+        if next == n {
+            return n;
+        }
+        n = next;
+    }
 }
 
 /// A diff that does not read.
@@ -275,6 +312,35 @@ mod tests {
         assert_eq!(pure.kind, ChangeKind::Renamed);
         assert_eq!(pure.old_path.as_deref(), Some("src/pure.py"));
         assert!(pure.removed.is_empty() && pure.added.is_empty() && !pure.binary);
+    }
+
+    /// Unchanged lines keep their order across the change; removed and added ones have no
+    /// counterpart. Checked against the fixture's own text: a line keeps its words.
+    #[test]
+    fn unchanged_lines_map_between_versions() {
+        let changes = parse(&fixture("git.diff"), None).unwrap();
+        let m = changes.iter().find(|c| c.path() == "src/mod.py").unwrap();
+        // Old 1-4 moved down by the line inserted first; old 5 was replaced; old 6-10 follow
+        // 1 inserted; 11-19 follow 2 inserted; 20 was replaced.
+        let want: Vec<Option<u32>> = (1..=21)
+            .map(|old| match old {
+                5 | 20 => None,
+                1..=10 => Some(old + 1),
+                _ => Some(old + 2),
+            })
+            .collect();
+        let got: Vec<Option<u32>> = (1..=21).map(|old| m.new_line(old)).collect();
+        assert_eq!(got, want);
+        for old in (1..=19).filter(|l| *l != 5) {
+            assert_eq!(m.old_line(m.new_line(old).unwrap()), Some(old));
+        }
+        for new in [1, 6, 12, 22] {
+            assert_eq!(m.old_line(new), None, "line {new} was added");
+        }
+        let gone = changes.iter().find(|c| c.path() == "src/gone.py").unwrap();
+        assert_eq!(gone.new_line(3), None);
+        let fresh = changes.iter().find(|c| c.path() == "src/fresh.py").unwrap();
+        assert_eq!(fresh.old_line(2), None);
     }
 
     /// `git diff --no-prefix` and `diff -u` name the same change of the same file.

@@ -379,6 +379,17 @@ impl Aggregate {
             .map(|e| (e.coverage.lines().clone(), e.coverage.covered().clone()))
     }
 
+    /// Every file's measured and covered lines (see [`Aggregate::file_lines`]).
+    pub fn all_file_lines(&self) -> Vec<(Arc<str>, (RoaringBitmap, RoaringBitmap))> {
+        self.files
+            .iter()
+            .map(|e| {
+                let c = &e.value().coverage;
+                (e.key().clone(), (c.lines().clone(), c.covered().clone()))
+            })
+            .collect()
+    }
+
     /// Each test that covered any of `lines` of the file at `path`, with those of `lines` it
     /// covered, in no particular order.
     pub fn attribution_of(

@@ -2,6 +2,7 @@
 //! `push` (with its `--watch` mode) lives in `push`, the HTML report's files in `html`.
 
 mod attribution;
+mod differential;
 mod html;
 mod impact;
 mod patch;
@@ -68,6 +69,10 @@ enum Command {
     /// Patch coverage: how many of the lines a diff adds the run covered (text, Markdown for a
     /// pull request, JSON); exit code 7 below --fail-under; --watch follows a streaming run.
     Patch(patch::PatchArgs),
+    /// Differential coverage: a run against a base run, every line in lcov 2's categories
+    /// (new code covered or not, unchanged code that gained, lost or kept coverage, deleted
+    /// code), the base's lines carried through --diff when the commits differ.
+    Diff(differential::DiffArgs),
     /// List the runs the daemon holds.
     Runs(ServerArg),
     /// Delete a run.
@@ -400,6 +405,7 @@ impl Cli {
             Command::Tests(a) => attribution::tests(a).await,
             Command::TestsFor(a) => impact::tests_for(a).await,
             Command::Patch(a) => patch::patch(a).await,
+            Command::Diff(a) => differential::diff(a).await,
             Command::Runs(a) => runs(a).await,
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;

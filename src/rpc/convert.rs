@@ -764,3 +764,67 @@ pub(crate) fn patch_from_proto(p: proto::PatchCoverage) -> Result<service::Patch
         complete: p.complete,
     })
 }
+
+/// A differential answer in chunks of files.
+pub(crate) fn differential_to_proto(
+    d: service::Differential,
+) -> impl Iterator<Item = proto::DifferentialChunk> {
+    let size = |f: &service::DifferentialFile| {
+        f.path.len()
+            + f.lines
+                .iter()
+                .map(|(_, l)| 8 + 4 * l.len() as usize)
+                .sum::<usize>()
+    };
+    let (complete, base_complete) = (d.complete, d.base_complete);
+    super::in_chunks(d.files, size)
+        .enumerate()
+        .map(move |(i, files)| proto::DifferentialChunk {
+            complete: i == 0 && complete,
+            base_complete: i == 0 && base_complete,
+            files: files
+                .into_iter()
+                .map(|f| proto::DifferentialFile {
+                    path: f.path.to_string(),
+                    base_path: f.base_path.map(|p| p.to_string()).unwrap_or_default(),
+                    categories: f
+                        .lines
+                        .iter()
+                        .map(|(c, l)| proto::CategoryLines {
+                            category: c.code().to_owned(),
+                            line_gaps: gaps_of(l.iter()),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+}
+
+/// Gathers the chunks of a differential answer.
+pub(crate) fn differential_from_proto(
+    chunks: Vec<proto::DifferentialChunk>,
+) -> Result<service::Differential, Error> {
+    let mut d = service::Differential {
+        complete: chunks.first().is_some_and(|c| c.complete),
+        base_complete: chunks.first().is_some_and(|c| c.base_complete),
+        files: Vec::new(),
+    };
+    for f in chunks.into_iter().flat_map(|c| c.files) {
+        let lines = f
+            .categories
+            .iter()
+            .map(|c| {
+                let category = service::Category::from_code(&c.category).ok_or_else(|| {
+                    Error::invalid("category", format!("unknown category `{}`", c.category))
+                })?;
+                Ok((category, lines_from_gaps(&c.line_gaps)?))
+            })
+            .collect::<Result<_, Error>>()?;
+        d.files.push(service::DifferentialFile {
+            path: f.path.into(),
+            base_path: (!f.base_path.is_empty()).then(|| f.base_path.into()),
+            lines,
+        });
+    }
+    Ok(d)
+}

@@ -325,6 +325,26 @@ impl Coverage for CoverageRpc {
         let answer = self.service.patch_coverage(&r.run_id, diff).await?;
         Ok(Response::new(patch_to_proto(answer)))
     }
+
+    type GetDifferentialStream = BoxStream<proto::DifferentialChunk>;
+
+    async fn get_differential(
+        &self,
+        request: Request<proto::GetDifferentialRequest>,
+    ) -> Result<Response<Self::GetDifferentialStream>, Status> {
+        let r = request.into_inner();
+        let diff = match r.has_diff {
+            true => Some(read_diff(r.diff, r.strip).await?),
+            false => None,
+        };
+        let answer = self
+            .service
+            .differential(&r.run_id, &r.base_run_id, diff)
+            .await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            differential_to_proto(answer).map(Ok),
+        ))))
+    }
 }
 
 /// Reads a unified diff off the async threads (it may be as large as a message).

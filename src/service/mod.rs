@@ -6,9 +6,11 @@
 //! - `export`: rendering the aggregate in a format, optionally after waiting for completeness;
 //! - `query`: per-file and per-directory reads, per-test attribution;
 //! - `impact`: test impact, the tests a diff affects;
-//! - `patch`: patch coverage, how much of the lines a diff adds ran.
+//! - `patch`: patch coverage, how much of the lines a diff adds ran;
+//! - `differential`: a run against a base run, in lcov 2's line categories.
 
 mod cache;
+mod differential;
 mod durable;
 mod error;
 mod export;
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+pub use differential::{Category, Differential, DifferentialFile};
 pub use durable::Recovery;
 pub use error::{Error, Result};
 pub use export::Export;

@@ -8,6 +8,7 @@ mod cobertura_dtd;
 mod consumers;
 mod corpus;
 mod cross_format;
+mod differential;
 mod durability;
 mod export;
 mod gcc;

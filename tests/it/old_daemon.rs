@@ -122,6 +122,15 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    type GetDifferentialStream = ReceiverStream<Result<proto::DifferentialChunk, Status>>;
+
+    async fn get_differential(
+        &self,
+        _: Request<proto::GetDifferentialRequest>,
+    ) -> Result<Response<Self::GetDifferentialStream>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(
