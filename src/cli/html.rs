@@ -1,6 +1,7 @@
 //! `covd fetch --format html`: the merged coverage as a report directory, rendered here from
 //! the daemon's LCOV so that sources are read from this machine's checkout.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
@@ -10,9 +11,9 @@ use anyhow::{Context, anyhow};
 use covd::formats::html::{self, Pages};
 use covd::formats::lcov;
 use covd::model::Coverage;
-use covd::service::ExportFormat;
+use covd::service::{Differential, ExportFormat};
 
-use super::{Failure, FetchArgs, bad_input, client, conclude};
+use super::{Failure, FetchArgs, bad_input, client, conclude, read_diff};
 
 /// Sources larger than this are not shown (the page would be useless anyway).
 const MAX_SOURCE_BYTES: u64 = 8 << 20;
@@ -88,6 +89,20 @@ pub(super) async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
         complete: header.complete,
         declared: header.expectations_declared,
         missing: header.missing_shards.clone(),
+        base: a.base.clone(),
+    };
+    let baseline = match &a.base {
+        Some(base) => {
+            let diff = match &a.diff {
+                Some(path) => Some(read_diff(path)?),
+                None => None,
+            };
+            let d = client(&a.run.server)?
+                .differential(&a.run.run, base, diff, a.strip)
+                .await?;
+            baseline_of(&d)
+        }
+        None => BTreeMap::new(),
     };
     let root = a.source_root.clone();
     html::write(
@@ -95,8 +110,26 @@ pub(super) async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
         &report,
         &coverage,
         |path| root.as_deref().and_then(|r| read_source(r, path)),
+        &baseline,
     )
     .with_context(|| format!("cannot write the report into {}", out.display()))?;
     eprintln!("report written to {}", out.join("index.html").display());
     Ok(conclude(&a, &header))
+}
+
+/// The comparison with the base, per path, as the report shows it.
+fn baseline_of(d: &Differential) -> BTreeMap<String, html::Baseline> {
+    d.files
+        .iter()
+        .map(|f| {
+            let mut b = html::Baseline::default();
+            for (c, lines) in &f.lines {
+                b.counts.push((c.code(), lines.len()));
+                if !c.in_base() {
+                    b.lines.extend(lines.iter().map(|l| (l, c.code())));
+                }
+            }
+            (f.path.to_string(), b)
+        })
+        .collect()
 }

@@ -307,6 +307,16 @@ struct FetchArgs {
     /// With --format html: the checkout the sources are read from, to show them marked.
     #[arg(long)]
     source_root: Option<PathBuf>,
+    /// With --format html: compare with this base run, each line's category in a column (see
+    /// `covd diff`).
+    #[arg(long)]
+    base: Option<String>,
+    /// With --base: the unified diff from the base's commit to the run's, or `-`.
+    #[arg(long, requires = "base", value_name = "FILE|-")]
+    diff: Option<PathBuf>,
+    /// With --diff: leading path components to drop (like `patch -p`).
+    #[arg(long, short = 'p', requires = "diff", value_name = "N")]
+    strip: Option<u32>,
     /// Write here instead of standard output.
     #[arg(long, short)]
     output: Option<PathBuf>,
@@ -541,6 +551,11 @@ async fn open(a: OpenArgs) -> Result<ExitCode, Failure> {
 async fn fetch(a: FetchArgs) -> Result<ExitCode, Failure> {
     if a.format == "html" {
         return html::fetch(a).await;
+    }
+    if a.base.is_some() {
+        return Err(bad_input(anyhow!(
+            "--base adds a column to --format html; for a comparison alone, see `covd diff`"
+        )));
     }
     let mut c = client(&a.run.server)?;
     let wait = a.wait.then_some(a.timeout);

@@ -2,6 +2,11 @@
 //! given the sources, a file's page shows them with covered, uncovered and partly covered
 //! lines marked (like genhtml).
 //!
+//! Compared with a base run (`covd fetch --format html --base B`), a file's page has a column
+//! with each line's category in lcov 2's terms (GNC, UNC, CBC, GBC, LBC, …) and the counts
+//! above it, and the index's file rows say how many new lines went uncovered and how many
+//! lost coverage.
+//!
 //! Pages are named by this module alone (`index.html`, `d/<n>.html`, `f/<n>.html`,
 //! `style.css`) and handed to a [`Pages`] sink, so whatever the paths in the data — `..`,
 //! absolute, odd characters — no page can land outside the sink's directory.
@@ -23,6 +28,26 @@ pub struct Header {
     pub complete: bool,
     pub declared: bool,
     pub missing: Vec<String>,
+    /// The base run the report is compared with, if any.
+    pub base: Option<String>,
+}
+
+/// What the comparison with the base says of one file.
+#[derive(Debug, Clone, Default)]
+pub struct Baseline {
+    /// Each line's category (lines numbered as in this run).
+    pub lines: BTreeMap<u32, &'static str>,
+    /// How many lines fall in each category, lines gone from this run included.
+    pub counts: Vec<(&'static str, u64)>,
+}
+
+impl Baseline {
+    fn count(&self, code: &str) -> u64 {
+        self.counts
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or(0, |(_, n)| *n)
+    }
 }
 
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}\
@@ -30,7 +55,8 @@ td,th{padding:2px 8px;text-align:right}td.name,th.name{text-align:left}\
 .bar{display:inline-block;height:.8em;background:#c33}.bar>span{display:block;height:100%;background:#3a3}\
 pre{margin:0}table.src td{text-align:left;font-family:monospace;white-space:pre;padding:0 6px}\
 tr.hit td.code{background:#dfd}tr.miss td.code{background:#fdd}tr.partial td.code{background:#ffd}\
-td.num{color:#888;text-align:right}.warn{background:#fdd;padding:.5em}";
+td.num{color:#888;text-align:right}.warn{background:#fdd;padding:.5em}\
+td.cat{font-family:monospace;color:#555}";
 
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -68,12 +94,14 @@ struct Dir {
     id: usize,
 }
 
-/// Writes the whole report. `source` returns a file's text when it is available.
+/// Writes the whole report. `source` returns a file's text when it is available; `baseline`
+/// holds the comparison with `header.base`, by path.
 pub fn write(
     pages: &mut impl Pages,
     header: &Header,
     coverage: &Coverage,
     mut source: impl FnMut(&str) -> Option<String>,
+    baseline: &BTreeMap<String, Baseline>,
 ) -> io::Result<()> {
     pages.create("style.css")?.write_all(STYLE.as_bytes())?;
     let mut root = Dir::default();
@@ -92,10 +120,22 @@ pub fn write(
     }
     let mut next = 0;
     number(&mut root, &mut next);
-    write_dir(pages, header, &root, "")?;
+    write_dir(pages, header, &root, "", baseline, &files)?;
     for (index, (path, file)) in files.iter().enumerate() {
         let text = source(path);
-        write_file(pages, header, index, path, file, text.as_deref())?;
+        let base = header
+            .base
+            .as_ref()
+            .map(|_| baseline.get(*path).cloned().unwrap_or_default());
+        write_file(
+            pages,
+            header,
+            index,
+            path,
+            file,
+            text.as_deref(),
+            base.as_ref(),
+        )?;
     }
     Ok(())
 }
@@ -165,10 +205,11 @@ fn totals_table(w: &mut dyn Write, t: &Totals) -> io::Result<()> {
     write!(w, "</table>")
 }
 
+/// A table row, left open for more cells.
 fn row(w: &mut dyn Write, link: &str, name: &str, t: &Totals) -> io::Result<()> {
     write!(
         w,
-        r#"<tr><td class="name"><a href="{link}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+        r#"<tr><td class="name"><a href="{link}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"#,
         escape(name),
         bar(t.lines_covered, t.lines),
         percent(t.lines_covered, t.lines),
@@ -177,7 +218,14 @@ fn row(w: &mut dyn Write, link: &str, name: &str, t: &Totals) -> io::Result<()> 
     )
 }
 
-fn write_dir(pages: &mut impl Pages, header: &Header, dir: &Dir, path: &str) -> io::Result<()> {
+fn write_dir(
+    pages: &mut impl Pages,
+    header: &Header,
+    dir: &Dir,
+    path: &str,
+    baseline: &BTreeMap<String, Baseline>,
+    files: &[(&String, &FileCoverage)],
+) -> io::Result<()> {
     {
         let mut w = pages.create(&dir_page(dir.id))?;
         let page_depth = usize::from(dir.id != 0);
@@ -193,7 +241,12 @@ fn write_dir(pages: &mut impl Pages, header: &Header, dir: &Dir, path: &str) -> 
         totals_table(&mut w, &dir.totals)?;
         write!(
             w,
-            r#"<table><tr><th class="name">name</th><th></th><th>lines</th><th>branches</th><th>functions</th></tr>"#
+            r#"<table><tr><th class="name">name</th><th></th><th>lines</th><th>branches</th><th>functions</th>{}</tr>"#,
+            if header.base.is_some() {
+                "<th>new uncovered (UNC)</th><th>lost (LBC)</th>"
+            } else {
+                ""
+            }
         )?;
         let prefix = up(page_depth);
         for (name, d) in &dir.dirs {
@@ -203,9 +256,21 @@ fn write_dir(pages: &mut impl Pages, header: &Header, dir: &Dir, path: &str) -> 
                 &format!("{name}/"),
                 &d.totals,
             )?;
+            let cells = if header.base.is_some() {
+                "<td></td><td></td>"
+            } else {
+                ""
+            };
+            write!(w, "{cells}</tr>")?;
         }
         for (name, (index, t)) in &dir.files {
             row(&mut w, &format!("{prefix}f/{index}.html"), name, t)?;
+            if header.base.is_some() {
+                let b = baseline.get(files[*index].0);
+                let n = |code| b.map_or(0, |b| b.count(code));
+                write!(w, "<td>{}</td><td>{}</td>", n("UNC"), n("LBC"))?;
+            }
+            write!(w, "</tr>")?;
         }
         write!(w, "</table></body></html>")?;
     }
@@ -215,7 +280,7 @@ fn write_dir(pages: &mut impl Pages, header: &Header, dir: &Dir, path: &str) -> 
         } else {
             format!("{path}/{name}")
         };
-        write_dir(pages, header, d, &child)?;
+        write_dir(pages, header, d, &child, baseline, files)?;
     }
     Ok(())
 }
@@ -227,11 +292,42 @@ fn write_file(
     path: &str,
     file: &FileCoverage,
     source: Option<&str>,
+    base: Option<&Baseline>,
 ) -> io::Result<()> {
     let mut w = pages.create(&format!("f/{index}.html"))?;
     open(&mut w, header, &format!("{} — {path}", header.title), 1)?;
     write!(w, r#"<p><a href="../index.html">top</a></p>"#)?;
     totals_table(&mut w, &file.totals())?;
+    if let (Some(base), Some(name)) = (base, &header.base) {
+        let counts: Vec<String> = base
+            .counts
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        write!(
+            w,
+            "<p>Against base {}: {}</p>",
+            escape(name),
+            if counts.is_empty() {
+                "no line to compare".to_owned()
+            } else {
+                counts.join(" · ")
+            }
+        )?;
+    }
+    // The base column's cell of a line, and its header.
+    let category = |line: u32| match base {
+        Some(b) => format!(
+            r#"<td class="cat">{}</td>"#,
+            b.lines.get(&line).copied().unwrap_or("")
+        ),
+        None => String::new(),
+    };
+    let category_header = if base.is_some() {
+        "<th>vs base</th>"
+    } else {
+        ""
+    };
     if !file.functions().is_empty() {
         write!(
             w,
@@ -275,7 +371,7 @@ fn write_file(
     };
     write!(
         w,
-        r#"<h2>Lines</h2><table class="src"><tr><th>line</th><th>hits</th><th>branches</th><th></th></tr>"#
+        r#"<h2>Lines</h2><table class="src"><tr><th>line</th><th>hits</th><th>branches</th>{category_header}<th></th></tr>"#
     )?;
     match source {
         Some(text) => {
@@ -284,7 +380,8 @@ fn write_file(
                 let (c, hits, b) = class(line);
                 write!(
                     w,
-                    r#"<tr class="{c}"><td class="num">{line}</td><td class="num">{hits}</td><td class="num">{b}</td><td class="code">{}</td></tr>"#,
+                    r#"<tr class="{c}"><td class="num">{line}</td><td class="num">{hits}</td><td class="num">{b}</td>{}<td class="code">{}</td></tr>"#,
+                    category(line),
                     escape(code)
                 )?;
             }
@@ -294,7 +391,8 @@ fn write_file(
                 let (c, hits, b) = class(line);
                 write!(
                     w,
-                    r#"<tr class="{c}"><td class="num">{line}</td><td class="num">{hits}</td><td class="num">{b}</td><td class="code"></td></tr>"#
+                    r#"<tr class="{c}"><td class="num">{line}</td><td class="num">{hits}</td><td class="num">{b}</td>{}<td class="code"></td></tr>"#,
+                    category(line)
                 )?;
             }
         }
@@ -331,7 +429,14 @@ mod tests {
             c.add(p, &f);
         }
         let mut pages = Memory(BTreeMap::new());
-        write(&mut pages, &Header::default(), &c, |_| None).unwrap();
+        write(
+            &mut pages,
+            &Header::default(),
+            &c,
+            |_| None,
+            &BTreeMap::new(),
+        )
+        .unwrap();
         for name in pages.0.keys() {
             let ok = name == "index.html"
                 || name == "style.css"

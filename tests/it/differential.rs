@@ -130,7 +130,7 @@ async fn differential_coverage_follows_moved_lines() {
     let args = [
         "diff", "--run", "head", "--base", "base", "--diff", "-", "--format", "markdown",
     ];
-    let (code, out, _) = covd_with_input(&daemon.url, &args, diff).await;
+    let (code, out, _) = covd_with_input(&daemon.url, &args, diff.clone()).await;
     assert_eq!(code, Some(0));
     assert!(
         out.starts_with("### Differential coverage: `head` against `base`\n"),
@@ -139,5 +139,35 @@ async fn differential_coverage_follows_moved_lines() {
     assert!(
         out.contains(&format!("{gbc} gained coverage (GBC), 0 lost it (LBC)")),
         "{out}"
+    );
+
+    // The HTML report's column: each line of a file's page in its category.
+    let report = tempfile::tempdir().unwrap();
+    let dir = report.path().to_str().unwrap();
+    let args = [
+        "fetch", "--run", "head", "--format", "html", "--output", dir, "--base", "base", "--diff",
+        "-",
+    ];
+    let (code, _, err) = covd_with_input(&daemon.url, &args, diff).await;
+    assert_eq!(code, Some(0), "{err}");
+    let page = std::fs::read_dir(report.path().join("f"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .find(|p| p.contains(&format!("<title>Coverage of head — {shifted}</title>")))
+        .unwrap();
+    let f = d.files.iter().find(|f| &*f.path == shifted).unwrap();
+    for c in [Category::Cbc, Category::Gbc, Category::Ubc] {
+        let cells = page
+            .matches(&format!(r#"<td class="cat">{}</td>"#, c.code()))
+            .count();
+        assert_eq!(cells as u64, f.count(c), "{}", c.code());
+    }
+    assert!(page.contains("<th>vs base</th>"));
+    assert!(
+        page.contains(&format!(
+            "Against base base: CBC {}",
+            f.count(Category::Cbc)
+        )),
+        "{page}"
     );
 }
