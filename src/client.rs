@@ -21,7 +21,7 @@ use crate::rpc::convert::{self, ArmForm, file_to_proto};
 use crate::rpc::proto::coverage_client::CoverageClient;
 use crate::rpc::proto::{self, ingest_request, ingest_response};
 use crate::service::{
-    Differential, DirectorySummary, ExportFormat, ExportHeader, PatchCoverage, RunParams,
+    Differential, DirectorySummary, ExportFormat, ExportHeader, LineSet, PatchCoverage, RunParams,
     RunStatus, TestImpact, TestTelemetry, TestsForLines,
 };
 
@@ -443,6 +443,28 @@ impl Client {
             chunks.push(chunk?);
         }
         convert::differential_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// The lines of a set expression, per file under `path` (empty: every file), sorted.
+    pub async fn lines(
+        &mut self,
+        set: &LineSet,
+        path: &str,
+    ) -> Result<Vec<(String, RoaringBitmap)>, ClientError> {
+        let request = proto::GetLinesRequest {
+            expr: Some(convert::line_set_to_proto(set)),
+            path: path.to_owned(),
+        };
+        let mut chunks = self.inner.get_lines(request).await?.into_inner();
+        let mut files = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            for f in chunk?.files {
+                let lines = convert::lines_from_gaps(&f.line_gaps)
+                    .map_err(|e| ClientError::Protocol(format!("{}: {e}", f.path)))?;
+                files.push((f.path, lines));
+            }
+        }
+        Ok(files)
     }
 
     /// Every test the run has named, sorted.

@@ -390,6 +390,24 @@ impl Aggregate {
             .collect()
     }
 
+    /// Per file with named tests, the lines any test covered, or any test but `except`.
+    pub fn tested_lines(&self, except: Option<&str>) -> Vec<(Arc<str>, RoaringBitmap)> {
+        let except = except.and_then(|name| self.tests.id(name));
+        self.files
+            .iter()
+            .filter_map(|e| {
+                let tests = e.value().tests.as_ref()?;
+                let mut lines = RoaringBitmap::new();
+                for (id, l) in tests.records() {
+                    if Some(*id) != except {
+                        lines |= l;
+                    }
+                }
+                (!lines.is_empty()).then(|| (e.key().clone(), lines))
+            })
+            .collect()
+    }
+
     /// Each test that covered any of `lines` of the file at `path`, with those of `lines` it
     /// covered, in no particular order.
     pub fn attribution_of(

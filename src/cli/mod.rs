@@ -5,6 +5,7 @@ mod attribution;
 mod differential;
 mod html;
 mod impact;
+mod lines;
 mod patch;
 mod push;
 
@@ -73,6 +74,9 @@ enum Command {
     /// (new code covered or not, unchanged code that gained, lost or kept coverage, deleted
     /// code), the base's lines carried through --diff when the commits differ.
     Diff(differential::DiffArgs),
+    /// Set algebra over covered lines: `covered:integration - covered:unit`, `test:T -
+    /// tests-except:T` (the lines only test T covers), with `|`, `&`, `-` and parentheses.
+    Lines(lines::LinesArgs),
     /// List the runs the daemon holds.
     Runs(ServerArg),
     /// Delete a run.
@@ -416,6 +420,7 @@ impl Cli {
             Command::TestsFor(a) => impact::tests_for(a).await,
             Command::Patch(a) => patch::patch(a).await,
             Command::Diff(a) => differential::diff(a).await,
+            Command::Lines(a) => lines::lines(a).await,
             Command::Runs(a) => runs(a).await,
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;

@@ -828,3 +828,70 @@ pub(crate) fn differential_from_proto(
     }
     Ok(d)
 }
+
+/// A line-set expression from the wire (prost bounds its nesting when decoding).
+pub(crate) fn line_set_from_proto(
+    e: Option<proto::LineSetExpr>,
+) -> Result<service::LineSet, Error> {
+    use proto::line_set_expr::Node;
+    use service::LineSet;
+    let node = e
+        .and_then(|e| e.node)
+        .ok_or_else(|| Error::invalid("expr", "an empty expression"))?;
+    let pair = |p: Box<proto::LineSetPair>| -> Result<(Box<LineSet>, Box<LineSet>), Error> {
+        let p = *p;
+        Ok((
+            Box::new(line_set_from_proto(p.left.map(|e| *e))?),
+            Box::new(line_set_from_proto(p.right.map(|e| *e))?),
+        ))
+    };
+    Ok(match node {
+        Node::Covered(run) => LineSet::Covered(run),
+        Node::Measured(run) => LineSet::Measured(run),
+        Node::Tests(run) => LineSet::Tests(run),
+        Node::Test(t) => LineSet::Test {
+            run: t.run_id,
+            test: t.test,
+        },
+        Node::TestsExcept(t) => LineSet::TestsExcept {
+            run: t.run_id,
+            test: t.test,
+        },
+        Node::Union(p) => {
+            let (a, b) = pair(p)?;
+            LineSet::Union(a, b)
+        }
+        Node::Intersection(p) => {
+            let (a, b) = pair(p)?;
+            LineSet::Intersection(a, b)
+        }
+        Node::Difference(p) => {
+            let (a, b) = pair(p)?;
+            LineSet::Difference(a, b)
+        }
+    })
+}
+
+pub(crate) fn line_set_to_proto(e: &service::LineSet) -> proto::LineSetExpr {
+    use proto::line_set_expr::Node;
+    use service::LineSet;
+    let pair = |a: &LineSet, b: &LineSet| proto::LineSetPair {
+        left: Some(Box::new(line_set_to_proto(a))),
+        right: Some(Box::new(line_set_to_proto(b))),
+    };
+    let test = |run: &str, test: &str| proto::TestOperand {
+        run_id: run.to_owned(),
+        test: test.to_owned(),
+    };
+    let node = match e {
+        LineSet::Covered(run) => Node::Covered(run.clone()),
+        LineSet::Measured(run) => Node::Measured(run.clone()),
+        LineSet::Tests(run) => Node::Tests(run.clone()),
+        LineSet::Test { run, test: t } => Node::Test(test(run, t)),
+        LineSet::TestsExcept { run, test: t } => Node::TestsExcept(test(run, t)),
+        LineSet::Union(a, b) => Node::Union(Box::new(pair(a, b))),
+        LineSet::Intersection(a, b) => Node::Intersection(Box::new(pair(a, b))),
+        LineSet::Difference(a, b) => Node::Difference(Box::new(pair(a, b))),
+    };
+    proto::LineSetExpr { node: Some(node) }
+}

@@ -345,6 +345,30 @@ impl Coverage for CoverageRpc {
             differential_to_proto(answer).map(Ok),
         ))))
     }
+
+    type GetLinesStream = BoxStream<proto::LinesChunk>;
+
+    async fn get_lines(
+        &self,
+        request: Request<proto::GetLinesRequest>,
+    ) -> Result<Response<Self::GetLinesStream>, Status> {
+        let r = request.into_inner();
+        let set = line_set_from_proto(r.expr)?;
+        let files = self.service.line_set(set, &r.path).await?;
+        let chunks =
+            in_chunks(files, |(path, lines)| path.len() + 4 * lines.len() as usize).map(|files| {
+                Ok(proto::LinesChunk {
+                    files: files
+                        .iter()
+                        .map(|(path, lines)| proto::FileLineGaps {
+                            path: path.to_string(),
+                            line_gaps: gaps_of(lines.iter()),
+                        })
+                        .collect(),
+                })
+            });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
 }
 
 /// Reads a unified diff off the async threads (it may be as large as a message).

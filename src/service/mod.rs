@@ -7,7 +7,8 @@
 //! - `query`: per-file and per-directory reads, per-test attribution;
 //! - `impact`: test impact, the tests a diff affects;
 //! - `patch`: patch coverage, how much of the lines a diff adds ran;
-//! - `differential`: a run against a base run, in lcov 2's line categories.
+//! - `differential`: a run against a base run, in lcov 2's line categories;
+//! - `line_sets`: union, intersection and difference of covered lines across runs and tests.
 
 mod cache;
 mod differential;
@@ -16,6 +17,7 @@ mod error;
 mod export;
 mod impact;
 mod ingest;
+mod line_sets;
 mod patch;
 mod query;
 mod run;
@@ -32,6 +34,7 @@ pub use error::{Error, Result};
 pub use export::Export;
 pub use impact::{ImpactFile, ImpactState, SelectedTest, TestImpact};
 pub use ingest::ShardSession;
+pub use line_sets::{LineSet, MAX_OPERANDS};
 pub use patch::{PatchCoverage, PatchFile};
 pub use types::{
     Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits,

@@ -11,7 +11,7 @@ use crate::impact::{covd_with_input, toolz_repo, toolz_run};
 use crate::support::*;
 
 /// Per file, the lines a shard's own coverage.py report says ran (read with serde).
-fn shard_executed(i: u32) -> BTreeMap<String, BTreeSet<u32>> {
+pub(crate) fn shard_executed(i: u32) -> BTreeMap<String, BTreeSet<u32>> {
     #[derive(serde::Deserialize)]
     struct Report {
         files: BTreeMap<String, File>,

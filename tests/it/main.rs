@@ -15,6 +15,7 @@ mod gcc;
 mod hostile_files;
 mod impact;
 mod ingest;
+mod line_sets;
 mod merge_laws;
 mod old_daemon;
 mod patch;

@@ -131,6 +131,15 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    type GetLinesStream = ReceiverStream<Result<proto::LinesChunk, Status>>;
+
+    async fn get_lines(
+        &self,
+        _: Request<proto::GetLinesRequest>,
+    ) -> Result<Response<Self::GetLinesStream>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(
