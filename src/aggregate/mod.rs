@@ -330,6 +330,19 @@ impl Aggregate {
         }
     }
 
+    /// How many tests the run has named.
+    pub fn test_count(&self) -> usize {
+        self.tests.len()
+    }
+
+    /// How many of `names` the run has not named yet (for the test-count limit).
+    pub fn count_new_tests<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> usize {
+        names
+            .into_iter()
+            .filter(|n| self.tests.id(n).is_none())
+            .count()
+    }
+
     /// Every test the run has named, in the order it first saw them.
     pub fn test_names(&self) -> Vec<Arc<str>> {
         self.tests.all()

@@ -144,6 +144,13 @@ struct ServeArgs {
     /// Most distinct files in one run.
     #[arg(long, default_value_t = Settings::default().limits.max_files_per_run)]
     max_files_per_run: usize,
+    /// Most distinct tests one run's per-test coverage names.
+    #[arg(
+        long,
+        default_value_t = Settings::default().limits.max_tests_per_run as u32,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_tests_per_run: u32,
     /// Most shards in one run.
     #[arg(long, default_value_t = Settings::default().limits.max_shards_per_run)]
     max_shards_per_run: usize,
@@ -461,6 +468,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     };
     settings.limits.max_line = a.max_line;
     settings.limits.max_files_per_run = a.max_files_per_run;
+    settings.limits.max_tests_per_run = a.max_tests_per_run as usize;
     settings.limits.max_shards_per_run = a.max_shards_per_run;
     settings.limits.max_runs = a.max_runs;
     settings.limits.max_deltas_in_flight = a.max_deltas_in_flight;

@@ -346,6 +346,14 @@ impl FileBatch {
         self.test.as_ref()
     }
 
+    /// The distinct test names the batch attributes lines to.
+    pub fn test_names(&self) -> std::collections::HashSet<&str> {
+        let mut names: std::collections::HashSet<&str> =
+            self.tests.iter().map(|(name, _)| &**name).collect();
+        names.extend(self.test.as_deref());
+        names
+    }
+
     /// Whether any line of the batch is attributed to a test.
     pub fn has_tests(&self) -> bool {
         !self.tests.is_empty() || self.test.is_some()

@@ -413,6 +413,21 @@ impl CoverageService {
                 limits.max_files_per_run,
             ));
         }
+        // Tests likewise, for a delta that names any.
+        if delta.files.has_tests() {
+            let names = delta.files.test_names();
+            let held = aggregate.test_count();
+            if held + names.len() > limits.max_tests_per_run {
+                let new = aggregate.count_new_tests(names.iter().copied());
+                if new > 0 && held + new > limits.max_tests_per_run {
+                    return Err(limits.exceeded(
+                        format!("run `{}` would name {} tests", run.id, held + new),
+                        "max-tests-per-run",
+                        limits.max_tests_per_run,
+                    ));
+                }
+            }
+        }
         let shard = {
             let state = run.state();
             let s = state

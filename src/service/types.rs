@@ -17,6 +17,8 @@ pub struct Limits {
     pub max_files_per_run: usize,
     /// Files in one delta.
     pub max_files_per_delta: usize,
+    /// Distinct tests a run's per-test attribution names (at most `u32::MAX`, the ids).
+    pub max_tests_per_run: usize,
     /// Shards in one run.
     pub max_shards_per_run: usize,
     /// Runs held at once.
@@ -54,6 +56,7 @@ impl Default for Limits {
             max_line: crate::model::MAX_LINE,
             max_files_per_run: 1_000_000,
             max_files_per_delta: 100_000,
+            max_tests_per_run: 1_000_000,
             max_shards_per_run: 10_000,
             max_runs: 10_000,
             max_name_bytes: 4096,
