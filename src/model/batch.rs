@@ -437,20 +437,6 @@ impl<'a> FilePart<'a> {
             })
     }
 
-    /// Whether this is a c8 placeholder record (see [`super::PLACEHOLDER_FUNCTION`]).
-    pub fn is_placeholder(&self) -> bool {
-        let mut functions = self.functions();
-        functions.len() == 1
-            && functions
-                .next()
-                .is_some_and(|f| f.start_line == 1 && f.name == super::PLACEHOLDER_FUNCTION)
-    }
-
-    /// Whether any line is attributed to a test (per file or by the batch's test).
-    pub fn has_tests(&self) -> bool {
-        !self.slot.tests.is_empty() || self.batch.test.is_some()
-    }
-
     /// The tests of this file and the lines each covered: the file's own records, then the
     /// batch's test (if any) with every line the file covered.
     pub fn tests(&self) -> impl Iterator<Item = (&'a Arc<str>, Cow<'a, RoaringBitmap>)> + 'a {
@@ -480,13 +466,11 @@ impl<'a> FilePart<'a> {
     /// The file built whole: sorted, duplicates summed.
     pub fn to_file(&self) -> FileCoverage {
         let mut file = self.to_coverage();
-        if self.has_tests() {
-            file.set_tests(
-                self.tests()
-                    .map(|(name, lines)| (name.clone(), lines.into_owned()))
-                    .collect(),
-            );
-        }
+        file.set_tests(
+            self.tests()
+                .map(|(name, lines)| (name.clone(), lines.into_owned()))
+                .collect(),
+        );
         file
     }
 

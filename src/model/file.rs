@@ -481,9 +481,10 @@ impl FileCoverage {
     /// When either side is a c8 placeholder the merge may take lines away (the placeholder
     /// gives way): the caller compares the totals before and after instead.
     pub fn merge_part(&mut self, part: &FilePart<'_>) -> Totals {
+        // A c8 placeholder part names a function no real file has, so the fast path leaves
+        // it to the general merge, where it gives way.
         if !self.is_empty()
             && !self.is_placeholder()
-            && !part.is_placeholder()
             && let Some(added) = self.merge_known(part)
         {
             return added;
@@ -1053,6 +1054,9 @@ mod tests {
         assert!(same_values(&small, &[3, 9, 12]));
         assert!(!same_values(&small, &[3, 9, 13]));
         assert!(!same_values(&small, &[3, 12, 9]));
+        // Array containers before others: each container's offset counts 2 bytes a value.
+        let spread = [1, 2, 3, 70_000, 140_000, 140_001];
+        assert!(same_values(&RoaringBitmap::from_iter(spread), &spread));
     }
 
     #[test]
@@ -1073,6 +1077,10 @@ mod tests {
         let mut wide = FileCoverage::from_sorted_lines(&[1], &[u64::MAX]).unwrap();
         wide.hits = Counts::Wide(vec![7]);
         assert_eq!(narrow, wide);
+        // Equal lines with other counts are another file.
+        assert_ne!(narrow, FileCoverage::from_sorted_lines(&[1], &[8]).unwrap());
+        wide.hits = Counts::Wide(vec![8]);
+        assert_ne!(narrow, wide);
     }
 
     #[test]
