@@ -180,7 +180,7 @@ impl Default for Counts {
 
 impl PartialEq for Counts {
     fn eq(&self, other: &Counts) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
+        self.iter().eq(other.iter())
     }
 }
 
@@ -192,13 +192,6 @@ impl Counts {
             Counts::Narrow(hits.iter().map(|h| *h as u32).collect())
         } else {
             Counts::Wide(hits.to_vec())
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Counts::Narrow(v) => v.len(),
-            Counts::Wide(v) => v.len(),
         }
     }
 
