@@ -14,7 +14,7 @@ use covd::service::{ExportFormat, RunParams};
 use crate::support::*;
 
 /// The tools' directory, installed once per test process (the script locks across processes).
-fn tools() -> &'static Path {
+pub(crate) fn tools() -> &'static Path {
     static TOOLS: OnceLock<PathBuf> = OnceLock::new();
     TOOLS.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));

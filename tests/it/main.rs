@@ -11,6 +11,7 @@ mod cross_format;
 mod differential;
 mod durability;
 mod export;
+mod fsync;
 mod gcc;
 mod hostile_files;
 mod impact;
