@@ -124,7 +124,7 @@ pub fn parse(diff: &[u8], strip: Option<usize>) -> Result<Vec<FileChange>, DiffE
     let mut changes = Vec::new();
     for patch in PatchSet::parse_bytes(diff, options) {
         let patch = patch.map_err(|e| DiffError(e.to_string()))?;
-        let (kind, old_path, new_path) = paths(patch.operation(), strip);
+        let (kind, old_path, new_path) = paths(patch.operation(), strip)?;
         let mut change = FileChange {
             kind,
             old_path,
@@ -147,37 +147,49 @@ pub fn parse(diff: &[u8], strip: Option<usize>) -> Result<Vec<FileChange>, DiffE
 fn paths(
     op: &FileOperation<'_, [u8]>,
     strip: Option<usize>,
-) -> (ChangeKind, Option<String>, Option<String>) {
-    // Rename and copy headers name paths without a prefix.
-    let plain = |p: &Cow<'_, [u8]>| String::from_utf8_lossy(p).into_owned();
+) -> Result<(ChangeKind, Option<String>, Option<String>), DiffError> {
+    // Rename and copy headers name paths without git's prefix: `-p N` takes N - 1 components
+    // from them, as `git apply` does.
+    let plain = |p: &Cow<'_, [u8]>| {
+        let path = String::from_utf8_lossy(p);
+        match strip {
+            Some(n) => strip_path(&path, Some(n.saturating_sub(1))),
+            None => Ok(path.into_owned()),
+        }
+    };
     let prefixed = |p: &Cow<'_, [u8]>| strip_path(&String::from_utf8_lossy(p), strip);
-    match op {
-        FileOperation::Create(p) => (ChangeKind::Added, None, Some(prefixed(p))),
-        FileOperation::Delete(p) => (ChangeKind::Deleted, Some(prefixed(p)), None),
+    Ok(match op {
+        FileOperation::Create(p) => (ChangeKind::Added, None, Some(prefixed(p)?)),
+        FileOperation::Delete(p) => (ChangeKind::Deleted, Some(prefixed(p)?), None),
         // Only git's headers say a file was renamed; `diff -u old new` names where the old
         // version was kept, and the file is the new one.
         FileOperation::Modify { modified, .. } => {
-            let path = prefixed(modified);
+            let path = prefixed(modified)?;
             (ChangeKind::Modified, Some(path.clone()), Some(path))
         }
         FileOperation::Rename { from, to } => {
-            (ChangeKind::Renamed, Some(plain(from)), Some(plain(to)))
+            (ChangeKind::Renamed, Some(plain(from)?), Some(plain(to)?))
         }
         FileOperation::Copy { from, to } => {
-            (ChangeKind::Copied, Some(plain(from)), Some(plain(to)))
+            (ChangeKind::Copied, Some(plain(from)?), Some(plain(to)?))
         }
-    }
+    })
 }
 
-/// Drops `strip` leading components, or git's one-letter prefix (`a/`, `b/`, `i/`, `w/`…).
-fn strip_path(path: &str, strip: Option<usize>) -> String {
+/// Drops `strip` leading components (a path with fewer is refused, as `patch` does), or git's
+/// one-letter prefix (`a/`, `b/`, `i/`, `w/`…).
+fn strip_path(path: &str, strip: Option<usize>) -> Result<String, DiffError> {
     let mut rest = path;
     match strip {
         Some(n) => {
             for _ in 0..n {
                 match rest.split_once('/') {
                     Some((_, r)) => rest = r,
-                    None => break,
+                    None => {
+                        return Err(DiffError(format!(
+                            "`{path}` has fewer than {n} leading components to strip"
+                        )));
+                    }
                 }
             }
         }
@@ -188,7 +200,7 @@ fn strip_path(path: &str, strip: Option<usize>) -> String {
             }
         }
     }
-    rest.to_owned()
+    Ok(rest.to_owned())
 }
 
 /// Walks the hunks: removed and added lines, and where each block of insertions went.
@@ -202,15 +214,12 @@ fn lines_of(patch: &Patch<'_, [u8]>, change: &mut FileChange) -> Result<(), Diff
         if (old.start() == 0 && !old.is_empty()) || (new.start() == 0 && !new.is_empty()) {
             return Err(DiffError("a hunk starts at line 0".into()));
         }
-        let mut old_line = if old.is_empty() {
-            old.start() + 1
-        } else {
-            old.start()
+        let first = |r: diffy::HunkRange| match r.is_empty() {
+            true => r.start().checked_add(1),
+            false => Some(r.start()),
         };
-        let mut new_line = if new.is_empty() {
-            new.start() + 1
-        } else {
-            new.start()
+        let (Some(mut old_line), Some(mut new_line)) = (first(old), first(new)) else {
+            return Err(DiffError("a hunk starts past any source file".into()));
         };
         // The current block of deleted and inserted lines: how many old lines it removed, and
         // whether its insertion point is recorded.
@@ -355,6 +364,20 @@ mod tests {
         // `-p 1` on the prefix-less form would take `src/` away.
         let stripped = parse(&fixture("no-prefix.diff"), Some(1)).unwrap();
         assert_eq!(stripped[0].path(), "mod.py");
+        let err = parse(&fixture("no-prefix.diff"), Some(3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fewer than 3 leading components"), "{err}");
+        // Rename headers carry no prefix: `-p 1` leaves them whole, as `git apply` does.
+        let git = parse(&fixture("git.diff"), Some(1)).unwrap();
+        let moved = git
+            .iter()
+            .find(|c| c.kind == ChangeKind::Renamed && !c.added.is_empty());
+        let moved = moved.unwrap();
+        assert_eq!(
+            (moved.old_path.as_deref(), moved.new_path.as_deref()),
+            (Some("src/old_name.py"), Some("src/new_name.py"))
+        );
     }
 
     #[test]
@@ -366,5 +389,7 @@ mod tests {
         let zero = b"--- a/x.py\n+++ b/x.py\n@@ -0,1 +1,1 @@\n-a\n+b\n";
         let err = parse(zero, None).unwrap_err().to_string();
         assert!(err.contains("line 0"), "{err}");
+        let far = b"--- a/x.py\n+++ b/x.py\n@@ -18446744073709551615,0 +1 @@\n+x\n";
+        assert!(parse(far, None).is_err());
     }
 }

@@ -403,16 +403,18 @@ impl Aggregate {
             .collect()
     }
 
-    /// Per file with named tests, the lines any test covered, or any test but `except`.
+    /// Per file with named tests, the lines any test covered, or any test but `except`. The
+    /// empty label (code run outside any test) is no test.
     pub fn tested_lines(&self, except: Option<&str>) -> Vec<(Arc<str>, RoaringBitmap)> {
         let except = except.and_then(|name| self.tests.id(name));
+        let unnamed = self.tests.id("");
         self.files
             .iter()
             .filter_map(|e| {
                 let tests = e.value().tests.as_ref()?;
                 let mut lines = RoaringBitmap::new();
                 for (id, l) in tests.records() {
-                    if Some(*id) != except {
+                    if Some(*id) != except && Some(*id) != unnamed {
                         lines |= l;
                     }
                 }

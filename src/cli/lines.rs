@@ -78,10 +78,14 @@ enum Token {
 fn tokens(text: &str) -> Result<Vec<Token>, String> {
     let mut out = Vec::new();
     let mut chars = text.chars().peekable();
+    // What came before: a `-` is the difference only between spaces (or parentheses).
+    let mut spaced = true;
     while let Some(&c) = chars.peek() {
         match c {
             c if c.is_whitespace() => {
                 chars.next();
+                spaced = true;
+                continue;
             }
             '(' => {
                 chars.next();
@@ -95,7 +99,12 @@ fn tokens(text: &str) -> Result<Vec<Token>, String> {
                 chars.next();
                 out.push(Token::Op(c));
             }
-            '-' if chars.clone().nth(1).is_none_or(char::is_whitespace) => {
+            '-' if spaced
+                && chars
+                    .clone()
+                    .nth(1)
+                    .is_none_or(|n| n.is_whitespace() || n == '(') =>
+            {
                 chars.next();
                 out.push(Token::Op('-'));
             }
@@ -137,6 +146,7 @@ fn tokens(text: &str) -> Result<Vec<Token>, String> {
                 out.push(Token::Operand(kind, arg));
             }
         }
+        spaced = matches!(c, '(' | ')' | '|' | '&');
     }
     Ok(out)
 }
@@ -281,6 +291,7 @@ mod tests {
             ("(covered:a", "not closed"),
             ("covered:a covered:b", "unexpected"),
             ("lines:a", "unknown operand `lines`"),
+            ("covered:a -covered:b", "unexpected"),
             ("test:\"x", "no closing quote"),
             ("test", "needs a run"),
         ] {

@@ -170,10 +170,10 @@ fn compare(
     base: &FileLines,
     diff: Option<&[FileChange]>,
 ) -> Vec<DifferentialFile> {
-    // Each run file's base file (if the base has it) and change; each base file the diff
-    // deletes.
+    // Each run file's base file (if the base has it) and change; each base file whose change
+    // leads to a file the run does not hold.
     let mut pairs: HashMap<Arc<str>, Pair<'_>> = HashMap::new();
-    let mut deleted: HashSet<Arc<str>> = HashSet::new();
+    let mut gone: HashMap<Arc<str>, &FileChange> = HashMap::new();
     for change in diff.unwrap_or_default() {
         let old = match change.kind {
             ChangeKind::Added | ChangeKind::Copied => None,
@@ -184,8 +184,8 @@ fn compare(
                 pairs.insert(new, (old, Some(change)));
             }
             None => {
-                if let (Some(old), ChangeKind::Deleted | ChangeKind::Renamed) = (old, change.kind) {
-                    deleted.insert(old);
+                if let Some(old) = old {
+                    gone.insert(old, change);
                 }
             }
         }
@@ -257,19 +257,24 @@ fn compare(
         let renamed = old.as_ref().filter(|o| **o != *path).cloned();
         out.extend(file(path.clone(), renamed, by));
     }
-    // Base files the run does not hold: deleted by the diff, else left out of measurement.
+    // Base files the run does not hold: a line the diff removed (or the whole file, deleted)
+    // is deleted code; a line that is still there, no longer measured.
     for (path, (measured, covered)) in base {
         if paired_base.contains(path) {
             continue;
         }
-        let (hit, miss) = if deleted.contains(path) {
-            (Category::Dcb, Category::Dub)
-        } else {
-            (Category::Ecb, Category::Eub)
-        };
+        let change = gone.get(path);
         let mut by: HashMap<Category, RoaringBitmap> = HashMap::new();
-        by.insert(hit, measured & covered);
-        by.insert(miss, measured - covered);
+        for b in measured {
+            let removed = change.is_some_and(|c| c.new_line(b).is_none());
+            let category = match (removed, covered.contains(b)) {
+                (true, true) => Category::Dcb,
+                (true, false) => Category::Dub,
+                (false, true) => Category::Ecb,
+                (false, false) => Category::Eub,
+            };
+            by.entry(category).or_default().insert(b);
+        }
         out.extend(file(path.clone(), Some(path.clone()), by));
     }
     out
@@ -393,6 +398,20 @@ mod tests {
             out.len(),
             2,
             "old.py is the renamed file, not a deleted one"
+        );
+    }
+
+    /// A changed file the run does not hold: its removed lines are deleted code, the others
+    /// code no longer measured.
+    #[test]
+    fn a_changed_file_the_run_does_not_hold() {
+        let diff = "--- a/m.py\n+++ b/m.py\n@@ -1,3 +1,2 @@\n a\n-b\n c\n";
+        let diff = crate::diff::parse(diff.as_bytes(), None).unwrap();
+        let base = files(&[("m.py", &[1, 2, 3], &[2])]);
+        let out = compare(&files(&[]), &base, Some(&diff));
+        assert_eq!(
+            categories(&out, "m.py"),
+            [("EUB", vec![1, 3]), ("DCB", vec![2])]
         );
     }
 }

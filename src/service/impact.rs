@@ -203,6 +203,14 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
                 .or_default()
                 .push((path.clone(), test_lines));
         }
+        // Lines covered by a shard that named no tests: no selection can know what ran them.
+        let ran = aggregate.file_lines(&path).unwrap_or_default().1;
+        if let Some(line) = (&(&ran & &lines) - &covered).min() {
+            answer.unknown.push(format!(
+                "{path}:{line} was covered by coverage that names no test (a shard pushed \
+                 without per-test attribution)"
+            ));
+        }
         if let Some(first) = outside_lines.min() {
             outside.sort_unstable();
             answer.unknown.push(format!(
@@ -234,16 +242,29 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
     answer
 }
 
-/// The removed lines, and the nearest measured line on each side of every insertion.
+/// The removed lines, and the nearest measured line on each side of every block of removed
+/// lines and of every insertion: a change between measured lines (inside a statement that
+/// spans lines, or between two statements) affects the code around it.
 fn looked_at(change: &FileChange, measured: &RoaringBitmap) -> RoaringBitmap {
     let mut lines = change.removed.clone();
-    for &before in &change.insertions {
-        // rank: how many measured lines are at or before `before`.
-        let rank = measured.rank(before);
+    // The nearest measured line at or before `line`, and the nearest after `after`.
+    let around = |lines: &mut RoaringBitmap, line: u32, after: u32| {
+        let rank = measured.rank(line);
         if rank > 0 {
             lines.extend(measured.select((rank - 1) as u32));
         }
-        lines.extend(measured.select(rank as u32));
+        lines.extend(measured.select(measured.rank(after) as u32));
+    };
+    let mut removed = change.removed.iter().peekable();
+    while let Some(first) = removed.next() {
+        let mut last = first;
+        while removed.next_if(|l| *l == last + 1).is_some() {
+            last += 1;
+        }
+        around(&mut lines, first - 1, last);
+    }
+    for &before in &change.insertions {
+        around(&mut lines, before, before);
     }
     lines
 }
@@ -299,6 +320,16 @@ mod tests {
         };
         let got: Vec<u32> = looked_at(&change, &measured).iter().collect();
         assert_eq!(got, [3, 4, 8, 9, 12]);
+        // Removed lines the run did not measure (the middle of a statement) look at the
+        // measured lines around them; removed measured ones at their neighbours too.
+        let change = FileChange {
+            removed: [5, 6, 7].into_iter().collect(),
+            insertions: vec![],
+            ..change
+        };
+        let measured: RoaringBitmap = [3, 4, 8, 12].into_iter().collect();
+        let got: Vec<u32> = looked_at(&change, &measured).iter().collect();
+        assert_eq!(got, [4, 5, 6, 7, 8]);
     }
 
     #[test]

@@ -198,8 +198,10 @@ async fn changed_lines_select_the_tests_that_ran_them() {
         only_tests(a, l)
             && measured_before(a, l)
                 .is_some_and(|b| only_tests(a, b) && labels(a, b) != labels(a, l))
+            && measured_after(a, l).is_some_and(|n| only_tests(a, n))
     });
     let before_replaced = measured_before(a, replaced).unwrap();
+    let after_replaced = measured_after(a, replaced).unwrap();
     // A line inserted after a line run by tests, the next measured line run by tests.
     let b = "toolz/functoolz.py";
     let after = first_line(b, |l| {
@@ -215,7 +217,7 @@ async fn changed_lines_select_the_tests_that_ran_them() {
         .unwrap();
 
     let mut want = Reasons::new();
-    expect(&mut want, a, &[before_replaced, replaced]);
+    expect(&mut want, a, &[before_replaced, replaced, after_replaced]);
     expect(&mut want, b, &[after, next]);
     assert!(want.len() >= 2, "{want:?}");
     assert_eq!(answer.state, ImpactState::Selected, "{:?}", answer.unknown);
@@ -231,7 +233,11 @@ async fn changed_lines_select_the_tests_that_ran_them() {
         files,
         [
             (b, ChangeKind::Modified, vec![after, next]),
-            (a, ChangeKind::Modified, vec![before_replaced, replaced]),
+            (
+                a,
+                ChangeKind::Modified,
+                vec![before_replaced, replaced, after_replaced]
+            ),
         ]
     );
     assert!(answer.files.iter().all(|f| f.uncovered.is_empty()));
@@ -246,17 +252,26 @@ async fn a_change_no_test_ran_is_an_empty_answer() {
     toolz_run(&mut client, "base").await;
     let repo = toolz_repo();
 
-    let a = "toolz/itertoolz.py";
-    let unmeasured = first_line(a, |l| l > 1 && !merged_measured()[a].contains(&l));
-    // The first file with a measured line no test ran.
-    let (b, missed) = merged_measured()
-        .iter()
-        .filter(|(p, _)| p.as_str() > a)
-        .find_map(|(p, lines)| {
-            let missed = lines.iter().find(|l| labels(p, **l).is_empty())?;
-            Some((p.as_str(), *missed))
-        })
-        .unwrap();
+    // A line no test ran, between measured lines no test ran either: one coverage.py did not
+    // measure (in file `a`), and one it measured (in file `b`).
+    let quiet = |p: &str, l: u32| labels(p, l).is_empty();
+    let between_quiet = |p: &str, l: u32| {
+        measured_before(p, l).is_some_and(|b| quiet(p, b))
+            && measured_after(p, l).is_some_and(|n| quiet(p, n))
+    };
+    let find = |measured: bool| {
+        merged_measured()
+            .iter()
+            .find_map(|(p, lines)| {
+                let last = *lines.iter().max()?;
+                (2..last)
+                    .find(|l| lines.contains(l) == measured && quiet(p, *l) && between_quiet(p, *l))
+                    .map(|l| (p.as_str(), l))
+            })
+            .unwrap()
+    };
+    let (a, unmeasured) = find(false);
+    let (b, missed) = find(true);
     repo.remove(a, unmeasured);
     repo.remove(b, missed);
     repo.replace("README.rst", 1, "Title");
@@ -271,7 +286,31 @@ async fn a_change_no_test_ran_is_an_empty_answer() {
         .iter()
         .map(|f| (&*f.path, f.uncovered.iter().collect()))
         .collect();
-    assert_eq!(uncovered, [(a, vec![]), (b, vec![missed])]);
+    let mut want = vec![
+        (
+            a,
+            vec![
+                measured_before(a, unmeasured).unwrap(),
+                measured_after(a, unmeasured).unwrap(),
+            ],
+        ),
+        (
+            b,
+            vec![
+                measured_before(b, missed).unwrap(),
+                missed,
+                measured_after(b, missed).unwrap(),
+            ],
+        ),
+    ];
+    if a == b {
+        // One file: its two changes in one entry.
+        let mut lines: Vec<u32> = want.iter().flat_map(|(_, l)| l.clone()).collect();
+        lines.sort_unstable();
+        lines.dedup();
+        want = vec![(a, lines)];
+    }
+    assert_eq!(uncovered, want);
 }
 
 /// covd says it cannot tell, and why: a line that ran only at import (coverage.py's static
@@ -462,6 +501,44 @@ async fn renamed_and_deleted_files_take_all_their_tests() {
     let tests: Vec<(&str, bool)> = answer.tests.iter().map(|t| (&*t.name, t.new)).collect();
     assert_eq!(tests, [("t1", false), ("t3", false), ("t9", true)]);
     assert_eq!(answer.gone, [std::sync::Arc::from("t2")]);
+
+    // A shard that named no tests covered src/b.py's line 4: what ran it cannot be known.
+    let params = RunParams {
+        expected_shards: vec!["1".into(), "2".into()],
+        ..RunParams::default()
+    };
+    client.open_run("mixed", params).await.unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let files = vec![("src/b.py".to_owned(), lines(&[1, 2], &[]))];
+    let test = "t3".to_owned();
+    tx.send(PushInput::TestDelta { test, files }).await.unwrap();
+    tx.send(PushInput::Done(None)).await.unwrap();
+    let target = PushTarget {
+        run_id: "mixed".into(),
+        shard_id: "1".into(),
+        attempt: 1,
+        ..PushTarget::default()
+    };
+    client
+        .push(&target, rx, &PushOptions::default())
+        .await
+        .unwrap();
+    let mut plain = covd::model::Coverage::default();
+    plain.add("src/b.py", &lines(&[4], &[]));
+    push(&mut client, "mixed", "2", 1, plain).await;
+    repo.replace("src/b.py", 4, "changed");
+    let answer = client
+        .test_impact("mixed", repo.diff(), None, None)
+        .await
+        .unwrap();
+    assert_eq!(answer.state, ImpactState::Unknown);
+    assert_eq!(
+        answer.unknown,
+        [
+            "src/b.py:4 was covered by coverage that names no test (a shard pushed without \
+          per-test attribution)"
+        ]
+    );
 }
 
 /// A diff that does not read is refused and names the problem; an unknown run is NOT_FOUND.
@@ -509,7 +586,9 @@ async fn the_command_has_an_exit_code_per_state() {
     let repo = toolz_repo();
     let a = "toolz/itertoolz.py";
     let line = first_line(a, |l| {
-        only_tests(a, l) && measured_before(a, l).is_some_and(|b| only_tests(a, b))
+        only_tests(a, l)
+            && measured_before(a, l).is_some_and(|b| only_tests(a, b))
+            && measured_after(a, l).is_some_and(|n| only_tests(a, n))
     });
     repo.replace(a, line, "    pass");
     let selected = repo.diff();
@@ -526,6 +605,7 @@ async fn the_command_has_an_exit_code_per_state() {
 
     let mut want: BTreeSet<String> = labels(a, line);
     want.extend(labels(a, measured_before(a, line).unwrap()));
+    want.extend(labels(a, measured_after(a, line).unwrap()));
     let (code, out, err) = run(selected.clone(), &[]).await;
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out.lines().map(String::from).collect::<BTreeSet<_>>(), want);
