@@ -367,16 +367,9 @@ impl Client {
             run_id: run_id.to_owned(),
             test: test.to_owned(),
         };
-        let mut chunks = self.inner.get_test_lines(request).await?.into_inner();
-        let mut files = Vec::new();
-        while let Some(chunk) = chunks.next().await {
-            for f in chunk?.files {
-                let lines = convert::lines_from_gaps(&f.line_gaps)
-                    .map_err(|e| ClientError::Protocol(format!("{}: {e}", f.path)))?;
-                files.push((f.path, lines));
-            }
-        }
-        Ok(files)
+        let chunks = all(self.inner.get_test_lines(request).await?.into_inner()).await?;
+        let files = chunks.into_iter().flat_map(|c| c.files).collect();
+        convert::file_line_gaps_from_proto(files).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Test impact: the tests of base run `run_id` that `diff` (a unified diff) affects.
@@ -396,11 +389,7 @@ impl Client {
             has_collected: collected.is_some(),
             collected: collected.unwrap_or_default(),
         };
-        let mut stream = self.inner.get_test_impact(request).await?.into_inner();
-        let mut chunks = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            chunks.push(chunk?);
-        }
+        let chunks = all(self.inner.get_test_impact(request).await?.into_inner()).await?;
         convert::impact_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -437,11 +426,7 @@ impl Client {
             diff: diff.unwrap_or_default(),
             strip,
         };
-        let mut stream = self.inner.get_differential(request).await?.into_inner();
-        let mut chunks = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            chunks.push(chunk?);
-        }
+        let chunks = all(self.inner.get_differential(request).await?.into_inner()).await?;
         convert::differential_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -455,16 +440,9 @@ impl Client {
             expr: Some(convert::line_set_to_proto(set)),
             path: path.to_owned(),
         };
-        let mut chunks = self.inner.get_lines(request).await?.into_inner();
-        let mut files = Vec::new();
-        while let Some(chunk) = chunks.next().await {
-            for f in chunk?.files {
-                let lines = convert::lines_from_gaps(&f.line_gaps)
-                    .map_err(|e| ClientError::Protocol(format!("{}: {e}", f.path)))?;
-                files.push((f.path, lines));
-            }
-        }
-        Ok(files)
+        let chunks = all(self.inner.get_lines(request).await?.into_inner()).await?;
+        let files = chunks.into_iter().flat_map(|c| c.files).collect();
+        convert::file_line_gaps_from_proto(files).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Every test the run has named, sorted.
@@ -828,4 +806,13 @@ fn retryable_code(code: Code) -> bool {
             | Code::Cancelled
             | Code::DeadlineExceeded
     )
+}
+
+/// Every message of an answer's stream.
+async fn all<T>(mut stream: tonic::Streaming<T>) -> Result<Vec<T>, ClientError> {
+    let mut messages = Vec::new();
+    while let Some(message) = stream.next().await {
+        messages.push(message?);
+    }
+    Ok(messages)
 }

@@ -2,6 +2,7 @@
 //! wire passes (incoming deltas are read by `delta`, with these checks). A refusal names the
 //! field (`delta.files[3].line_gaps[17]`).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use roaring::RoaringBitmap;
@@ -646,14 +647,7 @@ pub(crate) fn impact_to_proto(
             .map(|t| proto::SelectedTest {
                 name: t.name.to_string(),
                 new: t.new,
-                files: t
-                    .lines
-                    .iter()
-                    .map(|(path, lines)| proto::FileLineGaps {
-                        path: path.to_string(),
-                        line_gaps: gaps_of(lines.iter()),
-                    })
-                    .collect(),
+                files: file_lines_to_proto(&t.lines),
             })
             .collect();
         chunk
@@ -894,4 +888,34 @@ pub(crate) fn line_set_to_proto(e: &service::LineSet) -> proto::LineSetExpr {
         LineSet::Difference(a, b) => Node::Difference(Box::new(pair(a, b))),
     };
     proto::LineSetExpr { node: Some(node) }
+}
+
+/// Some lines of files, as the answers that list them carry them.
+pub(crate) fn file_lines_to_proto(files: &[(Arc<str>, RoaringBitmap)]) -> Vec<proto::FileLineGaps> {
+    files
+        .iter()
+        .map(|(path, lines)| proto::FileLineGaps {
+            path: path.to_string(),
+            line_gaps: gaps_of(lines.iter()),
+        })
+        .collect()
+}
+
+/// About how many bytes one file's lines take in an answer (see `in_chunks`).
+pub(crate) fn file_lines_size((path, lines): &(Arc<str>, RoaringBitmap)) -> usize {
+    path.len() + 4 * lines.len() as usize
+}
+
+/// The files and lines of an answer's chunks, checked.
+pub(crate) fn file_line_gaps_from_proto(
+    files: Vec<proto::FileLineGaps>,
+) -> Result<Vec<(String, RoaringBitmap)>, Error> {
+    files
+        .into_iter()
+        .map(|f| {
+            let lines = lines_from_gaps(&f.line_gaps)
+                .map_err(|e| Error::invalid(f.path.clone(), e.to_string()))?;
+            Ok((f.path, lines))
+        })
+        .collect()
 }

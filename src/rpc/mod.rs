@@ -271,18 +271,11 @@ impl Coverage for CoverageRpc {
     ) -> Result<Response<Self::GetTestLinesStream>, Status> {
         let r = request.into_inner();
         let files = self.service.test_lines(&r.run_id, &r.test).await?;
-        let chunks =
-            in_chunks(files, |(path, lines)| path.len() + 4 * lines.len() as usize).map(|files| {
-                Ok(proto::TestLinesChunk {
-                    files: files
-                        .iter()
-                        .map(|(path, lines)| proto::FileLineGaps {
-                            path: path.to_string(),
-                            line_gaps: gaps_of(lines.iter()),
-                        })
-                        .collect(),
-                })
-            });
+        let chunks = in_chunks(files, file_lines_size).map(|files| {
+            Ok(proto::TestLinesChunk {
+                files: file_lines_to_proto(&files),
+            })
+        });
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
@@ -355,18 +348,11 @@ impl Coverage for CoverageRpc {
         let r = request.into_inner();
         let set = line_set_from_proto(r.expr)?;
         let files = self.service.line_set(set, &r.path).await?;
-        let chunks =
-            in_chunks(files, |(path, lines)| path.len() + 4 * lines.len() as usize).map(|files| {
-                Ok(proto::LinesChunk {
-                    files: files
-                        .iter()
-                        .map(|(path, lines)| proto::FileLineGaps {
-                            path: path.to_string(),
-                            line_gaps: gaps_of(lines.iter()),
-                        })
-                        .collect(),
-                })
-            });
+        let chunks = in_chunks(files, file_lines_size).map(|files| {
+            Ok(proto::LinesChunk {
+                files: file_lines_to_proto(&files),
+            })
+        });
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 }

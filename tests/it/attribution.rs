@@ -247,7 +247,31 @@ async fn attribution_outlives_compaction_and_a_restart() {
 }
 
 /// A test's name and what its delta holds.
-type TestDelta = (&'static str, Vec<(&'static str, FileCoverage)>);
+pub(crate) type TestDelta = (&'static str, Vec<(&'static str, FileCoverage)>);
+
+/// Pushes shard `shard` of `run` as a client that sends one delta per test
+/// (`PushInput::TestDelta`): each test with its files.
+pub(crate) async fn push_tests(
+    client: &mut Client,
+    run: &str,
+    shard: &str,
+    tests: Vec<TestDelta>,
+) -> Result<covd::client::PushReport, ClientError> {
+    let (tx, rx) = mpsc::channel(tests.len() + 1);
+    for (test, files) in tests {
+        let files = files.into_iter().map(|(p, f)| (p.to_owned(), f)).collect();
+        let test = test.to_owned();
+        tx.send(PushInput::TestDelta { test, files }).await.unwrap();
+    }
+    tx.send(PushInput::Done(None)).await.unwrap();
+    let target = PushTarget {
+        run_id: run.into(),
+        shard_id: shard.into(),
+        attempt: 1,
+        ..PushTarget::default()
+    };
+    client.push(&target, rx, &PushOptions::default()).await
+}
 
 /// A file with `covered` lines run once and `missed` lines not run.
 pub(crate) fn lines(covered: &[u32], missed: &[u32]) -> FileCoverage {
@@ -281,23 +305,7 @@ async fn a_delta_per_test_attributes_its_covered_lines() {
         ("2", vec![("t::c", vec![("a.c", lines(&[2, 3], &[1]))])]),
     ];
     for (shard, tests) in shards {
-        let (tx, rx) = mpsc::channel(4);
-        for (test, files) in tests {
-            let files = files.into_iter().map(|(p, f)| (p.to_owned(), f)).collect();
-            let test = test.to_owned();
-            tx.send(PushInput::TestDelta { test, files }).await.unwrap();
-        }
-        tx.send(PushInput::Done(None)).await.unwrap();
-        let target = PushTarget {
-            run_id: "r".into(),
-            shard_id: shard.into(),
-            attempt: 1,
-            ..PushTarget::default()
-        };
-        client
-            .push(&target, rx, &PushOptions::default())
-            .await
-            .unwrap();
+        push_tests(&mut client, "r", shard, tests).await.unwrap();
     }
     assert_eq!(
         tests_for(&mut client, "r", "a.c", &[(1, 1)]).await,

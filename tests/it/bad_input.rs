@@ -408,29 +408,17 @@ async fn limits_are_resource_exhausted_naming_the_setting() {
 /// are taken, the next new one is refused (not dropped), and tests already named still are.
 #[tokio::test]
 async fn the_test_limit_of_a_run_is_resource_exhausted() {
-    use covd::client::{PushInput, PushOptions, PushTarget};
     let mut settings = Settings::default();
     settings.limits.max_tests_per_run = 3;
     let daemon = Daemon::with(settings).await;
     let mut client = daemon.client();
-    let push = |shard: &str, tests: &[&str]| {
+    let push = |shard: &'static str, tests: &[&'static str]| {
         let mut client = daemon.client();
-        let target = PushTarget {
-            run_id: "r".into(),
-            shard_id: shard.into(),
-            attempt: 1,
-            ..PushTarget::default()
-        };
-        let tests: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
-        async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(8);
-            for test in tests {
-                let files = vec![("a.c".to_owned(), crate::attribution::lines(&[1], &[]))];
-                tx.send(PushInput::TestDelta { test, files }).await.unwrap();
-            }
-            tx.send(PushInput::Done(None)).await.unwrap();
-            client.push(&target, rx, &PushOptions::default()).await
-        }
+        let tests = tests
+            .iter()
+            .map(|t| (*t, vec![("a.c", crate::attribution::lines(&[1], &[]))]))
+            .collect();
+        async move { crate::attribution::push_tests(&mut client, "r", shard, tests).await }
     };
     push("1", &["t1", "t2", "t3"]).await.unwrap();
     let e = push("2", &["t2", "t4"]).await.unwrap_err();

@@ -6,13 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use covd::client::{Client, ClientError, PushInput, PushOptions, PushTarget};
+use covd::client::{Client, ClientError};
 use covd::diff::ChangeKind;
 use covd::service::{ImpactState, RunParams, TestImpact};
-use tokio::sync::mpsc;
 use tonic::Code;
 
-use crate::attribution::{lines, merged_contexts, merged_measured, push_toolz};
+use crate::attribution::{lines, merged_contexts, merged_measured, push_tests, push_toolz};
 use crate::cli::COVD;
 use crate::support::*;
 
@@ -428,29 +427,13 @@ async fn renamed_and_deleted_files_take_all_their_tests() {
         ..RunParams::default()
     };
     client.open_run("base", params).await.unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    let tests = [
-        ("t1", "src/a.py", lines(&[1, 2, 3], &[4])),
-        ("t2", "src/a.py", lines(&[5, 6], &[4])),
-        ("t3", "src/b.py", lines(&[1, 2], &[])),
-        ("t4", "src/c.py", lines(&[1], &[])),
+    let tests = vec![
+        ("t1", vec![("src/a.py", lines(&[1, 2, 3], &[4]))]),
+        ("t2", vec![("src/a.py", lines(&[5, 6], &[4]))]),
+        ("t3", vec![("src/b.py", lines(&[1, 2], &[]))]),
+        ("t4", vec![("src/c.py", lines(&[1], &[]))]),
     ];
-    for (test, path, file) in tests {
-        let files = vec![(path.to_owned(), file)];
-        let test = test.to_owned();
-        tx.send(PushInput::TestDelta { test, files }).await.unwrap();
-    }
-    tx.send(PushInput::Done(None)).await.unwrap();
-    let target = PushTarget {
-        run_id: "base".into(),
-        shard_id: "1".into(),
-        attempt: 1,
-        ..PushTarget::default()
-    };
-    client
-        .push(&target, rx, &PushOptions::default())
-        .await
-        .unwrap();
+    push_tests(&mut client, "base", "1", tests).await.unwrap();
 
     let repo = Repo::new([
         ("src/a.py".to_owned(), 12),
@@ -508,21 +491,8 @@ async fn renamed_and_deleted_files_take_all_their_tests() {
         ..RunParams::default()
     };
     client.open_run("mixed", params).await.unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    let files = vec![("src/b.py".to_owned(), lines(&[1, 2], &[]))];
-    let test = "t3".to_owned();
-    tx.send(PushInput::TestDelta { test, files }).await.unwrap();
-    tx.send(PushInput::Done(None)).await.unwrap();
-    let target = PushTarget {
-        run_id: "mixed".into(),
-        shard_id: "1".into(),
-        attempt: 1,
-        ..PushTarget::default()
-    };
-    client
-        .push(&target, rx, &PushOptions::default())
-        .await
-        .unwrap();
+    let tests = vec![("t3", vec![("src/b.py", lines(&[1, 2], &[]))])];
+    push_tests(&mut client, "mixed", "1", tests).await.unwrap();
     let mut plain = covd::model::Coverage::default();
     plain.add("src/b.py", &lines(&[4], &[]));
     push(&mut client, "mixed", "2", 1, plain).await;
