@@ -21,6 +21,7 @@ mod merge_laws;
 mod old_daemon;
 mod patch;
 mod power_cut;
+mod query_laws;
 mod storage;
 mod stored_data;
 mod support;
