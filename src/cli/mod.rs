@@ -292,7 +292,8 @@ pub(crate) struct PushArgs {
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     settle: Duration,
     /// Coverage files to send (any format of --format; JUnit XML files are the shard's test
-    /// results).
+    /// results; a directory is PHPUnit's XML coverage report, `--coverage-xml DIR`, whose
+    /// tests of each line go on the Clover report of the same run, pushed with it).
     #[arg(required_unless_present = "watch", conflicts_with = "watch")]
     files: Vec<PathBuf>,
     /// With --watch: the test command and its arguments.

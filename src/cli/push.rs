@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, anyhow};
 use covd::client::{Batcher, PushInput, PushOptions, PushTarget};
-use covd::formats::{self, Format, junit};
+use covd::formats::{self, Format, junit, phpunit};
 use covd::model::path::{PathFilter, PathRules};
 use covd::model::{TestCase, TestStatus};
 use covd::service::TestTelemetry;
@@ -38,6 +38,7 @@ struct Sender {
     /// Test cases read from JUnit XML files, sent with the finish.
     tests: Vec<TestCase>,
     junit_files: u64,
+    phpunit: PhpunitReports,
 }
 
 /// Why sending stopped.
@@ -73,6 +74,13 @@ impl Sender {
             .with_context(|| format!("cannot read {}", path.display()))
             .map_err(Stop::Failed)?;
         let head = &head[..head.len().min(4096)];
+        if phpunit::detect(head) {
+            return Err(Stop::Failed(anyhow!(
+                "{} is a file of PHPUnit's XML coverage report: push the report's directory \
+                 (the one holding index.xml) with the Clover report of the same run",
+                path.display()
+            )));
+        }
         if self.forced.is_none() && junit::detect(head) {
             return Ok(Some(Kind::Tests));
         }
@@ -156,11 +164,13 @@ impl Sender {
         self.flush()
     }
 
-    /// Applies path rules and filters to a record: `None` when it is filtered out.
+    /// Applies path rules and filters to a record, and puts on it the tests PHPUnit's XML
+    /// report gives its lines: `None` when it is filtered out.
     fn accept(
         &mut self,
-        record: formats::Record,
+        mut record: formats::Record,
     ) -> anyhow::Result<Option<(String, covd::model::FileCoverage)>> {
+        self.phpunit.attach(&mut record)?;
         let source = self.rules.apply(&record.path);
         if !self.filter.keeps(&source) {
             return Ok(None);
@@ -218,14 +228,34 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
     let (tx, rx) = mpsc::channel(4);
     let mut inputs = Vec::new();
     let mut total_bytes = 0;
+    let mut phpunit = PhpunitReports::default();
     if a.watch.is_none() {
         // Every file must open before anything is sent.
         for path in &a.files {
+            if path.is_dir() {
+                if !path.join("index.xml").is_file() {
+                    return Err(bad_input(anyhow!(
+                        "{} is a directory: covd push takes coverage files (and the \
+                         directories of PHPUnit XML coverage reports, which hold index.xml)",
+                        path.display()
+                    )));
+                }
+                phpunit.add(path).map_err(bad_input)?;
+                continue;
+            }
             let f = File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))
                 .map_err(bad_input)?;
             total_bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
             inputs.push((path.clone(), f));
+        }
+        if !phpunit.dirs.is_empty() && inputs.is_empty() {
+            return Err(bad_input(anyhow!(
+                "PHPUnit's XML coverage report lists only the lines that ran, not those that \
+                 did not: push it with the Clover report of the same run (`phpunit \
+                 --coverage-clover FILE`), e.g. `covd push clover.xml {}`",
+                phpunit.dirs[0].display()
+            )));
         }
     }
     let progress = if a.watch.is_some() {
@@ -252,6 +282,7 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         progress: progress.clone(),
         tests: Vec::new(),
         junit_files: 0,
+        phpunit,
     };
 
     // Everything that can fail before the test command runs is done before it starts, so an
@@ -385,7 +416,94 @@ fn send_files(mut sender: Sender, inputs: Vec<(PathBuf, File)>) -> anyhow::Resul
             Err(Stop::Failed(e)) => return Err(e),
         }
     }
+    sender.phpunit.check_all_taken()?;
     Ok(sender.finish())
+}
+
+/// PHPUnit XML coverage reports (`phpunit --coverage-xml DIR`) pushed with coverage files:
+/// they name the tests of each line that ran, but not the lines that did not, so their tests
+/// go on the records of the same run's Clover (or Cobertura) report, matched by path as the
+/// run named it (before path rules).
+#[derive(Default)]
+struct PhpunitReports {
+    /// Per source path: its file report, the report's source directory, and whether a record
+    /// took it.
+    files: HashMap<String, (PathBuf, Arc<str>, bool)>,
+    /// The report directories, for messages.
+    dirs: Vec<PathBuf>,
+}
+
+impl PhpunitReports {
+    /// Reads the index of the report in `dir`.
+    fn add(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let index_path = dir.join("index.xml");
+        let file = File::open(&index_path)
+            .with_context(|| format!("cannot open {}", index_path.display()))?;
+        let index = phpunit::read_index(BufReader::new(file))
+            .with_context(|| index_path.display().to_string())?;
+        let source: Arc<str> = index.source.into();
+        for (path, href) in index.files {
+            let report = (dir.join(&href), source.clone(), false);
+            if self.files.insert(path.clone(), report).is_some() {
+                return Err(anyhow!(
+                    "{}: {path} is in two PHPUnit XML reports pushed together",
+                    index_path.display()
+                ));
+            }
+        }
+        self.dirs.push(dir.to_owned());
+        Ok(())
+    }
+
+    /// Puts the tests of `record`'s file on it, when a report has the file.
+    fn attach(&mut self, record: &mut formats::Record) -> anyhow::Result<()> {
+        let Some((report, source, taken)) = self.files.get_mut(&record.path) else {
+            return Ok(());
+        };
+        if std::mem::replace(taken, true) {
+            return Err(anyhow!(
+                "{} is in two coverage records pushed with its PHPUnit XML report; push each \
+                 run's Clover report once",
+                record.path
+            ));
+        }
+        let file =
+            File::open(&*report).with_context(|| format!("cannot open {}", report.display()))?;
+        let tests = phpunit::read_file(BufReader::new(file), source)
+            .with_context(|| report.display().to_string())?;
+        if tests.path != record.path {
+            return Err(anyhow!(
+                "{}: the report is of {}, its index.xml says {}",
+                report.display(),
+                tests.path,
+                record.path
+            ));
+        }
+        phpunit::attach(&mut record.file, tests).map_err(|e| anyhow!(e))
+    }
+
+    /// Every file of the reports found its record.
+    fn check_all_taken(&self) -> anyhow::Result<()> {
+        let mut missing: Vec<&str> = self
+            .files
+            .iter()
+            .filter(|(_, (_, _, taken))| !taken)
+            .map(|(path, _)| path.as_str())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+        Err(anyhow!(
+            "{} files of PHPUnit's XML report ({}) are in no coverage file pushed with it, \
+             e.g. {}: PHPUnit's XML report lists only the lines that ran, so push it with the \
+             Clover report of the same run (`phpunit --coverage-clover FILE`)",
+            missing.len(),
+            dirs.join(", "),
+            missing[..missing.len().min(3)].join(", ")
+        ))
+    }
 }
 
 /// The CI checkout (or, outside CI, the current directory): absolute paths under it are made

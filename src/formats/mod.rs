@@ -15,6 +15,7 @@ pub mod junit;
 pub mod lcov;
 pub mod llvmcov;
 pub mod markdown;
+pub mod phpunit;
 
 use std::io::BufRead;
 

@@ -20,6 +20,7 @@ mod line_sets;
 mod merge_laws;
 mod old_daemon;
 mod patch;
+mod phpunit;
 mod power_cut;
 mod query_laws;
 mod storage;
