@@ -5,7 +5,10 @@
 //! - `covered[:RUN]`, `measured[:RUN]`: the lines a run covered, or measured;
 //! - `tests[:RUN]`: the lines any named test of a run covered;
 //! - `test:NAME`, `tests-except:NAME`: the lines one test of `--run` covered, or its other
-//!   tests did.
+//!   tests did;
+//! - `shard:ID`: the lines one shard of `--run` covered;
+//! - `flag:NAME`: the lines the runs of `--commit` (of `--project`, if given) that carry the
+//!   flag covered, together.
 //!
 //! A name with spaces, parentheses or `|&` is quoted: `test:"shard1|mod.test_x"`.
 
@@ -24,9 +27,15 @@ use super::{Failure, ServerArg, bad_input, client};
 pub(super) struct LinesArgs {
     #[command(flatten)]
     server: ServerArg,
-    /// The run that operands without one refer to (`covered`, `test:NAME`, …).
+    /// The run that operands without one refer to (`covered`, `test:NAME`, `shard:ID`, …).
     #[arg(long, env = "COVD_RUN")]
     run: Option<String>,
+    /// The commit whose runs `flag:NAME` operands refer to.
+    #[arg(long, env = "COVD_COMMIT")]
+    commit: Option<String>,
+    /// With --commit: only runs of this project.
+    #[arg(long, env = "COVD_PROJECT")]
+    project: Option<String>,
     /// The expression, e.g. `covered:integration - covered:unit`, or
     /// `test:T - tests-except:T` (the lines only test T covers).
     expr: String,
@@ -45,7 +54,12 @@ enum Output {
 }
 
 pub(super) async fn lines(a: LinesArgs) -> Result<ExitCode, Failure> {
-    let set = parse(&a.expr, a.run.as_deref()).map_err(|e| bad_input(anyhow!("{e}")))?;
+    let defaults = Defaults {
+        run: a.run.as_deref(),
+        commit: a.commit.as_deref(),
+        project: a.project.as_deref(),
+    };
+    let set = parse(&a.expr, &defaults).map_err(|e| bad_input(anyhow!("{e}")))?;
     let files = client(&a.server)?.lines(&set, &a.path).await?;
     let total: u64 = files.iter().map(|(_, l)| l.len()).sum();
     let mut out = io::stdout().lock();
@@ -151,22 +165,34 @@ fn tokens(text: &str) -> Result<Vec<Token>, String> {
     Ok(out)
 }
 
-/// Reads an expression; operands without a run take `run`.
-fn parse(text: &str, run: Option<&str>) -> Result<LineSet, String> {
+/// What operands that do not say refer to.
+#[derive(Debug, Default, Clone, Copy)]
+struct Defaults<'a> {
+    run: Option<&'a str>,
+    commit: Option<&'a str>,
+    project: Option<&'a str>,
+}
+
+/// Reads an expression; operands without a run take `defaults`' run.
+fn parse(text: &str, defaults: &Defaults<'_>) -> Result<LineSet, String> {
     let tokens = tokens(text)?;
     let mut at = 0;
-    let set = expression(&tokens, &mut at, run)?;
+    let set = expression(&tokens, &mut at, defaults)?;
     match tokens.get(at) {
         None => Ok(set),
         Some(t) => Err(format!("unexpected {t:?} after a complete expression")),
     }
 }
 
-fn expression(tokens: &[Token], at: &mut usize, run: Option<&str>) -> Result<LineSet, String> {
-    let mut left = term(tokens, at, run)?;
+fn expression(
+    tokens: &[Token],
+    at: &mut usize,
+    defaults: &Defaults<'_>,
+) -> Result<LineSet, String> {
+    let mut left = term(tokens, at, defaults)?;
     while let Some(Token::Op(op)) = tokens.get(*at) {
         *at += 1;
-        let right = Box::new(term(tokens, at, run)?);
+        let right = Box::new(term(tokens, at, defaults)?);
         let l = Box::new(left);
         left = match op {
             '|' => LineSet::Union(l, right),
@@ -177,14 +203,14 @@ fn expression(tokens: &[Token], at: &mut usize, run: Option<&str>) -> Result<Lin
     Ok(left)
 }
 
-fn term(tokens: &[Token], at: &mut usize, run: Option<&str>) -> Result<LineSet, String> {
+fn term(tokens: &[Token], at: &mut usize, defaults: &Defaults<'_>) -> Result<LineSet, String> {
     let token = tokens
         .get(*at)
         .ok_or("the expression ends where an operand should be")?;
     *at += 1;
     match token {
         Token::Open => {
-            let inner = expression(tokens, at, run)?;
+            let inner = expression(tokens, at, defaults)?;
             match tokens.get(*at) {
                 Some(Token::Close) => {
                     *at += 1;
@@ -193,24 +219,27 @@ fn term(tokens: &[Token], at: &mut usize, run: Option<&str>) -> Result<LineSet, 
                 _ => Err("a `(` is not closed".into()),
             }
         }
-        Token::Operand(kind, arg) => operand(kind, arg.as_deref(), run),
+        Token::Operand(kind, arg) => operand(kind, arg.as_deref(), defaults),
         other => Err(format!("expected an operand, found {other:?}")),
     }
 }
 
-fn operand(kind: &str, arg: Option<&str>, run: Option<&str>) -> Result<LineSet, String> {
+fn operand(kind: &str, arg: Option<&str>, defaults: &Defaults<'_>) -> Result<LineSet, String> {
     let default_run = || {
-        run.map(str::to_owned)
+        defaults
+            .run
+            .map(str::to_owned)
             .ok_or_else(|| format!("`{kind}` needs a run: `{kind}:RUN` or --run"))
     };
     let run_of = |arg: Option<&str>| match arg {
         Some(r) if !r.is_empty() => Ok(r.to_owned()),
         _ => default_run(),
     };
-    let test = || match arg {
+    let named = |what: &str, placeholder: &str| match arg {
         Some(t) if !t.is_empty() => Ok(t.to_owned()),
-        _ => Err(format!("`{kind}` needs a test: `{kind}:NAME`")),
+        _ => Err(format!("`{kind}` needs a {what}: `{kind}:{placeholder}`")),
     };
+    let test = || named("test", "NAME");
     Ok(match kind {
         "covered" => LineSet::Covered(run_of(arg)?),
         "measured" => LineSet::Measured(run_of(arg)?),
@@ -223,9 +252,22 @@ fn operand(kind: &str, arg: Option<&str>, run: Option<&str>) -> Result<LineSet, 
             run: default_run()?,
             test: test()?,
         },
+        "shard" => LineSet::Shard {
+            run: default_run()?,
+            shard: named("shard", "ID")?,
+        },
+        "flag" => LineSet::Flag {
+            project: defaults.project.unwrap_or_default().to_owned(),
+            commit: defaults
+                .commit
+                .ok_or_else(|| format!("`{kind}` needs the commit of its runs: --commit"))?
+                .to_owned(),
+            flag: named("flag", "NAME")?,
+        },
         other => {
             return Err(format!(
-                "unknown operand `{other}` (covered, measured, tests, test, tests-except)"
+                "unknown operand `{other}` (covered, measured, tests, test, tests-except, \
+                 shard, flag)"
             ));
         }
     })
@@ -235,6 +277,17 @@ fn operand(kind: &str, arg: Option<&str>, run: Option<&str>) -> Result<LineSet, 
 mod tests {
     use super::*;
 
+    const NONE: Defaults<'static> = Defaults {
+        run: None,
+        commit: None,
+        project: None,
+    };
+    const RUN: Defaults<'static> = Defaults {
+        run: Some("r"),
+        commit: None,
+        project: None,
+    };
+
     fn covered(r: &str) -> Box<LineSet> {
         Box::new(LineSet::Covered(r.into()))
     }
@@ -242,14 +295,14 @@ mod tests {
     #[test]
     fn operators_go_left_to_right_and_parentheses_group() {
         assert_eq!(
-            parse("covered:a | covered:b - covered:c", None).unwrap(),
+            parse("covered:a | covered:b - covered:c", &NONE).unwrap(),
             LineSet::Difference(
                 Box::new(LineSet::Union(covered("a"), covered("b"))),
                 covered("c")
             )
         );
         assert_eq!(
-            parse("covered:a|(covered:b&covered:pr-42)", None).unwrap(),
+            parse("covered:a|(covered:b&covered:pr-42)", &NONE).unwrap(),
             LineSet::Union(
                 covered("a"),
                 Box::new(LineSet::Intersection(covered("b"), covered("pr-42")))
@@ -261,7 +314,7 @@ mod tests {
     fn operands_take_the_default_run_and_quoted_names() {
         let set = parse(
             r#"test:"shard1|m.t (x)" - tests-except:"shard1|m.t (x)""#,
-            Some("r"),
+            &RUN,
         );
         let t = "shard1|m.t (x)".to_owned();
         assert_eq!(
@@ -278,7 +331,7 @@ mod tests {
             )
         );
         assert_eq!(
-            parse("measured", Some("r")).unwrap(),
+            parse("measured", &RUN).unwrap(),
             LineSet::Measured("r".into())
         );
     }
@@ -295,13 +348,51 @@ mod tests {
             ("test:\"x", "no closing quote"),
             ("test", "needs a run"),
         ] {
-            let err = parse(text, None).unwrap_err();
+            let err = parse(text, &NONE).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");
         }
-        assert!(
-            parse("test", Some("r"))
-                .unwrap_err()
-                .contains("needs a test")
+        for (text, says) in [
+            ("test", "needs a test: `test:NAME`"),
+            ("shard", "needs a shard: `shard:ID`"),
+            ("flag:unit", "needs the commit of its runs"),
+        ] {
+            let err = parse(text, &RUN).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn shards_take_the_run_and_flags_the_commit() {
+        let defaults = Defaults {
+            run: Some("r"),
+            commit: Some("abc"),
+            project: None,
+        };
+        assert_eq!(
+            parse("shard:7 - flag:unit", &defaults).unwrap(),
+            LineSet::Difference(
+                Box::new(LineSet::Shard {
+                    run: "r".into(),
+                    shard: "7".into()
+                }),
+                Box::new(LineSet::Flag {
+                    project: String::new(),
+                    commit: "abc".into(),
+                    flag: "unit".into()
+                })
+            )
+        );
+        let defaults = Defaults {
+            project: Some("web"),
+            ..defaults
+        };
+        assert_eq!(
+            parse("flag:integration", &defaults).unwrap(),
+            LineSet::Flag {
+                project: "web".into(),
+                commit: "abc".into(),
+                flag: "integration".into()
+            }
         );
     }
 }

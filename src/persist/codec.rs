@@ -18,8 +18,8 @@ use roaring::RoaringBitmap;
 
 use super::legacy::{self, Legacy};
 use super::records::{
-    BranchRecord, FileListRecord, FileRecord, FilesRecord, FunctionRecord, RunRecord, ShardRecord,
-    SummaryRecord, TestLinesRecord,
+    BranchRecord, FileLinesRecord, FileListRecord, FileRecord, FilesRecord, FunctionRecord,
+    RunRecord, ShardLinesRecord, ShardRecord, SummaryRecord, TestLinesRecord,
 };
 use crate::model::{BranchArm, BranchKey, FileBatch, FileCoverage, Function};
 
@@ -147,6 +147,42 @@ pub fn encode_files<'a>(files: impl IntoIterator<Item = (&'a str, &'a FileCovera
         files: files.into_iter().map(|(p, f)| file_record(p, f)).collect(),
     };
     encode(&record)
+}
+
+/// Encodes the covered lines of some of a shard's files into one record.
+pub fn encode_shard_lines<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a RoaringBitmap)>,
+) -> Vec<u8> {
+    let record = ShardLinesRecord {
+        files: files
+            .into_iter()
+            .map(|(path, covered)| FileLinesRecord {
+                path: path.to_owned(),
+                covered: roaring_bytes(covered),
+            })
+            .collect(),
+    };
+    encode(&record)
+}
+
+/// Decodes a record written by [`encode_shard_lines`].
+pub fn decode_shard_lines(bytes: &[u8]) -> Result<Vec<(Arc<str>, RoaringBitmap)>, CodecError> {
+    // Later than the first release: no legacy form.
+    let record = match bytes.split_first().ok_or(CodecError::Empty)? {
+        (&RECORD_FORMAT, body) => {
+            ShardLinesRecord::decode(body).map_err(|e| CodecError::Malformed(e.to_string()))?
+        }
+        (&v, _) => return Err(unreadable(v)),
+    };
+    record
+        .files
+        .into_iter()
+        .map(|f| {
+            let covered = RoaringBitmap::deserialize_from(&f.covered[..])
+                .map_err(|e| CodecError::Malformed(format!("line set of {}: {e}", f.path)))?;
+            Ok((Arc::from(f.path), covered))
+        })
+        .collect()
 }
 
 fn roaring_bytes(lines: &RoaringBitmap) -> Vec<u8> {

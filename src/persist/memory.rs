@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use roaring::RoaringBitmap;
 
 use super::codec::{self, WireDecoder};
 use super::records::{FileListRecord, RunRecord, ShardRecord, SummaryRecord};
@@ -47,8 +48,10 @@ struct StoredRun {
     /// By shard, attempt and sequence number.
     deltas: BTreeMap<(String, u32, u64), Bytes>,
     merged: Vec<Vec<u8>>,
+    /// Per shard, the parts of its covered lines (a compacted run).
+    shard_lines: BTreeMap<String, Vec<Vec<u8>>>,
     files: Option<Vec<u8>>,
-    /// Bytes of `deltas` and `merged`.
+    /// Bytes of `deltas`, `merged` and `shard_lines`.
     bytes: u64,
 }
 
@@ -171,11 +174,21 @@ fn apply(inner: &mut Inner, w: Write) {
             put_shard(run, &shard);
         }
         Write::Compact {
-            parts, summary: s, ..
+            parts,
+            shard_lines,
+            summary: s,
+            ..
         } => {
             run.merged = parts;
+            run.shard_lines = shard_lines.into_iter().collect();
             run.deltas.clear();
-            run.bytes = run.merged.iter().map(|p| p.len() as u64).sum();
+            run.bytes = run.merged.iter().map(|p| p.len() as u64).sum::<u64>()
+                + run
+                    .shard_lines
+                    .values()
+                    .flatten()
+                    .map(|p| p.len() as u64)
+                    .sum::<u64>();
             summary = Some(s);
         }
         Write::PutFiles { files, .. } => {
@@ -284,6 +297,22 @@ impl Storage for MemoryStore {
             f(codec::decode_files(&part)?);
         }
         Ok(())
+    }
+
+    fn for_each_shard_lines(
+        &self,
+        run_id: &str,
+        shard_id: &str,
+        f: &mut dyn FnMut(Vec<(Arc<str>, RoaringBitmap)>),
+    ) -> Result<bool, StoreError> {
+        let parts = match self.inner().runs.get(run_id) {
+            Some(run) => run.shard_lines.get(shard_id).cloned().unwrap_or_default(),
+            None => return Ok(false),
+        };
+        for part in &parts {
+            f(codec::decode_shard_lines(part)?);
+        }
+        Ok(!parts.is_empty())
     }
 
     fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError> {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use futures_util::future::BoxFuture;
+use roaring::RoaringBitmap;
 
 use crate::model::{FileBatch, FileCoverage};
 pub use codec::{CodecError, FORMAT_VERSION, WireDecoder};
@@ -69,6 +70,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         run_id: &str,
         f: &mut dyn FnMut(Vec<(Arc<str>, FileCoverage)>),
     ) -> Result<(), StoreError>;
+
+    /// Calls `f` with each part of the lines one shard of a compacted run covered; returns
+    /// whether any part was stored (none: the run was compacted by a release that kept no
+    /// per-shard lines, or the shard never sent anything). Blocking.
+    fn for_each_shard_lines(
+        &self,
+        run_id: &str,
+        shard_id: &str,
+        f: &mut dyn FnMut(Vec<(Arc<str>, RoaringBitmap)>),
+    ) -> Result<bool, StoreError>;
 
     /// Summaries of runs, newest first. Blocking.
     fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError>;
@@ -126,10 +137,12 @@ pub enum Write {
         run_id: String,
         shard: ShardRecord,
     },
-    /// Stores a complete run's merged files and summary and drops its delta log.
+    /// Stores a complete run's merged files, each shard's covered lines and the summary, and
+    /// drops its delta log.
     Compact {
         run_id: String,
         parts: Vec<Vec<u8>>,
+        shard_lines: ShardLineParts,
         summary: SummaryRecord,
     },
     /// The repository's files for a run (`git ls-files`), replacing any earlier list.
@@ -143,6 +156,9 @@ pub enum Write {
         summary: Option<SummaryRecord>,
     },
 }
+
+/// Per shard of a run, the parts of the lines it covered (`codec::encode_shard_lines`).
+pub type ShardLineParts = Vec<(String, Vec<Vec<u8>>)>;
 
 /// A run as found on disk at start.
 #[derive(Debug)]

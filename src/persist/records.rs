@@ -19,8 +19,9 @@ mod generated {
 }
 
 pub use generated::{
-    BranchRecord, FileListRecord, FileRecord, FilesRecord, FunctionRecord, RunRecord, ShardRecord,
-    SummaryRecord, TelemetryRecord, TestCaseRecord, TestLinesRecord, TestStatus,
+    BranchRecord, FileLinesRecord, FileListRecord, FileRecord, FilesRecord, FunctionRecord,
+    RunRecord, ShardLinesRecord, ShardRecord, SummaryRecord, TelemetryRecord, TestCaseRecord,
+    TestLinesRecord, TestStatus,
 };
 
 impl From<&TestCase> for TestCaseRecord {

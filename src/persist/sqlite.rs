@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
+use roaring::RoaringBitmap;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -279,6 +280,26 @@ impl Storage for SqliteStore {
         Ok(())
     }
 
+    fn for_each_shard_lines(
+        &self,
+        run_id: &str,
+        shard_id: &str,
+        f: &mut dyn FnMut(Vec<(Arc<str>, RoaringBitmap)>),
+    ) -> Result<bool, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare(
+            "SELECT body FROM shard_lines WHERE run_id = ?1 AND shard_id = ?2 ORDER BY part",
+        )?;
+        let mut rows = stmt.query([run_id, shard_id])?;
+        let mut any = false;
+        while let Some(row) = rows.next()? {
+            let body: Vec<u8> = row.get(0)?;
+            f(codec::decode_shard_lines(&body)?);
+            any = true;
+        }
+        Ok(any)
+    }
+
     fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError> {
         let conn = self.reader();
         let mut stmt = conn.prepare("SELECT record FROM summaries")?;
@@ -346,6 +367,9 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
          CREATE TABLE IF NOT EXISTS merged (
              run_id TEXT NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL,
              PRIMARY KEY (run_id, part));
+         CREATE TABLE IF NOT EXISTS shard_lines (
+             run_id TEXT NOT NULL, shard_id TEXT NOT NULL, part INTEGER NOT NULL,
+             body BLOB NOT NULL, PRIMARY KEY (run_id, shard_id, part));
          CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
          CREATE TABLE IF NOT EXISTS run_files (run_id TEXT PRIMARY KEY, body BLOB NOT NULL);
          CREATE TABLE IF NOT EXISTS logs (run_id TEXT PRIMARY KEY, file INTEGER NOT NULL UNIQUE);",
@@ -631,14 +655,25 @@ fn apply(
         Write::Compact {
             run_id,
             parts,
+            shard_lines,
             summary,
         } => {
-            tx.prepare_cached("DELETE FROM merged WHERE run_id = ?1")?
-                .execute([run_id])?;
+            for table in ["merged", "shard_lines"] {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
+                    .execute([run_id])?;
+            }
             let mut insert =
                 tx.prepare_cached("INSERT INTO merged (run_id, part, body) VALUES (?1, ?2, ?3)")?;
             for (i, part) in parts.iter().enumerate() {
                 insert.execute(params![run_id, i as i64, part])?;
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO shard_lines (run_id, shard_id, part, body) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (shard, parts) in shard_lines {
+                for (i, part) in parts.iter().enumerate() {
+                    insert.execute(params![run_id, shard, i as i64, part])?;
+                }
             }
             tx.prepare_cached("DELETE FROM deltas WHERE run_id = ?1")?
                 .execute([run_id])?;
@@ -655,7 +690,14 @@ fn apply(
                 ])?;
         }
         Write::DeleteRun { run_id, summary } => {
-            for table in ["runs", "shards", "deltas", "merged", "run_files"] {
+            for table in [
+                "runs",
+                "shards",
+                "deltas",
+                "merged",
+                "shard_lines",
+                "run_files",
+            ] {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
                     .execute([run_id])?;
             }

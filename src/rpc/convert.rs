@@ -851,6 +851,15 @@ pub(crate) fn line_set_from_proto(
             run: t.run_id,
             test: t.test,
         },
+        Node::Shard(s) => LineSet::Shard {
+            run: s.run_id,
+            shard: s.shard_id,
+        },
+        Node::Flag(f) => LineSet::Flag {
+            project: f.project,
+            commit: f.commit,
+            flag: f.flag,
+        },
         Node::Union(p) => {
             let (a, b) = pair(p)?;
             LineSet::Union(a, b)
@@ -883,6 +892,19 @@ pub(crate) fn line_set_to_proto(e: &service::LineSet) -> proto::LineSetExpr {
         LineSet::Tests(run) => Node::Tests(run.clone()),
         LineSet::Test { run, test: t } => Node::Test(test(run, t)),
         LineSet::TestsExcept { run, test: t } => Node::TestsExcept(test(run, t)),
+        LineSet::Shard { run, shard } => Node::Shard(proto::ShardOperand {
+            run_id: run.clone(),
+            shard_id: shard.clone(),
+        }),
+        LineSet::Flag {
+            project,
+            commit,
+            flag,
+        } => Node::Flag(proto::FlagOperand {
+            project: project.clone(),
+            commit: commit.clone(),
+            flag: flag.clone(),
+        }),
         LineSet::Union(a, b) => Node::Union(Box::new(pair(a, b))),
         LineSet::Intersection(a, b) => Node::Intersection(Box::new(pair(a, b))),
         LineSet::Difference(a, b) => Node::Difference(Box::new(pair(a, b))),

@@ -7,9 +7,11 @@ use crate::service::Error;
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
-            Error::RunNotFound(_) | Error::FileNotFound { .. } | Error::TestNotFound { .. } => {
-                Code::NotFound
-            }
+            Error::RunNotFound(_)
+            | Error::FileNotFound { .. }
+            | Error::TestNotFound { .. }
+            | Error::ShardNotFound { .. }
+            | Error::FlagNotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,

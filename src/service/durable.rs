@@ -1,8 +1,11 @@
 //! The service's side of durability: the records it stores, recovery at start, compaction of
 //! complete runs, and retention.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use roaring::RoaringBitmap;
 
 use super::run::{Run, RunState, Shard};
 use super::{CoverageService, Error, RunParams, RunStatus, TestTelemetry};
@@ -219,6 +222,8 @@ impl CoverageService {
             // Already stored, and out of memory.
             return Ok(());
         };
+        let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        let start = std::time::Instant::now();
         let mut parts = Vec::new();
         let mut chunk = Vec::new();
         let _gate = run.gate_shared();
@@ -233,6 +238,9 @@ impl CoverageService {
         if !chunk.is_empty() {
             parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
         }
+        let merged = start.elapsed();
+        let shard_lines = self.shard_lines_of_log(run)?;
+        let by_shard = start.elapsed() - merged;
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());
         self.shared.storage.write_blocking(vec![
@@ -240,13 +248,108 @@ impl CoverageService {
             Write::Compact {
                 run_id: run.id.clone(),
                 parts,
+                shard_lines,
                 summary,
             },
         ])?;
         run.compacted
             .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(
+            run = %run.id,
+            files = aggregate.len(),
+            "compacted in {} ms: merged files {} ms, each shard's lines {} ms",
+            start.elapsed().as_millis(),
+            merged.as_millis(),
+            by_shard.as_millis()
+        );
         self.shared.cache.admit(run, aggregate.heap_bytes());
         Ok(())
+    }
+
+    /// Per shard that sent anything, the parts of the lines its current attempt covered, read
+    /// from the delta log, for set algebra once the log is gone. Blocking.
+    fn shard_lines_of_log(&self, run: &Run) -> Result<persist::ShardLineParts, StoreError> {
+        let mut out = Vec::new();
+        for attempt in run.current_attempts() {
+            let covered = self.shard_lines(run, &attempt)?;
+            let mut parts: Vec<Vec<u8>> = covered
+                .chunks(persist::FILES_PER_PART)
+                .map(|c| codec::encode_shard_lines(c.iter().map(|(p, l)| (&**p, l))))
+                .collect();
+            if parts.is_empty() {
+                // Stored all the same: no part at all means a release that kept none.
+                parts.push(codec::encode_shard_lines([]));
+            }
+            out.push((attempt.0, parts));
+        }
+        Ok(out)
+    }
+
+    /// The lines shard `shard` of `run` covered (its current attempt), per file, sorted by
+    /// path: read from the delta log while the run has one, from what compaction stored after.
+    /// Blocking.
+    pub(super) fn lines_of_shard(
+        &self,
+        run: &Run,
+        shard: &str,
+    ) -> Result<Vec<(Arc<str>, RoaringBitmap)>, Error> {
+        let attempt = match run.state().shards.get(shard) {
+            None => {
+                return Err(Error::ShardNotFound {
+                    run: run.id.clone(),
+                    shard: shard.to_owned(),
+                });
+            }
+            Some(s) if s.attempt == 0 => return Ok(Vec::new()),
+            Some(s) => (shard.to_owned(), s.attempt, s.last_seq),
+        };
+        let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        if !run.compacted.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(self.shard_lines(run, &attempt)?);
+        }
+        let mut out = Vec::new();
+        let stored = self
+            .shared
+            .storage
+            .for_each_shard_lines(&run.id, shard, &mut |part| out.extend(part))?;
+        if !stored {
+            return Err(Error::FailedPrecondition(format!(
+                "run `{}` was stored by an earlier release of covd, which kept no per-shard \
+                 lines: shard `{shard}` alone cannot be told apart",
+                run.id
+            )));
+        }
+        Ok(out)
+    }
+
+    /// The lines a shard attempt's stored deltas covered, per file, sorted by path. Blocking.
+    fn shard_lines(
+        &self,
+        run: &Run,
+        attempt: &(String, u32, u64),
+    ) -> Result<Vec<(Arc<str>, RoaringBitmap)>, StoreError> {
+        let mut covered: HashMap<Arc<str>, RoaringBitmap> = HashMap::new();
+        self.shared.storage.for_each_delta(
+            &run.id,
+            std::slice::from_ref(attempt),
+            &mut |_, batch| {
+                for part in batch.files() {
+                    let lines = part.covered();
+                    if lines.is_empty() {
+                        continue;
+                    }
+                    match covered.get_mut(part.path()) {
+                        Some(all) => *all |= lines,
+                        None => {
+                            covered.insert(part.path().into(), lines);
+                        }
+                    }
+                }
+            },
+        )?;
+        let mut covered: Vec<_> = covered.into_iter().collect();
+        covered.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(covered)
     }
 
     /// Drops the raw data of runs created before `cutoff`, keeping their summaries. Returns

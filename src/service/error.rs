@@ -10,6 +10,10 @@ pub enum Error {
     FileNotFound { run: String, path: String },
     #[error("run `{run}` has no test `{test}`")]
     TestNotFound { run: String, test: String },
+    #[error("run `{run}` has no shard `{shard}`")]
+    ShardNotFound { run: String, shard: String },
+    #[error("no run of commit `{commit}` carries flag `{flag}`")]
+    FlagNotFound { commit: String, flag: String },
     /// Malformed input; `field` names where (e.g. `delta.files[3].line_gaps[17]`).
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },

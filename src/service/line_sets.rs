@@ -1,6 +1,7 @@
-//! Set algebra over covered lines: union, intersection and difference of what runs covered,
-//! measured, or what their tests covered ("covered by the integration run but not by unit",
-//! "lines only test T covers"), file by file.
+//! Set algebra over covered lines: union, intersection and difference of what runs, their
+//! shards, the runs of a commit that carry a flag, or tests covered, or what runs measured
+//! ("covered by the integration run but not by unit", "lines covered only by shard 7", "lines
+//! only test T covers"), file by file.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +28,18 @@ pub enum LineSet {
     },
     /// The lines any named test of run `.0` covered.
     Tests(String),
+    /// The lines one shard of a run covered (its current attempt).
+    Shard {
+        run: String,
+        shard: String,
+    },
+    /// The lines the runs of a commit that carry a flag covered, together (`project` empty:
+    /// of any project).
+    Flag {
+        project: String,
+        commit: String,
+        flag: String,
+    },
     /// The lines tests of a run other than `test` covered.
     TestsExcept {
         run: String,
@@ -127,13 +140,32 @@ impl CoverageService {
     }
 
     async fn operand(&self, operand: &LineSet) -> Result<Files> {
+        match operand {
+            LineSet::Shard { run, shard } => {
+                let run = self.run(run)?;
+                let (service, shard) = (self.clone(), shard.clone());
+                let lines =
+                    tokio::task::spawn_blocking(move || service.lines_of_shard(&run, &shard))
+                        .await
+                        .map_err(|e| {
+                            Error::Unavailable(format!("reading a shard's lines failed: {e}"))
+                        })??;
+                return Ok(lines.into_iter().collect());
+            }
+            LineSet::Flag {
+                project,
+                commit,
+                flag,
+            } => return self.flag_lines(project, commit, flag).await,
+            _ => {}
+        }
         let run = match operand {
             LineSet::Covered(run)
             | LineSet::Measured(run)
             | LineSet::Tests(run)
             | LineSet::Test { run, .. }
             | LineSet::TestsExcept { run, .. } => run.clone(),
-            _ => unreachable!("operands are leaves"),
+            _ => unreachable!("operands are leaves, shards and flags are read above"),
         };
         let leaf = operand.clone();
         let value = self
@@ -148,6 +180,48 @@ impl CoverageService {
             }
             _ => Error::RunNotFound(run),
         })
+    }
+}
+
+impl CoverageService {
+    /// The lines the runs of `commit` (of `project`, if not empty) that carry `flag` covered.
+    async fn flag_lines(&self, project: &str, commit: &str, flag: &str) -> Result<Files> {
+        let runs: Vec<String> = self
+            .shared
+            .runs
+            .iter()
+            .filter(|r| {
+                let state = r.state();
+                let p = &state.params;
+                p.commit == commit
+                    && p.flags.contains(flag)
+                    && (project.is_empty() || p.project == project)
+            })
+            .map(|r| r.id.clone())
+            .collect();
+        if runs.is_empty() {
+            return Err(Error::FlagNotFound {
+                commit: commit.to_owned(),
+                flag: flag.to_owned(),
+            });
+        }
+        let mut all = Files::new();
+        for run in runs {
+            let leaf = LineSet::Covered(run.clone());
+            let lines = match self
+                .read(&run, "lines", move |a| leaf_value(a, &leaf))
+                .await
+            {
+                Ok(lines) => lines.unwrap_or_default(),
+                // Deleted since it was listed.
+                Err(Error::RunNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            for (path, lines) in lines {
+                *all.entry(path).or_default() |= lines;
+            }
+        }
+        Ok(all)
     }
 }
 

@@ -139,6 +139,10 @@ pub(super) struct Run {
     /// Whether the run's merged files are stored (it was compacted): only then may its
     /// aggregate leave memory.
     pub(super) compacted: AtomicBool,
+    /// Held while the run is compacted (its delta log replaced by merged files and per-shard
+    /// lines) and while a shard's lines are read, so that a reader sees the log or what
+    /// replaced it, never neither.
+    pub(super) compacting: Mutex<()>,
     /// Bumped on every change; watchers and waiting exports subscribe.
     changed: watch::Sender<u64>,
     /// Serializes writes of the run's stored record, so a stale copy never lands last. A tokio
@@ -184,6 +188,7 @@ impl Run {
             loading: Mutex::new(()),
             last_used: AtomicU64::new(0),
             compacted: AtomicBool::new(false),
+            compacting: Mutex::new(()),
             changed: watch::Sender::new(0),
             record_lock: tokio::sync::Mutex::new(()),
             stored: std::sync::atomic::AtomicBool::new(false),

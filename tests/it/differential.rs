@@ -11,7 +11,13 @@ use crate::impact::{covd_with_input, toolz_repo, toolz_run};
 use crate::support::*;
 
 /// Per file, the lines a shard's own coverage.py report says ran (read with serde).
-pub(crate) fn shard_executed(i: u32) -> BTreeMap<String, BTreeSet<u32>> {
+pub(crate) fn shard_executed(i: u32) -> &'static BTreeMap<String, BTreeSet<u32>> {
+    static SHARDS: [std::sync::OnceLock<BTreeMap<String, BTreeSet<u32>>>; 4] =
+        [const { std::sync::OnceLock::new() }; 4];
+    SHARDS[i as usize - 1].get_or_init(|| read_shard_executed(i))
+}
+
+fn read_shard_executed(i: u32) -> BTreeMap<String, BTreeSet<u32>> {
     #[derive(serde::Deserialize)]
     struct Report {
         files: BTreeMap<String, File>,
@@ -73,9 +79,9 @@ async fn differential_coverage_follows_moved_lines() {
         .unwrap();
     assert!(d.complete && d.base_complete);
     let base_ran: BTreeMap<String, BTreeSet<u32>> = {
-        let (mut one, two) = (shard_executed(1), shard_executed(2));
+        let (mut one, two) = (shard_executed(1).clone(), shard_executed(2));
         for (p, lines) in two {
-            one.entry(p).or_default().extend(lines);
+            one.entry(p.clone()).or_default().extend(lines);
         }
         one
     };

@@ -138,6 +138,15 @@ impl Storage for PowerCut {
         self.disk.for_each_merged(run_id, f)
     }
 
+    fn for_each_shard_lines(
+        &self,
+        run_id: &str,
+        shard_id: &str,
+        f: &mut dyn FnMut(Vec<(Arc<str>, roaring::RoaringBitmap)>),
+    ) -> Result<bool, StoreError> {
+        self.disk.for_each_shard_lines(run_id, shard_id, f)
+    }
+
     fn summaries(&self, limit: usize) -> Result<Vec<covd::persist::SummaryRecord>, StoreError> {
         self.disk.summaries(limit)
     }

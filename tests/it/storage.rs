@@ -14,13 +14,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use covd::model::{FileBuilder, FileCoverage};
-use covd::persist::codec::encode_files;
+use covd::persist::codec::{encode_files, encode_shard_lines};
 use covd::persist::{
     MemoryStore, RunRecord, ShardRecord, SqliteStore, Storage, SummaryRecord, Write,
 };
 use covd::rpc::proto;
 use covd::server::Settings;
 use covd::service::{CoverageService, Delta, Limits, RunParams, ShardHeader};
+use roaring::RoaringBitmap;
 use tonic::Code;
 
 use crate::ingest::{Stream, raw};
@@ -103,7 +104,7 @@ every_backend!(
     committed_writes_read_back_after_a_restart,
     writes_for_a_run_that_is_not_stored_are_dropped,
     a_new_attempt_drops_the_deltas_of_earlier_ones,
-    compaction_keeps_merged_files_and_a_summary,
+    compaction_keeps_merged_files_shard_lines_and_a_summary,
     deleting_a_run_keeps_or_drops_its_summary,
     a_write_beyond_the_cap_commits_nothing,
     a_restarted_daemon_answers_for_complete_and_open_runs,
@@ -310,9 +311,11 @@ fn summary(run_id: &str, files: u64) -> SummaryRecord {
     }
 }
 
-async fn compaction_keeps_merged_files_and_a_summary(make: Make) {
+async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
     let backend = make(None);
     let merged = [("a.c", one_line(3, 9)), ("b.c", one_line(4, 0))];
+    let lines = |l: &[u32]| -> RoaringBitmap { l.iter().copied().collect() };
+    let (a, b) = (lines(&[3, 5]), lines(&[1]));
     {
         let storage = backend.open();
         write(&*storage, vec![Write::PutRun(run("r"))]).await;
@@ -324,6 +327,16 @@ async fn compaction_keeps_merged_files_and_a_summary(make: Make) {
                 parts: vec![
                     encode_files([(merged[0].0, &merged[0].1)]),
                     encode_files([(merged[1].0, &merged[1].1)]),
+                ],
+                shard_lines: vec![
+                    (
+                        "0".into(),
+                        vec![
+                            encode_shard_lines([("a.c", &a)]),
+                            encode_shard_lines([("b.c", &b)]),
+                        ],
+                    ),
+                    ("1".into(), vec![encode_shard_lines([])]),
                 ],
                 summary: summary("r", 2),
             }],
@@ -344,6 +357,30 @@ async fn compaction_keeps_merged_files_and_a_summary(make: Make) {
         assert_eq!((&*part[0].0, &part[0].1), (*path, file));
     }
     assert_eq!(storage.summaries(10).unwrap(), [summary("r", 2)]);
+    // Each shard's lines, in its parts' order; a shard stored empty is told from one never
+    // stored.
+    let shard = |id: &str| {
+        let mut files = Vec::new();
+        let stored = storage
+            .for_each_shard_lines("r", id, &mut |part| files.extend(part))
+            .unwrap();
+        (stored, files)
+    };
+    assert_eq!(
+        shard("0"),
+        (true, vec![("a.c".into(), a), ("b.c".into(), b)])
+    );
+    assert_eq!(shard("1"), (true, Vec::new()));
+    assert_eq!(shard("2"), (false, Vec::new()));
+    write(
+        &*storage,
+        vec![Write::DeleteRun {
+            run_id: "r".into(),
+            summary: None,
+        }],
+    )
+    .await;
+    assert_eq!(shard("0"), (false, Vec::new()));
 }
 
 async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
@@ -359,6 +396,7 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
             vec![Write::Compact {
                 run_id: "dropped".into(),
                 parts: Vec::new(),
+                shard_lines: Vec::new(),
                 summary: summary("dropped", 3),
             }],
         )

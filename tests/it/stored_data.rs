@@ -117,6 +117,19 @@ fn answers_as_it_did(name: &str) {
         );
         String::from_utf8(out.stdout).unwrap()
     };
+    // Set algebra over shards: an open run reads its delta log; a run compacted by an earlier
+    // release, which kept no per-shard lines, says so.
+    let lines = |run: &str, expr: &str| covd(&["lines", "--run", run, expr], None);
+    assert_eq!(lines("open", "shard:0 | shard:1"), lines("open", "covered"));
+    assert_ne!(lines("open", "shard:1"), lines("open", "covered"));
+    let out = served
+        .covd(&["lines", "--run", "complete", "shard:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("stored by an earlier release"), "{err}");
+
     let push = ["push", "--fail-on-error", "--run"];
     covd(
         &[
@@ -147,4 +160,9 @@ fn answers_as_it_did(name: &str) {
     );
     let status = covd(&["status", "--run", "open"], None);
     assert!(status.starts_with("run open: complete"), "{status}");
+    // Compacted by this release, it keeps each shard's lines.
+    assert_eq!(
+        lines("open", "shard:0 | shard:1 | shard:2"),
+        lines("open", "covered")
+    );
 }
