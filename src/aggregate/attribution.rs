@@ -12,7 +12,7 @@
 //! merges its lines through the same fast path as one without, and a run that sends no names
 //! pays one empty pointer per file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use roaring::RoaringBitmap;
@@ -32,6 +32,9 @@ struct Tests {
     ids: HashMap<Arc<str>, TestId>,
     /// The files each test touched, by id; a path is listed once per test.
     files: Vec<Vec<Arc<str>>>,
+    /// Every part of a name before a `|` (`shard1` of `shard1|mod.test_x`): coverage.py's
+    /// static context, which alone labels code that ran outside any test.
+    prefixes: HashSet<Box<str>>,
     /// Bytes of the names, for the memory budget.
     name_bytes: usize,
 }
@@ -66,6 +69,12 @@ impl TestTable {
         let id = TestId::try_from(tests.names.len()).ok()?;
         let name: Arc<str> = Arc::from(name);
         tests.name_bytes += name.len();
+        for (at, _) in name.match_indices('|') {
+            if !tests.prefixes.contains(&name[..at]) {
+                tests.name_bytes += at;
+                tests.prefixes.insert(name[..at].into());
+            }
+        }
         tests.names.push(name.clone());
         tests.ids.insert(name, id);
         tests.files.push(Vec::new());
@@ -97,6 +106,12 @@ impl TestTable {
     /// Every test's name, in id order (the order the run first saw them).
     pub fn all(&self) -> Vec<Arc<str>> {
         self.read().names.clone()
+    }
+
+    /// Whether some test's name is `name` followed by `|` and more: `name` alone is then
+    /// coverage.py's static context, not a test.
+    pub fn is_prefix(&self, name: &str) -> bool {
+        self.read().prefixes.contains(name)
     }
 
     /// How many tests the run has seen.

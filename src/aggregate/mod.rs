@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use roaring::RoaringBitmap;
 
-use crate::model::path::PathFilter;
+use crate::model::path::{Found, PathFilter, find_suffixed};
 use crate::model::{FileBatch, FileCoverage, Totals};
 use attribution::{FileTests, TestId, TestTable};
 
@@ -343,6 +343,13 @@ impl Aggregate {
             .count()
     }
 
+    /// Whether the label `name` names no test: the empty label, or coverage.py's static context
+    /// alone (`shard1` beside `shard1|mod.test_x`), which labels code that ran before or
+    /// between tests.
+    pub fn runs_outside_tests(&self, name: &str) -> bool {
+        name.is_empty() || self.tests.is_prefix(name)
+    }
+
     /// Every test the run has named, in the order it first saw them.
     pub fn test_names(&self) -> Vec<Arc<str>> {
         self.tests.all()
@@ -363,25 +370,13 @@ impl Aggregate {
 
     /// The path the aggregate holds for `path`: `path` itself, or else the one path that ends
     /// with `/path` (a diff names files from the repository's root; coverage may name them
-    /// under a prefix). `None` when there is none, or more than one.
-    pub fn find_path(&self, path: &str) -> Option<Arc<str>> {
-        if let Some(entry) = self.files.get(path) {
-            return Some(entry.key().clone());
+    /// under a prefix).
+    pub fn find_path(&self, path: &str) -> Found<Arc<str>> {
+        let exact = self.files.get(path).map(|e| e.key().clone());
+        if exact.is_some() {
+            return find_suffixed(path, exact, std::iter::empty());
         }
-        let mut found = None;
-        for entry in self.files.iter() {
-            let key = entry.key();
-            if key.len() > path.len()
-                && key.ends_with(path)
-                && key.as_bytes()[key.len() - path.len() - 1] == b'/'
-            {
-                if found.is_some() {
-                    return None;
-                }
-                found = Some(key.clone());
-            }
-        }
-        found
+        find_suffixed(path, None, self.files.iter().map(|e| e.key().clone()))
     }
 
     /// The lines the file's coverage measured (covered or not), and those covered; `None`
@@ -605,6 +600,39 @@ mod tests {
                 .collect();
             prop_assert!(named.iter().all(|t| tests.contains(t)));
             prop_assert_eq!(agg.lines_of_test("nobody"), None);
+        }
+    }
+
+    /// Only a static context alone (a name that another test's name continues with `|`) or
+    /// the empty label is outside tests.
+    #[test]
+    fn only_a_static_context_alone_runs_outside_tests() {
+        let agg = Aggregate::new();
+        let interner = PathInterner::default();
+        for name in [
+            "",
+            "shard1",
+            "shard1|m.test_a",
+            "shard2x",
+            "test_b",
+            "a|b|c",
+        ] {
+            let mut batch = FileBatch::of_files(&[("a.c", file(&[(1, 1)]))]);
+            batch.set_test(Arc::from(name));
+            agg.merge_batch(&interner, &batch);
+        }
+        for (name, outside) in [
+            ("", true),
+            ("shard1", true),
+            ("shard2x", false),
+            ("test_b", false),
+            ("shard1|m.test_a", false),
+            ("a", true),
+            ("a|b", true),
+            ("a|b|c", false),
+            ("shard", false),
+        ] {
+            assert_eq!(agg.runs_outside_tests(name), outside, "{name}");
         }
     }
 

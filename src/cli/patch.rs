@@ -196,6 +196,12 @@ fn text(answer: &PatchCoverage, bar: Option<f64>) -> String {
     for path in &answer.unmeasured {
         s.push_str(&format!("  {path}  not measured by the run\n"));
     }
+    for (path, candidates) in &answer.ambiguous {
+        s.push_str(&format!(
+            "  {path}  not counted: it ends several of the run's paths ({})\n",
+            candidates.join(", ")
+        ));
+    }
     s
 }
 
@@ -244,6 +250,16 @@ fn markdown(run: &str, answer: &PatchCoverage, bar: Option<f64>) -> String {
         s.push_str(&paths.join(", "));
         s.push('\n');
     }
+    if !answer.ambiguous.is_empty() {
+        s.push_str("\nChanged files that end several of the run's paths (not counted): ");
+        let paths: Vec<String> = answer
+            .ambiguous
+            .iter()
+            .map(|(p, c)| format!("`{p}` ({})", c.join(", ")))
+            .collect();
+        s.push_str(&paths.join(", "));
+        s.push('\n');
+    }
     s
 }
 
@@ -262,5 +278,9 @@ fn to_json(answer: &PatchCoverage, bar: Option<f64>) -> serde_json::Value {
             "covered": f.covered.iter().collect::<Vec<u32>>(),
         })).collect::<Vec<_>>(),
         "unmeasured": answer.unmeasured,
+        "ambiguous": answer.ambiguous.iter().map(|(p, c)| json!({
+            "path": p,
+            "candidates": c,
+        })).collect::<Vec<_>>(),
     })
 }

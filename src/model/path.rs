@@ -178,6 +178,54 @@ pub struct RepoFiles {
     by_name: std::collections::HashMap<Box<str>, Vec<Box<str>>>,
 }
 
+/// What a diff's path is among the paths a run holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found<K> {
+    /// The path itself, or the one path that ends with `/path`.
+    One(K),
+    /// Several paths end with `/path` (at most [`MAX_CANDIDATES`] are named).
+    Several(Vec<K>),
+    None,
+}
+
+/// Candidates named of an ambiguous path.
+pub const MAX_CANDIDATES: usize = 3;
+
+/// Finds `path` among `keys`: a diff names files from the repository's root, and coverage may
+/// name them under a prefix (`/builds/x/src/a.py` for `src/a.py`). `exact` looks the path up
+/// first, without a scan.
+pub fn find_suffixed<K: AsRef<str> + Clone>(
+    path: &str,
+    exact: Option<K>,
+    keys: impl IntoIterator<Item = K>,
+) -> Found<K> {
+    if let Some(k) = exact {
+        return Found::One(k);
+    }
+    let mut found: Vec<K> = Vec::new();
+    for key in keys {
+        let k = key.as_ref();
+        if k.len() > path.len()
+            && k.ends_with(path)
+            && k.as_bytes()[k.len() - path.len() - 1] == b'/'
+        {
+            if found.len() > MAX_CANDIDATES {
+                break;
+            }
+            found.push(key);
+        }
+    }
+    if found.len() == 1 {
+        return Found::One(found.remove(0));
+    }
+    if found.is_empty() {
+        return Found::None;
+    }
+    found.sort_unstable_by(|a, b| a.as_ref().cmp(b.as_ref()));
+    found.truncate(MAX_CANDIDATES);
+    Found::Several(found)
+}
+
 /// What a path is among a repository's files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
@@ -256,6 +304,26 @@ impl RepoFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_diff_path_is_found_whole_or_as_the_one_ending() {
+        let keys = ["/b/src/a.py", "/b/lib/a.py", "/b/src/ba.py", "/b/src/c.py"];
+        let find = |p: &'static str| find_suffixed(p, keys.contains(&p).then_some(p), keys);
+        assert_eq!(find("/b/src/a.py"), Found::One("/b/src/a.py"));
+        assert_eq!(find("src/a.py"), Found::One("/b/src/a.py"));
+        assert_eq!(find("c.py"), Found::One("/b/src/c.py"));
+        // `ba.py` does not end with `/a.py`.
+        assert_eq!(
+            find("a.py"),
+            Found::Several(vec!["/b/lib/a.py", "/b/src/a.py"])
+        );
+        assert_eq!(find("d.py"), Found::None);
+        let many: Vec<String> = (0..9).map(|i| format!("d{i}/x.py")).collect();
+        let Found::Several(named) = find_suffixed("x.py", None, many.iter()) else {
+            panic!("several")
+        };
+        assert_eq!(named.len(), MAX_CANDIDATES);
+    }
 
     #[test]
     fn a_path_written_elsewhere_resolves_to_the_one_file_with_its_longest_ending() {

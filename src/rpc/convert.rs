@@ -737,6 +737,11 @@ pub(crate) fn patch_to_proto(p: service::PatchCoverage) -> proto::PatchCoverage 
             .collect(),
         unmeasured: p.unmeasured,
         complete: p.complete,
+        ambiguous: p
+            .ambiguous
+            .into_iter()
+            .map(|(path, candidates)| proto::AmbiguousPath { path, candidates })
+            .collect(),
     }
 }
 
@@ -755,6 +760,11 @@ pub(crate) fn patch_from_proto(p: proto::PatchCoverage) -> Result<service::Patch
     Ok(service::PatchCoverage {
         files,
         unmeasured: p.unmeasured,
+        ambiguous: p
+            .ambiguous
+            .into_iter()
+            .map(|a| (a.path, a.candidates))
+            .collect(),
         complete: p.complete,
     })
 }

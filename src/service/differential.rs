@@ -12,6 +12,7 @@ use roaring::RoaringBitmap;
 
 use super::{CoverageService, Result};
 use crate::diff::{ChangeKind, FileChange};
+use crate::model::path::{Found, find_suffixed};
 
 /// lcov 2's categories of a line, comparing a run with its base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -150,16 +151,14 @@ impl CoverageService {
     }
 }
 
-/// Finds a diff path among a run's paths: itself, or the one path ending with `/path`.
+/// Finds a diff path among a run's paths: itself, or the one path ending with `/path`. A path
+/// that ends several is compared with none of them: each then reads as new or gone.
 fn find(files: &FileLines, path: &str) -> Option<Arc<str>> {
-    if let Some((p, _)) = files.get_key_value(path) {
-        return Some(p.clone());
+    let exact = files.get_key_value(path).map(|(p, _)| p.clone());
+    match find_suffixed(path, exact, files.keys().cloned()) {
+        Found::One(p) => Some(p),
+        Found::Several(_) | Found::None => None,
     }
-    let mut found = files.keys().filter(|k| {
-        k.len() > path.len() && k.ends_with(path) && k[..k.len() - path.len()].ends_with('/')
-    });
-    let first = found.next()?;
-    found.next().is_none().then(|| first.clone())
 }
 
 /// A run file's base file, and the change between them.

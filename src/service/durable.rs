@@ -223,10 +223,14 @@ impl CoverageService {
             return Ok(());
         };
         let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        let _gate = run.gate_shared();
         let start = std::time::Instant::now();
+        // Each shard's lines first: the merged files' encoded parts are the bigger buffer, and
+        // they are not held while the delta log is read.
+        let shard_lines = self.shard_lines_of_log(run)?;
+        let by_shard = start.elapsed();
         let mut parts = Vec::new();
         let mut chunk = Vec::new();
-        let _gate = run.gate_shared();
         let _ = aggregate.for_each_sorted(&PathFilter::default(), |path, file| {
             chunk.push((Arc::<str>::from(path), file.clone()));
             if chunk.len() >= persist::FILES_PER_PART {
@@ -238,9 +242,7 @@ impl CoverageService {
         if !chunk.is_empty() {
             parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
         }
-        let merged = start.elapsed();
-        let shard_lines = self.shard_lines_of_log(run)?;
-        let by_shard = start.elapsed() - merged;
+        let merged = start.elapsed() - by_shard;
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());
         self.shared.storage.write_blocking(vec![

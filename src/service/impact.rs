@@ -22,7 +22,7 @@ use roaring::RoaringBitmap;
 use super::{CoverageService, Result};
 use crate::aggregate::Aggregate;
 use crate::diff::{ChangeKind, FileChange};
-use crate::model::path::PathFilter;
+use crate::model::path::{Found, PathFilter};
 
 /// What a test impact answer says as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,14 +147,12 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
         ignored: Vec::new(),
         gone: Vec::new(),
     };
-    let mut names = aggregate.test_names();
-    if names.is_empty() {
+    if aggregate.test_count() == 0 {
         answer
             .unknown
             .push("the run names no tests: push per-test coverage (coverage.py contexts, LCOV TN:, or a delta per test)".into());
         return answer;
     }
-    names.sort_unstable();
     let code = std::cell::OnceCell::new();
     let code = || code.get_or_init(|| code_extensions(aggregate));
     let mut selected: BTreeMap<Arc<str>, Vec<(Arc<str>, RoaringBitmap)>> = BTreeMap::new();
@@ -165,7 +163,18 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
             ChangeKind::Added | ChangeKind::Copied => None,
             _ => change.old_path.as_deref(),
         };
-        let Some(path) = old.and_then(|p| aggregate.find_path(p)) else {
+        let found = old.map_or(Found::None, |p| aggregate.find_path(p));
+        if let Found::Several(candidates) = &found {
+            answer.unknown.push(format!(
+                "{} matches several files of the run ({}): no test can be told to cover it; \
+                 make the run's paths the repository's (`covd push --root`, path rules) or \
+                 strip the diff's prefix with -p",
+                change.path(),
+                candidates.join(", ")
+            ));
+            continue;
+        }
+        let Found::One(path) = found else {
             let shown = change.path();
             if is_code(shown, code()) || old.is_some_and(|p| is_code(p, code())) {
                 answer.unknown.push(format!(
@@ -192,7 +201,7 @@ fn impact(aggregate: &Aggregate, diff: &[FileChange]) -> TestImpact {
         let mut count = 0;
         for (name, test_lines) in tests {
             covered |= &test_lines;
-            if outside_tests(&name, &names) {
+            if aggregate.runs_outside_tests(&name) {
                 outside_lines |= &test_lines;
                 outside.push(name);
                 continue;
@@ -269,17 +278,6 @@ fn looked_at(change: &FileChange, measured: &RoaringBitmap) -> RoaringBitmap {
     lines
 }
 
-/// A label that names no test: the empty label, or coverage.py's static context alone (`shard1`
-/// beside `shard1|mod.test_x`), which is code that ran before or between tests.
-fn outside_tests(name: &str, sorted_names: &[Arc<str>]) -> bool {
-    if name.is_empty() {
-        return true;
-    }
-    let prefix = format!("{name}|");
-    let at = sorted_names.partition_point(|n| **n < *prefix);
-    sorted_names.get(at).is_some_and(|n| n.starts_with(&prefix))
-}
-
 /// The extensions of the files the run measures (`py`, `rs`): a changed file with one of them
 /// is code the run would measure. Asked for only when a changed file is not in the run: it
 /// reads every path.
@@ -330,18 +328,6 @@ mod tests {
         let measured: RoaringBitmap = [3, 4, 8, 12].into_iter().collect();
         let got: Vec<u32> = looked_at(&change, &measured).iter().collect();
         assert_eq!(got, [4, 5, 6, 7, 8]);
-    }
-
-    #[test]
-    fn only_a_static_context_alone_is_outside_tests() {
-        let names: Vec<Arc<str>> = ["", "shard1", "shard1|m.test_a", "shard2x", "test_b"]
-            .map(Arc::from)
-            .to_vec();
-        assert!(outside_tests("", &names));
-        assert!(outside_tests("shard1", &names));
-        assert!(!outside_tests("shard2x", &names));
-        assert!(!outside_tests("test_b", &names));
-        assert!(!outside_tests("shard1|m.test_a", &names));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use roaring::RoaringBitmap;
 use super::impact::{code_extensions, is_code};
 use super::{CoverageService, Result};
 use crate::diff::FileChange;
+use crate::model::path::Found;
 
 /// One changed file's patch coverage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,9 @@ pub struct PatchCoverage {
     /// Changed files with added lines that look like code the run measures (by extension) but
     /// that the run does not hold: left out of the figure, and named.
     pub unmeasured: Vec<String>,
+    /// Changed files whose path ends several of the run's paths (a few of them named): left out
+    /// of the figure, and named.
+    pub ambiguous: Vec<(String, Vec<String>)>,
     /// Whether the run is complete: otherwise the figure may still rise.
     pub complete: bool,
 }
@@ -59,11 +63,19 @@ impl CoverageService {
                 let Some(new_path) = change.new_path.as_deref() else {
                     continue;
                 };
-                let Some(path) = aggregate.find_path(new_path) else {
-                    if is_code(new_path, code.get_or_init(|| code_extensions(aggregate))) {
-                        answer.unmeasured.push(new_path.to_owned());
+                let path = match aggregate.find_path(new_path) {
+                    Found::One(path) => path,
+                    Found::Several(candidates) => {
+                        let candidates = candidates.iter().map(|c| c.to_string()).collect();
+                        answer.ambiguous.push((new_path.to_owned(), candidates));
+                        continue;
                     }
-                    continue;
+                    Found::None => {
+                        if is_code(new_path, code.get_or_init(|| code_extensions(aggregate))) {
+                            answer.unmeasured.push(new_path.to_owned());
+                        }
+                        continue;
+                    }
                 };
                 let Some(file) = aggregate.file_lines(&path) else {
                     continue;

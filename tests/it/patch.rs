@@ -297,3 +297,60 @@ async fn watch_shows_patch_coverage_rising_while_shards_stream() {
     assert!(covered_at(&first) < covered_at(last), "{first}{rest}");
     assert_eq!(covered_at(last), covered);
 }
+
+/// A diff's path that ends two of the run's paths (`x.py` for `a/x.py` and `b/x.py`) is
+/// matched to neither: patch coverage leaves it out and names it, test impact cannot tell.
+#[tokio::test]
+async fn a_path_that_ends_several_files_is_named_not_guessed() {
+    use crate::attribution::{lines, push_tests};
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let params = RunParams {
+        expected_shards: vec!["1".into()],
+        ..RunParams::default()
+    };
+    client.open_run("r", params).await.unwrap();
+    let tests = vec![
+        ("t::a", vec![("src/a/x.py", lines(&[1, 2], &[3]))]),
+        ("t::b", vec![("src/b/x.py", lines(&[1], &[2]))]),
+    ];
+    push_tests(&mut client, "r", "1", tests).await.unwrap();
+    let diff = b"diff --git a/x.py b/x.py\n--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-old\n+new\n";
+
+    let patch = client
+        .patch_coverage("r", diff.to_vec(), None)
+        .await
+        .unwrap();
+    assert!(patch.files.is_empty(), "{patch:?}");
+    let candidates = vec!["src/a/x.py".to_owned(), "src/b/x.py".to_owned()];
+    assert_eq!(patch.ambiguous, [("x.py".to_owned(), candidates)]);
+    let args = ["patch", "--run", "r", "--diff", "-"];
+    let (code, out, err) = covd_with_input(&daemon.url, &args, diff.to_vec()).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(
+            "x.py  not counted: it ends several of the run's paths (src/a/x.py, src/b/x.py)"
+        ),
+        "{out}"
+    );
+
+    let impact = client
+        .test_impact("r", diff.to_vec(), None, None)
+        .await
+        .unwrap();
+    assert_eq!(impact.state, covd::service::ImpactState::Unknown);
+    assert!(
+        impact.unknown[0]
+            .contains("x.py matches several files of the run (src/a/x.py, src/b/x.py)"),
+        "{:?}",
+        impact.unknown
+    );
+    // The whole path is found as it is.
+    let whole = b"diff --git a/src/a/x.py b/src/a/x.py\n--- a/src/a/x.py\n+++ b/src/a/x.py\n@@ -1 +1 @@\n-old\n+new\n";
+    let impact = client
+        .test_impact("r", whole.to_vec(), None, None)
+        .await
+        .unwrap();
+    let names: Vec<&str> = impact.tests.iter().map(|t| &*t.name).collect();
+    assert_eq!(names, ["t::a"]);
+}
