@@ -144,6 +144,8 @@ struct Figures {
     records: u64,
     cpu: f64,
     wall: Duration,
+    /// At the last finish, before questions and compaction.
+    ingest_peak_kb: u64,
     peak_kb: u64,
     first_answer: Option<Duration>,
     line_latency: Vec<Duration>,
@@ -211,11 +213,13 @@ async fn round(a: &Args, named: bool, dir: &Path) -> Figures {
     let wall = started.elapsed();
     let cpu = daemon::cpu_seconds(pid) - cpu_before;
     let last_finish = Instant::now();
+    let ingest_peak_kb = daemon::peak_rss_kb(pid);
 
     let mut figures = Figures {
         records,
         cpu,
         wall,
+        ingest_peak_kb,
         peak_kb: 0,
         first_answer: None,
         line_latency: Vec::new(),
@@ -390,10 +394,12 @@ async fn bench() {
     println!("(test, file) records: {}", named.records);
     for (label, f) in [("without names", plain), ("with names", named)] {
         println!(
-            "{label:>14}: ingest {:.2} s wall, daemon CPU {:.2} s = {:.2} µs per record, peak RSS {} MB",
+            "{label:>14}: ingest {:.2} s wall, daemon CPU {:.2} s = {:.2} µs per record, peak RSS \
+             {} MB at the last finish, {} MB once compacted",
             f.wall.as_secs_f64(),
             f.cpu,
             per_record(f),
+            f.ingest_peak_kb / 1024,
             f.peak_kb / 1024
         );
     }

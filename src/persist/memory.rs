@@ -90,6 +90,20 @@ impl MemoryStore {
     }
 
     fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        // A compaction's parts are taken before anything is applied: a producer that stops
+        // early fails the whole write.
+        let mut merged = Vec::new();
+        for w in &writes {
+            if let Write::Compact { parts, .. } = w {
+                let mut all = Vec::new();
+                parts.for_each(|_, part| {
+                    all.push(part);
+                    Ok::<(), StoreError>(())
+                })?;
+                merged.push(all);
+            }
+        }
+        let mut merged = merged.into_iter();
         let mut inner = self.inner();
         // Only deltas count against the cap: a compaction replaces a run's deltas by fewer
         // bytes, and refusing it would help nobody.
@@ -104,7 +118,11 @@ impl MemoryStore {
         }
         let n = writes.len() as u64;
         for w in writes {
-            apply(&mut inner, w);
+            let parts = match &w {
+                Write::Compact { .. } => merged.next().unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            apply(&mut inner, w, parts);
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n, Ordering::Relaxed);
@@ -114,7 +132,7 @@ impl MemoryStore {
 
 /// One write, as the SQLite store applies it: writes for a run that is not stored (deleted
 /// meanwhile) are dropped.
-fn apply(inner: &mut Inner, w: Write) {
+fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
     let run_id = match &w {
         Write::PutRun(run) => {
             let stored = inner.runs.entry(run.run_id.clone()).or_default();
@@ -125,6 +143,7 @@ fn apply(inner: &mut Inner, w: Write) {
         Write::PutShard { run_id, .. }
         | Write::AppendDelta { run_id, .. }
         | Write::StartAttempt { run_id, .. }
+        | Write::PutShardLines { run_id, .. }
         | Write::Compact { run_id, .. }
         | Write::PutFiles { run_id, .. }
         | Write::DeleteRun { run_id, .. } => run_id,
@@ -173,14 +192,15 @@ fn apply(inner: &mut Inner, w: Write) {
             run.bytes -= dropped;
             put_shard(run, &shard);
         }
-        Write::Compact {
-            parts,
-            shard_lines,
-            summary: s,
-            ..
+        Write::PutShardLines {
+            shard_id, parts, ..
         } => {
-            run.merged = parts;
-            run.shard_lines = shard_lines.into_iter().collect();
+            let added: u64 = parts.iter().map(|p| p.len() as u64).sum();
+            let replaced = run.shard_lines.insert(shard_id, parts).unwrap_or_default();
+            run.bytes = run.bytes + added - replaced.iter().map(|p| p.len() as u64).sum::<u64>();
+        }
+        Write::Compact { summary: s, .. } => {
+            run.merged = merged;
             run.deltas.clear();
             run.bytes = run.merged.iter().map(|p| p.len() as u64).sum::<u64>()
                 + run

@@ -137,12 +137,18 @@ pub enum Write {
         run_id: String,
         shard: ShardRecord,
     },
-    /// Stores a complete run's merged files, each shard's covered lines and the summary, and
-    /// drops its delta log.
+    /// Replaces the lines one shard of a run covered (`codec::encode_shard_lines` parts),
+    /// kept for when the run's delta log is gone: a compaction writes them first, a shard at
+    /// a time.
+    PutShardLines {
+        run_id: String,
+        shard_id: String,
+        parts: Vec<Vec<u8>>,
+    },
+    /// Stores a complete run's merged files and summary, and drops its delta log.
     Compact {
         run_id: String,
-        parts: Vec<Vec<u8>>,
-        shard_lines: ShardLineParts,
+        parts: Parts,
         summary: SummaryRecord,
     },
     /// The repository's files for a run (`git ls-files`), replacing any earlier list.
@@ -157,8 +163,77 @@ pub enum Write {
     },
 }
 
-/// Per shard of a run, the parts of the lines it covered (`codec::encode_shard_lines`).
-pub type ShardLineParts = Vec<(String, Vec<Vec<u8>>)>;
+/// A compacted run's merged files, in parts (`codec::encode_files`), handed to the store as
+/// they are encoded: a run with per-test attribution encodes to hundreds of megabytes, which
+/// need not be in memory at once. The store takes them in order inside the write's one
+/// transaction; a producer that stops before its last part fails the write.
+pub struct Parts(
+    std::sync::mpsc::Receiver<Vec<u8>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+/// The producer's end of [`Parts`].
+#[derive(Debug)]
+pub struct PartSender(
+    std::sync::mpsc::SyncSender<Vec<u8>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+impl Parts {
+    /// Parts a producer sends while the store writes, at most `ahead` of them waiting.
+    pub fn channel(ahead: usize) -> (PartSender, Parts) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(ahead);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (PartSender(tx, done.clone()), Parts(rx, done))
+    }
+
+    /// Parts already encoded.
+    pub fn of(parts: Vec<Vec<u8>>) -> Parts {
+        let (tx, rx) = Parts::channel(parts.len());
+        for part in parts {
+            tx.send(part);
+        }
+        tx.end();
+        rx
+    }
+
+    /// Calls `f` with each part in order; fails when the producer stopped before the end.
+    pub fn for_each<E: From<StoreError>>(
+        &self,
+        mut f: impl FnMut(usize, Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut i = 0;
+        while let Ok(part) = self.0.recv() {
+            f(i, part)?;
+            i += 1;
+        }
+        if !self.1.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(
+                StoreError::Failed("the compaction stopped before its last part".into()).into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Parts")
+    }
+}
+
+impl PartSender {
+    /// Sends a part; false when the store no longer takes them (the write failed or was
+    /// dropped).
+    pub fn send(&self, part: Vec<u8>) -> bool {
+        self.0.send(part).is_ok()
+    }
+
+    /// Marks the last part sent.
+    pub fn end(self) {
+        self.1.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
 
 /// A run as found on disk at start.
 #[derive(Debug)]
@@ -189,4 +264,49 @@ fn newest_first(summaries: &mut [SummaryRecord]) {
             .cmp(&a.created_at_ms)
             .then_with(|| a.run_id.cmp(&b.run_id))
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taken(parts: &Parts) -> Result<Vec<(usize, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        parts.for_each(|i, p| {
+            out.push((i, p));
+            Ok::<(), StoreError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// Parts come in order while they are sent; a producer that stops before `end` fails the
+    /// write rather than leave a run compacted without its last files.
+    #[test]
+    fn parts_are_taken_in_order_and_only_whole() {
+        let (tx, parts) = Parts::channel(1);
+        let producer = std::thread::spawn(move || {
+            for i in 0..5u8 {
+                assert!(tx.send(vec![i]));
+            }
+            tx.end();
+        });
+        let got = taken(&parts).unwrap();
+        producer.join().unwrap();
+        assert_eq!(got, (0..5).map(|i| (i, vec![i as u8])).collect::<Vec<_>>());
+        assert_eq!(taken(&Parts::of(vec![vec![7]])).unwrap(), [(0, vec![7])]);
+
+        let (tx, parts) = Parts::channel(4);
+        assert!(tx.send(vec![1]));
+        drop(tx);
+        let e = taken(&parts).unwrap_err();
+        assert!(
+            e.to_string().contains("stopped before its last part"),
+            "{e}"
+        );
+
+        // The store gave up: the producer hears it.
+        let (tx, parts) = Parts::channel(1);
+        drop(parts);
+        assert!(!tx.send(vec![1]));
+    }
 }

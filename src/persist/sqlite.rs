@@ -622,6 +622,7 @@ fn apply(
         Write::PutShard { run_id, .. }
         | Write::AppendDelta { run_id, .. }
         | Write::StartAttempt { run_id, .. }
+        | Write::PutShardLines { run_id, .. }
         | Write::Compact { run_id, .. }
         | Write::PutFiles { run_id, .. }
             if !run_exists(tx, run_id)? => {}
@@ -652,29 +653,33 @@ fn apply(
             .execute(params![run_id, shard.shard_id, shard.attempt])?;
             put_shard(tx, run_id, shard)?;
         }
-        Write::Compact {
+        Write::PutShardLines {
             run_id,
+            shard_id,
             parts,
-            shard_lines,
-            summary,
         } => {
-            for table in ["merged", "shard_lines"] {
-                tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
-                    .execute([run_id])?;
-            }
-            let mut insert =
-                tx.prepare_cached("INSERT INTO merged (run_id, part, body) VALUES (?1, ?2, ?3)")?;
-            for (i, part) in parts.iter().enumerate() {
-                insert.execute(params![run_id, i as i64, part])?;
-            }
+            tx.prepare_cached("DELETE FROM shard_lines WHERE run_id = ?1 AND shard_id = ?2")?
+                .execute([run_id, shard_id])?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO shard_lines (run_id, shard_id, part, body) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for (shard, parts) in shard_lines {
-                for (i, part) in parts.iter().enumerate() {
-                    insert.execute(params![run_id, shard, i as i64, part])?;
-                }
+            for (i, part) in parts.iter().enumerate() {
+                insert.execute(params![run_id, shard_id, i as i64, part])?;
             }
+        }
+        Write::Compact {
+            run_id,
+            parts,
+            summary,
+        } => {
+            tx.prepare_cached("DELETE FROM merged WHERE run_id = ?1")?
+                .execute([run_id])?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO merged (run_id, part, body) VALUES (?1, ?2, ?3)")?;
+            parts.for_each(|i, part| {
+                insert.execute(params![run_id, i as i64, part])?;
+                Ok::<(), StoreError>(())
+            })?;
             tx.prepare_cached("DELETE FROM deltas WHERE run_id = ?1")?
                 .execute([run_id])?;
             logs.drop_run(tx, run_id)?;

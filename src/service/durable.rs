@@ -225,35 +225,47 @@ impl CoverageService {
         let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
         let _gate = run.gate_shared();
         let start = std::time::Instant::now();
-        // Each shard's lines first: the merged files' encoded parts are the bigger buffer, and
-        // they are not held while the delta log is read.
-        let shard_lines = self.shard_lines_of_log(run)?;
+        // Each shard's lines first, while the delta log is there, a shard per write.
+        self.store_shard_lines(run)?;
         let by_shard = start.elapsed();
-        let mut parts = Vec::new();
-        let mut chunk = Vec::new();
-        let _ = aggregate.for_each_sorted(&PathFilter::default(), |path, file| {
-            chunk.push((Arc::<str>::from(path), file.clone()));
-            if chunk.len() >= persist::FILES_PER_PART {
-                parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
-                chunk.clear();
-            }
-            Ok::<(), ()>(())
-        });
-        if !chunk.is_empty() {
-            parts.push(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
-        }
-        let merged = start.elapsed() - by_shard;
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());
-        self.shared.storage.write_blocking(vec![
-            Write::UpdateRun(record),
-            Write::Compact {
-                run_id: run.id.clone(),
-                parts,
-                shard_lines,
-                summary,
-            },
-        ])?;
+        // The store writes each part as it is encoded, in one transaction: a few parts in
+        // memory rather than the whole run.
+        let (sender, parts) = persist::Parts::channel(2);
+        let (written, merged) = std::thread::scope(|scope| {
+            let encoder = scope.spawn(|| {
+                let mut chunk = Vec::new();
+                let mut open = true;
+                let _ = aggregate.for_each_sorted(&PathFilter::default(), |path, file| {
+                    chunk.push((Arc::<str>::from(path), file.clone()));
+                    if chunk.len() >= persist::FILES_PER_PART {
+                        open =
+                            sender.send(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
+                        chunk.clear();
+                    }
+                    if open { Ok(()) } else { Err(()) }
+                });
+                if open && !chunk.is_empty() {
+                    open = sender.send(codec::encode_files(chunk.iter().map(|(p, f)| (&**p, f))));
+                }
+                if open {
+                    sender.end();
+                }
+                start.elapsed() - by_shard
+            });
+            let written = self.shared.storage.write_blocking(vec![
+                Write::UpdateRun(record),
+                Write::Compact {
+                    run_id: run.id.clone(),
+                    parts,
+                    summary,
+                },
+            ]);
+            let merged = encoder.join().unwrap_or_default();
+            (written, merged)
+        });
+        written?;
         run.compacted
             .store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(
@@ -268,12 +280,11 @@ impl CoverageService {
         Ok(())
     }
 
-    /// Per shard that sent anything, the parts of the lines its current attempt covered, read
-    /// from the delta log, for set algebra once the log is gone. Blocking.
-    fn shard_lines_of_log(&self, run: &Run) -> Result<persist::ShardLineParts, StoreError> {
-        let mut out = Vec::new();
-        for attempt in run.current_attempts() {
-            let covered = self.shard_lines(run, &attempt)?;
+    /// Stores, per shard that sent anything, the lines its current attempt covered, read from
+    /// the delta log, for set algebra once the log is gone. Blocking.
+    fn store_shard_lines(&self, run: &Run) -> Result<(), StoreError> {
+        for (shard_id, attempt, last_seq) in run.current_attempts() {
+            let covered = self.shard_lines(run, &(shard_id.clone(), attempt, last_seq))?;
             let mut parts: Vec<Vec<u8>> = covered
                 .chunks(persist::FILES_PER_PART)
                 .map(|c| codec::encode_shard_lines(c.iter().map(|(p, l)| (&**p, l))))
@@ -282,9 +293,15 @@ impl CoverageService {
                 // Stored all the same: no part at all means a release that kept none.
                 parts.push(codec::encode_shard_lines([]));
             }
-            out.push((attempt.0, parts));
+            self.shared
+                .storage
+                .write_blocking(vec![Write::PutShardLines {
+                    run_id: run.id.clone(),
+                    shard_id,
+                    parts,
+                }])?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The lines shard `shard` of `run` covered (its current attempt), per file, sorted by

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use covd::model::{FileBuilder, FileCoverage};
 use covd::persist::codec::{encode_files, encode_shard_lines};
 use covd::persist::{
-    MemoryStore, RunRecord, ShardRecord, SqliteStore, Storage, SummaryRecord, Write,
+    MemoryStore, Parts, RunRecord, ShardRecord, SqliteStore, Storage, SummaryRecord, Write,
 };
 use covd::rpc::proto;
 use covd::server::Settings;
@@ -252,11 +252,18 @@ async fn writes_for_a_run_that_is_not_stored_are_dropped(make: Make) {
                 run_id: "nowhere".into(),
                 shard: shard("0", 1, 1),
             },
+            Write::PutShardLines {
+                run_id: "nowhere".into(),
+                shard_id: "0".into(),
+                parts: vec![encode_shard_lines([])],
+            },
         ],
     )
     .await;
     assert!(storage.load_runs().unwrap().is_empty());
     assert!(deltas(&*storage, "nowhere", &[("0", 1, 1)]).is_empty());
+    let stored = storage.for_each_shard_lines("nowhere", "0", &mut |_| {});
+    assert!(!stored.unwrap());
     // A run deleted while a write for it was on its way: the write does not bring it back.
     write(&*storage, vec![Write::PutRun(run("gone"))]).await;
     write(
@@ -278,6 +285,26 @@ async fn a_new_attempt_drops_the_deltas_of_earlier_ones(make: Make) {
         let storage = backend.open();
         write(&*storage, vec![Write::PutRun(run("r"))]).await;
         write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
+        // A compaction whose encoder stopped before its last part stores nothing of it.
+        let (tx, cut) = Parts::channel(1);
+        let encoder = std::thread::spawn(move || {
+            tx.send(encode_files([(merged_first().0, &merged_first().1)]));
+        });
+        let failed = storage
+            .write(vec![Write::Compact {
+                run_id: "r".into(),
+                parts: cut,
+                summary: summary("r", 1),
+            }])
+            .await;
+        encoder.join().unwrap();
+        assert!(failed.is_err());
+    }
+    {
+        let storage = backend.open();
+        assert!(!storage.load_runs().unwrap()[0].compacted);
+        assert_eq!(deltas(&*storage, "r", &[("0", 1, 1)]).len(), 1);
+        assert!(storage.summaries(10).unwrap().is_empty());
         write(&*storage, vec![append("r", "0", 1, 2, 2)]).await;
         write(&*storage, vec![append("r", "1", 1, 1, 7)]).await;
         write(
@@ -311,6 +338,10 @@ fn summary(run_id: &str, files: u64) -> SummaryRecord {
     }
 }
 
+fn merged_first() -> (&'static str, FileCoverage) {
+    ("a.c", one_line(3, 9))
+}
+
 async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
     let backend = make(None);
     let merged = [("a.c", one_line(3, 9)), ("b.c", one_line(4, 0))];
@@ -320,24 +351,51 @@ async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
         let storage = backend.open();
         write(&*storage, vec![Write::PutRun(run("r"))]).await;
         write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
+        // A compaction whose encoder stopped before its last part stores nothing of it.
+        let (tx, cut) = Parts::channel(1);
+        let encoder = std::thread::spawn(move || {
+            tx.send(encode_files([(merged_first().0, &merged_first().1)]));
+        });
+        let failed = storage
+            .write(vec![Write::Compact {
+                run_id: "r".into(),
+                parts: cut,
+                summary: summary("r", 1),
+            }])
+            .await;
+        encoder.join().unwrap();
+        assert!(failed.is_err());
+    }
+    {
+        let storage = backend.open();
+        assert!(!storage.load_runs().unwrap()[0].compacted);
+        assert_eq!(deltas(&*storage, "r", &[("0", 1, 1)]).len(), 1);
+        assert!(storage.summaries(10).unwrap().is_empty());
+        // Shard lines, a shard per write; a second write for a shard replaces its lines.
+        let put = |shard: &str, parts: Vec<Vec<u8>>| Write::PutShardLines {
+            run_id: "r".into(),
+            shard_id: shard.into(),
+            parts,
+        };
+        write(
+            &*storage,
+            vec![put("0", vec![encode_shard_lines([("c.c", &b)])])],
+        )
+        .await;
+        let zero = vec![
+            encode_shard_lines([("a.c", &a)]),
+            encode_shard_lines([("b.c", &b)]),
+        ];
+        write(&*storage, vec![put("0", zero)]).await;
+        write(&*storage, vec![put("1", vec![encode_shard_lines([])])]).await;
         write(
             &*storage,
             vec![Write::Compact {
                 run_id: "r".into(),
-                parts: vec![
+                parts: Parts::of(vec![
                     encode_files([(merged[0].0, &merged[0].1)]),
                     encode_files([(merged[1].0, &merged[1].1)]),
-                ],
-                shard_lines: vec![
-                    (
-                        "0".into(),
-                        vec![
-                            encode_shard_lines([("a.c", &a)]),
-                            encode_shard_lines([("b.c", &b)]),
-                        ],
-                    ),
-                    ("1".into(), vec![encode_shard_lines([])]),
-                ],
+                ]),
                 summary: summary("r", 2),
             }],
         )
@@ -395,8 +453,7 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
             &*storage,
             vec![Write::Compact {
                 run_id: "dropped".into(),
-                parts: Vec::new(),
-                shard_lines: Vec::new(),
+                parts: Parts::of(Vec::new()),
                 summary: summary("dropped", 3),
             }],
         )
