@@ -153,10 +153,10 @@ fn first_line(path: &str, pick: impl Fn(u32) -> bool) -> u32 {
         .unwrap_or_else(|| panic!("no such line in {path}"))
 }
 
-type Reasons = BTreeMap<String, BTreeMap<String, BTreeSet<u32>>>;
+pub(crate) type Reasons = BTreeMap<String, BTreeMap<String, BTreeSet<u32>>>;
 
 /// Per test, per file, the lines it is selected for.
-fn reasons(answer: &TestImpact) -> Reasons {
+pub(crate) fn reasons(answer: &TestImpact) -> Reasons {
     answer
         .tests
         .iter()

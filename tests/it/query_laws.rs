@@ -322,7 +322,7 @@ fn impact_is_the_union_of_per_line_answers(run: Run, edits: Vec<Edit>, delete_b:
 
         // Ask for each looked-at line alone; the union must be the selection, and each
         // test's reasons the looked-at lines whose answer names it.
-        let mut want: BTreeMap<String, BTreeMap<String, BTreeSet<u32>>> = BTreeMap::new();
+        let mut want = crate::impact::Reasons::new();
         for file in &answer.files {
             for line in &file.lines {
                 let one: RoaringBitmap = std::iter::once(line).collect();
@@ -336,18 +336,7 @@ fn impact_is_the_union_of_per_line_answers(run: Run, edits: Vec<Edit>, delete_b:
                 }
             }
         }
-        let got: BTreeMap<String, BTreeMap<String, BTreeSet<u32>>> = answer
-            .tests
-            .iter()
-            .map(|t| {
-                let files = t
-                    .lines
-                    .iter()
-                    .map(|(p, l)| (p.to_string(), l.iter().collect()))
-                    .collect();
-                (t.name.to_string(), files)
-            })
-            .collect();
+        let got = crate::impact::reasons(&answer);
         assert_eq!(got, want, "diff:\n{text}");
         let state = if !all_held {
             ImpactState::Unknown
