@@ -77,9 +77,16 @@ struct Figures {
 /// `covd serve` on a free loopback port; the address is on its first line of output.
 fn serve(covd: &Path, data: &Path, budget: Option<&str>) -> (Child, String) {
     let mut cmd = Command::new(covd);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .stderr(Stdio::piped());
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(data)
+    .stderr(Stdio::piped());
     if let Some(b) = budget {
         cmd.args(["--memory-budget", b]);
     }

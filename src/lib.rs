@@ -32,6 +32,8 @@ pub mod aggregate;
 pub mod client;
 pub mod diff;
 pub mod formats;
+mod http;
+pub mod metrics;
 pub mod model;
 pub mod persist;
 pub mod rpc;

@@ -46,6 +46,15 @@ pub struct Settings {
     /// (with a connection per shard, 64 shards × 35,000 files: peak 170 → 161 MB) costs no
     /// throughput on loopback or a LAN.
     pub stream_window_bytes: u32,
+    /// Where the HTTP port (Prometheus metrics at `/metrics`) listens; `None`: no HTTP port.
+    pub http_listen: Option<std::net::SocketAddr>,
+}
+
+/// What a started daemon tells the one that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// The HTTP port's address, when it has one.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl Default for Settings {
@@ -59,6 +68,7 @@ impl Default for Settings {
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 1024,
             stream_window_bytes: 64 * 1024,
+            http_listen: None,
         }
     }
 }
@@ -97,7 +107,7 @@ pub async fn run_with_ready(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
-    ready: tokio::sync::oneshot::Sender<()>,
+    ready: tokio::sync::oneshot::Sender<Ready>,
 ) -> Result<(), ServerError> {
     let storage = open_storage(&settings).await?;
     run_on(listener, settings, storage, shutdown, ready).await
@@ -110,10 +120,25 @@ pub async fn run_on(
     settings: Settings,
     storage: Arc<dyn Storage>,
     shutdown: impl Future<Output = ()> + Send,
-    ready: tokio::sync::oneshot::Sender<()>,
+    ready: tokio::sync::oneshot::Sender<Ready>,
 ) -> Result<(), ServerError> {
     let service = open_service(&settings, storage).await?;
     let (stop, stopping) = watch::channel(false);
+    let http = match settings.http_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                ServerError::Startup(format!("cannot listen on {addr} for HTTP: {e}"))
+            })?;
+            let bound = listener.local_addr().ok();
+            tokio::spawn(crate::http::serve(
+                listener,
+                service.clone(),
+                stopping.clone(),
+            ));
+            bound
+        }
+        None => None,
+    };
     let coverage = CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone()))
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes)
@@ -161,7 +186,7 @@ pub async fn run_on(
         .add_service(reflection_v1alpha)
         .add_service(coverage)
         .serve_with_incoming_shutdown(without_delay(listener), signal);
-    let _ = ready.send(());
+    let _ = ready.send(Ready { http });
     let mut stopping = stopping;
     let grace = settings.shutdown_grace;
     let deadline = async {

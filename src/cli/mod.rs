@@ -42,6 +42,16 @@ Exit codes:
 pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to standard error: `text`, or `json` (one object per line,
+    /// for a log collector). Which lines: `COVD_LOG` (e.g. `info`, `covd=debug`).
+    #[arg(long, global = true, env = "COVD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +119,12 @@ struct ServeArgs {
     /// Address to listen on. Loopback by default: covd has no authentication yet.
     #[arg(long, default_value = "127.0.0.1:8417")]
     listen: SocketAddr,
+    /// Address of the HTTP port: Prometheus metrics at `/metrics`. Loopback by default.
+    #[arg(long, default_value = "127.0.0.1:8418", conflicts_with = "no_http")]
+    http_listen: SocketAddr,
+    /// No HTTP port.
+    #[arg(long)]
+    no_http: bool,
     /// Where runs are stored (SQLite); acknowledged coverage survives a crash.
     #[arg(long, env = "COVD_DATA_DIR", default_value = "covd-data")]
     data_dir: PathBuf,
@@ -465,6 +481,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         max_db_bytes: a.max_db_bytes,
         max_concurrent_streams: a.max_concurrent_streams,
         stream_window_bytes: a.stream_window_bytes,
+        http_listen: (!a.no_http).then_some(a.http_listen),
         ..Settings::default()
     };
     settings.limits.max_line = a.max_line;
@@ -487,15 +504,19 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr().context("no local address")?;
-    let (ready_tx, ready) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel::<server::Ready>();
     let storage = match &settings.data_dir {
         Some(dir) => format!("data in {}", dir.display()),
         None => "in memory".to_owned(),
     };
     // Announce the address once recovery is done and the port answers.
     tokio::spawn(async move {
-        if ready.await.is_ok() {
-            eprintln!("covd listening on http://{addr} ({storage})");
+        if let Ok(ready) = ready.await {
+            let http = ready
+                .http
+                .map(|h| format!("; metrics on http://{h}/metrics"))
+                .unwrap_or_default();
+            eprintln!("covd listening on http://{addr} ({storage}){http}");
         }
     });
     let shutdown = async move {

@@ -136,6 +136,7 @@ impl Coverage for CoverageRpc {
         let mut stopping = self.stopping.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
+            let _open = crate::metrics::metrics().stream_opened();
             if let Err(status) = ingest(&service, &mut inbound, &tx, &mut stopping).await {
                 let _ = tx.send(Err(status)).await;
             }
@@ -447,6 +448,7 @@ async fn ingest(
         match message.msg {
             Some(In::Delta(wire)) => {
                 let slot = service.delta_slot().await;
+                let (turn, bytes) = (std::time::Instant::now(), wire.len() as u64);
                 // Decoding a delta of thousands of files is CPU work: off the async threads,
                 // on the thread that applies it.
                 let limits = service.limits().clone();
@@ -454,6 +456,10 @@ async fn ingest(
                     .apply_with(&session, move || delta_from_wire(wire, &limits))
                     .await?;
                 drop(slot);
+                let metrics = crate::metrics::metrics();
+                metrics.committed(turn.elapsed());
+                metrics.deltas.inc();
+                metrics.delta_bytes.inc_by(bytes);
                 let ack = proto::Ack {
                     seq: applied.seq,
                     duplicate: applied.duplicate,

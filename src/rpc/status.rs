@@ -19,6 +19,7 @@ impl From<Error> for Status {
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
         };
+        crate::metrics::metrics().refused(code);
         Status::new(code, e.to_string())
     }
 }
@@ -27,6 +28,7 @@ impl From<Error> for Status {
 /// is reported as RESOURCE_EXHAUSTED like every other limit (tonic says OUT_OF_RANGE).
 pub(crate) fn inbound(status: Status) -> Status {
     if status.code() == Code::OutOfRange && status.message().contains("too large") {
+        crate::metrics::metrics().refused(Code::ResourceExhausted);
         return Status::resource_exhausted(format!(
             "message too large: {} (send smaller deltas)",
             status.message()

@@ -220,6 +220,18 @@ impl CoverageService {
             .collect()
     }
 
+    /// How many runs the daemon holds, and how many of them are not complete.
+    pub fn run_counts(&self) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for run in self.shared.runs.iter() {
+            counts.0 += 1;
+            if !run.state().is_complete() {
+                counts.1 += 1;
+            }
+        }
+        counts
+    }
+
     /// Deletes a run, its data and its summary.
     pub async fn delete_run(&self, run_id: &str) -> Result<()> {
         self.run(run_id)?;

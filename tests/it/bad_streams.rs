@@ -409,6 +409,7 @@ async fn a_line_limit_beyond_what_covd_stores_is_refused_at_start() {
             "--in-memory",
             "--listen",
             "127.0.0.1:0",
+            "--no-http",
             "--max-line",
         ])
         .arg((max + 1).to_string())

@@ -13,20 +13,30 @@ pub(crate) const COVD: &str = env!("CARGO_BIN_EXE_covd");
 /// The address a `covd serve` child (with its standard error piped) says it listens on, in
 /// the first line it writes once ready.
 pub(crate) fn address(child: &mut Child) -> String {
+    addresses(child).0
+}
+
+/// The gRPC address and the metrics URL (when it has an HTTP port) of a `covd serve` child, from
+/// the first line it writes once ready.
+pub(crate) fn addresses(child: &mut Child) -> (String, Option<String>) {
     let mut line = String::new();
     BufReader::new(child.stderr.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    line.split_whitespace()
-        .find(|w| w.starts_with("http://"))
+    let mut urls = line.split_whitespace().filter(|w| w.starts_with("http://"));
+    let grpc = urls
+        .next()
         .unwrap_or_else(|| panic!("covd did not start: {line:?}"))
-        .to_owned()
+        .to_owned();
+    (grpc, urls.next().map(str::to_owned))
 }
 
 /// `covd serve` on port 0; the address is read from its first line of output, no sleeping.
 pub(crate) struct Served {
     child: Child,
     pub(crate) url: String,
+    /// `http://…/metrics` on its HTTP port.
+    pub(crate) metrics: String,
     pub(crate) data: tempfile::TempDir,
 }
 
@@ -38,13 +48,26 @@ impl Served {
     /// Serves `data` on `listen`, waiting for the line that says it is ready.
     pub(crate) fn on(data: tempfile::TempDir, listen: &str) -> Served {
         let mut child = Command::new(COVD)
-            .args(["serve", "--listen", listen, "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--http-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data.path())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let url = address(&mut child);
-        Served { child, url, data }
+        let (url, metrics) = addresses(&mut child);
+        let metrics = metrics.expect("an HTTP port");
+        Served {
+            child,
+            url,
+            metrics,
+            data,
+        }
     }
 
     /// Stops the daemon gracefully (SIGTERM) and waits for it.

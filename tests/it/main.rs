@@ -18,6 +18,7 @@ mod impact;
 mod ingest;
 mod line_sets;
 mod merge_laws;
+mod metrics;
 mod old_daemon;
 mod patch;
 mod phpunit;

@@ -1,0 +1,158 @@
+//! The daemon's Prometheus metrics, served at `/metrics` on the HTTP port (see `http`).
+//!
+//! One set per process: the counters are bumped where the work happens (the ingest stream, the
+//! store's commit, the gRPC edge's refusals), and the gauges that describe state (runs open,
+//! memory) are read from the service when a scrape asks. Labels take only bounded values (a
+//! status code, a limit's flag): never a run id, a commit, a path or a test name.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::service::CoverageService;
+
+/// The labels of a refusal: the gRPC status code's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refusal {
+    pub code: String,
+}
+
+/// The process's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub streams_open: Gauge,
+    pub deltas: Counter,
+    pub delta_bytes: Counter,
+    pub commit_seconds: Histogram,
+    pub refusals: Family<Refusal, Counter>,
+    runs: Gauge,
+    runs_open: Gauge,
+    resident_bytes: Gauge,
+    aggregate_bytes: Gauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("covd");
+        let m = Metrics {
+            streams_open: Gauge::default(),
+            deltas: Counter::default(),
+            delta_bytes: Counter::default(),
+            // 0.25 ms to about 8 s: a group commit is an fsync pair.
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            refusals: Family::default(),
+            runs: Gauge::default(),
+            runs_open: Gauge::default(),
+            resident_bytes: Gauge::default(),
+            aggregate_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "streams_open",
+            "Ingest streams (shard pushes) open now",
+            m.streams_open.clone(),
+        );
+        registry.register(
+            "deltas",
+            "Deltas acknowledged (durable, merged)",
+            m.deltas.clone(),
+        );
+        registry.register(
+            "delta_bytes",
+            "Bytes of the deltas acknowledged, as they came over the wire",
+            m.delta_bytes.clone(),
+        );
+        registry.register(
+            "commit_seconds",
+            "Time from a delta's arrival to its durable commit (the store's group commit)",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests and messages refused, by gRPC status code",
+            m.refusals.clone(),
+        );
+        registry.register("runs", "Runs the daemon holds", m.runs.clone());
+        registry.register(
+            "runs_open",
+            "Runs not complete yet (shards missing or streaming)",
+            m.runs_open.clone(),
+        );
+        registry.register(
+            "resident_bytes",
+            "The process's resident memory",
+            m.resident_bytes.clone(),
+        );
+        registry.register(
+            "aggregate_bytes",
+            "Estimated bytes of the complete runs' coverage held in memory (the memory budget \
+             counts these)",
+            m.aggregate_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts an ingest stream open until the guard is dropped.
+    pub fn stream_opened(&'static self) -> StreamOpen {
+        self.streams_open.inc();
+        StreamOpen(self)
+    }
+
+    /// Counts a refusal with the gRPC code `code`.
+    pub fn refused(&self, code: tonic::Code) {
+        let code = format!("{code:?}");
+        self.refusals.get_or_create(&Refusal { code }).inc();
+    }
+
+    /// Records a delta's commit latency.
+    pub fn committed(&self, took: Duration) {
+        self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The metrics in the OpenMetrics text format, the gauges of `service` read now.
+    pub fn render(&self, service: &CoverageService) -> String {
+        let (runs, open) = service.run_counts();
+        self.runs.set(runs as i64);
+        self.runs_open.set(open as i64);
+        self.resident_bytes
+            .set(resident_bytes().unwrap_or(0) as i64);
+        self.aggregate_bytes
+            .set(service.cached_bytes().0.min(i64::MAX as usize) as i64);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// An ingest stream counted open (see [`Metrics::stream_opened`]).
+#[derive(Debug)]
+pub struct StreamOpen(&'static Metrics);
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.streams_open.dec();
+    }
+}
+
+/// The process's resident set, from `/proc/self/status` (Linux); `None` elsewhere.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
