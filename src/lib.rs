@@ -29,6 +29,7 @@
 //! The `covd` binary (`src/main.rs`, `src/cli/`) is a thin command line over these.
 
 pub mod aggregate;
+pub mod ci;
 pub mod client;
 pub mod diff;
 pub mod formats;

@@ -109,9 +109,36 @@ struct ServerArg {
 struct RunArg {
     #[command(flatten)]
     server: ServerArg,
-    /// The run (e.g. the CI pipeline id).
-    #[arg(long, env = "COVD_RUN")]
+    /// The run (e.g. the CI pipeline id). In CI, by default, the pipeline run of the provider's
+    /// environment (see the README's table).
+    #[arg(long, env = "COVD_RUN", default_value_t = from_ci(|c| Some(c.run.clone())),
+          hide_default_value = true, value_parser = given("--run or COVD_RUN"))]
     run: String,
+}
+
+/// The CI job this process runs in, read from the provider's variables once.
+fn ci() -> Option<&'static covd::ci::Ci> {
+    static CI: std::sync::LazyLock<Option<covd::ci::Ci>> =
+        std::sync::LazyLock::new(covd::ci::from_env);
+    CI.as_ref()
+}
+
+/// A default read from the CI job, or empty.
+fn from_ci(field: impl Fn(&covd::ci::Ci) -> Option<String>) -> String {
+    ci().and_then(field).unwrap_or_default()
+}
+
+/// A value that must not be empty: outside a CI covd recognises, the flag must be given.
+fn given(what: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |v: &str| {
+        if v.is_empty() {
+            Err(format!(
+                "give {what}: covd found no CI job in the environment to take it from"
+            ))
+        } else {
+            Ok(v.to_owned())
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -219,14 +246,17 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct RunMeta {
-    /// The project the run belongs to.
-    #[arg(long, env = "COVD_PROJECT", default_value = "")]
+    /// The project the run belongs to (in CI, by default, the repository).
+    #[arg(long, env = "COVD_PROJECT", default_value_t = from_ci(|c| c.project.clone()),
+          hide_default_value = true)]
     project: String,
-    /// The commit tested.
-    #[arg(long, env = "COVD_COMMIT", default_value = "")]
+    /// The commit tested (in CI, by default, the provider's).
+    #[arg(long, env = "COVD_COMMIT", default_value_t = from_ci(|c| c.commit.clone()),
+          hide_default_value = true)]
     commit: String,
-    /// The branch tested.
-    #[arg(long, env = "COVD_BRANCH", default_value = "")]
+    /// The branch tested (in CI, by default, the provider's; a pull request's source branch).
+    #[arg(long, env = "COVD_BRANCH", default_value_t = from_ci(|c| c.branch.clone()),
+          hide_default_value = true)]
     branch: String,
     /// A label such as `unit` (repeatable).
     #[arg(long = "flag")]
@@ -271,11 +301,14 @@ struct OpenArgs {
 pub(crate) struct PushArgs {
     #[command(flatten)]
     run: RunArg,
-    /// This shard's name.
-    #[arg(long, env = "COVD_SHARD")]
+    /// This shard's name. In CI, by default, the job's name (and its index when the provider
+    /// splits the job).
+    #[arg(long, env = "COVD_SHARD", default_value_t = from_ci(|c| Some(c.shard.clone())),
+          hide_default_value = true, value_parser = given("--shard or COVD_SHARD"))]
     shard: String,
-    /// The attempt: a higher one replaces what earlier attempts of the shard sent.
-    #[arg(long, env = "COVD_ATTEMPT", default_value_t = 1)]
+    /// The attempt: a higher one replaces what earlier attempts of the shard sent. In CI, by
+    /// default, the provider's retry count (see the README's table); else 1.
+    #[arg(long, env = "COVD_ATTEMPT", default_value_t = ci().and_then(|c| c.attempt).unwrap_or(1))]
     attempt: u32,
     /// Remove this prefix from source paths (repeatable; the first that matches applies).
     #[arg(long)]

@@ -3,6 +3,7 @@
 mod attribution;
 mod bad_input;
 mod bad_streams;
+mod ci;
 mod cli;
 mod cobertura_dtd;
 mod consumers;

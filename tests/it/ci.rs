@@ -1,0 +1,256 @@
+//! Zero-configuration CI use: `covd push FILE` with no flags, in the environment of each CI
+//! provider (`tests/fixtures/ci/`, the variables as each provider documents them), finds the
+//! run, shard, attempt, project, commit and branch; flags and `COVD_*` still win.
+
+use std::process::Command;
+
+use covd::ci::{Ci, Provider, detect};
+
+use crate::cli::COVD;
+use crate::support::*;
+
+fn environment(name: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(fixture(&format!("ci/{name}.env")))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+fn detected(name: &str) -> Option<Ci> {
+    let env = environment(name);
+    detect(|var| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()))
+}
+
+struct Want {
+    provider: Provider,
+    run: &'static str,
+    shard: &'static str,
+    attempt: Option<u32>,
+    project: &'static str,
+    commit: &'static str,
+    branch: &'static str,
+}
+
+fn expected() -> Vec<(&'static str, Want)> {
+    vec![
+        (
+            "github-actions",
+            Want {
+                provider: Provider::GitHubActions,
+                run: "github/acme/widgets/1658821493",
+                shard: "test",
+                attempt: Some(2),
+                project: "acme/widgets",
+                commit: "ffac537e6cbbf934b08745a378932722df287a53",
+                // Not `1234/merge`: the pull request's source branch.
+                branch: "feature-branch-1",
+            },
+        ),
+        (
+            "gitlab",
+            Want {
+                provider: Provider::GitLab,
+                run: "gitlab/gitlab.example.com/1450283746",
+                shard: "rspec-2",
+                attempt: Some(2),
+                project: "acme/platform/widgets",
+                commit: "3f1c2a9d8b7e6f5a4c3b2a1908f7e6d5c4b3a291",
+                branch: "feature/login-form",
+            },
+        ),
+        (
+            "gitlab-16-branch",
+            Want {
+                provider: Provider::GitLab,
+                run: "gitlab/gitlab.example.com/1450290001",
+                shard: "unit_tests",
+                // 2026-11-30T09:31:44Z
+                attempt: Some(1_796_031_104),
+                project: "acme/platform/widgets",
+                commit: "3f1c2a9d8b7e6f5a4c3b2a1908f7e6d5c4b3a291",
+                branch: "main",
+            },
+        ),
+        (
+            "jenkins-multibranch",
+            Want {
+                provider: Provider::Jenkins,
+                run: "jenkins/acme/widgets/PR-24/57",
+                shard: "Unit_tests",
+                attempt: None,
+                project: "acme/widgets",
+                commit: "9b2e4c71d0a3f5e8b6c4d2a0f1e3c5b7a9d8e6f4",
+                branch: "feature/login-form",
+            },
+        ),
+        (
+            "jenkins-freestyle",
+            Want {
+                provider: Provider::Jenkins,
+                run: "jenkins/widgets-unit/1337",
+                shard: "widgets-unit",
+                attempt: None,
+                project: "project/widgets",
+                commit: "11cc783de14cf438a41a60af7cd148a43da74ccd",
+                branch: "main",
+            },
+        ),
+        (
+            "circleci",
+            Want {
+                provider: Provider::CircleCi,
+                run: "circleci/9a956048-86ba-436a-aac0-9cd461ae266a",
+                shard: "test-1",
+                attempt: Some(4312),
+                project: "acme/widgets",
+                commit: "fad3f7bdbf3515d1e9285b8aa80feeff74507bdd",
+                branch: "feature/login-form",
+            },
+        ),
+        (
+            "buildkite",
+            Want {
+                provider: Provider::Buildkite,
+                run: "buildkite/4735ba57-80d0-46e2-8fa0-b28223a86586",
+                shard: "rspec-1",
+                attempt: Some(2),
+                project: "acme-inc/widgets",
+                commit: "83a20ec058e2fb00e7fa4558c4c6e81e2dcf253d",
+                branch: "feature/login-form",
+            },
+        ),
+        (
+            "azure-pipelines",
+            Want {
+                provider: Provider::AzurePipelines,
+                run: "azure/2e131413-79df-4e40-91c0-9e590bd31772/1764",
+                shard: "Test.Job2",
+                attempt: Some(2),
+                project: "acme/widgets",
+                commit: "f44ad676029757f70d7fc848d4bdf13b771c279b",
+                branch: "feature/login-form",
+            },
+        ),
+    ]
+}
+
+#[test]
+fn each_providers_variables_give_the_job() {
+    for (name, want) in expected() {
+        let ci = detected(name).unwrap_or_else(|| panic!("{name}: no CI detected"));
+        assert_eq!(ci.provider, want.provider, "{name}");
+        assert_eq!(ci.run, want.run, "{name}");
+        assert_eq!(ci.shard, want.shard, "{name}");
+        assert_eq!(ci.attempt, want.attempt, "{name}");
+        assert_eq!(ci.project.as_deref(), Some(want.project), "{name}");
+        assert_eq!(ci.commit.as_deref(), Some(want.commit), "{name}");
+        assert_eq!(ci.branch.as_deref(), Some(want.branch), "{name}");
+    }
+    // No provider's marker: no CI.
+    assert_eq!(detect(|var| (var == "CI").then(|| "true".to_owned())), None);
+    // An empty marker is no marker.
+    assert_eq!(
+        detect(|var| (var == "GITHUB_ACTIONS").then(String::new)),
+        None
+    );
+}
+
+/// Parallel jobs of one split job are distinct shards of one run; a job that is not split
+/// keeps its name alone.
+#[test]
+fn split_jobs_are_shards_of_one_run() {
+    let mut env = environment("buildkite");
+    let mut shards = Vec::new();
+    for index in ["0", "3"] {
+        for (k, v) in env.iter_mut() {
+            if k == "BUILDKITE_PARALLEL_JOB" {
+                *v = index.to_owned();
+            }
+        }
+        let ci = detect(|var| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()));
+        shards.push(ci.unwrap());
+    }
+    assert_eq!(shards[0].run, shards[1].run);
+    assert_eq!(
+        (&*shards[0].shard, &*shards[1].shard),
+        ("rspec-0", "rspec-3")
+    );
+    env.retain(|(k, _)| !k.starts_with("BUILDKITE_PARALLEL"));
+    let ci = detect(|var| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()));
+    assert_eq!(ci.unwrap().shard, "rspec");
+}
+
+/// `covd push FILE` with nothing but the provider's environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_takes_the_run_shard_and_attempt_from_ci() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let file = fixture("gcc-lcov/shard1.info");
+    let push = |name: &str, extra: &[&str]| {
+        let mut command = Command::new(COVD);
+        command
+            .env_clear()
+            .envs(environment(name))
+            .env("COVD_SERVER", &daemon.url)
+            .arg("push")
+            .args(extra)
+            .arg(&file);
+        command
+    };
+    for (name, want) in expected() {
+        let out = push(name, &[]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = client.status(want.run).await.unwrap();
+        let shard = status
+            .shards
+            .iter()
+            .find(|s| s.shard_id == want.shard)
+            .unwrap_or_else(|| panic!("{name}: {:?}", status.shards));
+        assert_eq!(shard.attempt, want.attempt.unwrap_or(1), "{name}");
+        assert_eq!(status.params.project, want.project, "{name}");
+        assert_eq!(status.params.commit, want.commit, "{name}");
+        assert_eq!(status.params.branch, want.branch, "{name}");
+        assert!(status.totals.lines > 0, "{name}");
+    }
+
+    // Flags and COVD_* variables win.
+    let out = push(
+        "gitlab",
+        &["--run", "mine", "--shard", "s", "--attempt", "7"],
+    )
+    .env("COVD_BRANCH", "other")
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = client.status("mine").await.unwrap();
+    assert_eq!(
+        (&*status.shards[0].shard_id, status.shards[0].attempt),
+        ("s", 7)
+    );
+    assert_eq!(status.params.branch, "other");
+
+    // Outside CI, the run must be given.
+    let out = Command::new(COVD)
+        .env_clear()
+        .env("COVD_SERVER", &daemon.url)
+        .arg("push")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("give --run or COVD_RUN"), "{err}");
+}
