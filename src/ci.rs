@@ -313,9 +313,7 @@ fn epoch_seconds(t: &str) -> Option<u32> {
     let (date, rest) = t.split_once('T')?;
     let mut ymd = date.split('-').map(|p| p.parse::<i64>().ok());
     let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
-    let time_end = rest
-        .find(['Z', '+', '-'])
-        .unwrap_or(rest.len());
+    let time_end = rest.find(['Z', '+', '-']).unwrap_or(rest.len());
     let (time, zone) = rest.split_at(time_end);
     let mut hms = time
         .split(':')

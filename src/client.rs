@@ -63,6 +63,8 @@ pub enum ClientError {
     InputAborted,
     #[error("writing the export failed: {0}")]
     Output(#[from] std::io::Error),
+    #[error("the spool file {path}: {error}")]
+    Spool { path: String, error: std::io::Error },
 }
 
 fn describe(s: &Status) -> String {
@@ -543,18 +545,125 @@ impl Client {
         mut deltas: mpsc::Receiver<PushInput>,
         options: &PushOptions,
     ) -> Result<PushReport, ClientError> {
-        let mut state = PushState {
-            unacked: VecDeque::new(),
-            next_seq: 1,
-            input_done: false,
-            unknown: Vec::new(),
-            telemetry: target.telemetry.clone(),
-            session: new_session_id(),
+        let mut state = PushState::new(target);
+        self.push_with(target, &mut deltas, options, &mut state)
+            .await
+    }
+
+    /// [`Client::push`]; when the daemon stays unreachable, what was not acknowledged is kept
+    /// in `spool` (see [`crate::spool`]) to be sent later by [`Client::flush_spooled`].
+    pub async fn push_or_spool(
+        &mut self,
+        target: &PushTarget,
+        mut deltas: mpsc::Receiver<PushInput>,
+        options: &PushOptions,
+        spool: &std::path::Path,
+    ) -> Result<Pushed, ClientError> {
+        let mut state = PushState::new(target);
+        match self
+            .push_with(target, &mut deltas, options, &mut state)
+            .await
+        {
+            Ok(report) => Ok(Pushed::Sent(Box::new(report))),
+            Err(error) if error.is_unavailable() => {
+                let requests = spooled_requests(target, &mut deltas, &mut state).await?;
+                let path =
+                    crate::spool::write(spool, &requests).map_err(|e| ClientError::Spool {
+                        path: spool.display().to_string(),
+                        error: e,
+                    })?;
+                Ok(Pushed::Spooled { path, error })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Sends a spooled push as the push that spooled it: the daemon resumes it where it
+    /// stands, so a push flushed twice is counted once. `None` when it had been delivered.
+    pub async fn flush_spooled(
+        &mut self,
+        spooled: crate::spool::Spooled,
+    ) -> Result<Option<RunStatus>, ClientError> {
+        let crate::spool::Spooled {
+            header,
+            deltas,
+            finish,
+        } = spooled;
+        let shard = header.shard_id.clone();
+        let (tx, rx) = mpsc::channel::<proto::IngestRequest>(WINDOW + 2);
+        let request = |msg| proto::IngestRequest { msg: Some(msg) };
+        let _ = tx.send(request(ingest_request::Msg::Header(header))).await;
+        let mut responses = self
+            .inner
+            .ingest(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let resume = match responses.next().await {
+            Some(Ok(proto::IngestResponse {
+                msg: Some(ingest_response::Msg::Resume(r)),
+            })) => r,
+            Some(Err(s)) => return Err(s.into()),
+            _ => return Err(ClientError::Protocol("expected a resume first".into())),
         };
+        if resume.finished && resume.last_seq == finish.final_seq {
+            return Ok(None);
+        }
+        let first = deltas.first().map_or(finish.final_seq + 1, |(seq, _)| *seq);
+        if resume.last_seq + 1 < first {
+            return Err(ClientError::LostAcknowledged {
+                acked: first - 1,
+                resume: resume.last_seq,
+            });
+        }
+        if resume.last_seq > finish.final_seq || resume.finished {
+            return Err(ClientError::AttemptTaken {
+                shard,
+                attempt: resume.attempt,
+                last_seq: resume.last_seq,
+            });
+        }
+        let rest: Vec<proto::IngestRequest> = deltas
+            .into_iter()
+            .filter(|(seq, _)| *seq > resume.last_seq)
+            .map(|(_, r)| r)
+            .chain(std::iter::once(request(ingest_request::Msg::Finish(
+                finish,
+            ))))
+            .collect();
+        tokio::spawn(async move {
+            for r in rest {
+                if tx.send(r).await.is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some(response) = responses.next().await {
+            match response?.msg {
+                Some(ingest_response::Msg::Finished(f)) => {
+                    return Ok(f.run.map(convert::status_from_proto));
+                }
+                Some(ingest_response::Msg::Ack(_)) => {}
+                _ => {
+                    return Err(ClientError::Protocol(
+                        "unexpected message on the ingest stream".into(),
+                    ));
+                }
+            }
+        }
+        Err(Status::unavailable("the daemon closed the stream before the finish").into())
+    }
+
+    async fn push_with(
+        &mut self,
+        target: &PushTarget,
+        deltas: &mut mpsc::Receiver<PushInput>,
+        options: &PushOptions,
+        state: &mut PushState,
+    ) -> Result<PushReport, ClientError> {
         let mut reconnects = 0u32;
         let mut failures = 0u32;
         loop {
-            let attempt = self.push_once(target, &mut deltas, &mut state).await;
+            let attempt = self.push_once(target, deltas, state).await;
             match attempt {
                 Ok(run) => {
                     return Ok(PushReport {
@@ -766,6 +875,79 @@ struct PushState {
     telemetry: Option<TestTelemetry>,
     /// This push's session id, the same on every stream of it.
     session: Vec<u8>,
+}
+
+impl PushState {
+    fn new(target: &PushTarget) -> PushState {
+        PushState {
+            unacked: VecDeque::new(),
+            next_seq: 1,
+            input_done: false,
+            unknown: Vec::new(),
+            telemetry: target.telemetry.clone(),
+            session: new_session_id(),
+        }
+    }
+}
+
+/// What became of a push that may spool.
+#[derive(Debug)]
+pub enum Pushed {
+    Sent(Box<PushReport>),
+    /// The daemon stayed unreachable (`error`); the push is in the spool file `path`.
+    Spooled {
+        path: std::path::PathBuf,
+        error: ClientError,
+    },
+}
+
+/// The stream a push would still send: its header, the deltas not acknowledged, the rest of
+/// its input (read to its end), its finish.
+async fn spooled_requests(
+    target: &PushTarget,
+    deltas: &mut mpsc::Receiver<PushInput>,
+    state: &mut PushState,
+) -> Result<Vec<proto::IngestRequest>, ClientError> {
+    let request = |msg| proto::IngestRequest { msg: Some(msg) };
+    let mut out = vec![request(ingest_request::Msg::Header(proto::ShardHeader {
+        run_id: target.run_id.clone(),
+        shard_id: target.shard_id.clone(),
+        attempt: target.attempt,
+        params: Some(convert::params_to_proto(target.params.clone())),
+        session_id: state.session.clone(),
+    }))];
+    out.extend(state.unacked.iter().map(|(_, sent)| sent.request.clone()));
+    while !state.input_done {
+        let (files, test) = match deltas.recv().await {
+            Some(PushInput::Delta(files)) => (files, None),
+            Some(PushInput::TestDelta { test, files }) => {
+                (files, Some(proto::TestRef { name: test }))
+            }
+            Some(PushInput::Done(tests)) => {
+                state.input_done = true;
+                if tests.is_some() {
+                    state.telemetry = tests;
+                }
+                continue;
+            }
+            None => return Err(ClientError::InputAborted),
+        };
+        let delta = proto::Delta {
+            seq: state.next_seq,
+            files: files
+                .into_iter()
+                .map(|(p, f)| file_to_proto(p, &f, ArmForm::Columns))
+                .collect(),
+            test,
+        };
+        state.next_seq += 1;
+        out.push(proto::IngestRequest::delta(&delta));
+    }
+    out.push(request(ingest_request::Msg::Finish(proto::Finish {
+        final_seq: state.next_seq - 1,
+        telemetry: state.telemetry.clone().map(convert::telemetry_to_proto),
+    })));
+    Ok(out)
 }
 
 /// A session id for one push: 16 bytes that no other push has. std's `RandomState` keys are

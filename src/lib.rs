@@ -40,6 +40,7 @@ pub mod persist;
 pub mod rpc;
 pub mod server;
 pub mod service;
+pub mod spool;
 
 pub use client::Client;
 pub use model::{Coverage, FileCoverage};

@@ -116,6 +116,18 @@ struct RunArg {
     run: String,
 }
 
+/// [`RunArg`] for `push`, whose `--flush-spool` takes runs from the spool: checked when used.
+#[derive(Debug, Args)]
+struct PushRunArg {
+    #[command(flatten)]
+    server: ServerArg,
+    /// The run (e.g. the CI pipeline id). In CI, by default, the pipeline run of the provider's
+    /// environment (see the README's table).
+    #[arg(long, env = "COVD_RUN", default_value_t = from_ci(|c| Some(c.run.clone())),
+          hide_default_value = true)]
+    run: String,
+}
+
 /// The CI job this process runs in, read from the provider's variables once.
 fn ci() -> Option<&'static covd::ci::Ci> {
     static CI: std::sync::LazyLock<Option<covd::ci::Ci>> =
@@ -300,12 +312,20 @@ struct OpenArgs {
 #[derive(Debug, Args)]
 pub(crate) struct PushArgs {
     #[command(flatten)]
-    run: RunArg,
+    run: PushRunArg,
     /// This shard's name. In CI, by default, the job's name (and its index when the provider
     /// splits the job).
     #[arg(long, env = "COVD_SHARD", default_value_t = from_ci(|c| Some(c.shard.clone())),
-          hide_default_value = true, value_parser = given("--shard or COVD_SHARD"))]
+          hide_default_value = true)]
     shard: String,
+    /// When the daemon cannot be reached, keep what the push would have sent in DIR (a file
+    /// per shard attempt) and exit 0; `--flush-spool DIR` sends it later.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// Send what pushes kept in DIR (`--spool`), each as the push it was: flushed twice, or by
+    /// two processes at once, it is counted once. Sent files are removed.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["spool", "watch", "files"])]
+    flush_spool: Option<PathBuf>,
     /// The attempt: a higher one replaces what earlier attempts of the shard sent. In CI, by
     /// default, the provider's retry count (see the README's table); else 1.
     #[arg(long, env = "COVD_ATTEMPT", default_value_t = ci().and_then(|c| c.attempt).unwrap_or(1))]
@@ -343,7 +363,7 @@ pub(crate) struct PushArgs {
     /// Coverage files to send (any format of --format; JUnit XML files are the shard's test
     /// results; a directory is PHPUnit's XML coverage report, `--coverage-xml DIR`, whose
     /// tests of each line go on the Clover report of the same run, pushed with it).
-    #[arg(required_unless_present = "watch", conflicts_with = "watch")]
+    #[arg(required_unless_present_any = ["watch", "flush_spool"], conflicts_with = "watch")]
     files: Vec<PathBuf>,
     /// With --watch: the test command and its arguments.
     #[arg(last = true)]

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, anyhow};
-use covd::client::{Batcher, PushInput, PushOptions, PushTarget};
+use covd::client::{Batcher, PushInput, PushOptions, PushTarget, Pushed};
 use covd::formats::{self, Format, junit, phpunit};
 use covd::model::path::{PathFilter, PathRules};
 use covd::model::{TestCase, TestStatus};
@@ -222,6 +222,19 @@ impl Sender {
 }
 
 pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
+    if let Some(dir) = &a.flush_spool {
+        return flush(&a, dir).await;
+    }
+    for (value, what) in [
+        (&a.run.run, "--run or COVD_RUN"),
+        (&a.shard, "--shard or COVD_SHARD"),
+    ] {
+        if value.is_empty() {
+            return Err(bad_input(anyhow!(
+                "give {what}: covd found no CI job in the environment to take it from"
+            )));
+        }
+    }
     let filter = PathFilter::new(&a.filter.include, &a.filter.exclude)
         .map_err(|e| bad_input(anyhow!("--include/--exclude: {e}")))?;
     let forced = a.format.as_deref().and_then(Format::from_name);
@@ -311,7 +324,18 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         retries: a.retries,
         ..PushOptions::default()
     };
-    let pushed = connection.push(&target, rx, &options).await;
+    let mut spooled = None;
+    let pushed = match &a.spool {
+        None => connection.push(&target, rx, &options).await,
+        Some(dir) => match connection.push_or_spool(&target, rx, &options, dir).await {
+            Ok(Pushed::Sent(report)) => Ok(*report),
+            Ok(Pushed::Spooled { path, error }) => {
+                spooled = Some(path);
+                Err(error)
+            }
+            Err(e) => Err(e),
+        },
+    };
     let produced = match producer.await {
         Ok(produced) => produced,
         Err(e) => Err(anyhow!("the reader failed: {e}")),
@@ -322,7 +346,20 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         Some(test) => Some(test.wait().await?),
         None => None,
     };
-    let outcome = report(&a, pushed, produced);
+    let outcome = match (spooled, pushed) {
+        (Some(path), Err(error)) => {
+            let records = produced.map_err(bad_input)?;
+            let dir = a.spool.as_deref().unwrap_or(Path::new("."));
+            eprintln!(
+                "covd: warning: coverage not sent: {error}; kept it ({records} file records) in \
+                 {}: send it with `covd push --flush-spool {}`",
+                path.display(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (_, pushed) => report(&a, pushed, produced),
+    };
     match (test_code, outcome) {
         (Some(code), Ok(_)) => Ok(code),
         (Some(code), Err(f)) => {
@@ -406,6 +443,64 @@ fn telemetry(tests: Vec<TestCase>) -> TestTelemetry {
         platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
         tests,
     }
+}
+
+/// `covd push --flush-spool DIR`: sends each spooled push as the push it was, and removes it
+/// once the daemon has it. A file another flush is sending (it holds the file's lock) is left
+/// to that one.
+async fn flush(a: &PushArgs, dir: &Path) -> Result<ExitCode, Failure> {
+    let files = covd::spool::entries(dir)
+        .with_context(|| format!("cannot read the spool {}", dir.display()))
+        .map_err(bad_input)?;
+    let mut connection = client(&a.run.server)?;
+    let (mut sent, mut busy) = (0, 0);
+    for path in files {
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Sent and removed by another flush meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display()).into()),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                busy += 1;
+                continue;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(anyhow!("cannot lock {}: {e}", path.display()).into());
+            }
+        }
+        // Sent by a flush that held the lock until it removed the file.
+        if !path.exists() {
+            continue;
+        }
+        let spooled =
+            covd::spool::read(&path).map_err(|e| bad_input(anyhow!("{}: {e}", path.display())))?;
+        let what = format!(
+            "shard {} of run {} (attempt {})",
+            spooled.header.shard_id, spooled.header.run_id, spooled.header.attempt
+        );
+        let run = connection.flush_spooled(spooled).await?;
+        std::fs::remove_file(&path)
+            .with_context(|| format!("sent, but cannot remove {}", path.display()))?;
+        let state = match run {
+            Some(run) => format!("; run {}", completeness(&run)),
+            None => " (the daemon had it already)".to_owned(),
+        };
+        eprintln!("sent {what}{state}");
+        sent += 1;
+    }
+    eprintln!(
+        "{sent} spooled pushes sent from {}{}",
+        dir.display(),
+        if busy > 0 {
+            format!("; {busy} being sent by another flush")
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn send_files(mut sender: Sender, inputs: Vec<(PathBuf, File)>) -> anyhow::Result<u64> {

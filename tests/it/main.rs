@@ -25,6 +25,7 @@ mod patch;
 mod phpunit;
 mod power_cut;
 mod query_laws;
+mod spool;
 mod storage;
 mod stored_data;
 mod support;
