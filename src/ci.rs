@@ -327,7 +327,13 @@ fn epoch_seconds(t: &str) -> Option<u32> {
         "" | "Z" => 0,
         z => {
             let sign = if z.starts_with('-') { -1 } else { 1 };
-            let (oh, om) = z[1..].split_once(':').unwrap_or((&z[1..], "0"));
+            let digits = &z[1..];
+            let (oh, om) = match digits.split_once(':') {
+                Some(parts) => parts,
+                // `+0100`, `+01`
+                None if digits.len() == 4 => digits.split_at(2),
+                None => (digits, "0"),
+            };
             sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
         }
     };

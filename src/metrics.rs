@@ -68,7 +68,7 @@ impl Metrics {
         );
         registry.register(
             "deltas",
-            "Deltas acknowledged (durable, merged)",
+            "Deltas acknowledged (durable, merged); a re-sent duplicate is not counted",
             m.deltas.clone(),
         );
         registry.register(
@@ -78,12 +78,13 @@ impl Metrics {
         );
         registry.register(
             "commit_seconds",
-            "Time from a delta's arrival to its durable commit (the store's group commit)",
+            "Time from a delta's turn (its slot among the deltas in flight) to its \
+             acknowledgement: decode, merge and the store's group commit",
             m.commit_seconds.clone(),
         );
         registry.register(
             "refusals",
-            "Requests and messages refused, by gRPC status code",
+            "Requests and messages answered with an error status, by gRPC status code",
             m.refusals.clone(),
         );
         registry.register("runs", "Runs the daemon holds", m.runs.clone());

@@ -124,20 +124,20 @@ pub async fn run_on(
 ) -> Result<(), ServerError> {
     let service = open_service(&settings, storage).await?;
     let (stop, stopping) = watch::channel(false);
-    let http = match settings.http_listen {
+    let (http, http_task) = match settings.http_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.map_err(|e| {
                 ServerError::Startup(format!("cannot listen on {addr} for HTTP: {e}"))
             })?;
             let bound = listener.local_addr().ok();
-            tokio::spawn(crate::http::serve(
+            let task = tokio::spawn(crate::http::serve(
                 listener,
                 service.clone(),
                 stopping.clone(),
             ));
-            bound
+            (bound, Some(AbortOnDrop(task)))
         }
-        None => None,
+        None => (None, None),
     };
     let coverage = CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone()))
         .max_decoding_message_size(settings.max_message_bytes)
@@ -201,6 +201,9 @@ pub async fn run_on(
             return Ok(());
         }
     }
+    // The HTTP port stops with the gRPC one: a request still open there (a client that never
+    // finishes its headers) must not keep the service, and so the store, alive.
+    drop(http_task);
     // Let background work (stream tasks winding down, a compaction) drop its handles, so the
     // store closes (WAL checkpointed, lock released) before this returns.
     tokio::select! {
@@ -212,6 +215,15 @@ pub async fn run_on(
         () = &mut deadline => tracing::warn!("background work still running after {grace:?}"),
     }
     Ok(())
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The listener's connections with Nagle's algorithm off. tonic sets `TCP_NODELAY` only on

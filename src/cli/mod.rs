@@ -111,8 +111,8 @@ struct RunArg {
     server: ServerArg,
     /// The run (e.g. the CI pipeline id). In CI, by default, the pipeline run of the provider's
     /// environment (see the README's table).
-    #[arg(long, env = "COVD_RUN", default_value_t = from_ci(|c| Some(c.run.clone())),
-          hide_default_value = true, value_parser = given("--run or COVD_RUN"))]
+    #[arg(long, env = "COVD_RUN", default_value_t = from_ci(ci_run),
+          hide_default_value = true, value_parser = given("--run or COVD_RUN", ci_run))]
     run: String,
 }
 
@@ -123,8 +123,8 @@ struct PushRunArg {
     server: ServerArg,
     /// The run (e.g. the CI pipeline id). In CI, by default, the pipeline run of the provider's
     /// environment (see the README's table).
-    #[arg(long, env = "COVD_RUN", default_value_t = from_ci(|c| Some(c.run.clone())),
-          hide_default_value = true)]
+    #[arg(long, env = "COVD_RUN", default_value_t = from_ci(ci_run),
+          hide_default_value = true, value_parser = or_ci(ci_run))]
     run: String,
 }
 
@@ -140,17 +140,39 @@ fn from_ci(field: impl Fn(&covd::ci::Ci) -> Option<String>) -> String {
     ci().and_then(field).unwrap_or_default()
 }
 
-/// A value that must not be empty: outside a CI covd recognises, the flag must be given.
-fn given(what: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
-    move |v: &str| {
-        if v.is_empty() {
-            Err(format!(
-                "give {what}: covd found no CI job in the environment to take it from"
-            ))
-        } else {
-            Ok(v.to_owned())
-        }
+/// A value that must not be empty: an empty one (`COVD_RUN=`) is the CI job's; outside a CI
+/// covd recognises, the flag must be given.
+fn given(
+    what: &'static str,
+    field: fn(&covd::ci::Ci) -> Option<String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |v: &str| match or_ci(field)(v)? {
+        v if v.is_empty() => Err(format!(
+            "give {what}: covd found no CI job in the environment to take it from"
+        )),
+        v => Ok(v),
     }
+}
+
+/// A value whose empty form (`COVD_COMMIT=`) is the CI job's, as if not given.
+fn or_ci(
+    field: fn(&covd::ci::Ci) -> Option<String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |v: &str| {
+        Ok(if v.is_empty() {
+            from_ci(field)
+        } else {
+            v.to_owned()
+        })
+    }
+}
+
+fn ci_run(c: &covd::ci::Ci) -> Option<String> {
+    Some(c.run.clone())
+}
+
+fn ci_shard(c: &covd::ci::Ci) -> Option<String> {
+    Some(c.shard.clone())
 }
 
 #[derive(Debug, Args)]
@@ -260,15 +282,15 @@ struct ServeArgs {
 struct RunMeta {
     /// The project the run belongs to (in CI, by default, the repository).
     #[arg(long, env = "COVD_PROJECT", default_value_t = from_ci(|c| c.project.clone()),
-          hide_default_value = true)]
+          hide_default_value = true, value_parser = or_ci(|c| c.project.clone()))]
     project: String,
     /// The commit tested (in CI, by default, the provider's).
     #[arg(long, env = "COVD_COMMIT", default_value_t = from_ci(|c| c.commit.clone()),
-          hide_default_value = true)]
+          hide_default_value = true, value_parser = or_ci(|c| c.commit.clone()))]
     commit: String,
     /// The branch tested (in CI, by default, the provider's; a pull request's source branch).
     #[arg(long, env = "COVD_BRANCH", default_value_t = from_ci(|c| c.branch.clone()),
-          hide_default_value = true)]
+          hide_default_value = true, value_parser = or_ci(|c| c.branch.clone()))]
     branch: String,
     /// A label such as `unit` (repeatable).
     #[arg(long = "flag")]
@@ -315,8 +337,8 @@ pub(crate) struct PushArgs {
     run: PushRunArg,
     /// This shard's name. In CI, by default, the job's name (and its index when the provider
     /// splits the job).
-    #[arg(long, env = "COVD_SHARD", default_value_t = from_ci(|c| Some(c.shard.clone())),
-          hide_default_value = true)]
+    #[arg(long, env = "COVD_SHARD", default_value_t = from_ci(ci_shard),
+          hide_default_value = true, value_parser = or_ci(ci_shard))]
     shard: String,
     /// When the daemon cannot be reached, keep what the push would have sent in DIR (a file
     /// per shard attempt) and exit 0; `--flush-spool DIR` sends it later.

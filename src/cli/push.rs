@@ -517,8 +517,8 @@ fn send_files(mut sender: Sender, inputs: Vec<(PathBuf, File)>) -> anyhow::Resul
 
 /// PHPUnit XML coverage reports (`phpunit --coverage-xml DIR`) pushed with coverage files:
 /// they name the tests of each line that ran, but not the lines that did not, so their tests
-/// go on the records of the same run's Clover (or Cobertura) report, matched by path as the
-/// run named it (before path rules).
+/// go on the records of the same run's Clover report, matched by path as the run named it
+/// (before path rules).
 #[derive(Default)]
 struct PhpunitReports {
     /// Per source path: its file report, the report's source directory, and whether a record

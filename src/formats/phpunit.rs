@@ -5,9 +5,9 @@
 //!
 //! The report never lists a line that did not run, only how many lines are executable, so it
 //! cannot say what is not covered. covd reads it for the tests of each line and takes lines
-//! and counts from the same run's Clover (or Cobertura) report: [`attach`] puts a file's
-//! tests on that report's record, after checking that both describe the same run (the same
-//! number of executable lines, the same lines covered).
+//! and counts from the same run's Clover report: [`attach`] puts a file's tests on that
+//! report's record, after checking that both describe the same run (the same number of
+//! executable lines, the same lines covered).
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -100,6 +100,7 @@ pub struct FileTests {
 pub fn read_file(input: impl BufRead, source: &str) -> Result<FileTests, ParseError> {
     let mut file = FileTests::default();
     let mut saw_file = false;
+    let mut saw_lines = false;
     let mut line = None;
     let mut in_totals = false;
     // `<coverage>` holds the lines that ran; `<source>`, after it, the tokens of every line.
@@ -131,6 +132,7 @@ pub fn read_file(input: impl BufRead, source: &str) -> Result<FileTests, ParseEr
                     .trim()
                     .parse()
                     .map_err(|_| format!("executable line count `{v}` is not a count"))?;
+                saw_lines = true;
             }
             "line" if in_coverage => {
                 let nr = xml_line(e, "nr")?;
@@ -150,6 +152,12 @@ pub fn read_file(input: impl BufRead, source: &str) -> Result<FileTests, ParseEr
         return Err(ParseError::at_byte(
             0,
             "PHPUnit XML file report: no <file> element",
+        ));
+    }
+    if !saw_lines {
+        return Err(ParseError::at_byte(
+            0,
+            "PHPUnit XML file report: no <totals><lines executable=…> (how many lines are executable)",
         ));
     }
     let mut tests: Vec<(Arc<str>, RoaringBitmap)> = tests
@@ -234,13 +242,38 @@ fn read_elements(
     Ok(())
 }
 
-/// Puts `tests`' attribution on `file`, the same source file's record from the Clover (or
-/// Cobertura) report of the same run; refuses when the two disagree on which lines are
-/// executable or ran.
+/// Puts `tests`' attribution on `file`, the same source file's record from the Clover report
+/// of the same run; refuses when the two disagree on which lines are executable or ran.
+///
+/// php-code-coverage's Clover writer gives a line that opens a method only as the method
+/// (`type="method"`), even when the method's body is on that line (`function id(): int {
+/// return $this->id; }`): such a line, when the XML report says it ran, is added with as many
+/// hits as tests ran it. One that did not run cannot be told from a method's first line that
+/// is not executable: the XML report may count up to that many executable lines more.
 pub fn attach(file: &mut FileCoverage, tests: FileTests) -> Result<(), String> {
     let path = &tests.path;
+    let starts: RoaringBitmap = file.functions().iter().map(|f| f.start_line).collect();
+    let one_liners = &(&tests.covered - file.lines()) & &starts;
+    if !one_liners.is_empty() {
+        let mut b = crate::model::FileBuilder::new();
+        for (line, hits) in file.line_hits() {
+            b.line(line, hits);
+        }
+        for line in &one_liners {
+            let ran = tests.tests.iter().filter(|(_, l)| l.contains(line)).count();
+            b.line(line, ran as u64);
+        }
+        for (key, taken) in file.branches() {
+            b.branch(key.clone(), *taken);
+        }
+        for f in file.functions() {
+            b.function(&f.name, f.start_line, f.end_line, f.hits);
+        }
+        *file = b.build();
+    }
     let lines = file.lines().len();
-    if lines != tests.executable {
+    let unknown = (&starts - file.lines()).len();
+    if tests.executable < lines || tests.executable > lines + unknown {
         return Err(format!(
             "{path}: the coverage report has {lines} executable lines, PHPUnit's XML report \
              {}; are they reports of the same run?",
@@ -377,6 +410,41 @@ mod tests {
         );
     }
 
+    /// A method whose body is on its first line is only a method line in Clover; the XML
+    /// report's tests of that line put it back, with a hit per test.
+    #[test]
+    fn one_line_methods_ran_come_from_the_xml_report() {
+        let xml = r#"<phpunit xmlns="https://schema.phpunit.de/coverage/1.0">
+          <file name="A.php" path="/"><totals><lines executable="3"/></totals>
+          <coverage><line nr="4"><covered by="T::a"/><covered by="T::b"/></line>
+          <line nr="7"><covered by="T::a"/></line></coverage></file></phpunit>"#;
+        let tests = read_file(xml.as_bytes(), "/s").unwrap();
+        let mut b = FileBuilder::new();
+        // `id()` on line 4 is one line; `other()` on line 9 is one line that did not run;
+        // `run()` opens on line 6, its body on line 7.
+        b.function("id", 4, 0, 2);
+        b.function("run", 6, 0, 1);
+        b.function("other", 9, 0, 0);
+        b.line(7, 1);
+        let mut file = b.build();
+        attach(&mut file, tests.clone()).unwrap();
+        assert_eq!(file.line_hits().collect::<Vec<_>>(), [(4, 2), (7, 1)]);
+        assert_eq!(file.tests_of(4).count(), 2);
+        // One executable line more than the methods that could be one: not the same run.
+        let xml = xml.replace(r#"executable="3""#, r#"executable="5""#);
+        let tests = read_file(xml.as_bytes(), "/s").unwrap();
+        let mut file = {
+            let mut b = FileBuilder::new();
+            b.function("id", 4, 0, 2);
+            b.function("run", 6, 0, 1);
+            b.function("other", 9, 0, 0);
+            b.line(7, 1);
+            b.build()
+        };
+        let e = attach(&mut file, tests).unwrap_err();
+        assert!(e.contains("PHPUnit's XML report 5"), "{e}");
+    }
+
     #[test]
     fn malformed_reports_are_errors() {
         let ns = r#"xmlns="https://schema.phpunit.de/coverage/1.0""#;
@@ -400,6 +468,10 @@ mod tests {
         for (xml, needle) in [
             (format!("<phpunit {ns}></phpunit>"), "no <file>"),
             (format!("<phpunit {ns}><file/></phpunit>"), "without `name`"),
+            (
+                format!("<phpunit {ns}><file name='a'/></phpunit>"),
+                "no <totals><lines",
+            ),
             (
                 format!("<phpunit {ns}><file name='a'><coverage><covered by='t'/>"),
                 "outside a <line>",

@@ -209,9 +209,6 @@ pub fn find_suffixed<K: AsRef<str> + Clone>(
             && k.ends_with(path)
             && k.as_bytes()[k.len() - path.len() - 1] == b'/'
         {
-            if found.len() > MAX_CANDIDATES {
-                break;
-            }
             found.push(key);
         }
     }

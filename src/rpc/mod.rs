@@ -456,10 +456,12 @@ async fn ingest(
                     .apply_with(&session, move || delta_from_wire(wire, &limits))
                     .await?;
                 drop(slot);
-                let metrics = crate::metrics::metrics();
-                metrics.committed(turn.elapsed());
-                metrics.deltas.inc();
-                metrics.delta_bytes.inc_by(bytes);
+                if !applied.duplicate {
+                    let metrics = crate::metrics::metrics();
+                    metrics.committed(turn.elapsed());
+                    metrics.deltas.inc();
+                    metrics.delta_bytes.inc_by(bytes);
+                }
                 let ack = proto::Ack {
                     seq: applied.seq,
                     duplicate: applied.duplicate,

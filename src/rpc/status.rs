@@ -34,5 +34,9 @@ pub(crate) fn inbound(status: Status) -> Status {
             status.message()
         ));
     }
+    // A message that does not decode; a client that went away is no refusal.
+    if status.code() != Code::Cancelled && status.code() != Code::Unknown {
+        crate::metrics::metrics().refused(status.code());
+    }
     status
 }

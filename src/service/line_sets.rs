@@ -186,10 +186,15 @@ impl CoverageService {
 impl CoverageService {
     /// The lines the runs of `commit` (of `project`, if not empty) that carry `flag` covered.
     async fn flag_lines(&self, project: &str, commit: &str, flag: &str) -> Result<Files> {
-        let runs: Vec<String> = self
-            .shared
-            .runs
-            .iter()
+        for (field, value) in [("flag.commit", commit), ("flag.flag", flag)] {
+            if value.is_empty() {
+                return Err(Error::invalid(field, "must not be empty"));
+            }
+        }
+        // The runs first, then each one's state: no run lock is taken inside the map's.
+        let runs: Vec<_> = self.shared.runs.iter().map(|r| r.value().clone()).collect();
+        let runs: Vec<String> = runs
+            .into_iter()
             .filter(|r| {
                 let state = r.state();
                 let p = &state.params;

@@ -222,14 +222,10 @@ impl CoverageService {
 
     /// How many runs the daemon holds, and how many of them are not complete.
     pub fn run_counts(&self) -> (usize, usize) {
-        let mut counts = (0, 0);
-        for run in self.shared.runs.iter() {
-            counts.0 += 1;
-            if !run.state().is_complete() {
-                counts.1 += 1;
-            }
-        }
-        counts
+        // The runs first, then each one's state: no run lock is taken inside the map's.
+        let runs: Vec<Arc<Run>> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
+        let open = runs.iter().filter(|r| !r.state().is_complete()).count();
+        (runs.len(), open)
     }
 
     /// Deletes a run, its data and its summary.

@@ -242,6 +242,24 @@ async fn push_takes_the_run_shard_and_attempt_from_ci() {
     );
     assert_eq!(status.params.branch, "other");
 
+    // An empty COVD_* variable is as if not set: the CI job's values stand.
+    let out = push("github-actions", &[])
+        .env("GITHUB_RUN_ID", "777")
+        .env("COVD_RUN", "")
+        .env("COVD_COMMIT", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = client.status("github/acme/widgets/777").await.unwrap();
+    assert_eq!(
+        status.params.commit,
+        "ffac537e6cbbf934b08745a378932722df287a53"
+    );
+
     // Outside CI, the run must be given.
     let out = Command::new(COVD)
         .env_clear()
