@@ -10,6 +10,16 @@ use crate::support::*;
 
 pub(crate) const COVD: &str = env!("CARGO_BIN_EXE_covd");
 
+/// `covd serve` on ports the OS chooses (gRPC and HTTP), before the data directory's path.
+pub(crate) const SERVE_ANY_PORT: [&str; 6] = [
+    "serve",
+    "--listen",
+    "127.0.0.1:0",
+    "--http-listen",
+    "127.0.0.1:0",
+    "--data-dir",
+];
+
 /// The address a `covd serve` child (with its standard error piped) says it listens on, in
 /// the first line it writes once ready.
 pub(crate) fn address(child: &mut Child) -> String {

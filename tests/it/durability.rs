@@ -72,14 +72,7 @@ impl Drop for Killed {
 fn serve(dir: &std::path::Path, abort_in_commit: Option<u32>) -> (Killed, String) {
     let mut command = Command::new(COVD);
     command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(crate::cli::SERVE_ANY_PORT)
         .arg(dir)
         .stderr(Stdio::piped());
     if let Some(n) = abort_in_commit {
@@ -279,14 +272,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
 fn a_second_daemon_on_the_same_directory_is_refused() {
     let served = Served::start();
     let r = Command::new(COVD)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(crate::cli::SERVE_ANY_PORT)
         .arg(served.data.path())
         .output()
         .unwrap();
@@ -321,14 +307,7 @@ fn a_database_cut_in_half_is_reported_at_start() {
     )
     .unwrap();
     let r = Command::new(COVD)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(crate::cli::SERVE_ANY_PORT)
         .arg(dir.path())
         .output()
         .unwrap();

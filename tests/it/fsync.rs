@@ -56,14 +56,7 @@ async fn every_acknowledgement_follows_the_fsync_of_log_and_database() {
         .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
         .arg(&trace)
         .arg(COVD)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(crate::cli::SERVE_ANY_PORT)
         .arg(data.path())
         .stderr(Stdio::piped())
         .spawn()
