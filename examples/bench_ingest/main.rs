@@ -90,6 +90,7 @@ fn main() {
     // The same executable serves as the daemon, so that its memory and CPU are its own.
     if daemon::serve_if_asked(|data_dir| covd::Settings {
         data_dir,
+        http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         ..covd::Settings::default()
     }) {
         return;
@@ -188,6 +189,18 @@ fn main() {
             f.end_kb as f64 / 1024.0
         )
     });
+    row("/metrics scrape under ingest, p50 / p99", &|f| {
+        let mut t = f.scrapes.clone();
+        t.sort_unstable();
+        match t.len() {
+            0 => "none".to_owned(),
+            n => format!(
+                "{:.2} / {:.2} ms ({n} scrapes)",
+                t[n / 2].as_secs_f64() * 1e3,
+                t[(n - 1) * 99 / 100].as_secs_f64() * 1e3
+            ),
+        }
+    });
     if let Some(m) = &memory {
         println!(
             "  durable / in-memory ingest throughput: {:.2}",
@@ -262,6 +275,8 @@ struct Figures {
     recovery: Option<Duration>,
     /// The merged LCOV the waiting fetch wrote.
     merged: PathBuf,
+    /// `/metrics` scrapes during the ingest: each one's time.
+    scrapes: Vec<Duration>,
 }
 
 /// What one push of every shard measured.
@@ -272,6 +287,7 @@ struct Pushed {
     cpu_system: f64,
     cpu_after_last: f64,
     totals: covd::model::Totals,
+    scrapes: Vec<Duration>,
 }
 
 /// Pushes every shard into a fresh daemon (durable when `data_dir` is given) while a fetch
@@ -358,6 +374,7 @@ fn round(
         peak_kb,
         end_kb,
         totals: pushed.totals,
+        scrapes: pushed.scrapes,
         recovery,
         merged,
     }
@@ -405,6 +422,20 @@ async fn run(
     };
     let cpu_before = daemon::cpu_seconds(pid);
     let system_before = daemon::cpu_split(pid).1;
+    // A Prometheus scrape every 250 ms while the shards stream (its own CPU is in the
+    // daemon's; a few milliseconds in all).
+    let scraping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let scraper = daemon::metrics_url().map(|url| {
+        let scraping = scraping.clone();
+        std::thread::spawn(move || {
+            let mut took = Vec::new();
+            while scraping.load(std::sync::atomic::Ordering::Relaxed) {
+                took.extend(daemon::time_get(&url));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            took
+        })
+    });
     let start = Instant::now();
     // The latest finish so far, with the daemon's CPU seconds at that moment.
     let last_finish = Arc::new(std::sync::Mutex::new((start, cpu_before)));
@@ -467,6 +498,8 @@ async fn run(
     for p in pushes {
         p.await.unwrap();
     }
+    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.map(|s| s.join().unwrap()).unwrap_or_default();
     let _ = pushed_tx.send(());
     let (written, cpu_written, header) = fetch.await.unwrap();
     let (last, cpu_at_last) = *last_finish.lock().unwrap();
@@ -478,6 +511,7 @@ async fn run(
         cpu_system: daemon::cpu_split(pid).1 - system_before,
         cpu_after_last: (cpu_written - cpu_at_last).max(0.0),
         totals: header.totals,
+        scrapes,
     }
 }
 

@@ -20,8 +20,13 @@ pub(crate) fn serve_if_asked(settings: impl FnOnce(Option<PathBuf>) -> covd::Set
         let addr = listener.local_addr().unwrap();
         let (ready, is_ready) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if is_ready.await.is_ok() {
-                println!("http://{addr}");
+            if let Ok(ready) = is_ready.await {
+                // The metrics URL second, when the settings open an HTTP port.
+                let metrics: covd::server::Ready = ready;
+                match metrics.http {
+                    Some(http) => println!("http://{addr} http://{http}/metrics"),
+                    None => println!("http://{addr}"),
+                }
                 std::io::stdout().flush().unwrap();
             }
         });
@@ -32,7 +37,8 @@ pub(crate) fn serve_if_asked(settings: impl FnOnce(Option<PathBuf>) -> covd::Set
     true
 }
 
-/// Starts the daemon child; returns it, its URL, and how long it took to be ready.
+/// Starts the daemon child; returns it, its URL, and how long it took to be ready (its
+/// metrics URL, when it has an HTTP port: [`metrics_url`]).
 ///
 /// `COVD_BENCH_WRAP` runs it under a profiler, e.g.
 /// `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p` or
@@ -61,7 +67,40 @@ pub(crate) fn spawn(data_dir: Option<&Path>) -> (Child, String, Duration) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    (child, line.trim().to_owned(), started.elapsed())
+    let mut words = line.split_whitespace();
+    let url = words.next().unwrap_or_default().to_owned();
+    if let Some(metrics) = words.next() {
+        *METRICS.lock().unwrap() = Some(metrics.to_owned());
+    }
+    (child, url, started.elapsed())
+}
+
+static METRICS: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The metrics URL of the daemon [`spawn`] started last, if it has an HTTP port.
+#[allow(dead_code)]
+pub(crate) fn metrics_url() -> Option<String> {
+    METRICS.lock().unwrap().clone()
+}
+
+/// The time one `GET` of `url` (`http://host:port/path`) takes, whole answer read; `None`
+/// when it fails or is not a 200.
+#[allow(dead_code)]
+pub(crate) fn time_get(url: &str) -> Option<Duration> {
+    use std::io::Read;
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/')?;
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(host).ok()?;
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    let took = started.elapsed();
+    answer.starts_with(b"HTTP/1.1 200").then_some(took)
 }
 
 /// utime + stime of a process, from /proc (clock ticks of 1/100 s on Linux).
