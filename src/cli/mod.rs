@@ -340,6 +340,10 @@ pub(crate) struct PushArgs {
     #[arg(long, env = "COVD_SHARD", default_value_t = from_ci(ci_shard),
           hide_default_value = true, value_parser = or_ci(ci_shard))]
     shard: String,
+    /// An environment tag of this shard's test run, sent with its results (repeatable; beside
+    /// `os`, `arch` and `ci`, which push adds, and which a tag of the same key replaces).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
     /// When the daemon cannot be reached, keep what the push would have sent in DIR (a file
     /// per shard attempt) and exit 0; `--flush-spool DIR` sends it later.
     #[arg(long, value_name = "DIR")]
@@ -464,6 +468,18 @@ struct DirArgs {
     /// The directory; the root when omitted.
     #[arg(default_value = "")]
     path: String,
+}
+
+/// `KEY=VALUE` of `--tag`: a key of printable ASCII without spaces or `=`.
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_graphic()) => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!(
+            "`{s}` is not KEY=VALUE (a key of printable ASCII, no spaces)"
+        )),
+    }
 }
 
 fn parse_mapping(s: &str) -> Result<(String, String), String> {
@@ -805,10 +821,20 @@ fn print_status(s: &RunStatus) {
             .telemetry
             .as_ref()
             .map(|t| {
-                format!(
-                    "  tests {} passed, {} failed, {} skipped, {} errored",
-                    t.passed, t.failed, t.skipped, t.errored
-                )
+                let results = if t.duration.is_some() || !t.tests.is_empty() || t.tags.is_empty() {
+                    format!(
+                        "  tests {} passed, {} failed, {} skipped, {} errored",
+                        t.passed, t.failed, t.skipped, t.errored
+                    )
+                } else {
+                    String::new()
+                };
+                let tags: Vec<String> = t.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if tags.is_empty() {
+                    results
+                } else {
+                    format!("{results}  tags {}", tags.join(","))
+                }
             })
             .unwrap_or_default();
         let _ = writeln!(

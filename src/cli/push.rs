@@ -38,6 +38,9 @@ struct Sender {
     /// Test cases read from JUnit XML files, sent with the finish.
     tests: Vec<TestCase>,
     junit_files: u64,
+    /// The user's `--tag`s: with them, the finish carries the shard's telemetry even without
+    /// test results.
+    tags: std::collections::BTreeMap<String, String>,
     phpunit: PhpunitReports,
 }
 
@@ -215,7 +218,13 @@ impl Sender {
         if let Some(delta) = std::mem::take(&mut self.batcher).finish() {
             let _ = self.tx.blocking_send(PushInput::Delta(delta));
         }
-        let telemetry = (self.junit_files > 0).then(|| telemetry(std::mem::take(&mut self.tests)));
+        let telemetry = (self.junit_files > 0 || !self.tags.is_empty()).then(|| {
+            telemetry(
+                std::mem::take(&mut self.tests),
+                self.junit_files > 0,
+                std::mem::take(&mut self.tags),
+            )
+        });
         let _ = self.tx.blocking_send(PushInput::Done(telemetry));
         self.records
     }
@@ -295,6 +304,7 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         progress: progress.clone(),
         tests: Vec::new(),
         junit_files: 0,
+        tags: a.tags.iter().cloned().collect(),
         phpunit,
     };
 
@@ -430,18 +440,32 @@ fn unknown(path: &Path) -> anyhow::Error {
     )
 }
 
-/// Counts and total time of test cases.
-fn telemetry(tests: Vec<TestCase>) -> TestTelemetry {
+/// Counts and total time of test cases (`junit`: some were read), with the environment's
+/// tags: `os`, `arch`, `ci` (the provider), and the user's, which replace those of the same key.
+fn telemetry(
+    tests: Vec<TestCase>,
+    junit: bool,
+    user: std::collections::BTreeMap<String, String>,
+) -> TestTelemetry {
     let count = |s: TestStatus| tests.iter().filter(|t| t.status == s).count() as u64;
+    let mut tags = std::collections::BTreeMap::from([
+        ("os".to_owned(), std::env::consts::OS.to_owned()),
+        ("arch".to_owned(), std::env::consts::ARCH.to_owned()),
+    ]);
+    if let Some(ci) = covd::ci::from_env() {
+        tags.insert("ci".to_owned(), ci.provider.name().to_owned());
+    }
+    tags.extend(user);
     TestTelemetry {
         passed: count(TestStatus::Passed),
         failed: count(TestStatus::Failed),
         skipped: count(TestStatus::Skipped),
         errored: count(TestStatus::Errored),
-        duration: Some(tests.iter().map(|t| t.duration).sum()),
+        duration: junit.then(|| tests.iter().map(|t| t.duration).sum()),
         peak_memory_bytes: 0,
         platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
         tests,
+        tags,
     }
 }
 

@@ -102,6 +102,7 @@ impl Telemetry {
             peak_memory_bytes: self.peak_memory_bytes,
             platform: self.platform,
             tests: self.tests.into_iter().map(TestCase::upgrade).collect(),
+            tags: Default::default(),
         }
     }
 }

@@ -132,6 +132,26 @@ pub(crate) fn telemetry_from_proto(
         Ok(())
     };
     field_bytes("finish.telemetry.platform", &t.platform)?;
+    if t.tags.len() > crate::service::MAX_TAGS {
+        return Err(Error::invalid(
+            "finish.telemetry.tags",
+            format!(
+                "{} tags; at most {}",
+                t.tags.len(),
+                crate::service::MAX_TAGS
+            ),
+        ));
+    }
+    for (key, value) in &t.tags {
+        if key.is_empty() {
+            return Err(Error::invalid(
+                "finish.telemetry.tags",
+                "a tag without a key",
+            ));
+        }
+        field_bytes(&format!("finish.telemetry.tags[{key}]"), key)?;
+        field_bytes(&format!("finish.telemetry.tags[{key}]"), value)?;
+    }
     if let Some(limits) = limits
         && t.tests.len() > limits.max_tests_per_shard
     {
@@ -189,6 +209,7 @@ pub(crate) fn telemetry_from_proto(
         peak_memory_bytes: t.peak_memory_bytes,
         platform: t.platform,
         tests,
+        tags: t.tags.into_iter().collect(),
     })
 }
 
@@ -218,6 +239,7 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
                 duration: prost_types::Duration::try_from(c.duration).ok(),
             })
             .collect(),
+        tags: t.tags.into_iter().collect(),
     }
 }
 

@@ -62,6 +62,7 @@ pub(super) fn shard_record(id: &str, s: &Shard) -> ShardRecord {
             peak_memory_bytes: t.peak_memory_bytes,
             platform: t.platform.clone(),
             tests: t.tests.iter().map(Into::into).collect(),
+            tags: t.tags.clone().into_iter().collect(),
         }),
     }
 }
@@ -82,6 +83,7 @@ fn shard_from_record(r: ShardRecord) -> Shard {
             peak_memory_bytes: t.peak_memory_bytes,
             platform: t.platform,
             tests: t.tests.iter().map(|c| c.to_model()).collect(),
+            tags: t.tags.into_iter().collect(),
         }),
         ..Shard::default()
     }

@@ -37,7 +37,7 @@ pub use ingest::ShardSession;
 pub use line_sets::{LineSet, MAX_OPERANDS};
 pub use patch::{PatchCoverage, PatchFile};
 pub use types::{
-    Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits,
+    Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits, MAX_TAGS,
     MAX_UNKNOWN_REPORTED, RunParams, RunStatus, ShardHeader, ShardState, ShardStatus,
     TestTelemetry, TestsForLines,
 };

@@ -131,7 +131,12 @@ pub struct TestTelemetry {
     pub platform: String,
     /// Each test case, when the shard reported them.
     pub tests: Vec<crate::model::TestCase>,
+    /// The environment: `os`, `arch`, `ci`, and the user's own tags.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
+
+/// Most environment tags a shard's finish may carry.
+pub const MAX_TAGS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunStatus {

@@ -272,3 +272,111 @@ async fn push_takes_the_run_shard_and_attempt_from_ci() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("give --run or COVD_RUN"), "{err}");
 }
+
+/// `--tag` and the environment's tags (`os`, `arch`, `ci`) go with the shard's results, are
+/// kept by a durable daemon, and a tag of the same key replaces the environment's.
+#[test]
+fn tags_go_with_the_shards_results() {
+    use crate::cli::Served;
+    let served = Served::start();
+    let coverage = fixture("gcc-lcov/shard1.info");
+    let junit = fixture("junit/pytest-junit.xml");
+    let out = Command::new(COVD)
+        .env_clear()
+        .envs(environment("gitlab"))
+        .env("COVD_SERVER", &served.url)
+        .args(["push", "--run", "tagged", "--shard", "s"])
+        .args(["--tag", "python=3.11.2", "--tag", "arch=riscv64"])
+        .arg(&coverage)
+        .arg(&junit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = |served: &Served| {
+        let out = served
+            .covd(&["status", "--run", "tagged"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let want = format!(
+        "tags arch=riscv64,ci=gitlab,os={},python=3.11.2",
+        std::env::consts::OS
+    );
+    let first = status(&served);
+    assert!(first.contains(&want), "{first}");
+    assert!(first.contains("passed"), "{first}");
+
+    let mut served = served;
+    served.terminate();
+    let data = std::mem::replace(&mut served.data, tempfile::tempdir().unwrap());
+    let again = Served::on(data, "127.0.0.1:0");
+    assert_eq!(status(&again), first);
+
+    // A malformed tag is refused before anything is sent.
+    let out = again
+        .covd(&["push", "--run", "t2", "--shard", "s", "--tag", "no value"])
+        .arg(&coverage)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The daemon refuses more than 64 tags, an empty key, and a control character, naming the
+/// field; the shard is left unfinished.
+#[tokio::test]
+async fn bad_tags_are_refused_by_name() {
+    use covd::client::{ClientError, PushInput, PushOptions, PushTarget};
+    use covd::service::TestTelemetry;
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let many: std::collections::BTreeMap<String, String> =
+        (0..65).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let cases = [
+        (many, "65 tags; at most 64"),
+        (
+            [(String::new(), "v".to_owned())].into(),
+            "a tag without a key",
+        ),
+        (
+            [("k".to_owned(), "two\nlines".to_owned())].into(),
+            "control characters",
+        ),
+    ];
+    for (i, (tags, says)) in cases.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(PushInput::Done(None)).await.unwrap();
+        let target = PushTarget {
+            run_id: format!("tags{i}"),
+            shard_id: "s".into(),
+            attempt: 1,
+            telemetry: Some(TestTelemetry {
+                tags,
+                ..TestTelemetry::default()
+            }),
+            ..PushTarget::default()
+        };
+        let options = PushOptions {
+            retries: 0,
+            ..PushOptions::default()
+        };
+        match client.push(&target, rx, &options).await.unwrap_err() {
+            ClientError::Status(s) => {
+                assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+                assert!(
+                    s.message().contains("finish.telemetry.tags"),
+                    "{}",
+                    s.message()
+                );
+                assert!(s.message().contains(says), "{}", s.message());
+            }
+            other => panic!("{other}"),
+        }
+        let status = client.status(&format!("tags{i}")).await.unwrap();
+        assert!(!status.complete && status.shards[0].finished_at.is_none());
+    }
+}
