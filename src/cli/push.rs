@@ -41,6 +41,8 @@ struct Sender {
     /// The user's `--tag`s: with them, the finish carries the shard's telemetry even without
     /// test results.
     tags: std::collections::BTreeMap<String, String>,
+    /// With --watch, how the test command ran.
+    ran: Option<Ran>,
     phpunit: PhpunitReports,
 }
 
@@ -218,13 +220,15 @@ impl Sender {
         if let Some(delta) = std::mem::take(&mut self.batcher).finish() {
             let _ = self.tx.blocking_send(PushInput::Delta(delta));
         }
-        let telemetry = (self.junit_files > 0 || !self.tags.is_empty()).then(|| {
-            telemetry(
-                std::mem::take(&mut self.tests),
-                self.junit_files > 0,
-                std::mem::take(&mut self.tags),
-            )
-        });
+        let telemetry =
+            (self.junit_files > 0 || !self.tags.is_empty() || self.ran.is_some()).then(|| {
+                telemetry(
+                    std::mem::take(&mut self.tests),
+                    self.junit_files > 0,
+                    std::mem::take(&mut self.tags),
+                    self.ran,
+                )
+            });
         let _ = self.tx.blocking_send(PushInput::Done(telemetry));
         self.records
     }
@@ -305,6 +309,7 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         tests: Vec::new(),
         junit_files: 0,
         tags: a.tags.iter().cloned().collect(),
+        ran: None,
         phpunit,
     };
 
@@ -317,10 +322,10 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         None => tokio::task::spawn_blocking(move || send_files(sender, inputs)),
         Some(dir) => {
             let test = start_command(&a.command)?;
-            let exited = test.exited.clone();
+            let (exited, ran) = (test.exited.clone(), test.ran.clone());
             command = Some(test);
             let (dir, settle) = (dir.clone(), a.settle);
-            tokio::task::spawn_blocking(move || watch(sender, &dir, settle, &exited))
+            tokio::task::spawn_blocking(move || watch(sender, &dir, settle, &exited, &ran))
         }
     };
     let target = PushTarget {
@@ -440,12 +445,15 @@ fn unknown(path: &Path) -> anyhow::Error {
     )
 }
 
-/// Counts and total time of test cases (`junit`: some were read), with the environment's
-/// tags: `os`, `arch`, `ci` (the provider), and the user's, which replace those of the same key.
+/// Counts of test cases (`junit`: some were read), the run's duration (the test command's
+/// when `--watch` ran it, else the test cases' sum) and peak memory (the command's), with the
+/// environment's tags: `os`, `arch`, `ci` (the provider), and the user's, which replace those
+/// of the same key.
 fn telemetry(
     tests: Vec<TestCase>,
     junit: bool,
     user: std::collections::BTreeMap<String, String>,
+    ran: Option<Ran>,
 ) -> TestTelemetry {
     let count = |s: TestStatus| tests.iter().filter(|t| t.status == s).count() as u64;
     let mut tags = std::collections::BTreeMap::from([
@@ -461,8 +469,11 @@ fn telemetry(
         failed: count(TestStatus::Failed),
         skipped: count(TestStatus::Skipped),
         errored: count(TestStatus::Errored),
-        duration: junit.then(|| tests.iter().map(|t| t.duration).sum()),
-        peak_memory_bytes: 0,
+        duration: match ran {
+            Some(ran) => Some(ran.took),
+            None => junit.then(|| tests.iter().map(|t| t.duration).sum()),
+        },
+        peak_memory_bytes: ran.map_or(0, |r| r.peak_bytes),
         platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
         tests,
         tags,
@@ -674,6 +685,7 @@ fn watch(
     dir: &Path,
     settle: Duration,
     exited: &AtomicBool,
+    ran: &Mutex<Option<Ran>>,
 ) -> anyhow::Result<u64> {
     // file -> (how it looked, since when it has looked so)
     let mut pending: HashMap<PathBuf, (Seen, std::time::Instant)> = HashMap::new();
@@ -748,6 +760,7 @@ fn watch(
             if let Some((_, e)) = unparsed.into_values().next() {
                 return Err(e);
             }
+            sender.ran = *ran.lock().unwrap_or_else(|e| e.into_inner());
             let records = sender.finish();
             if !changed_after_send.is_empty() {
                 // What was sent is merged; what came later is not: say so, as a failure.
@@ -790,9 +803,19 @@ fn scan(dir: &Path) -> Vec<(PathBuf, Seen)> {
     files
 }
 
+/// How the test command ran: its wall time, and the peak resident memory of its largest
+/// process (the kernel's `ru_maxrss` of the waited-for children).
+#[derive(Debug, Clone, Copy)]
+struct Ran {
+    took: Duration,
+    peak_bytes: u64,
+}
+
 /// The test command, running.
 struct TestCommand {
     exited: Arc<AtomicBool>,
+    /// Set before `exited`.
+    ran: Arc<Mutex<Option<Ran>>>,
     status: Arc<Mutex<Option<io::Result<std::process::ExitStatus>>>>,
     waiter: tokio::task::JoinHandle<()>,
 }
@@ -801,6 +824,7 @@ fn start_command(argv: &[String]) -> Result<TestCommand, Failure> {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| bad_input(anyhow!("--watch needs a command after `--`")))?;
+    let started = std::time::Instant::now();
     let mut child = std::process::Command::new(program)
         .args(args)
         .spawn()
@@ -808,16 +832,25 @@ fn start_command(argv: &[String]) -> Result<TestCommand, Failure> {
         .map_err(bad_input)?;
     let exited = Arc::new(AtomicBool::new(false));
     let status = Arc::new(Mutex::new(None));
+    let ran = Arc::new(Mutex::new(None));
     let waiter = {
-        let (exited, status) = (exited.clone(), status.clone());
+        let (exited, status, ran) = (exited.clone(), status.clone(), ran.clone());
         tokio::task::spawn_blocking(move || {
             let result = child.wait();
+            let took = started.elapsed();
+            // The only child covd waits for: ru_maxrss (KiB on Linux) is the command's
+            // largest process.
+            let peak_bytes =
+                nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+                    .map_or(0, |u| u64::try_from(u.max_rss()).unwrap_or(0) * 1024);
+            *ran.lock().unwrap_or_else(|e| e.into_inner()) = Some(Ran { took, peak_bytes });
             *status.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
             exited.store(true, Ordering::Release);
         })
     };
     Ok(TestCommand {
         exited,
+        ran,
         status,
         waiter,
     })

@@ -380,3 +380,46 @@ async fn bad_tags_are_refused_by_name() {
         assert!(!status.complete && status.shards[0].finished_at.is_none());
     }
 }
+
+/// `push --watch -- CMD` sends how the command ran: its wall time and the peak memory of its
+/// largest process, with the tags, even without test results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sends_the_commands_duration_and_peak_memory() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let dir = tempfile::tempdir().unwrap();
+    let coverage = fixture("gcc-lcov/shard1.info");
+    // 64 MiB written (so resident), then the coverage file.
+    let script = format!(
+        "python3 -c 'import time; b = bytearray(b\"x\") * (64 << 20); time.sleep(0.3)' && cp {} {}/shard.info",
+        coverage.display(),
+        dir.path().display()
+    );
+    let url = daemon.url.clone();
+    let watch = dir.path().to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(COVD)
+            .env("COVD_SERVER", url)
+            .args(["push", "--run", "ran", "--shard", "s", "--watch", &watch])
+            .args(["--", "sh", "-c", &script])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = client.status("ran").await.unwrap();
+    let t = status.shards[0].telemetry.as_ref().expect("telemetry");
+    assert!(
+        t.duration.unwrap() >= std::time::Duration::from_millis(300),
+        "{t:?}"
+    );
+    assert!(t.peak_memory_bytes >= 64 << 20, "{}", t.peak_memory_bytes);
+    assert!(t.peak_memory_bytes < 1 << 30, "{}", t.peak_memory_bytes);
+    assert_eq!(t.tags["os"], std::env::consts::OS);
+    assert!(status.totals.lines > 0);
+}
