@@ -220,12 +220,15 @@ impl Sender {
         if let Some(delta) = std::mem::take(&mut self.batcher).finish() {
             let _ = self.tx.blocking_send(PushInput::Delta(delta));
         }
+        // The tools the inputs name, then the user's tags, which win.
+        let mut tags = std::mem::take(&mut self.phpunit.tools);
+        tags.extend(std::mem::take(&mut self.tags));
         let telemetry =
-            (self.junit_files > 0 || !self.tags.is_empty() || self.ran.is_some()).then(|| {
+            (self.junit_files > 0 || !tags.is_empty() || self.ran.is_some()).then(|| {
                 telemetry(
                     std::mem::take(&mut self.tests),
                     self.junit_files > 0,
-                    std::mem::take(&mut self.tags),
+                    tags,
                     self.ran,
                 )
             });
@@ -561,6 +564,8 @@ struct PhpunitReports {
     files: HashMap<String, (PathBuf, Arc<str>, bool)>,
     /// The report directories, for messages.
     dirs: Vec<PathBuf>,
+    /// The tools the reports name, with their versions: tags of the shard's test run.
+    tools: std::collections::BTreeMap<String, String>,
 }
 
 impl PhpunitReports {
@@ -571,6 +576,7 @@ impl PhpunitReports {
             .with_context(|| format!("cannot open {}", index_path.display()))?;
         let index = phpunit::read_index(BufReader::new(file))
             .with_context(|| index_path.display().to_string())?;
+        self.tools.extend(index.tools);
         let source: Arc<str> = index.source.into();
         for (path, href) in index.files {
             let report = (dir.join(&href), source.clone(), false);

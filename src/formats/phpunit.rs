@@ -39,6 +39,9 @@ pub struct Index {
     pub files: Vec<(String, String)>,
     /// The tests the run recorded (`<tests>`); a skipped test is not among them.
     pub tests: Vec<String>,
+    /// The tools of the run and their versions (`<build>`): `phpunit`, `php-code-coverage`,
+    /// the runtime (`php`) and the coverage driver (`pcov`, `xdebug`).
+    pub tools: Vec<(String, String)>,
 }
 
 /// Reads `index.xml`.
@@ -62,6 +65,19 @@ pub fn read_index(input: impl BufRead) -> Result<Index, ParseError> {
             "test" => index
                 .tests
                 .push(xml_attr(e, "name")?.ok_or("<test> without `name`")?),
+            "build" => {
+                for (attr, tool) in [("phpunit", "phpunit"), ("coverage", "php-code-coverage")] {
+                    if let Some(version) = xml_attr(e, attr)? {
+                        index.tools.push((tool.to_owned(), version));
+                    }
+                }
+            }
+            "runtime" | "driver" => {
+                if let (Some(name), Some(version)) = (xml_attr(e, "name")?, xml_attr(e, "version")?)
+                {
+                    index.tools.push((name.to_ascii_lowercase(), version));
+                }
+            }
             "directory" => dirs.push(xml_attr(e, "name")?.unwrap_or_default()),
             "file" => {
                 let file = xml_attr(e, "name")?.ok_or("<file> without `name`")?;
@@ -344,7 +360,8 @@ mod tests {
     #[test]
     fn the_index_gives_source_tests_and_files() {
         let index = read_index(
-            r#"<phpunit xmlns="https://schema.phpunit.de/coverage/1.0"><build/>
+            r#"<phpunit xmlns="https://schema.phpunit.de/coverage/1.0">
+            <build phpunit="9.6.7" coverage="9.2.26"><runtime name="PHP" version="8.2.31"/></build>
             <project source="/b/src"><tests><test name="T::a" status="PASSED"/></tests>
             <directory name="/"><file name="A.php" href="A.php.xml"/>
             <directory name="sub"><file name="B.php" href="sub/B.php.xml"/></directory>
@@ -353,6 +370,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(index.source, "/b/src");
+        let tools = [
+            ("phpunit", "9.6.7"),
+            ("php-code-coverage", "9.2.26"),
+            ("php", "8.2.31"),
+        ];
+        assert_eq!(
+            index.tools,
+            tools.map(|(t, v)| (t.to_owned(), v.to_owned()))
+        );
         assert_eq!(index.tests, ["T::a"]);
         let files = [
             ("/b/src/A.php", "A.php.xml"),

@@ -120,6 +120,22 @@ async fn three_shards_give_every_lines_tests_as_phpunits_merge() {
     }
     let status = client.status("php").await.unwrap();
     assert!(status.complete);
+    // The report's tools are tags of each shard's test run.
+    for shard in &status.shards {
+        let tags = &shard.telemetry.as_ref().expect("telemetry").tags;
+        for (tool, version) in [
+            ("phpunit", "9.6.7"),
+            ("php-code-coverage", "9.2.26"),
+            ("php", "8.2.31"),
+            ("pcov", "1.0.11"),
+        ] {
+            assert_eq!(
+                tags.get(tool).map(String::as_str),
+                Some(version),
+                "{tags:?}"
+            );
+        }
+    }
     let (lines, covered) = merged_clover_lines();
     assert_eq!(
         (status.totals.lines, status.totals.lines_covered),
