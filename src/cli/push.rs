@@ -43,6 +43,8 @@ struct Sender {
     tags: std::collections::BTreeMap<String, String>,
     /// With --watch, how the test command ran.
     ran: Option<Ran>,
+    /// The tools the coverage files name, with their versions (`coverage.py`).
+    tools: std::collections::BTreeMap<String, String>,
     phpunit: PhpunitReports,
 }
 
@@ -108,7 +110,7 @@ impl Sender {
         // daemon like any two deltas.
         let mut failure = None;
         let mut closed = false;
-        formats::read(format, input, |record| match self.accept(record) {
+        let tools = formats::read(format, input, |record| match self.accept(record) {
             Ok(None) => true,
             Ok(Some((source, file))) => {
                 if let Some(delta) = self.batcher.push(source, file)
@@ -125,6 +127,7 @@ impl Sender {
             }
         })
         .map_err(|e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string())))?;
+        self.tools.extend(tools);
         if let Some(e) = failure {
             return Err(Stop::Failed(e.context(path.display().to_string())));
         }
@@ -144,7 +147,7 @@ impl Sender {
     ) -> Result<(), Stop> {
         let mut accepted = Vec::new();
         let mut failure = None;
-        formats::read(format, input, |record| match self.accept(record) {
+        let tools = formats::read(format, input, |record| match self.accept(record) {
             Ok(Some(file)) => {
                 accepted.push(file);
                 true
@@ -156,6 +159,7 @@ impl Sender {
             }
         })
         .map_err(|e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string())))?;
+        self.tools.extend(tools);
         if let Some(e) = failure {
             return Err(Stop::Failed(e.context(path.display().to_string())));
         }
@@ -222,6 +226,7 @@ impl Sender {
         }
         // The tools the inputs name, then the user's tags, which win.
         let mut tags = std::mem::take(&mut self.phpunit.tools);
+        tags.extend(std::mem::take(&mut self.tools));
         tags.extend(std::mem::take(&mut self.tags));
         let telemetry =
             (self.junit_files > 0 || !tags.is_empty() || self.ran.is_some()).then(|| {
@@ -313,6 +318,7 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         junit_files: 0,
         tags: a.tags.iter().cloned().collect(),
         ran: None,
+        tools: std::collections::BTreeMap::new(),
         phpunit,
     };
 

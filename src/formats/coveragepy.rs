@@ -54,19 +54,27 @@ struct Region {
 }
 
 /// Reads a report, calling `on_file` for each file in document order. `on_file` returning
-/// `false` stops the reading early (the consumer went away).
-pub fn read(input: impl Read, mut on_file: impl FnMut(Record) -> bool) -> Result<(), ParseError> {
+/// `false` stops the reading early (the consumer went away). Returns the coverage.py version
+/// that wrote it, when its `meta` says.
+pub fn read(
+    input: impl Read,
+    mut on_file: impl FnMut(Record) -> bool,
+) -> Result<Option<String>, ParseError> {
     let mut de = serde_json::Deserializer::from_reader(input);
+    let mut version = None;
     let result = de
         .deserialize_map(Document {
             on_file: &mut on_file,
+            version: &mut version,
         })
         .and_then(|()| de.end());
-    result.map_err(|e| ParseError::at(e.line() as u64, format!("coverage.py JSON: {e}")))
+    result.map_err(|e| ParseError::at(e.line() as u64, format!("coverage.py JSON: {e}")))?;
+    Ok(version)
 }
 
 struct Document<'a, F> {
     on_file: &'a mut F,
+    version: &'a mut Option<String>,
 }
 
 impl<'de, F: FnMut(Record) -> bool> Visitor<'de> for Document<'_, F> {
@@ -82,6 +90,7 @@ impl<'de, F: FnMut(Record) -> bool> Visitor<'de> for Document<'_, F> {
             match key.as_str() {
                 "meta" => {
                     let meta: Meta = map.next_value()?;
+                    *self.version = meta.version;
                     if meta.format.is_some_and(|f| f > 3) {
                         return Err(serde::de::Error::custom(format!(
                             "report format {} is newer than this reader knows (3)",
@@ -111,6 +120,8 @@ impl<'de, F: FnMut(Record) -> bool> Visitor<'de> for Document<'_, F> {
 #[derive(Deserialize)]
 struct Meta {
     format: Option<u32>,
+    #[serde(default)]
+    version: Option<String>,
 }
 
 struct Files<'a, F> {

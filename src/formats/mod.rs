@@ -138,9 +138,27 @@ impl Format {
     }
 }
 
+/// What a coverage file says of the tool that wrote it: `(tool, version)` pairs (coverage.py
+/// says its version; most formats say nothing).
+pub type Tools = Vec<(String, String)>;
+
 /// Reads `input` in `format`, calling `on_record` for each file's record as it is read;
-/// `on_record` returning `false` stops early.
+/// `on_record` returning `false` stops early. Returns the tools the input names.
 pub fn read(
+    format: Format,
+    input: impl BufRead,
+    on_record: impl FnMut(Record) -> bool,
+) -> Result<Tools, ParseError> {
+    if format == Format::CoveragePyJson {
+        let version = coveragepy::read(input, on_record)?;
+        return Ok(version
+            .map(|v| vec![("coverage.py".to_owned(), v)])
+            .unwrap_or_default());
+    }
+    read_records(format, input, on_record).map(|()| Tools::new())
+}
+
+fn read_records(
     format: Format,
     input: impl BufRead,
     mut on_record: impl FnMut(Record) -> bool,
@@ -155,7 +173,7 @@ pub fn read(
             }
             Ok(())
         }
-        Format::CoveragePyJson => coveragepy::read(input, on_record),
+        Format::CoveragePyJson => coveragepy::read(input, on_record).map(|_| ()),
         Format::Cobertura => cobertura::read(input, on_record),
         Format::GoCover => gocover::read(input, on_record),
         Format::GcovrJson => gcovr::read(input, on_record),

@@ -423,3 +423,42 @@ async fn watch_sends_the_commands_duration_and_peak_memory() {
     assert_eq!(t.tags["os"], std::env::consts::OS);
     assert!(status.totals.lines > 0);
 }
+
+/// The coverage.py version a JSON report names is a tag of the shard's test run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coverage_py_report_names_its_version() {
+    let daemon = Daemon::start().await;
+    let mut client = daemon.client();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("coverage.json");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(
+            std::fs::File::open(corpus("python-toolz/same-path/shard1.json.gz")).unwrap(),
+        ),
+        &mut text,
+    )
+    .unwrap();
+    std::fs::write(&report, text).unwrap();
+    let url = daemon.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(COVD)
+            .env("COVD_SERVER", url)
+            .args(["push", "--run", "py", "--shard", "1"])
+            .arg(&report)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = client.status("py").await.unwrap();
+    let t = status.shards[0].telemetry.as_ref().expect("telemetry");
+    assert_eq!(t.tags["coverage.py"], "7.17.3");
+    // No test results: none are claimed.
+    assert_eq!((t.passed, t.failed, t.duration), (0, 0, None));
+}

@@ -17,7 +17,7 @@ fn read(format: Format, text: &[u8]) -> Result<Coverage, formats::ParseError> {
         c.add(&r.path, &r.file);
         true
     })
-    .map(|()| c)
+    .map(|_| c)
 }
 
 /// Nine levels of ten: expanded, `&lol9;` would be a billion `lol`s.
