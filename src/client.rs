@@ -395,6 +395,33 @@ impl Client {
         convert::impact_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// The trend of the runs `query` selects (its `limit` is ignored), in buckets of `width`.
+    pub async fn history(
+        &mut self,
+        query: &crate::persist::HistoryQuery,
+        width: crate::history::Bucket,
+    ) -> Result<Vec<crate::history::TrendBucket>, ClientError> {
+        use crate::history::Bucket;
+        let at = |ms: u64| {
+            prost_types::Timestamp::from(
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+        };
+        let request = proto::GetHistoryRequest {
+            project: query.project.clone(),
+            branch: query.branch.clone(),
+            since: (query.since_ms > 0).then(|| at(query.since_ms)),
+            until: query.until_ms.map(at),
+            width: match width {
+                Bucket::Day => proto::HistoryBucketWidth::Day,
+                Bucket::Week => proto::HistoryBucketWidth::Week,
+                Bucket::Month => proto::HistoryBucketWidth::Month,
+            } as i32,
+        };
+        let answer = self.inner.get_history(request).await?.into_inner();
+        Ok(convert::history_from_proto(answer))
+    }
+
     /// Patch coverage: of the lines `diff` (a unified diff ending at the run's commit) adds,
     /// those the run measured and covered. `strip` as for [`Client::test_impact`].
     pub async fn patch_coverage(

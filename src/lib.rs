@@ -15,6 +15,8 @@
 //! - [`formats`]: coverage file formats: streaming readers (LCOV, coverage.py JSON, Cobertura,
 //!   Istanbul, gcovr, Go, llvm-cov, JaCoCo, Clover, JUnit) and writers (LCOV, Cobertura, JSON, Markdown, HTML).
 //! - [`diff`]: unified diffs (`git diff`) as changed lines per file, for test impact.
+//! - [`history`]: trends of runs per project and branch over days, weeks and months, and the
+//!   down-sampling of old runs into months.
 //! - [`aggregate`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
 //! - [`persist`]: durable storage behind one trait ([`persist::Storage`]): the embedded SQLite
 //!   store with a delta log file per run (group commit, versioned records, recovery reads), and
@@ -33,6 +35,7 @@ pub mod ci;
 pub mod client;
 pub mod diff;
 pub mod formats;
+pub mod history;
 mod http;
 pub mod metrics;
 pub mod model;

@@ -29,6 +29,9 @@ pub struct Settings {
     /// A run's raw data is dropped this long after the run was opened; its summary stays.
     /// `None` keeps runs until deleted.
     pub retention: Option<Duration>,
+    /// History keeps every run's summary this long, then folds whole months into one
+    /// record per project and branch. `None` never folds.
+    pub history_full_for: Option<Duration>,
     /// A cap on the stored data (the data directory's database and delta logs, or with no
     /// data directory the deltas and merged files held in memory), in bytes; past it the store
     /// fails and refuses writes.
@@ -63,6 +66,7 @@ impl Default for Settings {
             limits: Limits::default(),
             data_dir: None,
             retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            history_full_for: Some(Duration::from_secs(90 * 24 * 3600)),
             max_db_bytes: None,
             shutdown_grace: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
@@ -169,6 +173,15 @@ pub async fn run_on(
         tokio::spawn(expire_periodically(
             service.clone(),
             retention,
+            stopping.clone(),
+        ));
+    }
+    if let Some(full_for) = settings.history_full_for {
+        // Before serving, so that history reads the same from the first call.
+        down_sample(&service, full_for).await;
+        tokio::spawn(down_sample_periodically(
+            service.clone(),
+            full_for,
             stopping.clone(),
         ));
     }
@@ -337,6 +350,31 @@ async fn expire_periodically(
             _ = tokio::time::sleep(every) => {}
             _ = stopping.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Folds history older than `full_for` into months every hour, until shutdown.
+async fn down_sample_periodically(
+    service: CoverageService,
+    full_for: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        down_sample(&service, full_for).await;
+    }
+}
+
+async fn down_sample(service: &CoverageService, full_for: Duration) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let before = crate::history::fold_before(now, full_for);
+    if let Err(e) = service.down_sample(before).await {
+        tracing::warn!("down-sampling history failed: {e}");
     }
 }
 

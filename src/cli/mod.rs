@@ -3,6 +3,7 @@
 
 mod attribution;
 mod differential;
+mod history;
 mod html;
 mod impact;
 mod lines;
@@ -87,6 +88,9 @@ enum Command {
     /// Set algebra over covered lines: `covered:integration - covered:unit`, `test:T -
     /// tests-except:T` (the lines only test T covers), with `|`, `&`, `-` and parentheses.
     Lines(lines::LinesArgs),
+    /// The trend of a project's runs per day, week or month: coverage, tests, duration,
+    /// memory (kept after the runs' raw data expires; old months down-sampled).
+    History(history::HistoryArgs),
     /// List the runs the daemon holds.
     Runs(ServerArg),
     /// Delete a run.
@@ -204,6 +208,10 @@ struct ServeArgs {
     /// until deleted.
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
     retention: Duration,
+    /// History keeps every run this long, then only per month (counts, least, mean, greatest
+    /// and latest value of each metric); whole months are folded. 0 never folds.
+    #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
+    history_full_for: Duration,
     /// On SIGTERM/SIGINT, wait this long for open calls before stopping; a second signal
     /// stops at once.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -536,6 +544,7 @@ impl Cli {
             Command::Patch(a) => patch::patch(a).await,
             Command::Diff(a) => differential::diff(a).await,
             Command::Lines(a) => lines::lines(a).await,
+            Command::History(a) => history::history(a).await,
             Command::Runs(a) => runs(a).await,
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;
@@ -568,6 +577,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         max_message_bytes: a.max_message_bytes,
         data_dir: (!a.in_memory).then(|| a.data_dir.clone()),
         retention: (!a.retention.is_zero()).then_some(a.retention),
+        history_full_for: (!a.history_full_for.is_zero()).then_some(a.history_full_for),
         shutdown_grace: a.shutdown_grace,
         max_db_bytes: a.max_db_bytes,
         max_concurrent_streams: a.max_concurrent_streams,
@@ -822,10 +832,18 @@ fn print_status(s: &RunStatus) {
             .as_ref()
             .map(|t| {
                 let results = if t.duration.is_some() || !t.tests.is_empty() || t.tags.is_empty() {
-                    format!(
+                    use std::fmt::Write as _;
+                    let mut r = format!(
                         "  tests {} passed, {} failed, {} skipped, {} errored",
                         t.passed, t.failed, t.skipped, t.errored
-                    )
+                    );
+                    if t.incomplete > 0 {
+                        let _ = write!(r, ", {} incomplete", t.incomplete);
+                    }
+                    if let Some(n) = t.assertions {
+                        let _ = write!(r, ", {n} assertions");
+                    }
+                    r
                 } else {
                     String::new()
                 };

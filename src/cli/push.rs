@@ -43,7 +43,7 @@ struct Sender {
     tags: std::collections::BTreeMap<String, String>,
     /// With --watch, how the test command ran.
     ran: Option<Ran>,
-    /// The tools the coverage files name, with their versions (`coverage.py`).
+    /// The tools the inputs name, with their versions (coverage.py, JUnit properties).
     tools: std::collections::BTreeMap<String, String>,
     phpunit: PhpunitReports,
 }
@@ -204,7 +204,7 @@ impl Sender {
     /// Reads a JUnit XML file's test cases, for the finish.
     fn read_tests(&mut self, path: &Path, input: impl BufRead) -> Result<(), Stop> {
         let tests = &mut self.tests;
-        junit::read(input, |mut case| {
+        let tools = junit::read(input, |mut case| {
             // Parametrized test ids can hold newlines; the protocol wants single lines.
             for s in [&mut case.name, &mut case.suite] {
                 if s.bytes().any(|b| b.is_ascii_control()) {
@@ -215,6 +215,7 @@ impl Sender {
             tests.push(case);
         })
         .map_err(|e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string())))?;
+        self.tools.extend(tools);
         self.junit_files += 1;
         Ok(())
     }
@@ -478,6 +479,11 @@ fn telemetry(
         failed: count(TestStatus::Failed),
         skipped: count(TestStatus::Skipped),
         errored: count(TestStatus::Errored),
+        incomplete: count(TestStatus::Incomplete),
+        assertions: tests
+            .iter()
+            .filter_map(|t| t.assertions)
+            .reduce(u64::saturating_add),
         duration: match ran {
             Some(ran) => Some(ran.took),
             None => junit.then(|| tests.iter().map(|t| t.duration).sum()),

@@ -1,7 +1,11 @@
-//! JUnit XML test results in (pytest, mocha's xunit, Maven Surefire, Go's junit reporters…):
-//! each `<testcase>` with its suite, name, status and duration. The counts come from the test
-//! cases themselves, not from the suites' attributes, which some writers get wrong (mocha's
-//! say `failures="0"` beside `<failure>` elements).
+//! JUnit XML test results in (pytest, jest-junit, mocha's xunit, Maven Surefire, PHPUnit,
+//! go-junit-report…): each `<testcase>` with its suite, name, status, duration and, where the
+//! tool counts them (PHPUnit), assertions. The counts come from the test cases themselves, not
+//! from the suites' attributes, which some writers get wrong (mocha's say `failures="0"`
+//! beside `<failure>` elements; jest-junit's leave out the cases its hooks add).
+//!
+//! No tool among these marks an incomplete test apart: PHPUnit writes its incomplete tests
+//! as `<skipped/>`, jest-junit leaves `test.todo` out. They read as the tools write them.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -18,8 +22,13 @@ pub fn detect(head: &[u8]) -> bool {
     t.starts_with('<') && (t.contains("<testsuites") || t.contains("<testsuite"))
 }
 
-/// Reads every test case, calling `on_case` for each.
-pub fn read(input: impl BufRead, mut on_case: impl FnMut(TestCase)) -> Result<(), ParseError> {
+/// Reads every test case, calling `on_case` for each. Returns the tools whose versions the
+/// report's `<properties>` name (see [`tool_of_property`]).
+pub fn read(
+    input: impl BufRead,
+    mut on_case: impl FnMut(TestCase),
+) -> Result<super::Tools, ParseError> {
+    let mut tools = super::Tools::new();
     let mut reader = quick_xml::Reader::from_reader(input);
     let mut buf = Vec::new();
     let mut open: Option<TestCase> = None;
@@ -36,6 +45,16 @@ pub fn read(input: impl BufRead, mut on_case: impl FnMut(TestCase)) -> Result<()
                 let empty = matches!(event, Event::Empty(_));
                 match e.local_name().as_ref() {
                     "testsuites" | "testsuite" => saw_suite = true,
+                    "property" => {
+                        let name = super::xml_attr(e, "name").map_err(&fail)?;
+                        let value = super::xml_attr(e, "value").map_err(&fail)?;
+                        if let (Some(name), Some(value)) = (name, value)
+                            && let Some(tool) = tool_of_property(&name, &value)
+                            && !tools.contains(&tool)
+                        {
+                            tools.push(tool);
+                        }
+                    }
                     "testcase" => {
                         let case = TestCase {
                             suite: super::xml_attr(e, "classname")
@@ -49,6 +68,12 @@ pub fn read(input: impl BufRead, mut on_case: impl FnMut(TestCase)) -> Result<()
                                 super::xml_attr(e, "time").map_err(&fail)?.as_deref(),
                             )
                             .map_err(&fail)?,
+                            assertions: match super::xml_attr(e, "assertions").map_err(&fail)? {
+                                Some(n) => Some(n.trim().parse().map_err(|_| {
+                                    fail(format!("assertions `{n}` is not a count"))
+                                })?),
+                                None => None,
+                            },
                         };
                         if empty {
                             on_case(case);
@@ -56,11 +81,13 @@ pub fn read(input: impl BufRead, mut on_case: impl FnMut(TestCase)) -> Result<()
                             open = Some(case);
                         }
                     }
-                    outcome @ ("failure" | "error" | "skipped") => {
+                    outcome @ ("failure" | "error" | "warning" | "skipped") => {
                         if let Some(case) = &mut open {
                             let status = match outcome {
                                 "failure" => TestStatus::Failed,
-                                "error" => TestStatus::Errored,
+                                // PHPUnit's `<warning>`: the test (or its class) is not usable
+                                // as written; not a pass, and no assertion failed.
+                                "error" | "warning" => TestStatus::Errored,
                                 _ => TestStatus::Skipped,
                             };
                             // A failure outranks a skip; an error outranks both.
@@ -99,7 +126,20 @@ pub fn read(input: impl BufRead, mut on_case: impl FnMut(TestCase)) -> Result<()
             "JUnit XML: the input ends inside a <testcase> (truncated?)",
         ));
     }
-    Ok(())
+    Ok(tools)
+}
+
+/// The tool a `<property>` names the version of: Maven Surefire writes the test JVM's system
+/// properties, `java.version` among them. Other properties are the project's own or describe
+/// the machine (paths, user names) and stay out of the tags.
+fn tool_of_property(name: &str, value: &str) -> Option<(String, String)> {
+    let tool = match name {
+        "java.version" => "java",
+        _ => return None,
+    };
+    let version = value.trim();
+    (!version.is_empty() && !version.contains(char::is_control))
+        .then(|| (tool.to_owned(), version.to_owned()))
 }
 
 /// `time="0.076"` (seconds; some writers use a comma, or thousands separators).
@@ -156,6 +196,23 @@ mod tests {
             Duration::from_secs_f64(0.076)
         );
         assert_eq!(cases[0].suite, "a");
+    }
+
+    #[test]
+    fn assertions_and_tool_versions() {
+        let xml = r#"<testsuite><properties>
+            <property name="java.version" value="17.0.15"/><property name="java.version" value="17.0.15"/>
+            <property name="user.home" value="/home/ci"/><property name="java.vm.version" value="17"/>
+            </properties>
+            <testcase name="a" assertions="3"/><testcase name="b"/></testsuite>"#;
+        let mut cases = Vec::new();
+        let tools = read(xml.as_bytes(), |c| cases.push(c)).unwrap();
+        assert_eq!(tools, [("java".to_owned(), "17.0.15".to_owned())]);
+        assert_eq!(cases[0].assertions, Some(3));
+        assert_eq!(cases[1].assertions, None);
+        let e = read_all(r#"<testsuite><testcase name="a" assertions="many"/></testsuite>"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("not a count"), "{e}");
     }
 
     #[test]

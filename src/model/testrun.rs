@@ -8,6 +8,8 @@ pub enum TestStatus {
     Failed,
     Skipped,
     Errored,
+    /// Started but did not reach a verdict of its own: PHPUnit's `markTestIncomplete`.
+    Incomplete,
 }
 
 /// One test case's outcome.
@@ -18,4 +20,6 @@ pub struct TestCase {
     pub name: String,
     pub status: TestStatus,
     pub duration: Duration,
+    /// The assertions it made, when the tool counts them (PHPUnit does).
+    pub assertions: Option<u64>,
 }

@@ -103,6 +103,8 @@ impl Telemetry {
             platform: self.platform,
             tests: self.tests.into_iter().map(TestCase::upgrade).collect(),
             tags: Default::default(),
+            incomplete: 0,
+            assertions: None,
         }
     }
 }
@@ -137,6 +139,7 @@ impl TestCase {
             name: self.name,
             status: status as i32,
             duration_ns: u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX),
+            assertions: None,
         }
     }
 }
@@ -177,6 +180,7 @@ impl Legacy<'_> for Summary {
             branches_taken: self.branches_taken,
             functions: self.functions,
             functions_hit: self.functions_hit,
+            ..SummaryRecord::default()
         }
     }
 }

@@ -19,8 +19,8 @@ use futures_util::future::BoxFuture;
 use roaring::RoaringBitmap;
 
 use super::codec::{self, WireDecoder};
-use super::records::{FileListRecord, RunRecord, ShardRecord, SummaryRecord};
-use super::{CommitStats, LoadedRun, Storage, StoreError, Write};
+use super::records::{FileListRecord, MonthRecord, RunRecord, ShardRecord, SummaryRecord};
+use super::{CommitStats, HistoryQuery, LoadedRun, Storage, StoreError, Write};
 use crate::model::{FileBatch, FileCoverage};
 
 /// Runs, shards, deltas and summaries in memory.
@@ -37,6 +37,8 @@ pub struct MemoryStore {
 struct Inner {
     runs: BTreeMap<String, StoredRun>,
     summaries: HashMap<String, Vec<u8>>,
+    /// Down-sampled months by project, branch and month start.
+    months: BTreeMap<(String, String, u64), Vec<u8>>,
     /// Bytes of deltas and merged files held, for the cap.
     bytes: u64,
 }
@@ -134,6 +136,10 @@ impl MemoryStore {
 /// meanwhile) are dropped.
 fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
     let run_id = match &w {
+        Write::DownSample { before_ms } => {
+            down_sample(inner, *before_ms);
+            return;
+        }
         Write::PutRun(run) => {
             let stored = inner.runs.entry(run.run_id.clone()).or_default();
             stored.record = codec::encode(run);
@@ -214,12 +220,37 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
         Write::PutFiles { files, .. } => {
             run.files = Some(codec::encode(&FileListRecord { paths: files }));
         }
-        Write::PutRun(_) | Write::DeleteRun { .. } => unreachable!("handled above"),
+        Write::PutRun(_) | Write::DeleteRun { .. } | Write::DownSample { .. } => {
+            unreachable!("handled above")
+        }
     }
     let after = run.bytes;
     inner.bytes = inner.bytes - before + after;
     if let Some(s) = summary {
         inner.summaries.insert(s.run_id.clone(), codec::encode(&s));
+    }
+}
+
+fn down_sample(inner: &mut Inner, before_ms: u64) {
+    let mut old = Vec::new();
+    inner.summaries.retain(|_, s| {
+        // Only this process wrote them, from records it had.
+        let s = codec::decode::<SummaryRecord>(s).expect("a summary this store encoded");
+        let keep = s.created_at_ms >= before_ms;
+        if !keep {
+            old.push(s);
+        }
+        keep
+    });
+    let months = &mut inner.months;
+    let folded = crate::history::fold_into_months(&old, |project, branch, start| {
+        months
+            .get(&(project.to_owned(), branch.to_owned(), start))
+            .map(|m| codec::decode_later::<MonthRecord>(m).expect("a month this store encoded"))
+    });
+    for m in folded {
+        let key = (m.project.clone(), m.branch.clone(), m.month_start_ms);
+        months.insert(key, codec::encode(&m));
     }
 }
 
@@ -335,15 +366,34 @@ impl Storage for MemoryStore {
         Ok(!parts.is_empty())
     }
 
-    fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError> {
-        let mut out = self
-            .inner()
-            .summaries
-            .values()
-            .map(|s| codec::decode::<SummaryRecord>(s))
-            .collect::<Result<Vec<_>, _>>()?;
+    fn summaries(&self, q: &HistoryQuery) -> Result<Vec<SummaryRecord>, StoreError> {
+        let mut out = Vec::new();
+        for s in self.inner().summaries.values() {
+            let s = codec::decode::<SummaryRecord>(s)?;
+            if q.selects(&s.project, &s.branch, s.created_at_ms) {
+                out.push(s);
+            }
+        }
         super::newest_first(&mut out);
-        out.truncate(limit);
+        out.truncate(q.limit);
+        Ok(out)
+    }
+
+    fn months(&self, q: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError> {
+        let mut out = Vec::new();
+        for m in self.inner().months.values() {
+            let m = codec::decode_later::<MonthRecord>(m)?;
+            if q.selects_month(&m) {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| {
+            (a.month_start_ms, &a.project, &a.branch).cmp(&(
+                b.month_start_ms,
+                &b.project,
+                &b.branch,
+            ))
+        });
         Ok(out)
     }
 

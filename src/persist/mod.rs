@@ -27,7 +27,9 @@ use roaring::RoaringBitmap;
 use crate::model::{FileBatch, FileCoverage};
 pub use codec::{CodecError, FORMAT_VERSION, WireDecoder};
 pub use memory::MemoryStore;
-pub use records::{RunRecord, ShardRecord, SummaryRecord, TelemetryRecord};
+pub use records::{
+    MonthRecord, RunRecord, ShardRecord, StatRecord, SummaryRecord, TelemetryRecord,
+};
 pub use sqlite::{DB_FILE, SqliteStore};
 
 /// Files per stored part of a compacted run.
@@ -81,8 +83,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         f: &mut dyn FnMut(Vec<(Arc<str>, RoaringBitmap)>),
     ) -> Result<bool, StoreError>;
 
-    /// Summaries of runs, newest first. Blocking.
-    fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError>;
+    /// Summaries of runs that `query` selects, newest first. Blocking.
+    fn summaries(&self, query: &HistoryQuery) -> Result<Vec<SummaryRecord>, StoreError>;
+
+    /// Down-sampled months that `query` selects (by month start), oldest first. Blocking.
+    fn months(&self, query: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError>;
 
     /// Counters of the group commit.
     fn stats(&self) -> &CommitStats;
@@ -161,6 +166,52 @@ pub enum Write {
         run_id: String,
         summary: Option<SummaryRecord>,
     },
+    /// Folds the summaries of runs created before `before_ms` into their months
+    /// ([`crate::history::fold_into_months`]) and drops them, in one transaction.
+    DownSample {
+        before_ms: u64,
+    },
+}
+
+/// Which summaries or months a history read selects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// `None`: every project.
+    pub project: Option<String>,
+    /// `None`: every branch.
+    pub branch: Option<String>,
+    /// Created at or after (milliseconds since the epoch).
+    pub since_ms: u64,
+    /// Created before; `None`: no bound.
+    pub until_ms: Option<u64>,
+    /// Most summaries returned (the newest); months are not limited.
+    pub limit: usize,
+}
+
+impl HistoryQuery {
+    /// Every summary, newest first, at most `limit`.
+    pub fn latest(limit: usize) -> HistoryQuery {
+        HistoryQuery {
+            limit,
+            ..HistoryQuery::default()
+        }
+    }
+
+    pub(crate) fn selects(&self, project: &str, branch: &str, at_ms: u64) -> bool {
+        self.project.as_deref().is_none_or(|p| p == project)
+            && self.branch.as_deref().is_none_or(|b| b == branch)
+            && at_ms >= self.since_ms
+            && self.until_ms.is_none_or(|u| at_ms < u)
+    }
+
+    /// Whether a month record is selected: its month overlaps the query's span.
+    pub(crate) fn selects_month(&self, m: &MonthRecord) -> bool {
+        let end = crate::history::Bucket::Month.end_of(m.month_start_ms);
+        self.project.as_deref().is_none_or(|p| p == m.project)
+            && self.branch.as_deref().is_none_or(|b| b == m.branch)
+            && end > self.since_ms
+            && self.until_ms.is_none_or(|u| m.month_start_ms < u)
+    }
 }
 
 /// A compacted run's merged files, in parts (`codec::encode_files`), handed to the store as

@@ -20,8 +20,8 @@ mod generated {
 
 pub use generated::{
     BranchRecord, FileLinesRecord, FileListRecord, FileRecord, FilesRecord, FunctionRecord,
-    RunRecord, ShardLinesRecord, ShardRecord, SummaryRecord, TelemetryRecord, TestCaseRecord,
-    TestLinesRecord, TestStatus,
+    MonthRecord, RunRecord, ShardLinesRecord, ShardRecord, StatRecord, SummaryRecord,
+    TelemetryRecord, TestCaseRecord, TestLinesRecord, TestStatus,
 };
 
 impl From<&TestCase> for TestCaseRecord {
@@ -31,12 +31,14 @@ impl From<&TestCase> for TestCaseRecord {
             ModelStatus::Failed => TestStatus::Failed,
             ModelStatus::Skipped => TestStatus::Skipped,
             ModelStatus::Errored => TestStatus::Errored,
+            ModelStatus::Incomplete => TestStatus::Incomplete,
         };
         TestCaseRecord {
             suite: t.suite.clone(),
             name: t.name.clone(),
             status: status as i32,
             duration_ns: u64::try_from(t.duration.as_nanos()).unwrap_or(u64::MAX),
+            assertions: t.assertions,
         }
     }
 }
@@ -49,6 +51,7 @@ impl TestCaseRecord {
             Ok(TestStatus::Passed) => ModelStatus::Passed,
             Ok(TestStatus::Failed) => ModelStatus::Failed,
             Ok(TestStatus::Skipped) => ModelStatus::Skipped,
+            Ok(TestStatus::Incomplete) => ModelStatus::Incomplete,
             Ok(TestStatus::Errored | TestStatus::Unspecified) | Err(_) => ModelStatus::Errored,
         };
         TestCase {
@@ -56,6 +59,7 @@ impl TestCaseRecord {
             name: self.name.clone(),
             status,
             duration: Duration::from_nanos(self.duration_ns),
+            assertions: self.assertions,
         }
     }
 }

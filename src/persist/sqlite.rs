@@ -24,8 +24,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{self, FORMAT_VERSION, WireDecoder};
-use super::records::{self, RunRecord, ShardRecord, SummaryRecord};
-use super::{CommitStats, LoadedRun, Storage, StoreError, Write, log};
+use super::records::{self, MonthRecord, RunRecord, ShardRecord, SummaryRecord};
+use super::{CommitStats, HistoryQuery, LoadedRun, Storage, StoreError, Write, log};
 use crate::model::{FileBatch, FileCoverage};
 
 /// The database file inside the data directory.
@@ -300,15 +300,43 @@ impl Storage for SqliteStore {
         Ok(any)
     }
 
-    fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, StoreError> {
+    fn summaries(&self, q: &HistoryQuery) -> Result<Vec<SummaryRecord>, StoreError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare("SELECT record FROM summaries")?;
-        let mut out = stmt
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-            .map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        super::newest_first(&mut out);
-        out.truncate(limit);
+        let mut stmt = conn.prepare_cached(
+            "SELECT record FROM summaries
+             WHERE (?1 IS NULL OR project = ?1) AND (?2 IS NULL OR branch = ?2)
+               AND created_at_ms >= ?3 AND (?4 IS NULL OR created_at_ms < ?4)
+             ORDER BY created_at_ms DESC, run_id LIMIT ?5",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                q.project,
+                q.branch,
+                clamp(q.since_ms),
+                q.until_ms.map(clamp),
+                clamp(q.limit as u64)
+            ],
+            |r| r.get::<_, Vec<u8>>(0),
+        )?;
+        rows.map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
+            .collect()
+    }
+
+    fn months(&self, q: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(
+            "SELECT record FROM history_months
+             WHERE (?1 IS NULL OR project = ?1) AND (?2 IS NULL OR branch = ?2)
+             ORDER BY month_start_ms, project, branch",
+        )?;
+        let rows = stmt.query_map(params![q.project, q.branch], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for b in rows {
+            let m = codec::decode_later::<MonthRecord>(&b?)?;
+            if q.selects_month(&m) {
+                out.push(m);
+            }
+        }
         Ok(out)
     }
 }
@@ -371,10 +399,17 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
              run_id TEXT NOT NULL, shard_id TEXT NOT NULL, part INTEGER NOT NULL,
              body BLOB NOT NULL, PRIMARY KEY (run_id, shard_id, part));
          CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS history_months (
+             project TEXT NOT NULL, branch TEXT NOT NULL, month_start_ms INTEGER NOT NULL,
+             record BLOB NOT NULL, PRIMARY KEY (project, branch, month_start_ms));
          CREATE TABLE IF NOT EXISTS run_files (run_id TEXT PRIMARY KEY, body BLOB NOT NULL);
          CREATE TABLE IF NOT EXISTS logs (run_id TEXT PRIMARY KEY, file INTEGER NOT NULL UNIQUE);",
     )
     .map_err(corrupt)?;
+    index_summaries(conn).map_err(|e| match e {
+        StoreError::Sqlite(e) => corrupt(e),
+        e => e,
+    })?;
     let found: Option<i64> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'format_version'",
@@ -408,6 +443,45 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             Ok(())
         }
     }
+}
+
+/// Gives the summaries table the columns history selects by (project, branch, creation
+/// time), filled from the records: directories from before history have only the records,
+/// and an earlier release writing into this one leaves the columns empty, so rows without
+/// them are filled at every start.
+fn index_summaries(conn: &Connection) -> Result<(), StoreError> {
+    let has_columns = conn
+        .prepare("SELECT 1 FROM pragma_table_info('summaries') WHERE name = 'created_at_ms'")?
+        .exists([])?;
+    if !has_columns {
+        conn.execute_batch(
+            "ALTER TABLE summaries ADD COLUMN project TEXT;
+             ALTER TABLE summaries ADD COLUMN branch TEXT;
+             ALTER TABLE summaries ADD COLUMN created_at_ms INTEGER;",
+        )?;
+    }
+    let unfilled: Vec<(String, Vec<u8>)> = conn
+        .prepare("SELECT run_id, record FROM summaries WHERE created_at_ms IS NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (run_id, record) in unfilled {
+        let s = codec::decode::<SummaryRecord>(&record)?;
+        conn.execute(
+            "UPDATE summaries SET project = ?2, branch = ?3, created_at_ms = ?4 WHERE run_id = ?1",
+            params![run_id, s.project, s.branch, clamp(s.created_at_ms)],
+        )?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS summaries_by_time
+             ON summaries (project, branch, created_at_ms);
+         CREATE INDEX IF NOT EXISTS summaries_by_age ON summaries (created_at_ms);",
+    )?;
+    Ok(())
+}
+
+/// A time or count as SQLite's signed integer.
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn writer_loop(
@@ -715,7 +789,61 @@ fn apply(
                 }
             }
         }
+        Write::DownSample { before_ms } => down_sample(tx, *before_ms)?,
     }
+    Ok(())
+}
+
+fn down_sample(tx: &rusqlite::Transaction<'_>, before_ms: u64) -> Result<(), StoreError> {
+    let old = tx
+        .prepare_cached("SELECT record FROM summaries WHERE created_at_ms < ?1")?
+        .query_map([clamp(before_ms)], |r| r.get::<_, Vec<u8>>(0))?
+        .map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    let mut failed = None;
+    let months = crate::history::fold_into_months(&old, |project, branch, start| {
+        let found = tx
+            .prepare_cached(
+                "SELECT record FROM history_months
+                 WHERE project = ?1 AND branch = ?2 AND month_start_ms = ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![project, branch, clamp(start)], |r| {
+                    r.get::<_, Vec<u8>>(0)
+                })
+                .optional()
+            });
+        match found.map_err(StoreError::from).and_then(|b| {
+            b.map(|b| codec::decode_later::<MonthRecord>(&b).map_err(StoreError::from))
+                .transpose()
+        }) {
+            Ok(m) => m,
+            Err(e) => {
+                failed.get_or_insert(e);
+                None
+            }
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO history_months (project, branch, month_start_ms, record)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for m in &months {
+        put.execute(params![
+            m.project,
+            m.branch,
+            clamp(m.month_start_ms),
+            codec::encode(m)
+        ])?;
+    }
+    tx.prepare_cached("DELETE FROM summaries WHERE created_at_ms < ?1")?
+        .execute([clamp(before_ms)])?;
     Ok(())
 }
 
@@ -732,7 +860,16 @@ fn put_shard(
 }
 
 fn put_summary(tx: &rusqlite::Transaction<'_>, s: &SummaryRecord) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT OR REPLACE INTO summaries (run_id, record) VALUES (?1, ?2)")?
-        .execute(params![s.run_id, codec::encode(s)])?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO summaries (run_id, record, project, branch, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        s.run_id,
+        codec::encode(s),
+        s.project,
+        s.branch,
+        clamp(s.created_at_ms)
+    ])?;
     Ok(())
 }

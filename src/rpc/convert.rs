@@ -174,10 +174,11 @@ pub(crate) fn telemetry_from_proto(
                 Ok(proto::TestStatus::Failed) => TestStatus::Failed,
                 Ok(proto::TestStatus::Skipped) => TestStatus::Skipped,
                 Ok(proto::TestStatus::Errored) => TestStatus::Errored,
+                Ok(proto::TestStatus::Incomplete) => TestStatus::Incomplete,
                 _ => {
                     return Err(Error::invalid(
                         format!("finish.telemetry.tests[{i}].status"),
-                        "must be passed, failed, skipped or errored",
+                        "must be passed, failed, skipped, errored or incomplete",
                     ));
                 }
             };
@@ -197,6 +198,7 @@ pub(crate) fn telemetry_from_proto(
                 name: c.name,
                 status,
                 duration,
+                assertions: c.assertions,
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -205,6 +207,8 @@ pub(crate) fn telemetry_from_proto(
         failed: t.failed,
         skipped: t.skipped,
         errored: t.errored,
+        incomplete: t.incomplete,
+        assertions: t.assertions,
         duration,
         peak_memory_bytes: t.peak_memory_bytes,
         platform: t.platform,
@@ -219,6 +223,8 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
         failed: t.failed,
         skipped: t.skipped,
         errored: t.errored,
+        incomplete: t.incomplete,
+        assertions: t.assertions,
         duration: t
             .duration
             .and_then(|d| prost_types::Duration::try_from(d).ok()),
@@ -235,8 +241,10 @@ pub(crate) fn telemetry_to_proto(t: TestTelemetry) -> proto::TestTelemetry {
                     TestStatus::Failed => proto::TestStatus::Failed,
                     TestStatus::Skipped => proto::TestStatus::Skipped,
                     TestStatus::Errored => proto::TestStatus::Errored,
+                    TestStatus::Incomplete => proto::TestStatus::Incomplete,
                 } as i32,
                 duration: prost_types::Duration::try_from(c.duration).ok(),
+                assertions: c.assertions,
             })
             .collect(),
         tags: t.tags.into_iter().collect(),
@@ -970,6 +978,107 @@ pub(crate) fn file_line_gaps_from_proto(
             let lines = lines_from_gaps(&f.line_gaps)
                 .map_err(|e| Error::invalid(f.path.clone(), e.to_string()))?;
             Ok((f.path, lines))
+        })
+        .collect()
+}
+
+/// A history request: what it selects and the bucket width.
+pub(crate) fn history_query_from_proto(
+    r: proto::GetHistoryRequest,
+) -> Result<(crate::persist::HistoryQuery, crate::history::Bucket), Error> {
+    use crate::history::Bucket;
+    let ms = |field: &str, t: Option<prost_types::Timestamp>| -> Result<Option<u64>, Error> {
+        t.map(|t| {
+            SystemTime::try_from(t)
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .ok_or_else(|| Error::invalid(field, "not a time since 1970"))
+        })
+        .transpose()
+    };
+    let width = match proto::HistoryBucketWidth::try_from(r.width) {
+        Ok(proto::HistoryBucketWidth::Day) => Bucket::Day,
+        Ok(proto::HistoryBucketWidth::Week | proto::HistoryBucketWidth::Unspecified) => {
+            Bucket::Week
+        }
+        Ok(proto::HistoryBucketWidth::Month) => Bucket::Month,
+        Err(_) => return Err(Error::invalid("width", "must be day, week or month")),
+    };
+    let query = crate::persist::HistoryQuery {
+        project: r.project,
+        branch: r.branch,
+        since_ms: ms("since", r.since)?.unwrap_or(0),
+        until_ms: ms("until", r.until)?,
+        limit: usize::MAX,
+    };
+    Ok((query, width))
+}
+
+fn ms_timestamp(ms: u64) -> prost_types::Timestamp {
+    timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+fn timestamp_ms(t: Option<prost_types::Timestamp>) -> u64 {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn history_to_proto(buckets: Vec<crate::history::TrendBucket>) -> proto::History {
+    proto::History {
+        buckets: buckets
+            .into_iter()
+            .map(|b| proto::HistoryBucket {
+                start: Some(ms_timestamp(b.start_ms)),
+                end: Some(ms_timestamp(b.end_ms)),
+                runs: b.runs,
+                incomplete_runs: b.incomplete_runs,
+                down_sampled: b.down_sampled,
+                metrics: b
+                    .metrics
+                    .into_iter()
+                    .map(|(name, s)| {
+                        let stat = proto::MetricStat {
+                            runs: s.n,
+                            min: s.min,
+                            mean: s.mean(),
+                            max: s.max,
+                            last: s.last,
+                            last_at: Some(ms_timestamp(s.last_at_ms)),
+                        };
+                        (name, stat)
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn history_from_proto(h: proto::History) -> Vec<crate::history::TrendBucket> {
+    h.buckets
+        .into_iter()
+        .map(|b| crate::history::TrendBucket {
+            start_ms: timestamp_ms(b.start),
+            end_ms: timestamp_ms(b.end),
+            runs: b.runs,
+            incomplete_runs: b.incomplete_runs,
+            down_sampled: b.down_sampled,
+            metrics: b
+                .metrics
+                .into_iter()
+                .map(|(name, s)| {
+                    let stat = crate::history::Stat {
+                        n: s.runs,
+                        min: s.min,
+                        max: s.max,
+                        sum: s.mean * s.runs as f64,
+                        last: s.last,
+                        last_at_ms: timestamp_ms(s.last_at),
+                    };
+                    (name, stat)
+                })
+                .collect(),
         })
         .collect()
 }

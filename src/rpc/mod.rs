@@ -310,6 +310,15 @@ impl Coverage for CoverageRpc {
         ))))
     }
 
+    async fn get_history(
+        &self,
+        request: Request<proto::GetHistoryRequest>,
+    ) -> Result<Response<proto::History>, Status> {
+        let (query, width) = history_query_from_proto(request.into_inner())?;
+        let buckets = self.service.history(query, width).await?;
+        Ok(Response::new(history_to_proto(buckets)))
+    }
+
     async fn get_patch_coverage(
         &self,
         request: Request<proto::GetPatchCoverageRequest>,

@@ -58,6 +58,8 @@ pub(super) fn shard_record(id: &str, s: &Shard) -> ShardRecord {
             failed: t.failed,
             skipped: t.skipped,
             errored: t.errored,
+            incomplete: t.incomplete,
+            assertions: t.assertions,
             duration_ms: t.duration.map(|d| d.as_millis() as u64),
             peak_memory_bytes: t.peak_memory_bytes,
             platform: t.platform.clone(),
@@ -79,6 +81,8 @@ fn shard_from_record(r: ShardRecord) -> Shard {
             failed: t.failed,
             skipped: t.skipped,
             errored: t.errored,
+            incomplete: t.incomplete,
+            assertions: t.assertions,
             duration: t.duration_ms.map(Duration::from_millis),
             peak_memory_bytes: t.peak_memory_bytes,
             platform: t.platform,
@@ -106,7 +110,37 @@ pub(super) fn summary(status: &RunStatus) -> SummaryRecord {
         branches_taken: t.branches_taken,
         functions: t.functions,
         functions_hit: t.functions_hit,
+        ..tests_summary(status)
     }
+}
+
+/// The test results of a run's shards, summed (the slowest shard's duration and the highest
+/// peak memory besides), for its summary.
+fn tests_summary(status: &RunStatus) -> SummaryRecord {
+    let mut s = SummaryRecord::default();
+    let add = |total: &mut Option<u64>, v: u64| *total = Some(total.unwrap_or(0) + v);
+    for t in status.shards.iter().filter_map(|sh| sh.telemetry.as_ref()) {
+        if !t.tests.is_empty() || t.passed + t.failed + t.skipped + t.errored + t.incomplete > 0 {
+            s.tests_reported = true;
+        }
+        s.tests_passed += t.passed;
+        s.tests_failed += t.failed;
+        s.tests_skipped += t.skipped;
+        s.tests_errored += t.errored;
+        s.tests_incomplete += t.incomplete;
+        if let Some(n) = t.assertions {
+            add(&mut s.assertions, n);
+        }
+        if let Some(d) = t.duration {
+            let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            add(&mut s.test_duration_ms, ms);
+            s.slowest_shard_ms = s.slowest_shard_ms.max(Some(ms));
+        }
+        if t.peak_memory_bytes > 0 {
+            s.peak_memory_bytes = s.peak_memory_bytes.max(Some(t.peak_memory_bytes));
+        }
+    }
+    s
 }
 
 /// What recovery found.
@@ -401,10 +435,5 @@ impl CoverageService {
             self.shared.interner.prune();
         }
         Ok(old.len())
-    }
-
-    /// Summaries of runs (kept after their raw data expired), newest first.
-    pub fn summaries(&self, limit: usize) -> Result<Vec<SummaryRecord>, Error> {
-        Ok(self.shared.storage.summaries(limit)?)
     }
 }

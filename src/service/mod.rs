@@ -8,13 +8,15 @@
 //! - `impact`: test impact, the tests a diff affects;
 //! - `patch`: patch coverage, how much of the lines a diff adds ran;
 //! - `differential`: a run against a base run, in lcov 2's line categories;
-//! - `line_sets`: union, intersection and difference of covered lines across runs and tests.
+//! - `line_sets`: union, intersection and difference of covered lines across runs and tests;
+//! - `history`: trends of a project's runs, and the down-sampling of old ones into months.
 
 mod cache;
 mod differential;
 mod durable;
 mod error;
 mod export;
+mod history;
 mod impact;
 mod ingest;
 mod line_sets;

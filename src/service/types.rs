@@ -126,6 +126,9 @@ pub struct TestTelemetry {
     pub failed: u64,
     pub skipped: u64,
     pub errored: u64,
+    pub incomplete: u64,
+    /// Assertions made, when the test tool counts them.
+    pub assertions: Option<u64>,
     pub duration: Option<std::time::Duration>,
     pub peak_memory_bytes: u64,
     pub platform: String,

@@ -140,6 +140,13 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    async fn get_history(
+        &self,
+        _: Request<proto::GetHistoryRequest>,
+    ) -> Result<Response<proto::History>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(

@@ -147,8 +147,18 @@ impl Storage for PowerCut {
         self.disk.for_each_shard_lines(run_id, shard_id, f)
     }
 
-    fn summaries(&self, limit: usize) -> Result<Vec<covd::persist::SummaryRecord>, StoreError> {
-        self.disk.summaries(limit)
+    fn summaries(
+        &self,
+        query: &covd::persist::HistoryQuery,
+    ) -> Result<Vec<covd::persist::SummaryRecord>, StoreError> {
+        self.disk.summaries(query)
+    }
+
+    fn months(
+        &self,
+        query: &covd::persist::HistoryQuery,
+    ) -> Result<Vec<covd::persist::MonthRecord>, StoreError> {
+        self.disk.months(query)
     }
 
     fn stats(&self) -> &CommitStats {

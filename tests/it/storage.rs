@@ -16,7 +16,8 @@ use bytes::Bytes;
 use covd::model::{FileBuilder, FileCoverage};
 use covd::persist::codec::{encode_files, encode_shard_lines};
 use covd::persist::{
-    MemoryStore, Parts, RunRecord, ShardRecord, SqliteStore, Storage, SummaryRecord, Write,
+    HistoryQuery, MemoryStore, Parts, RunRecord, ShardRecord, SqliteStore, Storage, SummaryRecord,
+    Write,
 };
 use covd::rpc::proto;
 use covd::server::Settings;
@@ -111,6 +112,7 @@ every_backend!(
     a_higher_attempt_replaces_the_earlier_one_across_a_restart,
     a_daemon_refuses_a_delta_beyond_the_cap,
     expired_runs_keep_their_summary,
+    history_selects_and_folds_old_runs_into_months,
     complete_runs_leave_memory_and_still_answer,
     a_push_keeps_its_attempt_across_a_restart,
     shutdown_ends_open_streams_so_clients_resume,
@@ -350,7 +352,12 @@ async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
         let storage = backend.open();
         assert!(!storage.load_runs().unwrap()[0].compacted);
         assert_eq!(deltas(&*storage, "r", &[("0", 1, 1)]).len(), 1);
-        assert!(storage.summaries(10).unwrap().is_empty());
+        assert!(
+            storage
+                .summaries(&HistoryQuery::latest(10))
+                .unwrap()
+                .is_empty()
+        );
         // Shard lines, a shard per write; a second write for a shard replaces its lines.
         let put = |shard: &str, parts: Vec<Vec<u8>>| Write::PutShardLines {
             run_id: "r".into(),
@@ -394,7 +401,10 @@ async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
         assert_eq!(part.len(), 1);
         assert_eq!((&*part[0].0, &part[0].1), (*path, file));
     }
-    assert_eq!(storage.summaries(10).unwrap(), [summary("r", 2)]);
+    assert_eq!(
+        storage.summaries(&HistoryQuery::latest(10)).unwrap(),
+        [summary("r", 2)]
+    );
     // Each shard's lines, in its parts' order; a shard stored empty is told from one never
     // stored.
     let shard = |id: &str| {
@@ -461,7 +471,10 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
         .map(|r| r.run.run_id)
         .collect();
     assert_eq!(ids, ["live"]);
-    assert_eq!(storage.summaries(10).unwrap(), [summary("kept", 1)]);
+    assert_eq!(
+        storage.summaries(&HistoryQuery::latest(10)).unwrap(),
+        [summary("kept", 1)]
+    );
     // Newest first, and no more than asked for.
     write(
         &*storage,
@@ -471,13 +484,16 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
         }],
     )
     .await;
-    assert_eq!(storage.summaries(1).unwrap(), [summary("live", 5)]);
+    assert_eq!(
+        storage.summaries(&HistoryQuery::latest(1)).unwrap(),
+        [summary("live", 5)]
+    );
 }
 
 /// A durable backend latches after a failed write (it never retries an fsync and carries on);
 /// the in-memory store, which has no fsync to distrust, refuses only the write beyond its cap.
 async fn a_write_beyond_the_cap_commits_nothing(make: Make) {
-    let backend = make(Some(96 * 1024));
+    let backend = make(Some(128 * 1024));
     let storage = backend.open();
     write(&*storage, vec![Write::PutRun(run("r"))]).await;
     write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
@@ -602,7 +618,7 @@ async fn a_higher_attempt_replaces_the_earlier_one_across_a_restart(make: Make) 
 }
 
 async fn a_daemon_refuses_a_delta_beyond_the_cap(make: Make) {
-    let backend = make(Some(96 * 1024));
+    let backend = make(Some(128 * 1024));
     let durable = backend.open().is_durable();
     let daemon = backend.daemon().await;
     let mut c = raw(&daemon.url).await;
@@ -685,7 +701,7 @@ async fn expired_runs_keep_their_summary(make: Make) {
         .unwrap();
     assert_eq!(expired, 1);
     assert!(service.run_status("old").is_err());
-    let summaries = service.summaries(10).unwrap();
+    let summaries = service.summaries(HistoryQuery::latest(10)).await.unwrap();
     assert_eq!(summaries.len(), 1);
     assert_eq!(
         (summaries[0].run_id.as_str(), summaries[0].project.as_str()),
@@ -697,7 +713,130 @@ async fn expired_runs_keep_their_summary(make: Make) {
     // After a restart the run stays gone and its summary stays.
     let (service, recovery) = backend.service();
     assert_eq!(recovery.runs, 0);
-    assert_eq!(service.summaries(10).unwrap().len(), 1);
+    assert_eq!(
+        service
+            .summaries(HistoryQuery::latest(10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// 2026-01-15T00:00:00Z.
+const JAN_15: u64 = 1_768_435_200_000;
+const DAY: u64 = 86_400_000;
+
+fn dated(run_id: &str, branch: &str, at: u64, covered: u64) -> SummaryRecord {
+    SummaryRecord {
+        run_id: run_id.into(),
+        project: "acme/shop".into(),
+        branch: branch.into(),
+        created_at_ms: at,
+        completed_at_ms: Some(at + 60_000),
+        lines: 100,
+        lines_covered: covered,
+        ..SummaryRecord::default()
+    }
+}
+
+/// Summaries are selected by project, branch and time; down-sampling folds those before the
+/// cutoff into their months and drops them, in one write, and a second pass changes nothing.
+async fn history_selects_and_folds_old_runs_into_months(make: Make) {
+    let backend = make(None);
+    let runs = [
+        dated("jan-a", "main", JAN_15, 50),
+        dated("jan-b", "main", JAN_15 + DAY, 70),
+        dated("jan-dev", "dev", JAN_15 + 2 * DAY, 10),
+        dated("feb-a", "main", JAN_15 + 20 * DAY, 90),
+        SummaryRecord {
+            project: "other".into(),
+            ..dated("jan-other", "main", JAN_15, 1)
+        },
+    ];
+    let feb_1 = JAN_15 + 17 * DAY;
+    {
+        let storage = backend.open();
+        let writes = runs
+            .iter()
+            .map(|s| Write::DeleteRun {
+                run_id: s.run_id.clone(),
+                summary: Some(s.clone()),
+            })
+            .collect();
+        write(&*storage, writes).await;
+        let main = HistoryQuery {
+            project: Some("acme/shop".into()),
+            branch: Some("main".into()),
+            limit: 10,
+            ..HistoryQuery::default()
+        };
+        let ids = |q: &HistoryQuery| -> Vec<String> {
+            storage
+                .summaries(q)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.run_id)
+                .collect()
+        };
+        assert_eq!(ids(&main), ["feb-a", "jan-b", "jan-a"]);
+        let january = HistoryQuery {
+            since_ms: JAN_15 + 1,
+            until_ms: Some(feb_1),
+            ..main.clone()
+        };
+        assert_eq!(ids(&january), ["jan-b"]);
+        let every_branch = HistoryQuery {
+            branch: None,
+            ..main.clone()
+        };
+        assert_eq!(ids(&every_branch), ["feb-a", "jan-dev", "jan-b", "jan-a"]);
+
+        write(&*storage, vec![Write::DownSample { before_ms: feb_1 }]).await;
+        assert_eq!(ids(&every_branch), ["feb-a"]);
+        assert_eq!(ids(&HistoryQuery::latest(10)), ["feb-a"]);
+    }
+    // Kept across a restart; a second pass over the same cutoff changes nothing.
+    let storage = backend.open();
+    write(&*storage, vec![Write::DownSample { before_ms: feb_1 }]).await;
+    let months = storage.months(&HistoryQuery::latest(10)).unwrap();
+    let got: Vec<_> = months
+        .iter()
+        .map(|m| (m.project.as_str(), m.branch.as_str(), m.runs))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("acme/shop", "dev", 1),
+            ("acme/shop", "main", 2),
+            ("other", "main", 1)
+        ]
+    );
+    let main = &months[1];
+    assert_eq!(main.month_start_ms, JAN_15 - 14 * DAY);
+    let rate = &main.metrics["line_rate"];
+    assert_eq!(
+        (rate.n, rate.min, rate.max, rate.sum),
+        (2, 50.0, 70.0, 120.0)
+    );
+    assert_eq!((rate.last, rate.last_at_ms), (70.0, JAN_15 + DAY));
+    // A month is selected when it overlaps the span asked for.
+    let late_january = HistoryQuery {
+        project: Some("acme/shop".into()),
+        branch: Some("main".into()),
+        since_ms: JAN_15 + 10 * DAY,
+        until_ms: Some(feb_1 + DAY),
+        limit: 10,
+    };
+    assert_eq!(
+        storage.months(&late_january).unwrap(),
+        std::slice::from_ref(main)
+    );
+    let march = HistoryQuery {
+        since_ms: feb_1 + 40 * DAY,
+        ..late_january
+    };
+    assert!(storage.months(&march).unwrap().is_empty());
 }
 
 async fn shutdown_ends_open_streams_so_clients_resume(make: Make) {

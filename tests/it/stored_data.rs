@@ -117,6 +117,31 @@ fn answers_as_it_did(name: &str) {
         );
         String::from_utf8(out.stdout).unwrap()
     };
+    // History reads the summaries an earlier release kept (its table had no columns to
+    // select them by; opening fills them): the complete runs, with their line coverage.
+    let history: serde_json::Value = serde_json::from_str(&covd(
+        &[
+            "history",
+            "--project",
+            "acme/demo",
+            "--by",
+            "month",
+            "--format",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap();
+    let buckets = history["buckets"].as_array().unwrap();
+    let runs: u64 = buckets.iter().map(|b| b["runs"].as_u64().unwrap()).sum();
+    assert_eq!((buckets.len(), runs), (1, 1), "{history}");
+    let rate = &buckets.last().unwrap()["metrics"]["line_rate"];
+    assert_eq!(
+        format!("{:.1}", rate["max"].as_f64().unwrap()),
+        "94.1",
+        "{history}"
+    );
+
     // Set algebra over shards: an open run reads its delta log; a run compacted by an earlier
     // release, which kept no per-shard lines, says so.
     let lines = |run: &str, expr: &str| covd(&["lines", "--run", run, expr], None);
