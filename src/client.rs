@@ -422,6 +422,48 @@ impl Client {
         Ok(convert::history_from_proto(answer))
     }
 
+    /// The flaky and broken tests of a project's branch (with `all`, also those that only
+    /// failed now and then).
+    pub async fn flaky_tests(
+        &mut self,
+        project: &str,
+        branch: &str,
+        all: bool,
+    ) -> Result<Vec<crate::service::TestStanding>, ClientError> {
+        let request = proto::GetFlakyTestsRequest {
+            project: project.to_owned(),
+            branch: branch.to_owned(),
+            all,
+        };
+        let answer = self.inner.get_flaky_tests(request).await?.into_inner();
+        answer
+            .tests
+            .into_iter()
+            .map(|t| {
+                convert::standing_from_proto(t).map_err(|e| ClientError::Protocol(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// The shards of a run that had more than one attempt.
+    pub async fn attempts(
+        &mut self,
+        run_id: &str,
+    ) -> Result<Vec<crate::service::ShardAttempts>, ClientError> {
+        let request = proto::GetAttemptsRequest {
+            run_id: run_id.to_owned(),
+        };
+        let answer = self.inner.get_attempts(request).await?.into_inner();
+        answer
+            .shards
+            .into_iter()
+            .map(|s| {
+                convert::shard_attempts_from_proto(s)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))
+            })
+            .collect()
+    }
+
     /// Patch coverage: of the lines `diff` (a unified diff ending at the run's commit) adds,
     /// those the run measured and covered. `strip` as for [`Client::test_impact`].
     pub async fn patch_coverage(

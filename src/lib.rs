@@ -15,6 +15,7 @@
 //! - [`formats`]: coverage file formats: streaming readers (LCOV, coverage.py JSON, Cobertura,
 //!   Istanbul, gcovr, Go, llvm-cov, JaCoCo, Clover, JUnit) and writers (LCOV, Cobertura, JSON, Markdown, HTML).
 //! - [`diff`]: unified diffs (`git diff`) as changed lines per file, for test impact.
+//! - [`flaky`]: flaky and broken tests, from a run's attempts and each test's bounded history.
 //! - [`history`]: trends of runs per project and branch over days, weeks and months, and the
 //!   down-sampling of old runs into months.
 //! - [`aggregate`]: the in-memory aggregate of a run (dashmap + roaring) and path interning.
@@ -34,6 +35,7 @@ pub mod aggregate;
 pub mod ci;
 pub mod client;
 pub mod diff;
+pub mod flaky;
 pub mod formats;
 pub mod history;
 mod http;

@@ -3,6 +3,7 @@
 
 mod attribution;
 mod differential;
+mod flaky;
 mod history;
 mod html;
 mod impact;
@@ -91,6 +92,10 @@ enum Command {
     /// The trend of a project's runs per day, week or month: coverage, tests, duration,
     /// memory (kept after the runs' raw data expires; old months down-sampled).
     History(history::HistoryArgs),
+    /// Flaky tests (failed and passed on one commit) and broken ones (failing every time) of
+    /// a branch, each with its failures in its latest runs; with --run, a run's retried
+    /// shards: the tests that flipped and what each attempt covered that the other did not.
+    Flaky(flaky::FlakyArgs),
     /// List the runs the daemon holds.
     Runs(ServerArg),
     /// Delete a run.
@@ -545,6 +550,7 @@ impl Cli {
             Command::Diff(a) => differential::diff(a).await,
             Command::Lines(a) => lines::lines(a).await,
             Command::History(a) => history::history(a).await,
+            Command::Flaky(a) => flaky::flaky(a).await,
             Command::Runs(a) => runs(a).await,
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;

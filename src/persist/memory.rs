@@ -19,7 +19,10 @@ use futures_util::future::BoxFuture;
 use roaring::RoaringBitmap;
 
 use super::codec::{self, WireDecoder};
-use super::records::{FileListRecord, MonthRecord, RunRecord, ShardRecord, SummaryRecord};
+use super::records::{
+    AttemptRecord, FileListRecord, MonthRecord, RunRecord, ShardRecord, SummaryRecord,
+    TestHistoryRecord,
+};
 use super::{CommitStats, HistoryQuery, LoadedRun, Storage, StoreError, Write};
 use crate::model::{FileBatch, FileCoverage};
 
@@ -39,6 +42,8 @@ struct Inner {
     summaries: HashMap<String, Vec<u8>>,
     /// Down-sampled months by project, branch and month start.
     months: BTreeMap<(String, String, u64), Vec<u8>>,
+    /// Test histories by project, branch and test, with when each was last seen.
+    tests: BTreeMap<(String, String, String), (u64, Vec<u8>)>,
     /// Bytes of deltas and merged files held, for the cap.
     bytes: u64,
 }
@@ -53,7 +58,9 @@ struct StoredRun {
     /// Per shard, the parts of its covered lines (a compacted run).
     shard_lines: BTreeMap<String, Vec<Vec<u8>>>,
     files: Option<Vec<u8>>,
-    /// Bytes of `deltas`, `merged` and `shard_lines`.
+    /// Replaced attempts, by shard and attempt.
+    attempts: BTreeMap<(String, u32), Vec<u8>>,
+    /// Bytes of `deltas`, `merged`, `shard_lines` and `attempts`.
     bytes: u64,
 }
 
@@ -138,6 +145,26 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
     let run_id = match &w {
         Write::DownSample { before_ms } => {
             down_sample(inner, *before_ms);
+            let before = *before_ms;
+            inner.tests.retain(|_, (last_seen, _)| *last_seen >= before);
+            return;
+        }
+        Write::RecordTests {
+            project,
+            branch,
+            outcomes,
+        } => {
+            for (test, outcome) in outcomes {
+                let key = (project.clone(), branch.clone(), test.clone());
+                let old = inner.tests.get(&key).map(|(_, b)| {
+                    codec::decode_later::<TestHistoryRecord>(b)
+                        .expect("a record this store encoded")
+                });
+                let new = crate::flaky::record(old, *outcome);
+                inner
+                    .tests
+                    .insert(key, (new.last_seen_ms, codec::encode(&new)));
+            }
             return;
         }
         Write::PutRun(run) => {
@@ -186,7 +213,16 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
             }
             put_shard(run, &shard);
         }
-        Write::StartAttempt { shard, .. } => {
+        Write::StartAttempt {
+            shard, replaced, ..
+        } => {
+            if let Some(a) = replaced {
+                let bytes = codec::encode(&a);
+                run.bytes += bytes.len() as u64;
+                if let Some(old) = run.attempts.insert((a.shard_id.clone(), a.attempt), bytes) {
+                    run.bytes -= old.len() as u64;
+                }
+            }
             let mut dropped = 0;
             run.deltas.retain(|(id, attempt, _), body| {
                 let keep = *id != shard.shard_id || *attempt >= shard.attempt;
@@ -214,13 +250,17 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
                     .values()
                     .flatten()
                     .map(|p| p.len() as u64)
-                    .sum::<u64>();
+                    .sum::<u64>()
+                + run.attempts.values().map(|a| a.len() as u64).sum::<u64>();
             summary = Some(s);
         }
         Write::PutFiles { files, .. } => {
             run.files = Some(codec::encode(&FileListRecord { paths: files }));
         }
-        Write::PutRun(_) | Write::DeleteRun { .. } | Write::DownSample { .. } => {
+        Write::PutRun(_)
+        | Write::DeleteRun { .. }
+        | Write::DownSample { .. }
+        | Write::RecordTests { .. } => {
             unreachable!("handled above")
         }
     }
@@ -377,6 +417,37 @@ impl Storage for MemoryStore {
         super::newest_first(&mut out);
         out.truncate(q.limit);
         Ok(out)
+    }
+
+    fn attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        let inner = self.inner();
+        let Some(run) = inner.runs.get(run_id) else {
+            return Ok(Vec::new());
+        };
+        run.attempts
+            .values()
+            .map(|b| Ok(codec::decode_later::<AttemptRecord>(b)?))
+            .collect()
+    }
+
+    fn test_histories(
+        &self,
+        project: &str,
+        branch: &str,
+    ) -> Result<Vec<(String, TestHistoryRecord)>, StoreError> {
+        let inner = self.inner();
+        let from = (project.to_owned(), branch.to_owned(), String::new());
+        inner
+            .tests
+            .range(from..)
+            .take_while(|((p, b, _), _)| p == project && b == branch)
+            .map(|((_, _, test), (_, bytes))| {
+                Ok((
+                    test.clone(),
+                    codec::decode_later::<TestHistoryRecord>(bytes)?,
+                ))
+            })
+            .collect()
     }
 
     fn months(&self, q: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError> {

@@ -28,7 +28,8 @@ use crate::model::{FileBatch, FileCoverage};
 pub use codec::{CodecError, FORMAT_VERSION, WireDecoder};
 pub use memory::MemoryStore;
 pub use records::{
-    MonthRecord, RunRecord, ShardRecord, StatRecord, SummaryRecord, TelemetryRecord,
+    AttemptRecord, MonthRecord, RunRecord, ShardRecord, StatRecord, SummaryRecord, TelemetryRecord,
+    TestHistoryRecord, TestOutcome, TestRunOutcome,
 };
 pub use sqlite::{DB_FILE, SqliteStore};
 
@@ -89,6 +90,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Down-sampled months that `query` selects (by month start), oldest first. Blocking.
     fn months(&self, query: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError>;
 
+    /// The attempts of a run's shards that later attempts replaced, by shard and attempt.
+    /// Blocking.
+    fn attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>, StoreError>;
+
+    /// The histories of the tests of a project's branch, by test. Blocking.
+    fn test_histories(
+        &self,
+        project: &str,
+        branch: &str,
+    ) -> Result<Vec<(String, TestHistoryRecord)>, StoreError>;
+
     /// Counters of the group commit.
     fn stats(&self) -> &CommitStats;
 }
@@ -137,10 +149,12 @@ pub enum Write {
         shard: ShardRecord,
         body: Vec<bytes::Bytes>,
     },
-    /// Deletes the shard's deltas of attempts below `shard.attempt`, and stores `shard`.
+    /// Deletes the shard's deltas of attempts below `shard.attempt`, and stores `shard`, with
+    /// what is kept of the attempt it replaces (if that one had begun).
     StartAttempt {
         run_id: String,
         shard: ShardRecord,
+        replaced: Option<AttemptRecord>,
     },
     /// Replaces the lines one shard of a run covered (`codec::encode_shard_lines` parts),
     /// kept for when the run's delta log is gone: a compaction writes them first, a shard at
@@ -168,8 +182,16 @@ pub enum Write {
     },
     /// Folds the summaries of runs created before `before_ms` into their months
     /// ([`crate::history::fold_into_months`]) and drops them, in one transaction.
+    /// Also forgets the test histories last seen before `before_ms`.
     DownSample {
         before_ms: u64,
+    },
+    /// Adds a run's outcome of each of its tests to their histories on the project's branch
+    /// ([`crate::flaky::record`]).
+    RecordTests {
+        project: String,
+        branch: String,
+        outcomes: Vec<(String, TestRunOutcome)>,
     },
 }
 

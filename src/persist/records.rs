@@ -19,9 +19,10 @@ mod generated {
 }
 
 pub use generated::{
-    BranchRecord, FileLinesRecord, FileListRecord, FileRecord, FilesRecord, FunctionRecord,
-    MonthRecord, RunRecord, ShardLinesRecord, ShardRecord, StatRecord, SummaryRecord,
-    TelemetryRecord, TestCaseRecord, TestLinesRecord, TestStatus,
+    AttemptRecord, BranchRecord, FileLinesRecord, FileListRecord, FileRecord, FilesRecord,
+    FunctionRecord, MonthRecord, RunRecord, ShardLinesRecord, ShardRecord, StatRecord,
+    SummaryRecord, TelemetryRecord, TestCaseRecord, TestHistoryRecord, TestLinesRecord,
+    TestOutcome, TestRunOutcome, TestStatus,
 };
 
 impl From<&TestCase> for TestCaseRecord {

@@ -24,7 +24,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{self, FORMAT_VERSION, WireDecoder};
-use super::records::{self, MonthRecord, RunRecord, ShardRecord, SummaryRecord};
+use super::records::{
+    self, AttemptRecord, MonthRecord, RunRecord, ShardRecord, SummaryRecord, TestHistoryRecord,
+};
 use super::{CommitStats, HistoryQuery, LoadedRun, Storage, StoreError, Write, log};
 use crate::model::{FileBatch, FileCoverage};
 
@@ -322,6 +324,36 @@ impl Storage for SqliteStore {
             .collect()
     }
 
+    fn attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(
+            "SELECT record FROM attempts WHERE run_id = ?1 ORDER BY shard_id, attempt",
+        )?;
+        let rows = stmt.query_map([run_id], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|b| Ok(codec::decode_later::<AttemptRecord>(&b?)?))
+            .collect()
+    }
+
+    fn test_histories(
+        &self,
+        project: &str,
+        branch: &str,
+    ) -> Result<Vec<(String, TestHistoryRecord)>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(
+            "SELECT test, record FROM test_history WHERE project = ?1 AND branch = ?2
+             ORDER BY test",
+        )?;
+        let rows = stmt.query_map([project, branch], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        rows.map(|row| {
+            let (test, b) = row?;
+            Ok((test, codec::decode_later::<TestHistoryRecord>(&b)?))
+        })
+        .collect()
+    }
+
     fn months(&self, q: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(
@@ -399,6 +431,13 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
              run_id TEXT NOT NULL, shard_id TEXT NOT NULL, part INTEGER NOT NULL,
              body BLOB NOT NULL, PRIMARY KEY (run_id, shard_id, part));
          CREATE TABLE IF NOT EXISTS summaries (run_id TEXT PRIMARY KEY, record BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS attempts (
+             run_id TEXT NOT NULL, shard_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+             record BLOB NOT NULL, PRIMARY KEY (run_id, shard_id, attempt));
+         CREATE TABLE IF NOT EXISTS test_history (
+             project TEXT NOT NULL, branch TEXT NOT NULL, test TEXT NOT NULL,
+             last_seen_ms INTEGER NOT NULL, record BLOB NOT NULL,
+             PRIMARY KEY (project, branch, test));
          CREATE TABLE IF NOT EXISTS history_months (
              project TEXT NOT NULL, branch TEXT NOT NULL, month_start_ms INTEGER NOT NULL,
              record BLOB NOT NULL, PRIMARY KEY (project, branch, month_start_ms));
@@ -720,12 +759,28 @@ fn apply(
             ])?;
             put_shard(tx, run_id, shard)?;
         }
-        Write::StartAttempt { run_id, shard } => {
+        Write::StartAttempt {
+            run_id,
+            shard,
+            replaced,
+        } => {
             tx.prepare_cached(
                 "DELETE FROM deltas WHERE run_id = ?1 AND shard_id = ?2 AND attempt < ?3",
             )?
             .execute(params![run_id, shard.shard_id, shard.attempt])?;
             put_shard(tx, run_id, shard)?;
+            if let Some(a) = replaced {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO attempts (run_id, shard_id, attempt, record)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    run_id,
+                    a.shard_id,
+                    a.attempt,
+                    codec::encode(a)
+                ])?;
+            }
         }
         Write::PutShardLines {
             run_id,
@@ -776,6 +831,7 @@ fn apply(
                 "merged",
                 "shard_lines",
                 "run_files",
+                "attempts",
             ] {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
                     .execute([run_id])?;
@@ -789,7 +845,39 @@ fn apply(
                 }
             }
         }
-        Write::DownSample { before_ms } => down_sample(tx, *before_ms)?,
+        Write::DownSample { before_ms } => {
+            down_sample(tx, *before_ms)?;
+            tx.prepare_cached("DELETE FROM test_history WHERE last_seen_ms < ?1")?
+                .execute([clamp(*before_ms)])?;
+        }
+        Write::RecordTests {
+            project,
+            branch,
+            outcomes,
+        } => {
+            let mut get = tx.prepare_cached(
+                "SELECT record FROM test_history WHERE project = ?1 AND branch = ?2 AND test = ?3",
+            )?;
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO test_history (project, branch, test, last_seen_ms, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (test, outcome) in outcomes {
+                let old = get
+                    .query_row(params![project, branch, test], |r| r.get::<_, Vec<u8>>(0))
+                    .optional()?
+                    .map(|b| codec::decode_later::<TestHistoryRecord>(&b))
+                    .transpose()?;
+                let new = crate::flaky::record(old, *outcome);
+                put.execute(params![
+                    project,
+                    branch,
+                    test,
+                    clamp(new.last_seen_ms),
+                    codec::encode(&new)
+                ])?;
+            }
+        }
     }
     Ok(())
 }

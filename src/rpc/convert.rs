@@ -1082,3 +1082,137 @@ pub(crate) fn history_from_proto(h: proto::History) -> Vec<crate::history::Trend
         })
         .collect()
 }
+
+pub(crate) fn standing_to_proto(s: service::TestStanding) -> proto::TestStanding {
+    use crate::flaky::Class;
+    let h = s.health;
+    proto::TestStanding {
+        test: s.test,
+        class: match h.class {
+            Class::Broken => proto::TestClass::Broken,
+            Class::Flaky => proto::TestClass::Flaky,
+            Class::Healthy => proto::TestClass::Healthy,
+        } as i32,
+        failed: h.failed,
+        runs: h.runs,
+        flaky_commits: h.flaky_commits,
+        first_seen: Some(ms_timestamp(h.first_seen_ms)),
+        last_seen: Some(ms_timestamp(h.last_seen_ms)),
+        last_flip: h.last_flip_ms.map(ms_timestamp),
+    }
+}
+
+pub(crate) fn standing_from_proto(s: proto::TestStanding) -> Result<service::TestStanding, Error> {
+    use crate::flaky::{Class, Health};
+    let class = match proto::TestClass::try_from(s.class) {
+        Ok(proto::TestClass::Broken) => Class::Broken,
+        Ok(proto::TestClass::Flaky) => Class::Flaky,
+        Ok(proto::TestClass::Healthy) => Class::Healthy,
+        _ => return Err(Error::invalid("tests.class", "unknown")),
+    };
+    Ok(service::TestStanding {
+        test: s.test,
+        health: Health {
+            class,
+            failed: s.failed,
+            runs: s.runs,
+            flaky_commits: s.flaky_commits,
+            first_seen_ms: timestamp_ms(s.first_seen),
+            last_seen_ms: timestamp_ms(s.last_seen),
+            last_flip_ms: s.last_flip.map(|t| timestamp_ms(Some(t))),
+        },
+    })
+}
+
+pub(crate) fn shard_attempts_to_proto(s: service::ShardAttempts) -> proto::ShardAttempts {
+    proto::ShardAttempts {
+        shard_id: s.shard_id,
+        attempts: s
+            .attempts
+            .into_iter()
+            .map(|a| {
+                let [passed, failed, skipped, errored] = a.tests.unwrap_or_default();
+                proto::AttemptSummary {
+                    attempt: a.attempt,
+                    current: a.current,
+                    finished: a.finished,
+                    deltas: a.deltas,
+                    tests_reported: a.tests.is_some(),
+                    passed,
+                    failed,
+                    skipped,
+                    errored,
+                    infrastructure_failure: a.infrastructure_failure,
+                }
+            })
+            .collect(),
+        flipped: s
+            .flipped
+            .into_iter()
+            .map(|f| proto::FlippedTest {
+                test: f.test,
+                failed_in: f.failed_in,
+                passed_in: f.passed_in,
+            })
+            .collect(),
+        differences: s
+            .differences
+            .into_iter()
+            .map(|d| proto::CoverageDifference {
+                attempt: d.attempt,
+                against: d.against,
+                only_in_attempt: file_lines_to_proto(&d.only_in_attempt),
+                only_in_against: file_lines_to_proto(&d.only_in_against),
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn shard_attempts_from_proto(
+    s: proto::ShardAttempts,
+) -> Result<service::ShardAttempts, Error> {
+    let lines = |files: Vec<proto::FileLineGaps>| -> Result<Vec<(Arc<str>, RoaringBitmap)>, Error> {
+        Ok(file_line_gaps_from_proto(files)?
+            .into_iter()
+            .map(|(p, l)| (Arc::from(p), l))
+            .collect())
+    };
+    Ok(service::ShardAttempts {
+        shard_id: s.shard_id,
+        attempts: s
+            .attempts
+            .into_iter()
+            .map(|a| service::AttemptSummary {
+                attempt: a.attempt,
+                current: a.current,
+                finished: a.finished,
+                deltas: a.deltas,
+                tests: a
+                    .tests_reported
+                    .then_some([a.passed, a.failed, a.skipped, a.errored]),
+                infrastructure_failure: a.infrastructure_failure,
+            })
+            .collect(),
+        flipped: s
+            .flipped
+            .into_iter()
+            .map(|f| service::FlippedTest {
+                test: f.test,
+                failed_in: f.failed_in,
+                passed_in: f.passed_in,
+            })
+            .collect(),
+        differences: s
+            .differences
+            .into_iter()
+            .map(|d| {
+                Ok(service::CoverageDifference {
+                    attempt: d.attempt,
+                    against: d.against,
+                    only_in_attempt: lines(d.only_in_attempt)?,
+                    only_in_against: lines(d.only_in_against)?,
+                })
+            })
+            .collect::<Result<_, Error>>()?,
+    })
+}

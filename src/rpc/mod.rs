@@ -319,6 +319,30 @@ impl Coverage for CoverageRpc {
         Ok(Response::new(history_to_proto(buckets)))
     }
 
+    async fn get_flaky_tests(
+        &self,
+        request: Request<proto::GetFlakyTestsRequest>,
+    ) -> Result<Response<proto::FlakyTests>, Status> {
+        let r = request.into_inner();
+        let tests = self
+            .service
+            .flaky_tests(&r.project, &r.branch, r.all)
+            .await?;
+        Ok(Response::new(proto::FlakyTests {
+            tests: tests.into_iter().map(standing_to_proto).collect(),
+        }))
+    }
+
+    async fn get_attempts(
+        &self,
+        request: Request<proto::GetAttemptsRequest>,
+    ) -> Result<Response<proto::RunAttempts>, Status> {
+        let shards = self.service.attempts(&request.into_inner().run_id).await?;
+        Ok(Response::new(proto::RunAttempts {
+            shards: shards.into_iter().map(shard_attempts_to_proto).collect(),
+        }))
+    }
+
     async fn get_patch_coverage(
         &self,
         request: Request<proto::GetPatchCoverageRequest>,

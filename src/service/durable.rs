@@ -53,19 +53,39 @@ pub(super) fn shard_record(id: &str, s: &Shard) -> ShardRecord {
         last_seq: s.last_seq,
         finished_at_ms: s.finished_at.map(to_ms),
         writer_session: s.writer.to_vec(),
-        telemetry: s.telemetry.as_ref().map(|t| TelemetryRecord {
-            passed: t.passed,
-            failed: t.failed,
-            skipped: t.skipped,
-            errored: t.errored,
-            incomplete: t.incomplete,
-            assertions: t.assertions,
-            duration_ms: t.duration.map(|d| d.as_millis() as u64),
-            peak_memory_bytes: t.peak_memory_bytes,
-            platform: t.platform.clone(),
-            tests: t.tests.iter().map(Into::into).collect(),
-            tags: t.tags.clone().into_iter().collect(),
-        }),
+        telemetry: s.telemetry.as_ref().map(telemetry_record),
+    }
+}
+
+pub(super) fn telemetry_record(t: &TestTelemetry) -> TelemetryRecord {
+    TelemetryRecord {
+        passed: t.passed,
+        failed: t.failed,
+        skipped: t.skipped,
+        errored: t.errored,
+        incomplete: t.incomplete,
+        assertions: t.assertions,
+        duration_ms: t.duration.map(|d| d.as_millis() as u64),
+        peak_memory_bytes: t.peak_memory_bytes,
+        platform: t.platform.clone(),
+        tests: t.tests.iter().map(Into::into).collect(),
+        tags: t.tags.clone().into_iter().collect(),
+    }
+}
+
+pub(super) fn telemetry_from_record(t: TelemetryRecord) -> TestTelemetry {
+    TestTelemetry {
+        passed: t.passed,
+        failed: t.failed,
+        skipped: t.skipped,
+        errored: t.errored,
+        incomplete: t.incomplete,
+        assertions: t.assertions,
+        duration: t.duration_ms.map(Duration::from_millis),
+        peak_memory_bytes: t.peak_memory_bytes,
+        platform: t.platform,
+        tests: t.tests.iter().map(|c| c.to_model()).collect(),
+        tags: t.tags.into_iter().collect(),
     }
 }
 
@@ -76,19 +96,7 @@ fn shard_from_record(r: ShardRecord) -> Shard {
         last_seq: r.last_seq,
         finished_at: r.finished_at_ms.map(from_ms),
         writer: r.writer_session.into_boxed_slice(),
-        telemetry: r.telemetry.map(|t| TestTelemetry {
-            passed: t.passed,
-            failed: t.failed,
-            skipped: t.skipped,
-            errored: t.errored,
-            incomplete: t.incomplete,
-            assertions: t.assertions,
-            duration: t.duration_ms.map(Duration::from_millis),
-            peak_memory_bytes: t.peak_memory_bytes,
-            platform: t.platform,
-            tests: t.tests.iter().map(|c| c.to_model()).collect(),
-            tags: t.tags.into_iter().collect(),
-        }),
+        telemetry: r.telemetry.map(telemetry_from_record),
         ..Shard::default()
     }
 }
@@ -266,6 +274,7 @@ impl CoverageService {
         let by_shard = start.elapsed();
         let record = run_record(run, &run.state());
         let summary = summary(&run.status());
+        let tests = self.record_tests(run)?;
         // The store writes each part as it is encoded, in one transaction: a few parts in
         // memory rather than the whole run.
         let (sender, parts) = persist::Parts::channel(2);
@@ -290,14 +299,16 @@ impl CoverageService {
                 }
                 start.elapsed() - by_shard
             });
-            let written = self.shared.storage.write_blocking(vec![
+            let mut writes = vec![
                 Write::UpdateRun(record),
                 Write::Compact {
                     run_id: run.id.clone(),
                     parts,
                     summary,
                 },
-            ]);
+            ];
+            writes.extend(tests);
+            let written = self.shared.storage.write_blocking(writes);
             let merged = encoder.join().unwrap_or_default();
             (written, merged)
         });
@@ -314,6 +325,49 @@ impl CoverageService {
         );
         self.shared.cache.admit(run, aggregate.heap_bytes());
         Ok(())
+    }
+
+    /// The write that adds a complete run's outcome of each test (from every attempt of its
+    /// shards, replaced ones included) to the tests' histories on its branch; none when no
+    /// shard reported tests. Blocking.
+    pub(super) fn record_tests(&self, run: &Run) -> Result<Option<Write>, StoreError> {
+        let replaced = self.shared.storage.attempts(&run.id)?;
+        let replaced: Vec<Vec<crate::model::TestCase>> = replaced
+            .into_iter()
+            .filter_map(|a| a.telemetry)
+            .map(|t| t.tests.iter().map(|c| c.to_model()).collect())
+            .collect();
+        let state = run.state();
+        let current = state
+            .shards
+            .values()
+            .filter_map(|s| s.telemetry.as_ref())
+            .map(|t| &t.tests[..]);
+        let outcomes = crate::flaky::run_outcomes(replaced.iter().map(|t| &t[..]).chain(current));
+        if outcomes.is_empty() {
+            return Ok(None);
+        }
+        let (run_key, commit_key) = (
+            crc32fast::hash(run.id.as_bytes()),
+            crc32fast::hash(state.params.commit.as_bytes()),
+        );
+        let at_ms = to_ms(run.created_at);
+        Ok(Some(Write::RecordTests {
+            project: state.params.project.clone(),
+            branch: state.params.branch.clone(),
+            outcomes: outcomes
+                .into_iter()
+                .map(|(test, outcome)| {
+                    let o = crate::persist::TestRunOutcome {
+                        run_key,
+                        commit_key,
+                        at_ms,
+                        outcome: outcome as i32,
+                    };
+                    (test, o)
+                })
+                .collect(),
+        }))
     }
 
     /// Stores, per shard that sent anything, the lines its current attempt covered, read from
@@ -378,7 +432,7 @@ impl CoverageService {
     }
 
     /// The lines a shard attempt's stored deltas covered, per file, sorted by path. Blocking.
-    fn shard_lines(
+    pub(super) fn shard_lines(
         &self,
         run: &Run,
         attempt: &(String, u32, u64),

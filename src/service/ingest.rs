@@ -17,7 +17,7 @@ use super::{
 };
 use crate::model::FileBatch;
 use crate::model::path::{RepoFiles, Resolution};
-use crate::persist::{Write, codec};
+use crate::persist::{AttemptRecord, Write, codec};
 
 /// How long after a run completes its compaction starts (see `finish`).
 const COMPACTION_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -134,7 +134,7 @@ impl CoverageService {
         let session_id = header.session;
 
         // Bookkeeping first, under the lock; the store and the rebuild after it.
-        let (start, replaced) = {
+        let (start, replaced, previous) = {
             let mut state = run.state();
             state.check_live(&run.id)?;
             let stale = state.stale;
@@ -208,6 +208,20 @@ impl CoverageService {
             // already be compacted away.
             let replaced = !state_complete
                 && (stale || (start && (shard.last_seq > 0 || shard.finished_at.is_some())));
+            // The attempt this one replaces, kept (for flaky tests) if it had begun.
+            let previous =
+                (start && shard.attempt > 0 && (shard.last_seq > 0 || shard.finished_at.is_some()))
+                    .then(|| AttemptRecord {
+                        shard_id: shard_id.clone(),
+                        attempt: shard.attempt,
+                        last_seq: shard.last_seq,
+                        finished_at_ms: shard.finished_at.map(super::durable::to_ms),
+                        telemetry: shard
+                            .telemetry
+                            .as_ref()
+                            .map(super::durable::telemetry_record),
+                        lines: Vec::new(),
+                    });
             if start {
                 shard.attempt = attempt;
                 shard.last_seq = 0;
@@ -222,7 +236,7 @@ impl CoverageService {
             if replaced {
                 state.stale = true;
             }
-            (record, replaced)
+            (record, replaced, previous)
         };
         // The session exists from here on, so an error below still closes the stream count.
         let mut session = ShardSession {
@@ -238,11 +252,30 @@ impl CoverageService {
                 shard_id: &session.shard_id,
                 attempt,
             };
+            let replaced = match previous {
+                Some(mut kept) if kept.last_seq > 0 => {
+                    // Its deltas are still in the log until the write below drops them.
+                    let (service, run) = (self.clone(), run.clone());
+                    let attempt = (kept.shard_id.clone(), kept.attempt, kept.last_seq);
+                    let lines =
+                        tokio::task::spawn_blocking(move || service.shard_lines(&run, &attempt))
+                            .await
+                            .map_err(|e| {
+                                Error::Unavailable(format!(
+                                    "reading the replaced attempt failed: {e}"
+                                ))
+                            })??;
+                    kept.lines = codec::encode_shard_lines(lines.iter().map(|(p, l)| (&**p, l)));
+                    Some(kept)
+                }
+                kept => kept,
+            };
             self.shared
                 .storage
                 .write(vec![Write::StartAttempt {
                     run_id: run.id.clone(),
                     shard: record,
+                    replaced,
                 }])
                 .await?;
         }

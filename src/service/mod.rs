@@ -9,13 +9,15 @@
 //! - `patch`: patch coverage, how much of the lines a diff adds ran;
 //! - `differential`: a run against a base run, in lcov 2's line categories;
 //! - `line_sets`: union, intersection and difference of covered lines across runs and tests;
-//! - `history`: trends of a project's runs, and the down-sampling of old ones into months.
+//! - `history`: trends of a project's runs, and the down-sampling of old ones into months;
+//! - `flaky`: flaky and broken tests on a branch, and the attempts of a run's shards.
 
 mod cache;
 mod differential;
 mod durable;
 mod error;
 mod export;
+mod flaky;
 mod history;
 mod impact;
 mod ingest;
@@ -34,6 +36,7 @@ pub use differential::{Category, Differential, DifferentialFile};
 pub use durable::Recovery;
 pub use error::{Error, Result};
 pub use export::Export;
+pub use flaky::{AttemptSummary, CoverageDifference, FlippedTest, ShardAttempts, TestStanding};
 pub use impact::{ImpactFile, ImpactState, SelectedTest, TestImpact};
 pub use ingest::ShardSession;
 pub use line_sets::{LineSet, MAX_OPERANDS};

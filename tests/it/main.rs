@@ -12,6 +12,7 @@ mod cross_format;
 mod differential;
 mod durability;
 mod export;
+mod flaky;
 mod fsync;
 mod gcc;
 mod history;

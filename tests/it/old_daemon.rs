@@ -147,6 +147,20 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    async fn get_flaky_tests(
+        &self,
+        _: Request<proto::GetFlakyTestsRequest>,
+    ) -> Result<Response<proto::FlakyTests>, Status> {
+        unimplemented()
+    }
+
+    async fn get_attempts(
+        &self,
+        _: Request<proto::GetAttemptsRequest>,
+    ) -> Result<Response<proto::RunAttempts>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(

@@ -161,6 +161,18 @@ impl Storage for PowerCut {
         self.disk.months(query)
     }
 
+    fn attempts(&self, run_id: &str) -> Result<Vec<covd::persist::AttemptRecord>, StoreError> {
+        self.disk.attempts(run_id)
+    }
+
+    fn test_histories(
+        &self,
+        project: &str,
+        branch: &str,
+    ) -> Result<Vec<(String, covd::persist::TestHistoryRecord)>, StoreError> {
+        self.disk.test_histories(project, branch)
+    }
+
     fn stats(&self) -> &CommitStats {
         self.disk.stats()
     }

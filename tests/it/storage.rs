@@ -16,8 +16,8 @@ use bytes::Bytes;
 use covd::model::{FileBuilder, FileCoverage};
 use covd::persist::codec::{encode_files, encode_shard_lines};
 use covd::persist::{
-    HistoryQuery, MemoryStore, Parts, RunRecord, ShardRecord, SqliteStore, Storage, SummaryRecord,
-    Write,
+    AttemptRecord, HistoryQuery, MemoryStore, Parts, RunRecord, ShardRecord, SqliteStore, Storage,
+    SummaryRecord, Write,
 };
 use covd::rpc::proto;
 use covd::server::Settings;
@@ -294,6 +294,13 @@ async fn a_new_attempt_drops_the_deltas_of_earlier_ones(make: Make) {
             vec![Write::StartAttempt {
                 run_id: "r".into(),
                 shard: shard("0", 2, 0),
+                replaced: Some(AttemptRecord {
+                    shard_id: "0".into(),
+                    attempt: 1,
+                    last_seq: 2,
+                    lines: encode_shard_lines([("a.c", &RoaringBitmap::from([1, 2]))]),
+                    ..AttemptRecord::default()
+                }),
             }],
         )
         .await;
@@ -307,6 +314,27 @@ async fn a_new_attempt_drops_the_deltas_of_earlier_ones(make: Make) {
     );
     let loaded = storage.load_runs().unwrap();
     assert_eq!(loaded[0].shards, [shard("0", 2, 1), shard("1", 1, 1)]);
+    // What is kept of the replaced attempt, until the run goes.
+    let kept = storage.attempts("r").unwrap();
+    assert_eq!(
+        kept.iter()
+            .map(|a| (a.attempt, a.last_seq))
+            .collect::<Vec<_>>(),
+        [(1, 2)]
+    );
+    assert_eq!(
+        covd::persist::codec::decode_shard_lines(&kept[0].lines).unwrap(),
+        [(Arc::from("a.c"), RoaringBitmap::from([1, 2]))]
+    );
+    write(
+        &*storage,
+        vec![Write::DeleteRun {
+            run_id: "r".into(),
+            summary: None,
+        }],
+    )
+    .await;
+    assert!(storage.attempts("r").unwrap().is_empty());
 }
 
 fn summary(run_id: &str, files: u64) -> SummaryRecord {
