@@ -26,6 +26,7 @@
 //!   queries. No gRPC types.
 //! - [`rpc`]: the gRPC edge: generated code, the one-pass reader of incoming deltas
 //!   (`rpc/delta.rs`), the message codec, conversions with validation, error → status.
+//! - [`privacy`]: project names kept plain, as keyed pseudonyms, or not at all.
 //! - [`server`]: wiring, limits, health and reflection, shutdown.
 //! - [`client`]: the typed client the CLI and tests use.
 //!
@@ -42,6 +43,7 @@ mod http;
 pub mod metrics;
 pub mod model;
 pub mod persist;
+pub mod privacy;
 pub mod rpc;
 pub mod server;
 pub mod service;

@@ -16,6 +16,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
 use crate::persist::{MemoryStore, SqliteStore, Storage, StoreError};
+use crate::privacy::{Privacy, ProjectNames};
 use crate::rpc::proto::coverage_server::CoverageServer;
 use crate::rpc::{CoverageRpc, proto};
 use crate::service::{CoverageService, Limits};
@@ -51,6 +52,11 @@ pub struct Settings {
     pub stream_window_bytes: u32,
     /// Where the HTTP port (Prometheus metrics at `/metrics`) listens; `None`: no HTTP port.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// How project names are kept at the least (a client may ask for stricter).
+    pub project_names: ProjectNames,
+    /// The key of project pseudonyms; `None`: `pseudonym.key` in the data directory (made at
+    /// first start), or with no data directory a key of the process's own.
+    pub pseudonym_key_file: Option<PathBuf>,
 }
 
 /// What a started daemon tells the one that started it.
@@ -73,6 +79,8 @@ impl Default for Settings {
             max_concurrent_streams: 1024,
             stream_window_bytes: 64 * 1024,
             http_listen: None,
+            project_names: ProjectNames::Plain,
+            pseudonym_key_file: None,
         }
     }
 }
@@ -143,13 +151,16 @@ pub async fn run_on(
         }
         None => (None, None),
     };
-    let coverage = CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone()))
-        .max_decoding_message_size(settings.max_message_bytes)
-        .max_encoding_message_size(settings.max_message_bytes)
-        // Clients may compress what they send. Answers go uncompressed: on the loopback and
-        // LAN links covd serves, gzip cost more time than it saved (it was 5% of the daemon's
-        // CPU in the ingest benchmark, and delayed the merged export).
-        .accept_compressed(CompressionEncoding::Gzip);
+    let privacy = Arc::new(privacy(&settings)?);
+    tracing::info!("project names are kept {:?}", privacy.policy());
+    let coverage =
+        CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone(), privacy))
+            .max_decoding_message_size(settings.max_message_bytes)
+            .max_encoding_message_size(settings.max_message_bytes)
+            // Clients may compress what they send. Answers go uncompressed: on the loopback and
+            // LAN links covd serves, gzip cost more time than it saved (it was 5% of the daemon's
+            // CPU in the ingest benchmark, and delayed the merged export).
+            .accept_compressed(CompressionEncoding::Gzip);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -329,6 +340,22 @@ async fn report_store_failure(
             return;
         }
     }
+}
+
+/// The policy for project names, with its key.
+fn privacy(settings: &Settings) -> Result<Privacy, ServerError> {
+    let key = match (&settings.pseudonym_key_file, &settings.data_dir) {
+        (Some(file), _) => crate::privacy::load_key(file, false),
+        (None, Some(dir)) => crate::privacy::load_key(&dir.join("pseudonym.key"), true),
+        (None, None) => {
+            return Ok(Privacy::new(
+                settings.project_names,
+                crate::privacy::random_key(),
+            ));
+        }
+    }
+    .map_err(ServerError::Startup)?;
+    Ok(Privacy::new(settings.project_names, key))
 }
 
 /// Drops expired runs now and then, until shutdown.

@@ -217,6 +217,15 @@ struct ServeArgs {
     /// and latest value of each metric); whole months are folded. 0 never folds.
     #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
     history_full_for: Duration,
+    /// How project names are kept at the least: `plain`, `pseudonym` (the vendor part plain,
+    /// the rest a keyed pseudonym: `acme/3f9c…`; queries may still name projects plainly) or
+    /// `anonymous`. A client may ask for stricter (`--project-as`).
+    #[arg(long, value_enum, default_value_t = NamesArg::Plain)]
+    project_names: NamesArg,
+    /// The pseudonyms' key (at least 16 bytes). Default: `pseudonym.key` in the data
+    /// directory, made at first start; keep it with the data, or pseudonyms change.
+    #[arg(long)]
+    pseudonym_key_file: Option<PathBuf>,
     /// On SIGTERM/SIGINT, wait this long for open calls before stopping; a second signal
     /// stops at once.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -308,6 +317,29 @@ struct RunMeta {
     /// A label such as `unit` (repeatable).
     #[arg(long = "flag")]
     flags: Vec<String>,
+    /// How the daemon is to keep the project's name: `plain`, `pseudonym` (the vendor part
+    /// plain, the rest a pseudonym only the daemon's key makes: `acme/3f9c…`) or `anonymous`
+    /// (none). The daemon may insist on a stricter way (`serve --project-names`).
+    #[arg(long, env = "COVD_PROJECT_AS", value_enum, default_value_t = NamesArg::Plain)]
+    project_as: NamesArg,
+}
+
+/// How project names are kept (see `covd::privacy`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum NamesArg {
+    Plain,
+    Pseudonym,
+    Anonymous,
+}
+
+impl From<NamesArg> for covd::privacy::ProjectNames {
+    fn from(a: NamesArg) -> Self {
+        match a {
+            NamesArg::Plain => covd::privacy::ProjectNames::Plain,
+            NamesArg::Pseudonym => covd::privacy::ProjectNames::Pseudonym,
+            NamesArg::Anonymous => covd::privacy::ProjectNames::Anonymous,
+        }
+    }
 }
 
 impl RunMeta {
@@ -318,6 +350,7 @@ impl RunMeta {
             branch: self.branch.clone(),
             flags: self.flags.iter().cloned().collect(),
             expected_shards,
+            project_as: self.project_as.into(),
         }
     }
 }
@@ -584,6 +617,8 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         data_dir: (!a.in_memory).then(|| a.data_dir.clone()),
         retention: (!a.retention.is_zero()).then_some(a.retention),
         history_full_for: (!a.history_full_for.is_zero()).then_some(a.history_full_for),
+        project_names: a.project_names.into(),
+        pseudonym_key_file: a.pseudonym_key_file.clone(),
         shutdown_grace: a.shutdown_grace,
         max_db_bytes: a.max_db_bytes,
         max_concurrent_streams: a.max_concurrent_streams,

@@ -20,12 +20,34 @@ use crate::service::{
 pub(crate) fn params_from_proto(p: Option<proto::RunParams>) -> RunParams {
     let p = p.unwrap_or_default();
     RunParams {
+        project_as: project_as(p.project_as),
         project: p.project,
         commit: p.commit,
         branch: p.branch,
         flags: p.flags.into_iter().collect(),
         expected_shards: p.expected_shards,
     }
+}
+
+/// How the client asked for the project's name to be kept.
+fn project_as(value: i32) -> crate::privacy::ProjectNames {
+    use crate::privacy::ProjectNames;
+    match proto::ProjectNames::try_from(value) {
+        Ok(proto::ProjectNames::Unspecified | proto::ProjectNames::Plain) => ProjectNames::Plain,
+        Ok(proto::ProjectNames::Pseudonym) => ProjectNames::Pseudonym,
+        // A value this release does not know asks for more than it can tell: the strictest.
+        Ok(proto::ProjectNames::Anonymous) | Err(_) => ProjectNames::Anonymous,
+    }
+}
+
+pub(crate) fn project_as_to_proto(names: crate::privacy::ProjectNames) -> i32 {
+    use crate::privacy::ProjectNames;
+    let names = match names {
+        ProjectNames::Plain => proto::ProjectNames::Unspecified,
+        ProjectNames::Pseudonym => proto::ProjectNames::Pseudonym,
+        ProjectNames::Anonymous => proto::ProjectNames::Anonymous,
+    };
+    names as i32
 }
 
 pub(crate) fn params_to_proto(p: RunParams) -> proto::RunParams {
@@ -35,6 +57,7 @@ pub(crate) fn params_to_proto(p: RunParams) -> proto::RunParams {
         branch: p.branch,
         flags: p.flags.into_iter().collect(),
         expected_shards: p.expected_shards,
+        project_as: project_as_to_proto(p.project_as),
     }
 }
 

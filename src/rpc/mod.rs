@@ -13,6 +13,7 @@ mod status;
 pub use codec::ProtoCodec;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -21,7 +22,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::diff::FileChange;
-use crate::service::{CoverageService, Error, ShardHeader};
+use crate::privacy::{Privacy, ProjectNames};
+use crate::service::{CoverageService, Error, RunParams, ShardHeader};
 use convert::*;
 
 /// The generated protocol types, client and server.
@@ -47,14 +49,54 @@ const DEFAULT_EXPORT_WAIT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone)]
 pub struct CoverageRpc {
     service: CoverageService,
+    /// How project names are kept.
+    privacy: Arc<Privacy>,
     /// Turns true when the daemon shuts down: open ingest streams end (after the delta in
     /// hand) with UNAVAILABLE, so their clients reconnect and resume.
     stopping: watch::Receiver<bool>,
 }
 
 impl CoverageRpc {
-    pub fn new(service: CoverageService, stopping: watch::Receiver<bool>) -> CoverageRpc {
-        CoverageRpc { service, stopping }
+    pub fn new(
+        service: CoverageService,
+        stopping: watch::Receiver<bool>,
+        privacy: Arc<Privacy>,
+    ) -> CoverageRpc {
+        CoverageRpc {
+            service,
+            privacy,
+            stopping,
+        }
+    }
+}
+
+/// A run's parameters from the wire, the project's name as it is to be kept.
+fn params_kept(privacy: &Privacy, params: Option<proto::RunParams>) -> RunParams {
+    let mut params = params_from_proto(params);
+    params.project = privacy.project(params.project_as, &params.project);
+    params.project_as = ProjectNames::Plain;
+    params
+}
+
+/// The projects of an expression's `flag:` operands, as runs of them are kept.
+fn flag_projects_queried(privacy: &Privacy, set: &mut crate::service::LineSet) {
+    use crate::service::LineSet;
+    match set {
+        LineSet::Flag { project, .. } => *project = project_queried(privacy, project),
+        LineSet::Union(a, b) | LineSet::Intersection(a, b) | LineSet::Difference(a, b) => {
+            flag_projects_queried(privacy, a);
+            flag_projects_queried(privacy, b);
+        }
+        _ => {}
+    }
+}
+
+/// A query's project, as runs of it are kept.
+fn project_queried(privacy: &Privacy, project: &str) -> String {
+    if project.is_empty() {
+        String::new()
+    } else {
+        privacy.query(project)
     }
 }
 
@@ -69,7 +111,11 @@ impl Coverage for CoverageRpc {
         let r = request.into_inner();
         let (created, status) = self
             .service
-            .open_run_with_files(&r.run_id, params_from_proto(r.params), r.known_files)
+            .open_run_with_files(
+                &r.run_id,
+                params_kept(&self.privacy, r.params),
+                r.known_files,
+            )
             .await?;
         Ok(Response::new(proto::OpenRunResponse {
             created,
@@ -118,8 +164,10 @@ impl Coverage for CoverageRpc {
     ) -> Result<Response<proto::ListRunsResponse>, Status> {
         let r = request.into_inner();
         let limit = r.limit as usize;
-        let project = (!r.project.is_empty()).then_some(r.project.as_str());
-        let runs = self.service.list_runs(limit, project);
+        let project = project_queried(&self.privacy, &r.project);
+        let runs = self
+            .service
+            .list_runs(limit, (!r.project.is_empty()).then_some(project.as_str()));
         Ok(Response::new(proto::ListRunsResponse {
             runs: runs.into_iter().map(status_to_proto).collect(),
         }))
@@ -133,11 +181,13 @@ impl Coverage for CoverageRpc {
     ) -> Result<Response<Self::IngestStream>, Status> {
         let mut inbound = request.into_inner();
         let service = self.service.clone();
+        let privacy = self.privacy.clone();
         let mut stopping = self.stopping.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let _open = crate::metrics::metrics().stream_opened();
-            if let Err(status) = ingest(&service, &mut inbound, &tx, &mut stopping).await {
+            if let Err(status) = ingest(&service, &privacy, &mut inbound, &tx, &mut stopping).await
+            {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -314,7 +364,10 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetHistoryRequest>,
     ) -> Result<Response<proto::History>, Status> {
-        let (query, width) = history_query_from_proto(request.into_inner())?;
+        let (mut query, width) = history_query_from_proto(request.into_inner())?;
+        if let Some(p) = &mut query.project {
+            *p = project_queried(&self.privacy, p);
+        }
         let buckets = self.service.history(query, width).await?;
         Ok(Response::new(history_to_proto(buckets)))
     }
@@ -326,7 +379,11 @@ impl Coverage for CoverageRpc {
         let r = request.into_inner();
         let tests = self
             .service
-            .flaky_tests(&r.project, &r.branch, r.all)
+            .flaky_tests(
+                &project_queried(&self.privacy, &r.project),
+                &r.branch,
+                r.all,
+            )
             .await?;
         Ok(Response::new(proto::FlakyTests {
             tests: tests.into_iter().map(standing_to_proto).collect(),
@@ -380,7 +437,8 @@ impl Coverage for CoverageRpc {
         request: Request<proto::GetLinesRequest>,
     ) -> Result<Response<Self::GetLinesStream>, Status> {
         let r = request.into_inner();
-        let set = line_set_from_proto(r.expr)?;
+        let mut set = line_set_from_proto(r.expr)?;
+        flag_projects_queried(&self.privacy, &mut set);
         let files = self.service.line_set(set, &r.path).await?;
         let chunks = in_chunks(files, file_lines_size).map(|files| {
             Ok(proto::LinesChunk {
@@ -425,6 +483,7 @@ fn in_chunks<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> impl Iterator<Item
 /// flow control slows a sender that outpaces the merge.
 async fn ingest(
     service: &CoverageService,
+    privacy: &Privacy,
     inbound: &mut Streaming<proto::IngestRequest>,
     tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
     stopping: &mut watch::Receiver<bool>,
@@ -453,7 +512,7 @@ async fn ingest(
             run_id: header.run_id,
             shard_id: header.shard_id,
             attempt: header.attempt,
-            params: params_from_proto(header.params),
+            params: params_kept(privacy, header.params),
             session: header.session_id,
         })
         .await?;

@@ -189,6 +189,7 @@ impl CoverageService {
                 branch: r.branch,
                 flags: r.flags.into_iter().collect(),
                 expected_shards: r.expected_shards,
+                project_as: Default::default(),
             };
             let run = Arc::new(Run::restore(
                 r.run_id.clone(),

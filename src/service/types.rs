@@ -97,6 +97,9 @@ pub struct RunParams {
     pub flags: BTreeSet<String>,
     /// Empty: no expectations declared.
     pub expected_shards: Vec<String>,
+    /// How the client asks for the project's name to be kept; the gRPC edge applies it (see
+    /// [`crate::privacy`]), so the service only ever sees the name as kept.
+    pub project_as: crate::privacy::ProjectNames,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -57,6 +57,11 @@ impl Served {
 
     /// Serves `data` on `listen`, waiting for the line that says it is ready.
     pub(crate) fn on(data: tempfile::TempDir, listen: &str) -> Served {
+        Served::with(data, listen, &[])
+    }
+
+    /// [`Served::on`] with more `covd serve` arguments.
+    pub(crate) fn with(data: tempfile::TempDir, listen: &str, args: &[&str]) -> Served {
         let mut child = Command::new(COVD)
             .args([
                 "serve",
@@ -67,6 +72,7 @@ impl Served {
                 "--data-dir",
             ])
             .arg(data.path())
+            .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

@@ -27,6 +27,7 @@ mod old_daemon;
 mod patch;
 mod phpunit;
 mod power_cut;
+mod privacy;
 mod query_laws;
 mod spool;
 mod storage;

@@ -57,7 +57,21 @@ fn metrics_count_streams_deltas_commits_and_refusals() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    ok(&["open", "--run", run, "--shards", "3"]);
+    let (project, commit, branch) = ("acme/metrics-7c1", "commit-9d04e", "branch-5e2b");
+    ok(&[
+        "open",
+        "--run",
+        run,
+        "--shards",
+        "3",
+        "--project",
+        project,
+        "--commit",
+        commit,
+        "--branch",
+        branch,
+    ]);
+    let junit = fixture("junit/pytest-junit.xml");
     for (shard, file) in [("0", "shard1.info"), ("1", "shard2.info")] {
         let path = fixture(&format!("gcc-lcov/{file}"));
         ok(&[
@@ -67,6 +81,7 @@ fn metrics_count_streams_deltas_commits_and_refusals() {
             "--shard",
             shard,
             path.to_str().unwrap(),
+            junit.to_str().unwrap(),
         ]);
     }
     // A refusal the daemon answers: a run that does not exist.
@@ -99,8 +114,18 @@ fn metrics_count_streams_deltas_commits_and_refusals() {
     assert_eq!(get("covd_runs_open"), 1.0);
     assert_eq!(get("covd_refusals_total{code=\"NotFound\"}"), 1.0);
     assert!(get("covd_resident_bytes") > 1e6);
-    // Unbounded values are never labels.
-    for value in [run, "no-such-run", "src/", ".c"] {
+    // Unbounded values are never labels: run ids, projects, commits, branches, paths, tests.
+    for value in [
+        run,
+        "no-such-run",
+        "src/",
+        ".c",
+        "metrics-7c1",
+        commit,
+        branch,
+        "test_square_nonneg",
+        "test_sample",
+    ] {
         assert!(!text.contains(value), "{value} in\n{text}");
     }
 
