@@ -49,11 +49,15 @@ pub fn infrastructure_failure(tests: &[TestCase]) -> bool {
     bad >= INFRA_MIN_FAILED && bad * 2 > judged
 }
 
-/// Each test's outcome in a run, from the test cases of every attempt of its shards
-/// (attempts that were infrastructure failures leave their cases out, but a test seen only
-/// there is `Excluded`).
+/// Each test's outcome in a run, from the test cases of every attempt of every shard, given
+/// as (shard, cases). Within a shard: flaky if it failed in one attempt and passed in another,
+/// failed if it failed in every attempt that ran it (attempts that were infrastructure
+/// failures leave their cases out; a test seen only there is `Excluded`). Across shards (a
+/// test may run in several, on several platforms say) the worst: flaky, failed, passed,
+/// skipped, excluded; a test failing on one platform and passing on another is failed there,
+/// not flaky.
 pub fn run_outcomes<'a>(
-    attempts: impl IntoIterator<Item = &'a [TestCase]>,
+    attempts: impl IntoIterator<Item = (&'a str, &'a [TestCase])>,
 ) -> BTreeMap<String, TestOutcome> {
     #[derive(Default)]
     struct Seen {
@@ -62,11 +66,11 @@ pub fn run_outcomes<'a>(
         other: bool,
         excluded: bool,
     }
-    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
-    for tests in attempts {
+    let mut seen: BTreeMap<(&str, String), Seen> = BTreeMap::new();
+    for (shard, tests) in attempts {
         let excluded = infrastructure_failure(tests);
         for t in tests {
-            let s = seen.entry(key(t)).or_default();
+            let s = seen.entry((shard, key(t))).or_default();
             if excluded {
                 s.excluded = true;
             } else if failed(t.status) {
@@ -78,18 +82,28 @@ pub fn run_outcomes<'a>(
             }
         }
     }
-    seen.into_iter()
-        .map(|(k, s)| {
-            let outcome = match (s.passed, s.failed) {
-                (true, true) => TestOutcome::Flaky,
-                (false, true) => TestOutcome::Failed,
-                (true, false) => TestOutcome::Passed,
-                (false, false) if s.other => TestOutcome::Skipped,
-                (false, false) => TestOutcome::Excluded,
-            };
-            (k, outcome)
-        })
-        .collect()
+    let rank = |o: TestOutcome| match o {
+        TestOutcome::Flaky => 4,
+        TestOutcome::Failed => 3,
+        TestOutcome::Passed => 2,
+        TestOutcome::Skipped => 1,
+        _ => 0,
+    };
+    let mut out: BTreeMap<String, TestOutcome> = BTreeMap::new();
+    for ((_, test), s) in seen {
+        let outcome = match (s.passed, s.failed) {
+            (true, true) => TestOutcome::Flaky,
+            (false, true) => TestOutcome::Failed,
+            (true, false) => TestOutcome::Passed,
+            (false, false) if s.other => TestOutcome::Skipped,
+            (false, false) => TestOutcome::Excluded,
+        };
+        let e = out.entry(test).or_insert(outcome);
+        if rank(outcome) > rank(*e) {
+            *e = outcome;
+        }
+    }
+    out
 }
 
 /// Counts for (`Passed`) or against (`Failed`, `Flaky`) a test; `None` for the rest.
@@ -261,7 +275,7 @@ mod tests {
             case("c", Passed),
             case("d", Skipped),
         ];
-        let got = run_outcomes([&first[..], &second[..]]);
+        let got = run_outcomes([("0", &first[..]), ("0", &second[..])]);
         assert_eq!(got["s::a"], TestOutcome::Flaky);
         assert_eq!(got["s::b"], TestOutcome::Failed);
         assert_eq!(got["s::c"], TestOutcome::Passed);
@@ -279,7 +293,7 @@ mod tests {
             .iter()
             .map(|n| case(n, Passed))
             .collect();
-        let got = run_outcomes([&infra[..], &retry[..]]);
+        let got = run_outcomes([("0", &infra[..]), ("0", &retry[..])]);
         assert!(got.values().filter(|o| **o == TestOutcome::Passed).count() == 6);
         assert_eq!(got["s::g"], TestOutcome::Excluded);
         // Four failures are not enough, nor are five among many passes.
@@ -290,6 +304,19 @@ mod tests {
             .chain((0..10).map(|i| case(&format!("p{i}"), Passed)))
             .collect();
         assert!(!infrastructure_failure(&mostly_passing));
+
+        // One test in two shards (two platforms): failing on one, passing on the other, it
+        // failed; flaky on one, it is flaky.
+        let linux = [case("a", Failed), case("b", Failed)];
+        let mac = [case("a", Passed), case("b", Passed)];
+        let mac_retry = [case("b", Failed)];
+        let got = run_outcomes([
+            ("linux", &linux[..]),
+            ("mac", &mac[..]),
+            ("mac", &mac_retry[..]),
+        ]);
+        assert_eq!(got["s::a"], TestOutcome::Failed);
+        assert_eq!(got["s::b"], TestOutcome::Flaky);
     }
 
     fn run(key: u32, commit: u32, at: u64, outcome: TestOutcome) -> TestRunOutcome {

@@ -400,7 +400,8 @@ async fn down_sample(service: &CoverageService, full_for: Duration) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let before = crate::history::fold_before(now, full_for);
-    if let Err(e) = service.down_sample(before).await {
+    let age = u64::try_from(full_for.as_millis()).unwrap_or(u64::MAX);
+    if let Err(e) = service.down_sample(before, now.saturating_sub(age)).await {
         tracing::warn!("down-sampling history failed: {e}");
     }
 }

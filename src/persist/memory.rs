@@ -143,17 +143,24 @@ impl MemoryStore {
 /// meanwhile) are dropped.
 fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
     let run_id = match &w {
-        Write::DownSample { before_ms } => {
+        Write::DownSample {
+            before_ms,
+            tests_before_ms,
+        } => {
             down_sample(inner, *before_ms);
-            let before = *before_ms;
+            let before = *tests_before_ms;
             inner.tests.retain(|_, (last_seen, _)| *last_seen >= before);
             return;
         }
         Write::RecordTests {
+            run_id,
             project,
             branch,
             outcomes,
         } => {
+            if !inner.runs.contains_key(run_id) {
+                return;
+            }
             for (test, outcome) in outcomes {
                 let key = (project.clone(), branch.clone(), test.clone());
                 let old = inner.tests.get(&key).map(|(_, b)| {
@@ -185,6 +192,9 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
     if let Write::DeleteRun { summary, .. } = w {
         if let Some(run) = inner.runs.remove(&run_id) {
             inner.bytes -= run.bytes;
+            if summary.is_none() {
+                forget_tests_of(inner, &run_id, &run.record);
+            }
         }
         match summary {
             Some(s) => {
@@ -271,12 +281,32 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
     }
 }
 
+/// Takes a deleted run's outcomes out of the test histories of its branch.
+fn forget_tests_of(inner: &mut Inner, run_id: &str, record: &[u8]) {
+    let run = codec::decode::<RunRecord>(record).expect("a run this store encoded");
+    let run_key = crc32fast::hash(run_id.as_bytes());
+    for ((project, branch, _), (_, bytes)) in inner.tests.iter_mut() {
+        if *project != run.project || *branch != run.branch {
+            continue;
+        }
+        let mut h =
+            codec::decode_later::<TestHistoryRecord>(bytes).expect("a record this store encoded");
+        let before = h.recent.len();
+        h.recent.retain(|r| r.run_key != run_key);
+        if h.recent.len() != before {
+            *bytes = codec::encode(&h);
+        }
+    }
+}
+
 fn down_sample(inner: &mut Inner, before_ms: u64) {
     let mut old = Vec::new();
-    inner.summaries.retain(|_, s| {
+    let runs = &inner.runs;
+    inner.summaries.retain(|run_id, s| {
         // Only this process wrote them, from records it had.
         let s = codec::decode::<SummaryRecord>(s).expect("a summary this store encoded");
-        let keep = s.created_at_ms >= before_ms;
+        // A run still held keeps its summary: it answers for itself until it expires.
+        let keep = s.created_at_ms >= before_ms || runs.contains_key(run_id);
         if !keep {
             old.push(s);
         }
@@ -450,9 +480,22 @@ impl Storage for MemoryStore {
             .collect()
     }
 
-    fn months(&self, q: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError> {
+    fn history(
+        &self,
+        q: &HistoryQuery,
+    ) -> Result<(Vec<SummaryRecord>, Vec<MonthRecord>), StoreError> {
+        let inner = self.inner();
+        let mut runs = Vec::new();
+        for s in inner.summaries.values() {
+            let s = codec::decode::<SummaryRecord>(s)?;
+            if q.selects(&s.project, &s.branch, s.created_at_ms) {
+                runs.push(s);
+            }
+        }
+        super::newest_first(&mut runs);
+        runs.truncate(q.limit);
         let mut out = Vec::new();
-        for m in self.inner().months.values() {
+        for m in inner.months.values() {
             let m = codec::decode_later::<MonthRecord>(m)?;
             if q.selects_month(&m) {
                 out.push(m);
@@ -465,7 +508,7 @@ impl Storage for MemoryStore {
                 &b.branch,
             ))
         });
-        Ok(out)
+        Ok((runs, out))
     }
 
     fn stats(&self) -> &CommitStats {

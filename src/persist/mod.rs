@@ -87,8 +87,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Summaries of runs that `query` selects, newest first. Blocking.
     fn summaries(&self, query: &HistoryQuery) -> Result<Vec<SummaryRecord>, StoreError>;
 
-    /// Down-sampled months that `query` selects (by month start), oldest first. Blocking.
-    fn months(&self, query: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError>;
+    /// What history holds for `query`, read at one instant (a fold in between would show
+    /// runs twice, or not at all): the summaries it selects, newest first, at most
+    /// `query.limit`, and the down-sampled months that overlap its span, oldest first.
+    /// Blocking.
+    fn history(
+        &self,
+        query: &HistoryQuery,
+    ) -> Result<(Vec<SummaryRecord>, Vec<MonthRecord>), StoreError>;
 
     /// The attempts of a run's shards that later attempts replaced, by shard and attempt.
     /// Blocking.
@@ -180,15 +186,18 @@ pub enum Write {
         run_id: String,
         summary: Option<SummaryRecord>,
     },
-    /// Folds the summaries of runs created before `before_ms` into their months
-    /// ([`crate::history::fold_into_months`]) and drops them, in one transaction.
-    /// Also forgets the test histories last seen before `before_ms`.
+    /// Folds the summaries of runs created before `before_ms` whose raw data is gone (expired
+    /// or deleted; a run still held keeps its summary) into their months
+    /// ([`crate::history::fold_into_months`]) and drops them, in one transaction. Also
+    /// forgets the test histories last seen before `tests_before_ms`.
     DownSample {
         before_ms: u64,
+        tests_before_ms: u64,
     },
     /// Adds a run's outcome of each of its tests to their histories on the project's branch
     /// ([`crate::flaky::record`]).
     RecordTests {
+        run_id: String,
         project: String,
         branch: String,
         outcomes: Vec<(String, TestRunOutcome)>,

@@ -303,25 +303,7 @@ impl Storage for SqliteStore {
     }
 
     fn summaries(&self, q: &HistoryQuery) -> Result<Vec<SummaryRecord>, StoreError> {
-        let conn = self.reader();
-        let mut stmt = conn.prepare_cached(
-            "SELECT record FROM summaries
-             WHERE (?1 IS NULL OR project = ?1) AND (?2 IS NULL OR branch = ?2)
-               AND created_at_ms >= ?3 AND (?4 IS NULL OR created_at_ms < ?4)
-             ORDER BY created_at_ms DESC, run_id LIMIT ?5",
-        )?;
-        let rows = stmt.query_map(
-            params![
-                q.project,
-                q.branch,
-                clamp(q.since_ms),
-                q.until_ms.map(clamp),
-                clamp(q.limit as u64)
-            ],
-            |r| r.get::<_, Vec<u8>>(0),
-        )?;
-        rows.map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
-            .collect()
+        summaries_in(&self.reader(), q)
     }
 
     fn attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
@@ -354,23 +336,56 @@ impl Storage for SqliteStore {
         .collect()
     }
 
-    fn months(&self, q: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError> {
+    fn history(
+        &self,
+        q: &HistoryQuery,
+    ) -> Result<(Vec<SummaryRecord>, Vec<MonthRecord>), StoreError> {
         let conn = self.reader();
-        let mut stmt = conn.prepare_cached(
-            "SELECT record FROM history_months
-             WHERE (?1 IS NULL OR project = ?1) AND (?2 IS NULL OR branch = ?2)
-             ORDER BY month_start_ms, project, branch",
-        )?;
-        let rows = stmt.query_map(params![q.project, q.branch], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for b in rows {
-            let m = codec::decode_later::<MonthRecord>(&b?)?;
-            if q.selects_month(&m) {
-                out.push(m);
-            }
-        }
-        Ok(out)
+        // One read transaction: one snapshot of both tables.
+        let tx = conn.unchecked_transaction()?;
+        let runs = summaries_in(&tx, q)?;
+        let months = months_in(&tx, q)?;
+        tx.finish()?;
+        Ok((runs, months))
     }
+}
+
+fn summaries_in(conn: &Connection, q: &HistoryQuery) -> Result<Vec<SummaryRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT record FROM summaries
+         WHERE (?1 IS NULL OR project = ?1) AND (?2 IS NULL OR branch = ?2)
+           AND created_at_ms >= ?3 AND (?4 IS NULL OR created_at_ms < ?4)
+         ORDER BY created_at_ms DESC, run_id LIMIT ?5",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            q.project,
+            q.branch,
+            clamp(q.since_ms),
+            q.until_ms.map(clamp),
+            clamp(q.limit as u64)
+        ],
+        |r| r.get::<_, Vec<u8>>(0),
+    )?;
+    rows.map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
+        .collect()
+}
+
+fn months_in(conn: &Connection, q: &HistoryQuery) -> Result<Vec<MonthRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT record FROM history_months
+         WHERE (?1 IS NULL OR project = ?1) AND (?2 IS NULL OR branch = ?2)
+         ORDER BY month_start_ms, project, branch",
+    )?;
+    let rows = stmt.query_map(params![q.project, q.branch], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for b in rows {
+        let m = codec::decode_later::<MonthRecord>(&b?)?;
+        if q.selects_month(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
 }
 
 impl Drop for SqliteStore {
@@ -445,10 +460,6 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
          CREATE TABLE IF NOT EXISTS logs (run_id TEXT PRIMARY KEY, file INTEGER NOT NULL UNIQUE);",
     )
     .map_err(corrupt)?;
-    index_summaries(conn).map_err(|e| match e {
-        StoreError::Sqlite(e) => corrupt(e),
-        e => e,
-    })?;
     let found: Option<i64> = conn
         .query_row(
             "SELECT value FROM meta WHERE key = 'format_version'",
@@ -457,7 +468,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         )
         .optional()
         .map_err(corrupt)?;
-    match found {
+    let versioned = match found {
         Some(v) if v > i64::from(FORMAT_VERSION) => Err(StoreError::NewerFormat {
             path: path.to_owned(),
             found: v,
@@ -481,7 +492,16 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             .map_err(corrupt)?;
             Ok(())
         }
-    }
+    };
+    versioned?;
+    // One transaction: a crash part way leaves the table as it was.
+    let tx = conn.unchecked_transaction().map_err(corrupt)?;
+    index_summaries(&tx).map_err(|e| match e {
+        StoreError::Sqlite(e) => corrupt(e),
+        e => e,
+    })?;
+    tx.commit().map_err(corrupt)?;
+    Ok(())
 }
 
 /// Gives the summaries table the columns history selects by (project, branch, creation
@@ -489,22 +509,27 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 /// and an earlier release writing into this one leaves the columns empty, so rows without
 /// them are filled at every start.
 fn index_summaries(conn: &Connection) -> Result<(), StoreError> {
-    let has_columns = conn
-        .prepare("SELECT 1 FROM pragma_table_info('summaries') WHERE name = 'created_at_ms'")?
-        .exists([])?;
-    if !has_columns {
-        conn.execute_batch(
-            "ALTER TABLE summaries ADD COLUMN project TEXT;
-             ALTER TABLE summaries ADD COLUMN branch TEXT;
-             ALTER TABLE summaries ADD COLUMN created_at_ms INTEGER;",
-        )?;
+    for (column, kind) in [
+        ("project", "TEXT"),
+        ("branch", "TEXT"),
+        ("created_at_ms", "INTEGER"),
+    ] {
+        let present = conn
+            .prepare("SELECT 1 FROM pragma_table_info('summaries') WHERE name = ?1")?
+            .exists([column])?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE summaries ADD COLUMN {column} {kind}"))?;
+        }
     }
     let unfilled: Vec<(String, Vec<u8>)> = conn
         .prepare("SELECT run_id, record FROM summaries WHERE created_at_ms IS NULL")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     for (run_id, record) in unfilled {
-        let s = codec::decode::<SummaryRecord>(&record)?;
+        // A summary that does not read stays out of history, not the directory out of use.
+        let Some(s) = readable(codec::decode::<SummaryRecord>(&record), "a run's summary") else {
+            continue;
+        };
         conn.execute(
             "UPDATE summaries SET project = ?2, branch = ?3, created_at_ms = ?4 WHERE run_id = ?1",
             params![run_id, s.project, s.branch, clamp(s.created_at_ms)],
@@ -733,6 +758,7 @@ fn apply(
                 .execute(params![run.run_id, codec::encode(run)])?;
         }
         Write::PutShard { run_id, .. }
+        | Write::RecordTests { run_id, .. }
         | Write::AppendDelta { run_id, .. }
         | Write::StartAttempt { run_id, .. }
         | Write::PutShardLines { run_id, .. }
@@ -824,6 +850,9 @@ fn apply(
                 ])?;
         }
         Write::DeleteRun { run_id, summary } => {
+            if summary.is_none() {
+                forget_tests_of(tx, run_id)?;
+            }
             for table in [
                 "runs",
                 "shards",
@@ -845,15 +874,19 @@ fn apply(
                 }
             }
         }
-        Write::DownSample { before_ms } => {
+        Write::DownSample {
+            before_ms,
+            tests_before_ms,
+        } => {
             down_sample(tx, *before_ms)?;
             tx.prepare_cached("DELETE FROM test_history WHERE last_seen_ms < ?1")?
-                .execute([clamp(*before_ms)])?;
+                .execute([clamp(*tests_before_ms)])?;
         }
         Write::RecordTests {
             project,
             branch,
             outcomes,
+            ..
         } => {
             let mut get = tx.prepare_cached(
                 "SELECT record FROM test_history WHERE project = ?1 AND branch = ?2 AND test = ?3",
@@ -866,8 +899,7 @@ fn apply(
                 let old = get
                     .query_row(params![project, branch, test], |r| r.get::<_, Vec<u8>>(0))
                     .optional()?
-                    .map(|b| codec::decode_later::<TestHistoryRecord>(&b))
-                    .transpose()?;
+                    .and_then(|b| readable(codec::decode_later(&b), "a test's history"));
                 let new = crate::flaky::record(old, *outcome);
                 put.execute(params![
                     project,
@@ -882,47 +914,99 @@ fn apply(
     Ok(())
 }
 
+/// A record read for history, or `None` (with a warning) when it does not read: history is
+/// derived data, and one damaged record must not stop every write of the store.
+fn readable<T>(decoded: Result<T, codec::CodecError>, what: &str) -> Option<T> {
+    decoded
+        .map_err(|e| tracing::warn!("{what} does not read ({e}); left as it is"))
+        .ok()
+}
+
+/// Takes a deleted run's outcomes out of the test histories of its branch.
+fn forget_tests_of(tx: &rusqlite::Transaction<'_>, run_id: &str) -> Result<(), StoreError> {
+    let Some(run) = tx
+        .prepare_cached("SELECT record FROM runs WHERE run_id = ?1")?
+        .query_row([run_id], |r| r.get::<_, Vec<u8>>(0))
+        .optional()?
+        .and_then(|b| readable(codec::decode::<RunRecord>(&b), "a deleted run"))
+    else {
+        return Ok(());
+    };
+    let run_key = crc32fast::hash(run_id.as_bytes());
+    let rows: Vec<(String, Vec<u8>)> = tx
+        .prepare_cached("SELECT test, record FROM test_history WHERE project = ?1 AND branch = ?2")?
+        .query_map([&run.project, &run.branch], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (test, bytes) in rows {
+        let Some(mut h) = readable(
+            codec::decode_later::<TestHistoryRecord>(&bytes),
+            "a test's history",
+        ) else {
+            continue;
+        };
+        let before = h.recent.len();
+        h.recent.retain(|r| r.run_key != run_key);
+        if h.recent.len() != before {
+            tx.prepare_cached(
+                "UPDATE test_history SET record = ?4 WHERE project = ?1 AND branch = ?2 AND test = ?3",
+            )?
+            .execute(params![run.project, run.branch, test, codec::encode(&h)])?;
+        }
+    }
+    Ok(())
+}
+
 fn down_sample(tx: &rusqlite::Transaction<'_>, before_ms: u64) -> Result<(), StoreError> {
-    let old = tx
-        .prepare_cached("SELECT record FROM summaries WHERE created_at_ms < ?1")?
-        .query_map([clamp(before_ms)], |r| r.get::<_, Vec<u8>>(0))?
-        .map(|b| Ok(codec::decode::<SummaryRecord>(&b?)?))
-        .collect::<Result<Vec<_>, StoreError>>()?;
+    // A run still held keeps its summary: it answers for itself until it expires.
+    let rows: Vec<(String, Vec<u8>)> = tx
+        .prepare_cached(
+            "SELECT run_id, record FROM summaries WHERE created_at_ms < ?1
+             AND run_id NOT IN (SELECT run_id FROM runs)",
+        )?
+        .query_map([clamp(before_ms)], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut old: Vec<(String, SummaryRecord)> = rows
+        .into_iter()
+        .filter_map(|(id, b)| Some((id, readable(codec::decode(&b), "a run's summary")?)))
+        .collect();
     if old.is_empty() {
         return Ok(());
     }
-    let mut failed = None;
-    let months = crate::history::fold_into_months(&old, |project, branch, start| {
+    // The months they fold into; a month whose record does not read keeps its runs raw.
+    let keys: std::collections::BTreeSet<(String, String, u64)> =
+        old.iter().map(|(_, s)| month_key(s)).collect();
+    let mut months = std::collections::BTreeMap::new();
+    let mut unreadable = std::collections::BTreeSet::new();
+    for key in keys {
         let found = tx
             .prepare_cached(
                 "SELECT record FROM history_months
                  WHERE project = ?1 AND branch = ?2 AND month_start_ms = ?3",
-            )
-            .and_then(|mut s| {
-                s.query_row(params![project, branch, clamp(start)], |r| {
-                    r.get::<_, Vec<u8>>(0)
-                })
-                .optional()
-            });
-        match found.map_err(StoreError::from).and_then(|b| {
-            b.map(|b| codec::decode_later::<MonthRecord>(&b).map_err(StoreError::from))
-                .transpose()
-        }) {
-            Ok(m) => m,
-            Err(e) => {
-                failed.get_or_insert(e);
-                None
+            )?
+            .query_row(params![key.0, key.1, clamp(key.2)], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()?;
+        match found.map(|b| readable(codec::decode_later::<MonthRecord>(&b), "a month's history")) {
+            Some(Some(m)) => {
+                months.insert(key, m);
             }
+            Some(None) => {
+                unreadable.insert(key);
+            }
+            None => {}
         }
-    });
-    if let Some(e) = failed {
-        return Err(e);
     }
+    old.retain(|(_, s)| !unreadable.contains(&month_key(s)));
+    let summaries: Vec<SummaryRecord> = old.iter().map(|(_, s)| s.clone()).collect();
+    let folded = crate::history::fold_into_months(&summaries, |project, branch, start| {
+        months.remove(&(project.to_owned(), branch.to_owned(), start))
+    });
     let mut put = tx.prepare_cached(
         "INSERT OR REPLACE INTO history_months (project, branch, month_start_ms, record)
          VALUES (?1, ?2, ?3, ?4)",
     )?;
-    for m in &months {
+    for m in &folded {
         put.execute(params![
             m.project,
             m.branch,
@@ -930,9 +1014,19 @@ fn down_sample(tx: &rusqlite::Transaction<'_>, before_ms: u64) -> Result<(), Sto
             codec::encode(m)
         ])?;
     }
-    tx.prepare_cached("DELETE FROM summaries WHERE created_at_ms < ?1")?
-        .execute([clamp(before_ms)])?;
+    let mut drop = tx.prepare_cached("DELETE FROM summaries WHERE run_id = ?1")?;
+    for (run_id, _) in &old {
+        drop.execute([run_id])?;
+    }
     Ok(())
+}
+
+fn month_key(s: &SummaryRecord) -> (String, String, u64) {
+    (
+        s.project.clone(),
+        s.branch.clone(),
+        crate::history::Bucket::Month.start_of(s.created_at_ms),
+    )
 }
 
 fn put_shard(

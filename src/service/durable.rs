@@ -333,18 +333,24 @@ impl CoverageService {
     /// shard reported tests. Blocking.
     pub(super) fn record_tests(&self, run: &Run) -> Result<Option<Write>, StoreError> {
         let replaced = self.shared.storage.attempts(&run.id)?;
-        let replaced: Vec<Vec<crate::model::TestCase>> = replaced
+        let replaced: Vec<(String, Vec<crate::model::TestCase>)> = replaced
             .into_iter()
-            .filter_map(|a| a.telemetry)
-            .map(|t| t.tests.iter().map(|c| c.to_model()).collect())
+            .filter_map(|a| {
+                let t = a.telemetry?;
+                Some((a.shard_id, t.tests.iter().map(|c| c.to_model()).collect()))
+            })
             .collect();
         let state = run.state();
         let current = state
             .shards
-            .values()
-            .filter_map(|s| s.telemetry.as_ref())
-            .map(|t| &t.tests[..]);
-        let outcomes = crate::flaky::run_outcomes(replaced.iter().map(|t| &t[..]).chain(current));
+            .iter()
+            .filter_map(|(id, s)| Some((id.as_str(), &s.telemetry.as_ref()?.tests[..])));
+        let outcomes = crate::flaky::run_outcomes(
+            replaced
+                .iter()
+                .map(|(id, t)| (id.as_str(), &t[..]))
+                .chain(current),
+        );
         if outcomes.is_empty() {
             return Ok(None);
         }
@@ -354,6 +360,7 @@ impl CoverageService {
         );
         let at_ms = to_ms(run.created_at);
         Ok(Some(Write::RecordTests {
+            run_id: run.id.clone(),
             project: state.params.project.clone(),
             branch: state.params.branch.clone(),
             outcomes: outcomes

@@ -218,9 +218,9 @@ fn summary(
     deltas: u64,
     t: &Option<TestTelemetry>,
 ) -> AttemptSummary {
-    let reported = t
-        .as_ref()
-        .filter(|t| !t.tests.is_empty() || t.passed + t.failed + t.skipped + t.errored > 0);
+    let reported = t.as_ref().filter(|t| {
+        !t.tests.is_empty() || t.passed + t.failed + t.skipped + t.errored + t.incomplete > 0
+    });
     AttemptSummary {
         attempt,
         current,

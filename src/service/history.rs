@@ -16,29 +16,33 @@ impl CoverageService {
         tokio::task::spawn_blocking(move || {
             let all = HistoryQuery {
                 limit: usize::MAX,
-                ..query.clone()
+                ..query
             };
-            let mut runs = service.shared.storage.summaries(&all)?;
-            // A run that just completed may not be compacted yet (that writes its summary):
-            // its live summary stands for it.
-            let mut live = service.complete_summaries(&all);
-            runs.retain(|s| !live.iter().any(|l| l.run_id == s.run_id));
+            // A run that just completed may not be compacted yet (that stores its summary):
+            // its live summary stands for it. Read first: a run compacted meanwhile is then
+            // in both, and counted once.
+            let mut live = service.uncompacted_summaries(&all);
+            let (mut runs, months) = service.shared.storage.history(&all)?;
+            let ids: std::collections::HashSet<&str> =
+                live.iter().map(|s| s.run_id.as_str()).collect();
+            runs.retain(|s| !ids.contains(s.run_id.as_str()));
             runs.append(&mut live);
-            let months = service.shared.storage.months(&query)?;
             Ok(crate::history::trend(bucket, &runs, &months))
         })
         .await
         .map_err(|e| Error::Unavailable(format!("reading history failed: {e}")))?
     }
 
-    /// The summaries of the complete runs the daemon holds that `query` selects.
-    fn complete_summaries(&self, query: &HistoryQuery) -> Vec<SummaryRecord> {
+    /// The summaries of the complete runs the daemon holds that `query` selects and that are
+    /// not compacted yet (compaction stores the summary).
+    fn uncompacted_summaries(&self, query: &HistoryQuery) -> Vec<SummaryRecord> {
         let runs: Vec<_> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
         runs.into_iter()
             .filter(|r| {
                 let state = r.state();
                 let at = super::durable::to_ms(r.created_at);
                 state.is_complete()
+                    && !r.compacted.load(std::sync::atomic::Ordering::Acquire)
                     && query.selects(&state.params.project, &state.params.branch, at)
             })
             .map(|r| super::durable::summary(&r.status()))
@@ -54,12 +58,16 @@ impl CoverageService {
             .map_err(|e| Error::Unavailable(format!("reading history failed: {e}")))?
     }
 
-    /// Folds the summaries of runs created before `before_ms` into their months.
-    pub async fn down_sample(&self, before_ms: u64) -> Result<()> {
+    /// Folds the summaries of runs created before `before_ms` (whose raw data is gone) into
+    /// their months, and forgets tests last seen before `tests_before_ms`.
+    pub async fn down_sample(&self, before_ms: u64, tests_before_ms: u64) -> Result<()> {
         Ok(self
             .shared
             .storage
-            .write(vec![Write::DownSample { before_ms }])
+            .write(vec![Write::DownSample {
+                before_ms,
+                tests_before_ms,
+            }])
             .await?)
     }
 }

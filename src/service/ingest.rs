@@ -257,15 +257,25 @@ impl CoverageService {
                     // Its deltas are still in the log until the write below drops them.
                     let (service, run) = (self.clone(), run.clone());
                     let attempt = (kept.shard_id.clone(), kept.attempt, kept.last_seq);
-                    let lines =
+                    let read =
                         tokio::task::spawn_blocking(move || service.shard_lines(&run, &attempt))
-                            .await
-                            .map_err(|e| {
-                                Error::Unavailable(format!(
-                                    "reading the replaced attempt failed: {e}"
-                                ))
-                            })??;
-                    kept.lines = codec::encode_shard_lines(lines.iter().map(|(p, l)| (&**p, l)));
+                            .await;
+                    // The new attempt goes on whatever happens here: the old one's lines only
+                    // serve to compare the two.
+                    match read {
+                        Ok(Ok(lines)) => {
+                            kept.lines =
+                                codec::encode_shard_lines(lines.iter().map(|(p, l)| (&**p, l)));
+                        }
+                        Ok(Err(e)) => tracing::warn!(
+                            shard = %kept.shard_id,
+                            "the replaced attempt's lines do not read ({e}); its results are kept without them"
+                        ),
+                        Err(e) => tracing::warn!(
+                            shard = %kept.shard_id,
+                            "reading the replaced attempt's lines failed ({e}); its results are kept without them"
+                        ),
+                    }
                     Some(kept)
                 }
                 kept => kept,

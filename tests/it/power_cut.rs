@@ -154,11 +154,17 @@ impl Storage for PowerCut {
         self.disk.summaries(query)
     }
 
-    fn months(
+    fn history(
         &self,
         query: &covd::persist::HistoryQuery,
-    ) -> Result<Vec<covd::persist::MonthRecord>, StoreError> {
-        self.disk.months(query)
+    ) -> Result<
+        (
+            Vec<covd::persist::SummaryRecord>,
+            Vec<covd::persist::MonthRecord>,
+        ),
+        StoreError,
+    > {
+        self.disk.history(query)
     }
 
     fn attempts(&self, run_id: &str) -> Result<Vec<covd::persist::AttemptRecord>, StoreError> {

@@ -113,6 +113,7 @@ every_backend!(
     a_daemon_refuses_a_delta_beyond_the_cap,
     expired_runs_keep_their_summary,
     history_selects_and_folds_old_runs_into_months,
+    test_histories_follow_their_runs,
     complete_runs_leave_memory_and_still_answer,
     a_push_keeps_its_attempt_across_a_restart,
     shutdown_ends_open_streams_so_clients_resume,
@@ -768,6 +769,13 @@ fn dated(run_id: &str, branch: &str, at: u64, covered: u64) -> SummaryRecord {
     }
 }
 
+fn down_sample(before_ms: u64) -> Write {
+    Write::DownSample {
+        before_ms,
+        tests_before_ms: 0,
+    }
+}
+
 /// Summaries are selected by project, branch and time; down-sampling folds those before the
 /// cutoff into their months and drops them, in one write, and a second pass changes nothing.
 async fn history_selects_and_folds_old_runs_into_months(make: Make) {
@@ -793,6 +801,19 @@ async fn history_selects_and_folds_old_runs_into_months(make: Make) {
             })
             .collect();
         write(&*storage, writes).await;
+        // A run still held (its retention is longer than full history) keeps its summary.
+        let held = dated("jan-held", "main", JAN_15 + 3 * DAY, 30);
+        write(
+            &*storage,
+            vec![
+                Write::DeleteRun {
+                    run_id: "jan-held".into(),
+                    summary: Some(held),
+                },
+                Write::PutRun(run("jan-held")),
+            ],
+        )
+        .await;
         let main = HistoryQuery {
             project: Some("acme/shop".into()),
             branch: Some("main".into()),
@@ -807,27 +828,30 @@ async fn history_selects_and_folds_old_runs_into_months(make: Make) {
                 .map(|s| s.run_id)
                 .collect()
         };
-        assert_eq!(ids(&main), ["feb-a", "jan-b", "jan-a"]);
+        assert_eq!(ids(&main), ["feb-a", "jan-held", "jan-b", "jan-a"]);
         let january = HistoryQuery {
             since_ms: JAN_15 + 1,
             until_ms: Some(feb_1),
             ..main.clone()
         };
-        assert_eq!(ids(&january), ["jan-b"]);
+        assert_eq!(ids(&january), ["jan-held", "jan-b"]);
         let every_branch = HistoryQuery {
             branch: None,
             ..main.clone()
         };
-        assert_eq!(ids(&every_branch), ["feb-a", "jan-dev", "jan-b", "jan-a"]);
+        assert_eq!(
+            ids(&every_branch),
+            ["feb-a", "jan-held", "jan-dev", "jan-b", "jan-a"]
+        );
 
-        write(&*storage, vec![Write::DownSample { before_ms: feb_1 }]).await;
-        assert_eq!(ids(&every_branch), ["feb-a"]);
-        assert_eq!(ids(&HistoryQuery::latest(10)), ["feb-a"]);
+        write(&*storage, vec![down_sample(feb_1)]).await;
+        assert_eq!(ids(&every_branch), ["feb-a", "jan-held"]);
+        assert_eq!(ids(&HistoryQuery::latest(10)), ["feb-a", "jan-held"]);
     }
     // Kept across a restart; a second pass over the same cutoff changes nothing.
     let storage = backend.open();
-    write(&*storage, vec![Write::DownSample { before_ms: feb_1 }]).await;
-    let months = storage.months(&HistoryQuery::latest(10)).unwrap();
+    write(&*storage, vec![down_sample(feb_1)]).await;
+    let months = storage.history(&HistoryQuery::latest(10)).unwrap().1;
     let got: Vec<_> = months
         .iter()
         .map(|m| (m.project.as_str(), m.branch.as_str(), m.runs))
@@ -857,14 +881,95 @@ async fn history_selects_and_folds_old_runs_into_months(make: Make) {
         limit: 10,
     };
     assert_eq!(
-        storage.months(&late_january).unwrap(),
+        storage.history(&late_january).unwrap().1,
         std::slice::from_ref(main)
     );
     let march = HistoryQuery {
         since_ms: feb_1 + 40 * DAY,
         ..late_january
     };
-    assert!(storage.months(&march).unwrap().is_empty());
+    assert!(storage.history(&march).unwrap().1.is_empty());
+}
+
+/// A run's test outcomes join the histories only while the run is stored, and leave them
+/// when it is deleted; down-sampling forgets tests last seen before its cutoff.
+async fn test_histories_follow_their_runs(make: Make) {
+    use covd::persist::{TestOutcome, TestRunOutcome};
+    let backend = make(None);
+    let storage = backend.open();
+    let outcome = |run: &str, at: u64, o: TestOutcome| TestRunOutcome {
+        run_key: crc32fast::hash(run.as_bytes()),
+        commit_key: 1,
+        at_ms: at,
+        outcome: o as i32,
+    };
+    let record = |run: &str, tests: &[(&str, u64, TestOutcome)]| Write::RecordTests {
+        run_id: run.into(),
+        project: "acme/shop".into(),
+        branch: "main".into(),
+        outcomes: tests
+            .iter()
+            .map(|(t, at, o)| (t.to_string(), outcome(run, *at, *o)))
+            .collect(),
+    };
+    let on_main = |id: &str| RunRecord {
+        branch: "main".into(),
+        ..run(id)
+    };
+    write(
+        &*storage,
+        vec![Write::PutRun(on_main("r1")), Write::PutRun(on_main("r2"))],
+    )
+    .await;
+    write(
+        &*storage,
+        vec![
+            record(
+                "r1",
+                &[
+                    ("t::a", 100, TestOutcome::Failed),
+                    ("t::old", 50, TestOutcome::Passed),
+                ],
+            ),
+            record("r2", &[("t::a", 200, TestOutcome::Passed)]),
+            // A run that is not stored (deleted meanwhile): dropped.
+            record("gone", &[("t::a", 300, TestOutcome::Failed)]),
+        ],
+    )
+    .await;
+    let a = |storage: &dyn Storage| -> Vec<i32> {
+        let histories = storage.test_histories("acme/shop", "main").unwrap();
+        let (_, h) = histories.iter().find(|(t, _)| t == "t::a").unwrap();
+        h.recent.iter().map(|r| r.outcome).collect()
+    };
+    assert_eq!(
+        a(&*storage),
+        [TestOutcome::Failed as i32, TestOutcome::Passed as i32]
+    );
+    write(
+        &*storage,
+        vec![Write::DeleteRun {
+            run_id: "r1".into(),
+            summary: None,
+        }],
+    )
+    .await;
+    assert_eq!(a(&*storage), [TestOutcome::Passed as i32]);
+    write(
+        &*storage,
+        vec![Write::DownSample {
+            before_ms: 0,
+            tests_before_ms: 60,
+        }],
+    )
+    .await;
+    let tests: Vec<String> = storage
+        .test_histories("acme/shop", "main")
+        .unwrap()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(tests, ["t::a"]);
 }
 
 async fn shutdown_ends_open_streams_so_clients_resume(make: Make) {
@@ -1024,4 +1129,56 @@ async fn a_push_keeps_its_attempt_across_a_restart(make: Make) {
         .unwrap();
     assert_eq!(resume.last_seq, 2);
     daemon.stop().await.unwrap();
+}
+
+/// A directory from before history has a summaries table without the columns history selects
+/// by (or, opened by this release and then written by an earlier one, rows with them empty):
+/// opening fills them from the records, and history finds those runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_from_before_history_are_found_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("covd.sqlite3");
+    let main = HistoryQuery {
+        project: Some("acme/shop".into()),
+        branch: Some("main".into()),
+        limit: 10,
+        ..HistoryQuery::default()
+    };
+    let ids = |storage: &SqliteStore| -> Vec<String> {
+        storage
+            .summaries(&main)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.run_id)
+            .collect()
+    };
+    {
+        let storage = SqliteStore::open(dir.path()).unwrap();
+        let writes = ["old", "older"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Write::DeleteRun {
+                run_id: id.to_string(),
+                summary: Some(dated(id, "main", JAN_15 - i as u64 * DAY, 10)),
+            })
+            .collect();
+        write(&storage, writes).await;
+        assert_eq!(ids(&storage), ["old", "older"]);
+    }
+    for damage in [
+        // Two of the three columns missing, as in no release, but possible mid-way.
+        "DROP INDEX summaries_by_time; DROP INDEX summaries_by_age;
+         ALTER TABLE summaries DROP COLUMN branch;
+         ALTER TABLE summaries DROP COLUMN created_at_ms;",
+        // The columns there, one row written without them.
+        "UPDATE summaries SET project = NULL, branch = NULL, created_at_ms = NULL
+         WHERE run_id = 'older';",
+    ] {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(damage)
+            .unwrap();
+        let storage = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(ids(&storage), ["old", "older"], "after {damage}");
+    }
 }
