@@ -1,5 +1,5 @@
 //! The daemon's HTTP port, beside the gRPC one (`covd serve --http-listen`, loopback by
-//! default): Prometheus metrics at `/metrics`.
+//! default): Prometheus metrics at `/metrics`, and the dashboard (see [`crate::dashboard`]).
 
 use axum::Router;
 use axum::extract::State;
@@ -15,11 +15,18 @@ use crate::service::CoverageService;
 pub(crate) async fn serve(
     listener: TcpListener,
     service: CoverageService,
+    privacy: std::sync::Arc<crate::privacy::Privacy>,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let dashboard = crate::dashboard::routes(crate::dashboard::Api {
+        service: service.clone(),
+        privacy,
+        stopping: stopping.clone(),
+    });
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(service);
+        .with_state(service)
+        .merge(dashboard);
     let stop = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };

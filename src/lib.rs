@@ -27,6 +27,7 @@
 //! - [`rpc`]: the gRPC edge: generated code, the one-pass reader of incoming deltas
 //!   (`rpc/delta.rs`), the message codec, conversions with validation, error → status.
 //! - [`privacy`]: project names kept plain, as keyed pseudonyms, or not at all.
+//! - `dashboard`: the web dashboard on the HTTP port (its JSON API and compiled-in assets).
 //! - [`server`]: wiring, limits, health and reflection, shutdown.
 //! - [`client`]: the typed client the CLI and tests use.
 //!
@@ -35,6 +36,7 @@
 pub mod aggregate;
 pub mod ci;
 pub mod client;
+mod dashboard;
 pub mod diff;
 pub mod flaky;
 pub mod formats;

@@ -135,6 +135,8 @@ pub async fn run_on(
     ready: tokio::sync::oneshot::Sender<Ready>,
 ) -> Result<(), ServerError> {
     let service = open_service(&settings, storage).await?;
+    let privacy = Arc::new(privacy(&settings)?);
+    tracing::info!("project names are kept {:?}", privacy.policy());
     let (stop, stopping) = watch::channel(false);
     let (http, http_task) = match settings.http_listen {
         Some(addr) => {
@@ -145,14 +147,13 @@ pub async fn run_on(
             let task = tokio::spawn(crate::http::serve(
                 listener,
                 service.clone(),
+                privacy.clone(),
                 stopping.clone(),
             ));
             (bound, Some(AbortOnDrop(task)))
         }
         None => (None, None),
     };
-    let privacy = Arc::new(privacy(&settings)?);
-    tracing::info!("project names are kept {:?}", privacy.policy());
     let coverage =
         CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone(), privacy))
             .max_decoding_message_size(settings.max_message_bytes)

@@ -201,6 +201,13 @@ fn main() {
             ),
         }
     });
+    for (i, (page, _)) in durable.dashboard.iter().enumerate() {
+        row(&format!("dashboard: {page}"), &|f| {
+            f.dashboard.get(i).map_or("none".to_owned(), |(_, t)| {
+                format!("{:.1} ms", t.as_secs_f64() * 1e3)
+            })
+        });
+    }
     if let Some(m) = &memory {
         println!(
             "  durable / in-memory ingest throughput: {:.2}",
@@ -277,6 +284,67 @@ struct Figures {
     merged: PathBuf,
     /// `/metrics` scrapes during the ingest: each one's time.
     scrapes: Vec<Duration>,
+    /// The dashboard's pages of the complete run, as the browser reads them: each one's
+    /// median time of 5 reads.
+    dashboard: Vec<(&'static str, Duration)>,
+}
+
+/// The dashboard's pages of the complete run `run`: the runs list, the run page (the run with
+/// its shards, and its top directory), the directory of the first file of the merged LCOV, and
+/// that file's page. Each is the median of 5 reads of its API answers, the daemon's server time
+/// plus a loopback connection.
+fn dashboard_times(run: &str, merged: &Path) -> Vec<(&'static str, Duration)> {
+    let Some(metrics) = daemon::metrics_url() else {
+        return Vec::new();
+    };
+    let base = metrics.trim_end_matches("/metrics").to_owned();
+    let lcov = std::fs::read_to_string(merged).unwrap_or_default();
+    let Some(file) = lcov.lines().find_map(|l| l.strip_prefix("SF:")) else {
+        return Vec::new();
+    };
+    let dir = file.rsplit_once('/').map_or("", |(d, _)| d);
+    let q = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let pages: [(&'static str, Vec<String>); 4] = [
+        ("runs list", vec![format!("{base}/api/runs")]),
+        (
+            "run page (run + top directory)",
+            vec![
+                format!("{base}/api/runs/{run}"),
+                format!("{base}/api/runs/{run}/dir?path="),
+            ],
+        ),
+        (
+            "a directory of files",
+            vec![format!("{base}/api/runs/{run}/dir?path={}", q(dir))],
+        ),
+        (
+            "a file page",
+            vec![format!("{base}/api/runs/{run}/file?path={}", q(file))],
+        ),
+    ];
+    pages
+        .into_iter()
+        .map(|(name, urls)| {
+            let mut took: Vec<Duration> = (0..5)
+                .map(|_| {
+                    urls.iter()
+                        .map(|u| daemon::time_get(u).unwrap_or_else(|| panic!("GET {u} failed")))
+                        .sum()
+                })
+                .collect();
+            took.sort_unstable();
+            (name, took[2])
+        })
+        .collect()
 }
 
 /// What one push of every shard measured.
@@ -317,6 +385,7 @@ fn round(
     ));
     let peak_kb = daemon::peak_rss_kb(pid);
     let end_kb = daemon::status_kb(pid, "VmRSS:");
+    let dashboard = dashboard_times("bench", &merged);
     if std::env::var("COVD_BENCH_WRAP").is_ok_and(|w| w.contains("massif")) {
         // Likewise for massif: every snapshot so far, the peak's in detail.
         let _ = Command::new("vgdb")
@@ -375,6 +444,7 @@ fn round(
         end_kb,
         totals: pushed.totals,
         scrapes: pushed.scrapes,
+        dashboard,
         recovery,
         merged,
     }

@@ -212,6 +212,22 @@ impl CoverageService {
         Ok(self.run(run_id)?.subscribe())
     }
 
+    /// A value that changes whenever a run is opened, changes or goes (for the dashboard's
+    /// live updates: cheap enough to read a few times a second).
+    pub fn runs_fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut all: Vec<(String, u64)> = self
+            .shared
+            .runs
+            .iter()
+            .map(|e| (e.key().clone(), *e.value().subscribe().borrow()))
+            .collect();
+        all.sort_unstable();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        all.hash(&mut h);
+        h.finish()
+    }
+
     /// Runs, newest first: at most `limit`, or `--runs-listed` when `limit` is 0 or more.
     pub fn list_runs(&self, limit: usize, project: Option<&str>) -> Vec<RunStatus> {
         let most = self.shared.limits.runs_listed;

@@ -23,9 +23,13 @@ impl CoverageService {
         })
     }
 
-    /// Totals of `dir` (empty for the root) and of each direct child.
+    /// Totals of `dir` (empty for the root; `/` for the root of absolute paths) and of each
+    /// direct child.
     pub async fn directory(&self, run_id: &str, dir: &str) -> Result<DirectorySummary> {
-        let dir = dir.trim_end_matches('/');
+        let dir = match dir.trim_end_matches('/') {
+            "" if dir.starts_with('/') => "/",
+            trimmed => trimmed,
+        };
         let files = self
             .read(run_id, "the directory", |a| {
                 a.file_totals(&PathFilter::default())
@@ -37,6 +41,11 @@ impl CoverageService {
         for (path, totals) in files {
             let rest = if dir.is_empty() {
                 &*path
+            } else if dir == "/" {
+                match path.strip_prefix('/') {
+                    Some(rest) => rest,
+                    None => continue,
+                }
             } else {
                 match path.strip_prefix(dir).and_then(|r| r.strip_prefix('/')) {
                     Some(rest) => rest,
@@ -50,10 +59,10 @@ impl CoverageService {
                 Some(i) => (&rest[..i], true),
                 None => (rest, false),
             };
-            let full: Arc<str> = if dir.is_empty() {
-                child.into()
-            } else {
-                format!("{dir}/{child}").into()
+            let full: Arc<str> = match dir {
+                "" => child.into(),
+                "/" => format!("/{child}").into(),
+                _ => format!("{dir}/{child}").into(),
             };
             *children.entry((!is_dir, full)).or_default() += totals;
         }

@@ -9,6 +9,7 @@ mod cobertura_dtd;
 mod consumers;
 mod corpus;
 mod cross_format;
+mod dashboard;
 mod differential;
 mod durability;
 mod export;
