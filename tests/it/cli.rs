@@ -95,6 +95,17 @@ impl Served {
         self.child.wait().unwrap();
     }
 
+    /// Runs `covd ARGS` against this daemon; it must succeed. Its standard output.
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
+        let out = self.covd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "covd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     pub(crate) fn covd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(COVD);
         c.args(args).env("COVD_SERVER", &self.url);

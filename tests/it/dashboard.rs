@@ -122,15 +122,6 @@ async fn screenshot(c: &Client, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
-fn covd_ok(served: &Served, args: &[&str]) {
-    let out = served.covd(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_follows_a_run_live_and_navigates_to_a_file() {
     let served = tokio::task::block_in_place(Served::start);
@@ -159,13 +150,10 @@ async fn the_dashboard_follows_a_run_live_and_navigates_to_a_file() {
         args.extend(meta);
         let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         args.extend(files.iter().map(String::as_str));
-        tokio::task::block_in_place(|| covd_ok(&served, &args));
+        tokio::task::block_in_place(|| served.ok(&args));
     };
     tokio::task::block_in_place(|| {
-        covd_ok(
-            &served,
-            &[&["open", "--run", "live-1", "--shards", "3"], &meta[..]].concat(),
-        )
+        served.ok(&[&["open", "--run", "live-1", "--shards", "3"], &meta[..]].concat())
     });
     push(
         "0",

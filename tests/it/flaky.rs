@@ -40,34 +40,21 @@ fn lcov(dir: &Path, name: &str, lines: &[(u32, u32)]) -> PathBuf {
     path
 }
 
-fn ok(served: &Served, args: &[&str]) -> String {
-    let out = served.covd(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Opens a run of shards 0 and 1; the tests retry shard 0 while shard 1 runs.
 fn open(served: &Served, run: &str, commit: &str) {
-    ok(
-        served,
-        &[
-            "open",
-            "--run",
-            run,
-            "--shards",
-            "2",
-            "--project",
-            "acme/shop",
-            "--branch",
-            "main",
-            "--commit",
-            commit,
-        ],
-    );
+    served.ok(&[
+        "open",
+        "--run",
+        run,
+        "--shards",
+        "2",
+        "--project",
+        "acme/shop",
+        "--branch",
+        "main",
+        "--commit",
+        commit,
+    ]);
 }
 
 fn push(served: &Served, run: &str, attempt: u32, files: &[&Path]) {
@@ -92,11 +79,11 @@ fn push_shard(served: &Served, run: &str, shard: &str, attempt: u32, files: &[&P
         &attempt,
     ];
     args.extend(files.iter().map(|p| p.to_str().unwrap()));
-    ok(served, &args);
+    served.ok(&args);
 }
 
 fn json(served: &Served, args: &[&str]) -> Value {
-    serde_json::from_str(&ok(served, &[args, &["--format", "json"]].concat())).unwrap()
+    serde_json::from_str(&served.ok(&[args, &["--format", "json"]].concat())).unwrap()
 }
 
 fn standing<'a>(tests: &'a Value, test: &str) -> &'a Value {
@@ -169,7 +156,7 @@ fn flaky_broken_and_infrastructure_failures_are_told_apart() {
         diff["only_in_against"],
         serde_json::json!([{"path": "a.c", "lines": [5]}])
     );
-    let text = ok(&served, &["flaky", "--run", "r1"]);
+    let text = served.ok(&["flaky", "--run", "r1"]);
     assert!(
         text.contains("flipped: t::x (failed in attempt 1, passed in 2)"),
         "{text}"
@@ -260,10 +247,7 @@ fn flaky_broken_and_infrastructure_failures_are_told_apart() {
         ),
         tests
     );
-    let text = ok(
-        &served,
-        &["flaky", "--project", "acme/shop", "--branch", "main"],
-    );
+    let text = served.ok(&["flaky", "--project", "acme/shop", "--branch", "main"]);
     assert!(
         text.starts_with("broken  failed 3 of the last 4 runs"),
         "{text}"

@@ -43,16 +43,7 @@ fn old(run_id: &str, branch: &str, at: u64, covered: u64, failed: u64) -> Summar
 }
 
 fn history(served: &Served, args: &[&str]) -> Value {
-    let out = served
-        .covd(&[&["history", "--format", "json"], args].concat())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&served.ok(&[&["history", "--format", "json"], args].concat())).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,15 +77,7 @@ async fn runs_become_trends_and_old_months_are_down_sampled() {
 
     // Two runs of this week, pushed with their test results.
     for run in ["now-1", "now-2"] {
-        let ok = |args: &[&str]| {
-            let out = served.covd(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ok(&[
+        served.ok(&[
             "open",
             "--run",
             run,
@@ -109,7 +92,7 @@ async fn runs_become_trends_and_old_months_are_down_sampled() {
             fixture("gcc-lcov/shard1.info"),
             fixture("junit/pytest-junit.xml"),
         );
-        ok(&[
+        served.ok(&[
             "push",
             "--fail-on-error",
             "--run",

@@ -7,61 +7,45 @@ use serde_json::Value;
 use crate::cli::Served;
 use crate::support::fixture;
 
-fn ok(served: &Served, args: &[&str]) -> String {
-    let out = served.covd(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Opens and completes a one-shard run of `project`.
 fn run(served: &Served, run: &str, project: &str, extra: &[&str]) {
     let info = fixture("gcc-lcov/shard1.info");
-    ok(
-        served,
+    served.ok(&[
         &[
-            &[
-                "open",
-                "--run",
-                run,
-                "--shards",
-                "1",
-                "--project",
-                project,
-                "--branch",
-                "main",
-            ],
-            extra,
-        ]
-        .concat(),
-    );
-    ok(
-        served,
+            "open",
+            "--run",
+            run,
+            "--shards",
+            "1",
+            "--project",
+            project,
+            "--branch",
+            "main",
+        ],
+        extra,
+    ]
+    .concat());
+    served.ok(&[
         &[
-            &[
-                "push",
-                "--run",
-                run,
-                "--shard",
-                "0",
-                "--project",
-                project,
-                "--branch",
-                "main",
-            ],
-            extra,
-            &[info.to_str().unwrap()],
-        ]
-        .concat(),
-    );
+            "push",
+            "--run",
+            run,
+            "--shard",
+            "0",
+            "--project",
+            project,
+            "--branch",
+            "main",
+        ],
+        extra,
+        &[info.to_str().unwrap()],
+    ]
+    .concat());
 }
 
 /// The project line of `covd status`.
 fn project_of(served: &Served, run: &str) -> String {
-    let status = ok(served, &["status", "--run", run]);
+    let status = served.ok(&["status", "--run", run]);
     let line = status
         .lines()
         .find(|l| l.trim_start().starts_with("project"))
@@ -70,10 +54,7 @@ fn project_of(served: &Served, run: &str) -> String {
 }
 
 fn history_runs(served: &Served, project: &str) -> u64 {
-    let out = ok(
-        served,
-        &["history", "--project", project, "--format", "json"],
-    );
+    let out = served.ok(&["history", "--project", project, "--format", "json"]);
     let h: Value = serde_json::from_str(&out).unwrap();
     h["buckets"]
         .as_array()
@@ -98,7 +79,7 @@ fn a_daemon_that_keeps_pseudonyms_never_stores_the_name() {
     // Queries may name it plainly, or by its pseudonym.
     assert_eq!(history_runs(&served, "acme/secret-shop"), 2);
     assert_eq!(history_runs(&served, &kept), 2);
-    let listed = ok(&served, &["runs"]);
+    let listed = served.ok(&["runs"]);
     assert!(!listed.contains("secret-shop"), "{listed}");
 
     // Nothing in the data directory holds the name.
@@ -148,7 +129,7 @@ fn a_client_may_ask_for_stricter_never_for_less() {
     let kept = project_of(&served, "hidden");
     assert!(kept.starts_with("acme/") && kept != "acme/shop", "{kept}");
     run(&served, "none", "acme/shop", &["--project-as", "anonymous"]);
-    let status = ok(&served, &["status", "--run", "none"]);
+    let status = served.ok(&["status", "--run", "none"]);
     assert!(!status.contains("acme"), "{status}");
 
     // A daemon that keeps no names keeps none, whatever the client asks.
@@ -158,7 +139,7 @@ fn a_client_may_ask_for_stricter_never_for_less() {
         &["--project-names", "anonymous"],
     );
     run(&anonymous, "r", "acme/shop", &["--project-as", "plain"]);
-    let status = ok(&anonymous, &["status", "--run", "r"]);
+    let status = anonymous.ok(&["status", "--run", "r"]);
     assert!(!status.contains("acme"), "{status}");
     // A key file too short is refused at start, naming the file.
     let dir = tempfile::tempdir().unwrap();
