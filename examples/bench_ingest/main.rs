@@ -27,6 +27,8 @@ mod reference;
 
 #[path = "../common/bench_data.rs"]
 mod bench_data;
+#[path = "../common/browser.rs"]
+mod browser;
 #[path = "../common/daemon.rs"]
 mod daemon;
 
@@ -347,6 +349,64 @@ fn dashboard_times(run: &str, merged: &Path) -> Vec<(&'static str, Duration)> {
         .collect()
 }
 
+/// The time from navigation to a usable page in headless Chromium (the run page once its
+/// shards and top directory are shown; a file page once its lines are), from the page's own
+/// clock (`performance.now()`), the median of 3 loads each. None without Chromium.
+async fn browser_times(run: &str, merged: &Path) -> Vec<(&'static str, Duration)> {
+    let Some(metrics) = daemon::metrics_url() else {
+        return Vec::new();
+    };
+    if !browser::installed() {
+        println!("  (no Chromium: the browser's times are not measured)");
+        return Vec::new();
+    }
+    let base = metrics.trim_end_matches("/metrics").to_owned();
+    let lcov = std::fs::read_to_string(merged).unwrap_or_default();
+    let Some(file) = lcov.lines().find_map(|l| l.strip_prefix("SF:")) else {
+        return Vec::new();
+    };
+    let file = file.replace('%', "%25").replace('/', "%2F");
+    let driver = browser::Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let c = driver.browser(profile.path()).await;
+    let mut out = Vec::new();
+    for (name, page, ready) in [
+        (
+            "run page, usable in Chromium",
+            format!("{base}/#/run/{run}"),
+            "#tree tbody tr",
+        ),
+        (
+            "file page, usable in Chromium",
+            format!("{base}/#/run/{run}/file/{file}"),
+            "#lines .line",
+        ),
+    ] {
+        let mut took = Vec::new();
+        for _ in 0..3 {
+            c.goto("about:blank").await.unwrap();
+            c.goto(&page).await.unwrap();
+            c.wait()
+                .at_most(Duration::from_secs(30))
+                .every(Duration::from_millis(5))
+                .for_element(fantoccini::Locator::Css(ready))
+                .await
+                .unwrap_or_else(|e| panic!("{page}: {ready} never shown: {e}"));
+            let ms = c
+                .execute("return performance.now();", vec![])
+                .await
+                .unwrap()
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            took.push(Duration::from_secs_f64(ms / 1e3));
+        }
+        took.sort_unstable();
+        out.push((name, took[1]));
+    }
+    let _ = c.close().await;
+    out
+}
+
 /// What one push of every shard measured.
 struct Pushed {
     ingest: Duration,
@@ -385,7 +445,8 @@ fn round(
     ));
     let peak_kb = daemon::peak_rss_kb(pid);
     let end_kb = daemon::status_kb(pid, "VmRSS:");
-    let dashboard = dashboard_times("bench", &merged);
+    let mut dashboard = dashboard_times("bench", &merged);
+    dashboard.extend(runtime.block_on(browser_times("bench", &merged)));
     if std::env::var("COVD_BENCH_WRAP").is_ok_and(|w| w.contains("massif")) {
         // Likewise for massif: every snapshot so far, the peak's in detail.
         let _ = Command::new("vgdb")

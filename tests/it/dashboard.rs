@@ -4,97 +4,20 @@
 //! into a directory and a file and checks what they show, and opens the trends and flaky pages.
 //! Screenshots go to `target/dashboard/`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
+
+#[path = "../../examples/common/browser.rs"]
+mod browser;
+use browser::Driver;
 
 use crate::cli::Served;
 use crate::support::fixture;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-
 /// How long the page may take to show what the daemon already has.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// chromedriver on a loopback port of its choosing; killed when dropped.
-struct Driver {
-    child: Child,
-    url: String,
-}
-
-impl Driver {
-    fn start() -> Driver {
-        crate::consumers::tools(); // installs Chromium when it is missing, or fails saying how
-        for program in [CHROMIUM, CHROMEDRIVER] {
-            assert!(
-                Path::new(program).exists(),
-                "{program} is missing: install Debian's chromium and chromium-driver \
-                 (.ci/run does)"
-            );
-        }
-        let mut child = Command::new(CHROMEDRIVER)
-            .args(["--port=0", "--allowed-ips=127.0.0.1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // It names its port once it listens: no waiting by the clock.
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let port = loop {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "chromedriver stopped before it listened"
-            );
-            if let Some(rest) = line.split("started successfully on port ").nth(1) {
-                break rest.trim().trim_end_matches('.').to_owned();
-            }
-        };
-        // Keep reading its output, so that it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while out.read_line(&mut sink).unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        Driver {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn browser(driver: &Driver, profile: &Path) -> Client {
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
-            "binary": CHROMIUM,
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1300,1000", format!("--user-data-dir={}", profile.display()),
-            ],
-        }),
-    );
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&driver.url)
-        .await
-        .expect("a Chromium session through chromedriver")
-}
 
 /// The text of the first element `css` selects, once it satisfies `ok` (polling the page:
 /// what is awaited is the page's own update, not a port).
@@ -126,9 +49,10 @@ async fn screenshot(c: &Client, name: &str) {
 async fn the_dashboard_follows_a_run_live_and_navigates_to_a_file() {
     let served = tokio::task::block_in_place(Served::start);
     let base = served.metrics.trim_end_matches("/metrics").to_owned();
+    crate::consumers::tools(); // installs Chromium when it is missing, or fails saying how
     let driver = tokio::task::block_in_place(Driver::start);
     let profile = tempfile::tempdir().unwrap();
-    let c = browser(&driver, profile.path()).await;
+    let c = driver.browser(profile.path()).await;
 
     let meta = [
         "--project",
