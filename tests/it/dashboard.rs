@@ -102,8 +102,13 @@ async fn the_dashboard_follows_a_run_live_and_navigates_to_a_file() {
     screenshot(&c, "1-runs-waiting").await;
 
     // Two more shards finish; the page follows without a reload.
+    // The keyboard's place is on the run's link; live updates keep it there.
     let marker = c
-        .execute("window.__not_reloaded = true; return 1;", vec![])
+        .execute(
+            "window.__not_reloaded = true; \
+             document.querySelector(\"#runs tr[data-run='live-1'] a\").focus(); return 1;",
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(marker, serde_json::json!(1));
@@ -112,6 +117,14 @@ async fn the_dashboard_follows_a_run_live_and_navigates_to_a_file() {
         t.starts_with("2 of 3 finished")
     })
     .await;
+    let focused = c
+        .execute(
+            "return document.activeElement && document.activeElement.getAttribute('href');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(focused, serde_json::json!("#/run/live-1"), "focus lost");
     push("2", &[fixture("gcc-lcov/shard3.info")]);
     text_when(&c, &format!("{row} .badge"), "the complete run", |t| {
         t == "complete"

@@ -390,9 +390,19 @@ async function render(focus) {
     content = [el("h1", {}, "Not available"), el("p", { class: "muted" }, e.message)];
   }
   if (ticket !== rendering) return; // a later render won
+  // A live update must not take the keyboard's place away: the link or control that had the
+  // focus gets it back in the new content (found by its address or name).
+  const had = document.activeElement;
+  const key = had && main.contains(had) ? (had.getAttribute("href") || had.getAttribute("name")) : null;
   main.replaceChildren(...content);
   document.title = `covd · ${main.querySelector("h1")?.textContent || ""}`;
-  if (focus) main.focus();
+  if (focus) {
+    main.focus();
+  } else if (key) {
+    const again = [...main.querySelectorAll("a[href], [name]")].find(
+      (e) => (e.getAttribute("href") || e.getAttribute("name")) === key);
+    again?.focus();
+  }
 }
 
 window.addEventListener("hashchange", () => render(true));
