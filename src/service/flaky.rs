@@ -10,7 +10,7 @@ use roaring::RoaringBitmap;
 use super::durable::telemetry_from_record;
 use super::{CoverageService, Error, Result, TestTelemetry};
 use crate::flaky::{Class, Health};
-use crate::persist::{TestHistoryRecord, Write, codec};
+use crate::persist::{HistoryQuery, TestHistoryRecord, Write, codec};
 
 /// One test's standing on a branch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,24 +76,14 @@ impl CoverageService {
             // Complete runs not compacted yet (compaction records their tests) count already.
             // They are read before the store: a run compacted in between is in both, and a
             // run recorded twice counts once.
-            let runs: Vec<_> = service
-                .shared
-                .runs
-                .iter()
-                .map(|e| e.value().clone())
-                .collect();
+            let branch_runs = HistoryQuery {
+                project: Some(project.clone()),
+                branch: Some(branch.clone()),
+                ..HistoryQuery::default()
+            };
             let mut pending = Vec::new();
-            for run in runs {
-                let uncompacted = {
-                    let state = run.state();
-                    state.is_complete()
-                        && state.params.project == project
-                        && state.params.branch == branch
-                        && !run.compacted.load(std::sync::atomic::Ordering::Acquire)
-                };
-                if uncompacted
-                    && let Some(Write::RecordTests { outcomes, .. }) = service.record_tests(&run)?
-                {
+            for run in service.uncompacted_complete_runs(&branch_runs) {
+                if let Some(Write::RecordTests { outcomes, .. }) = service.record_tests(&run)? {
                     pending.extend(outcomes);
                 }
             }

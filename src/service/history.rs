@@ -4,7 +4,9 @@
 use crate::history::{Bucket, TrendBucket};
 use crate::persist::{HistoryQuery, SummaryRecord, Write};
 
-use super::{CoverageService, Error, Result};
+use std::sync::Arc;
+
+use super::{CoverageService, Error, Result, Run};
 
 impl CoverageService {
     /// The trend of the runs `query` selects, in buckets of `bucket`, oldest first: the
@@ -36,6 +38,15 @@ impl CoverageService {
     /// The summaries of the complete runs the daemon holds that `query` selects and that are
     /// not compacted yet (compaction stores the summary).
     fn uncompacted_summaries(&self, query: &HistoryQuery) -> Vec<SummaryRecord> {
+        self.uncompacted_complete_runs(query)
+            .iter()
+            .map(|r| super::durable::summary(&r.status()))
+            .collect()
+    }
+
+    /// The complete runs the daemon holds that `query` selects and that are not compacted yet:
+    /// what compaction stores of them (summary, test outcomes) is not in the store yet.
+    pub(super) fn uncompacted_complete_runs(&self, query: &HistoryQuery) -> Vec<Arc<Run>> {
         let runs: Vec<_> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
         runs.into_iter()
             .filter(|r| {
@@ -45,7 +56,6 @@ impl CoverageService {
                     && !r.compacted.load(std::sync::atomic::Ordering::Acquire)
                     && query.selects(&state.params.project, &state.params.branch, at)
             })
-            .map(|r| super::durable::summary(&r.status()))
             .collect()
     }
 
