@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, anyhow};
 use covd::client::{Batcher, PushInput, PushOptions, PushTarget, Pushed};
-use covd::formats::{self, Format, junit, phpunit};
+use covd::formats::{self, Format, junit, phpunit, testdox};
 use covd::model::path::{PathFilter, PathRules};
 use covd::model::{TestCase, TestStatus};
 use covd::service::TestTelemetry;
@@ -37,7 +37,11 @@ struct Sender {
     progress: indicatif::ProgressBar,
     /// Test cases read from JUnit XML files, sent with the finish.
     tests: Vec<TestCase>,
-    junit_files: u64,
+    /// Test cases read from PHPUnit's testdox XML, which win over the JUnit log's (see
+    /// [`test_cases`]).
+    testdox: Vec<TestCase>,
+    /// Test result files read (JUnit or testdox).
+    test_reports: u64,
     /// The user's `--tag`s: with them, the finish carries the shard's telemetry even without
     /// test results.
     tags: std::collections::BTreeMap<String, String>,
@@ -58,8 +62,16 @@ enum Stop {
 /// What a file holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Tests,
+    Tests(Report),
     Coverage(Format),
+}
+
+/// A test results format.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Report {
+    JUnit,
+    /// PHPUnit 9's `--testdox-xml`.
+    Testdox,
 }
 
 impl Sender {
@@ -89,7 +101,10 @@ impl Sender {
             )));
         }
         if self.forced.is_none() && junit::detect(head) {
-            return Ok(Some(Kind::Tests));
+            return Ok(Some(Kind::Tests(Report::JUnit)));
+        }
+        if self.forced.is_none() && testdox::detect(head) {
+            return Ok(Some(Kind::Tests(Report::Testdox)));
         }
         Ok(self
             .forced
@@ -102,7 +117,7 @@ impl Sender {
     fn send_file(&mut self, path: &Path, file: File) -> Result<(), Stop> {
         let mut input = self.open(file);
         let format = match self.kind(path, &mut input)? {
-            Some(Kind::Tests) => return self.read_tests(path, input),
+            Some(Kind::Tests(report)) => return self.read_tests(path, report, input),
             Some(Kind::Coverage(format)) => format,
             None => return Err(Stop::Failed(unknown(path))),
         };
@@ -201,10 +216,13 @@ impl Sender {
         Ok(())
     }
 
-    /// Reads a JUnit XML file's test cases, for the finish.
-    fn read_tests(&mut self, path: &Path, input: impl BufRead) -> Result<(), Stop> {
-        let tests = &mut self.tests;
-        let tools = junit::read(input, |mut case| {
+    /// Reads a test results file's test cases, for the finish.
+    fn read_tests(&mut self, path: &Path, report: Report, input: impl BufRead) -> Result<(), Stop> {
+        let tests = match report {
+            Report::JUnit => &mut self.tests,
+            Report::Testdox => &mut self.testdox,
+        };
+        let on_case = |mut case: TestCase| {
             // Parametrized test ids can hold newlines; the protocol wants single lines.
             for s in [&mut case.name, &mut case.suite] {
                 if s.bytes().any(|b| b.is_ascii_control()) {
@@ -213,10 +231,15 @@ impl Sender {
                 s.truncate(s.floor_char_boundary(4096));
             }
             tests.push(case);
-        })
-        .map_err(|e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string())))?;
-        self.tools.extend(tools);
-        self.junit_files += 1;
+        };
+        let failed = |e| Stop::Failed(anyhow::Error::new(e).context(path.display().to_string()));
+        match report {
+            Report::JUnit => self
+                .tools
+                .extend(junit::read(input, on_case).map_err(failed)?),
+            Report::Testdox => testdox::read(input, on_case).map_err(failed)?,
+        }
+        self.test_reports += 1;
         Ok(())
     }
 
@@ -230,10 +253,13 @@ impl Sender {
         tags.extend(std::mem::take(&mut self.tools));
         tags.extend(std::mem::take(&mut self.tags));
         let telemetry =
-            (self.junit_files > 0 || !tags.is_empty() || self.ran.is_some()).then(|| {
+            (self.test_reports > 0 || !tags.is_empty() || self.ran.is_some()).then(|| {
                 telemetry(
-                    std::mem::take(&mut self.tests),
-                    self.junit_files > 0,
+                    test_cases(
+                        std::mem::take(&mut self.tests),
+                        std::mem::take(&mut self.testdox),
+                    ),
+                    self.test_reports > 0,
                     tags,
                     self.ran,
                 )
@@ -316,7 +342,8 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         records: 0,
         progress: progress.clone(),
         tests: Vec::new(),
-        junit_files: 0,
+        testdox: Vec::new(),
+        test_reports: 0,
         tags: a.tags.iter().cloned().collect(),
         ran: None,
         tools: std::collections::BTreeMap::new(),
@@ -448,11 +475,43 @@ fn report(
 }
 
 fn unknown(path: &Path) -> anyhow::Error {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        return anyhow!(
+            "{} is empty: the tool that writes it stopped before it wrote anything (PHPUnit 9 \
+             leaves its JUnit and testdox logs empty when a data provider throws, is empty or \
+             skips)",
+            path.display()
+        );
+    }
     anyhow!(
         "{}: not a coverage format covd recognises ({}); name it with --format",
         path.display(),
         Format::NAMES.join(", ")
     )
+}
+
+/// The shard's test cases: those of its JUnit files, where PHPUnit's testdox XML names the same
+/// test (suite and name, as PHPUnit's own JUnit log of the run names it) the testdox status
+/// with the JUnit log's assertions, so a push of both reports counts each test once and keeps
+/// an incomplete test apart from a skipped one.
+fn test_cases(junit: Vec<TestCase>, mut testdox: Vec<TestCase>) -> Vec<TestCase> {
+    if testdox.is_empty() {
+        return junit;
+    }
+    let index: HashMap<(String, String), usize> = testdox
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((t.suite.clone(), t.name.clone()), i))
+        .collect();
+    let mut rest = Vec::new();
+    for case in junit {
+        match index.get(&(case.suite.clone(), case.name.clone())) {
+            Some(&i) => testdox[i].assertions = case.assertions,
+            None => rest.push(case),
+        }
+    }
+    testdox.extend(rest);
+    testdox
 }
 
 /// Counts of test cases (`junit`: some were read), the run's duration (the test command's
@@ -747,7 +806,7 @@ fn watch(
                     eprintln!("covd: warning: {}", unknown(&path));
                     Ok(())
                 }
-                Ok(Some(Kind::Tests)) => sender.read_tests(&path, input),
+                Ok(Some(Kind::Tests(report))) => sender.read_tests(&path, report, input),
                 Ok(Some(Kind::Coverage(format))) => match format_sent {
                     Some(first) if first != format => {
                         eprintln!(

@@ -5,7 +5,8 @@
 //! beside `<failure>` elements; jest-junit's leave out the cases its hooks add).
 //!
 //! No tool among these marks an incomplete test apart: PHPUnit writes its incomplete tests
-//! as `<skipped/>`, jest-junit leaves `test.todo` out. They read as the tools write them.
+//! as `<skipped/>`, jest-junit leaves `test.todo` out. They read as the tools write them;
+//! PHPUnit 9's testdox XML (`testdox`) has them.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -143,7 +144,7 @@ fn tool_of_property(name: &str, value: &str) -> Option<(String, String)> {
 }
 
 /// `time="0.076"` (seconds; some writers use a comma, or thousands separators).
-fn seconds(value: Option<&str>) -> Result<Duration, String> {
+pub(super) fn seconds(value: Option<&str>) -> Result<Duration, String> {
     let Some(v) = value else {
         return Ok(Duration::ZERO);
     };

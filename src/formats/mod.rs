@@ -16,6 +16,7 @@ pub mod lcov;
 pub mod llvmcov;
 pub mod markdown;
 pub mod phpunit;
+pub mod testdox;
 
 use std::io::BufRead;
 

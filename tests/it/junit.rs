@@ -146,3 +146,86 @@ fn pushed_results_carry_assertions_and_the_tools() {
     );
     assert!(out.contains("java=17.0.15"), "{out}");
 }
+
+/// PHPUnit 9's testdox XML (`phpunit-testdox/`, one run that wrote it and its JUnit log):
+/// incomplete tests apart from skipped ones, risky ones as PHPUnit judges them (passed). Pushed
+/// with the JUnit log of the same run, each test counts once, with the testdox outcome and the
+/// JUnit log's assertions. An empty report (the writer crashed) is refused, saying so.
+#[test]
+fn phpunit_testdox_tells_incomplete_tests_apart() {
+    let file = std::fs::File::open(fixture("junit/phpunit-testdox/testdox.xml")).unwrap();
+    let mut cases = Vec::new();
+    covd::formats::testdox::read(std::io::BufReader::new(file), |c| cases.push(c)).unwrap();
+    // The README's table: 5 passed and 1 risky, 2 failures, 2 skipped, 1 error and 2
+    // warnings, 2 incomplete.
+    assert_eq!(counts(&cases), [6, 2, 2, 3]);
+    let incomplete: Vec<_> = cases
+        .iter()
+        .filter(|c| c.status == TestStatus::Incomplete)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        incomplete,
+        ["testIsIncomplete", "testIsIncompleteAfterAnAssertion"]
+    );
+    assert_eq!(status_of(&cases, "testIsRisky"), TestStatus::Passed);
+    assert_eq!(
+        status_of(&cases, "testCountsBooks with data set #2"),
+        TestStatus::Failed
+    );
+    let (junit, _) = read("junit/phpunit-testdox/junit.xml");
+    let key = |c: &TestCase| (c.suite.clone(), c.name.clone());
+    let mut named: Vec<_> = cases.iter().map(key).collect();
+    let mut junit_named: Vec<_> = junit.iter().map(key).collect();
+    named.sort();
+    junit_named.sort();
+    assert_eq!(named, junit_named, "both reports name the tests alike");
+
+    let served = Served::start();
+    let push = |shard: &str, files: &[&str]| {
+        let mut push = served.covd(&["push", "--run", "t", "--shard", shard]);
+        push.args(
+            files
+                .iter()
+                .map(|f| fixture(&format!("junit/phpunit-testdox/{f}"))),
+        );
+        push.output().unwrap()
+    };
+    for (shard, files) in [
+        ("testdox", &["testdox.xml"][..]),
+        ("junit", &["junit.xml"]),
+        ("both", &["junit.xml", "testdox.xml"]),
+    ] {
+        let r = push(shard, files);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    let out = served.ok(&["status", "--run", "t"]);
+    let tests = |shard: &str| {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("shard {shard} ")))
+            .unwrap_or_else(|| panic!("{shard}: {out}"));
+        let from = line.find("tests ").unwrap_or_else(|| panic!("{line}"));
+        line[from..].split("  ").next().unwrap().to_owned()
+    };
+    assert_eq!(
+        tests("testdox"),
+        "tests 6 passed, 2 failed, 2 skipped, 3 errored, 2 incomplete"
+    );
+    assert_eq!(
+        tests("junit"),
+        "tests 5 passed, 2 failed, 4 skipped, 4 errored, 21 assertions"
+    );
+    assert_eq!(
+        tests("both"),
+        "tests 6 passed, 2 failed, 2 skipped, 3 errored, 2 incomplete, 21 assertions"
+    );
+
+    let r = push("crashed", &["testdox-crashed.xml"]);
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("testdox-crashed.xml is empty") && err.contains("PHPUnit 9"),
+        "{err}"
+    );
+}
