@@ -197,6 +197,81 @@ pub struct Client {
     inner: CoverageClient<Channel>,
 }
 
+/// Source files a request names at most.
+const SOURCES_PER_REQUEST: usize = 2000;
+
+/// Bytes of source text read ahead at most: a batch ends there.
+const SOURCE_BYTES_READ_AHEAD: usize = 32 << 20;
+
+/// Bytes of source text a request carries at most (one larger text goes alone).
+const SOURCE_BYTES_PER_REQUEST: usize = 8 << 20;
+
+/// What [`Client::send_sources`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SourcesSent {
+    /// Files whose text the run now names.
+    pub files: u64,
+    /// Texts the daemon did not have.
+    pub new_texts: u64,
+    /// Files left out: not readable here, or beyond the size limit.
+    pub unreadable: u64,
+    pub too_large: u64,
+}
+
+/// A batch of source files read and hashed, texts beside them.
+struct ReadSources {
+    files: Vec<proto::SourceFile>,
+    texts: Vec<Vec<u8>>,
+    unreadable: u64,
+    too_large: u64,
+    /// Entries of the list this batch took.
+    consumed: usize,
+}
+
+/// Reads the next batch of `files`: at most [`SOURCES_PER_REQUEST`] of them, ending once
+/// [`SOURCE_BYTES_READ_AHEAD`] bytes are read.
+fn read_sources(files: &[(String, Vec<std::path::PathBuf>)], max_bytes: usize) -> ReadSources {
+    let mut read = ReadSources {
+        files: Vec::new(),
+        texts: Vec::new(),
+        unreadable: 0,
+        too_large: 0,
+        consumed: 0,
+    };
+    let mut bytes = 0;
+    for (path, places) in files.iter().take(SOURCES_PER_REQUEST) {
+        if bytes >= SOURCE_BYTES_READ_AHEAD {
+            break;
+        }
+        read.consumed += 1;
+        let Some((local, size)) = places
+            .iter()
+            .find_map(|p| Some((p, std::fs::metadata(p).ok().filter(|m| m.is_file())?.len())))
+        else {
+            read.unreadable += 1;
+            continue;
+        };
+        if size > max_bytes as u64 {
+            read.too_large += 1;
+            continue;
+        }
+        match std::fs::read(local) {
+            Ok(text) if text.len() > max_bytes => read.too_large += 1,
+            Ok(text) => {
+                bytes += text.len();
+                read.files.push(proto::SourceFile {
+                    path: path.clone(),
+                    sha256: crate::service::digest_of(&text).to_vec(),
+                    text: None,
+                });
+                read.texts.push(text);
+            }
+            Err(_) => read.unreadable += 1,
+        }
+    }
+    read
+}
+
 impl Client {
     /// Connects lazily: the first call fails with UNAVAILABLE if nobody listens, and later
     /// calls reconnect by themselves.
@@ -282,6 +357,84 @@ impl Client {
             .await?
             .into_inner();
         Ok(r.runs.into_iter().map(convert::status_from_proto).collect())
+    }
+
+    /// Sends the source text of `files` (the path in the run, and where the file may be
+    /// here, the first that reads) with run `run_id`, each text only if the daemon lacks it.
+    /// A file that cannot be read here, or is larger than `max_bytes`, is left out and
+    /// counted. Reads files on a blocking thread, a batch at a time.
+    pub async fn send_sources(
+        &mut self,
+        run_id: &str,
+        files: Vec<(String, Vec<std::path::PathBuf>)>,
+        max_bytes: usize,
+    ) -> Result<SourcesSent, ClientError> {
+        let mut sent = SourcesSent::default();
+        let files = std::sync::Arc::new(files);
+        let mut next = 0;
+        while next < files.len() {
+            let (all, from) = (files.clone(), next);
+            let read = tokio::task::spawn_blocking(move || read_sources(&all[from..], max_bytes))
+                .await
+                .map_err(|e| ClientError::Protocol(format!("reading sources failed: {e}")))?;
+            next += read.consumed;
+            sent.unreadable += read.unreadable;
+            sent.too_large += read.too_large;
+            let digests: Vec<Vec<u8>> = read.files.iter().map(|f| f.sha256.clone()).collect();
+            let missing = self
+                .inner
+                .missing_sources(proto::MissingSourcesRequest { sha256: digests })
+                .await?
+                .into_inner()
+                .missing;
+            let mut files = read.files;
+            for i in missing {
+                if let Some((f, text)) = files.get_mut(i as usize).zip(read.texts.get(i as usize)) {
+                    f.text = Some(text.clone());
+                }
+            }
+            // A request stays well below the daemon's message size, whatever the texts.
+            let mut start = 0;
+            while start < files.len() {
+                let mut bytes = 0;
+                let mut end = start;
+                while end < files.len()
+                    && (end == start
+                        || bytes + files[end].text.as_ref().map_or(0, Vec::len)
+                            <= SOURCE_BYTES_PER_REQUEST)
+                {
+                    bytes += files[end].text.as_ref().map_or(0, Vec::len);
+                    end += 1;
+                }
+                let part = files[start..end].to_vec();
+                sent.files += part.len() as u64;
+                sent.new_texts += u64::from(
+                    self.inner
+                        .put_sources(proto::PutSourcesRequest {
+                            run_id: run_id.to_owned(),
+                            files: part,
+                        })
+                        .await?
+                        .into_inner()
+                        .new_texts,
+                );
+                start = end;
+            }
+        }
+        Ok(sent)
+    }
+
+    /// A file's source text as pushed with a run.
+    pub async fn source(&mut self, run_id: &str, path: &str) -> Result<Vec<u8>, ClientError> {
+        Ok(self
+            .inner
+            .get_source(proto::GetSourceRequest {
+                run_id: run_id.to_owned(),
+                path: path.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .text)
     }
 
     pub async fn delete_run(&mut self, run_id: &str) -> Result<(), ClientError> {

@@ -198,6 +198,13 @@ pub async fn run_on(
         ));
     }
 
+    // Before serving too: a retry must not find deltas kept past a window that was shortened.
+    close_reopen_windows(&service).await;
+    tokio::spawn(close_reopen_windows_periodically(
+        service.clone(),
+        stopping.clone(),
+    ));
+
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; ending open streams");
@@ -393,6 +400,35 @@ async fn down_sample_periodically(
             _ = stopping.wait_for(|s| *s) => return,
         }
         down_sample(&service, full_for).await;
+    }
+}
+
+/// Drops the deltas complete runs kept for retries once their reopen window passed, every
+/// tenth of the window (at least every second, at most every ten minutes), until shutdown.
+async fn close_reopen_windows_periodically(
+    service: CoverageService,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let every = service
+        .limits()
+        .reopen_window
+        .map_or(Duration::from_secs(600), |w| {
+            (w / 10).clamp(Duration::from_secs(1), Duration::from_secs(600))
+        });
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        close_reopen_windows(&service).await;
+    }
+}
+
+async fn close_reopen_windows(service: &CoverageService) {
+    match service.close_reopen_windows(SystemTime::now()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{n} complete runs dropped the deltas kept for retries"),
+        Err(e) => tracing::warn!("dropping the deltas kept for retries failed: {e}"),
     }
 }
 

@@ -203,6 +203,11 @@ fn main() {
             ),
         }
     });
+    row("delta log kept for retries (database)", &|f| {
+        f.disk.map_or("none: in memory".to_owned(), |(log, db)| {
+            format!("{:.1} MB ({:.1} MB)", log as f64 / 1e6, db as f64 / 1e6)
+        })
+    });
     for (i, (page, _)) in durable.dashboard.iter().enumerate() {
         row(&format!("dashboard: {page}"), &|f| {
             f.dashboard.get(i).map_or("none".to_owned(), |(_, t)| {
@@ -289,6 +294,9 @@ struct Figures {
     /// The dashboard's pages of the complete run, as the browser reads them: each one's
     /// median time of 5 reads.
     dashboard: Vec<(&'static str, Duration)>,
+    /// With a store: bytes of the complete run's delta log (kept for a retry within the reopen
+    /// window) and of the database beside it.
+    disk: Option<(u64, u64)>,
 }
 
 /// The dashboard's pages of the complete run `run`: the runs list, the run page (the run with
@@ -466,6 +474,23 @@ fn round(
             .status();
     }
     let mut recovery = None;
+    let disk = data_dir.map(|dir| {
+        let bytes = |dir: &Path, prefix: &str| -> u64 {
+            std::fs::read_dir(dir).map_or(0, |entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+        };
+        (
+            bytes(&dir.join(covd::persist::log::DIR), ""),
+            bytes(dir, covd::persist::sqlite::DB_FILE),
+        )
+    });
     if let Some(dir) = data_dir {
         // A run expecting one shard more than it gets stays open, so a restart must replay
         // its whole delta log.
@@ -508,6 +533,7 @@ fn round(
         dashboard,
         recovery,
         merged,
+        disk,
     }
 }
 

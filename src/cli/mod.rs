@@ -217,6 +217,11 @@ struct ServeArgs {
     /// and latest value of each metric); whole months are folded. 0 never folds.
     #[arg(long, default_value = "90days", value_parser = humantime::parse_duration)]
     history_full_for: Duration,
+    /// A complete run accepts a retried shard (a higher attempt: CI's "re-run failed jobs")
+    /// this long after it completed, and keeps its deltas on disk that long for it; 0 refuses
+    /// every attempt once a run is complete.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    reopen_window: Duration,
     /// How project names are kept at the least: `plain`, `pseudonym` (the vendor part plain,
     /// the rest a keyed pseudonym: `acme/3f9c…`; queries may still name projects plainly) or
     /// `anonymous`. A client may ask for stricter (`--project-as`).
@@ -263,6 +268,9 @@ struct ServeArgs {
     /// Most files in one delta.
     #[arg(long, default_value_t = Settings::default().limits.max_files_per_delta)]
     max_files_per_delta: usize,
+    /// Largest source text a push may send with a run (`covd push --sources`), in bytes.
+    #[arg(long, default_value_t = Settings::default().limits.max_source_bytes)]
+    max_source_bytes: usize,
     /// Longest function name, branch label or test name in a delta, in bytes.
     #[arg(long, default_value_t = Settings::default().limits.max_name_bytes)]
     max_name_bytes: usize,
@@ -390,6 +398,15 @@ pub(crate) struct PushArgs {
     /// `os`, `arch` and `ci`, which push adds, and which a tag of the same key replaces).
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
     tags: Vec<(String, String)>,
+    /// Also send the source text of each file the coverage names, for the dashboard's file
+    /// page: read where the coverage says it is, else at its path in the run (after the path
+    /// rules) under --source-root. The daemon keeps each text once, under its SHA-256, for
+    /// every run naming it: a text it has is not sent again.
+    #[arg(long, conflicts_with = "flush_spool")]
+    sources: bool,
+    /// Where --sources finds files by their path in the run (default: the current directory).
+    #[arg(long, value_name = "DIR", requires = "sources")]
+    source_root: Option<PathBuf>,
     /// When the daemon cannot be reached, keep what the push would have sent in DIR (a file
     /// per shard attempt) and exit 0; `--flush-spool DIR` sends it later.
     #[arg(long, value_name = "DIR")]
@@ -633,7 +650,9 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_runs = a.max_runs;
     settings.limits.max_deltas_in_flight = a.max_deltas_in_flight;
     settings.limits.memory_budget_bytes = a.memory_budget;
+    settings.limits.reopen_window = (!a.reopen_window.is_zero()).then_some(a.reopen_window);
     settings.limits.max_files_per_delta = a.max_files_per_delta;
+    settings.limits.max_source_bytes = a.max_source_bytes;
     settings.limits.max_name_bytes = a.max_name_bytes;
     settings.limits.max_run_id_bytes = a.max_run_id_bytes;
     settings.limits.max_shard_id_bytes = a.max_shard_id_bytes;

@@ -50,6 +50,8 @@ struct Sender {
     /// The tools the inputs name, with their versions (coverage.py, JUnit properties).
     tools: std::collections::BTreeMap<String, String>,
     phpunit: PhpunitReports,
+    /// With --sources: each file's path in the run, and where its source is here.
+    sources: Option<Arc<Mutex<std::collections::BTreeMap<String, PathBuf>>>>,
 }
 
 /// Why sending stopped.
@@ -201,6 +203,12 @@ impl Sender {
         }
         covd::model::path::check(&source)
             .map_err(|e| anyhow!("source path `{source}` (from `{}`): {e}", record.path))?;
+        if let Some(sources) = &self.sources {
+            let mut sources = sources.lock().unwrap_or_else(|e| e.into_inner());
+            sources
+                .entry(source.clone())
+                .or_insert_with(|| PathBuf::from(&record.path));
+        }
         self.records += 1;
         Ok(Some((source, record.file)))
     }
@@ -324,6 +332,7 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
     } else {
         progress_bar(total_bytes)
     };
+    let sources = a.sources.then(Default::default);
     let sender = Sender {
         rules: PathRules {
             strip: a.strip_prefix.clone(),
@@ -348,6 +357,7 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         ran: None,
         tools: std::collections::BTreeMap::new(),
         phpunit,
+        sources: sources.clone(),
     };
 
     // Everything that can fail before the test command runs is done before it starts, so an
@@ -393,6 +403,37 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
         Err(e) => Err(anyhow!("the reader failed: {e}")),
     };
     progress.finish_and_clear();
+    let mut sources_failed = None;
+    if let (Ok(_), Some(sources)) = (&pushed, sources) {
+        let root = a.source_root.as_deref().unwrap_or(Path::new("."));
+        let files: Vec<(String, Vec<PathBuf>)> =
+            std::mem::take(&mut *sources.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .map(|(path, named)| {
+                    let in_run = root.join(&path);
+                    (path, vec![named, in_run])
+                })
+                .collect();
+        let max = covd::service::Limits::default().max_source_bytes;
+        match connection.send_sources(&a.run.run, files, max).await {
+            Ok(sent) => {
+                eprintln!(
+                    "sources: {} files named, {} new texts sent{}",
+                    sent.files,
+                    sent.new_texts,
+                    match (sent.unreadable, sent.too_large) {
+                        (0, 0) => String::new(),
+                        (u, t) => format!(
+                            "; left out: {u} not readable here, {t} larger than {} MiB",
+                            max >> 20
+                        ),
+                    }
+                );
+            }
+            Err(e) if a.fail_on_error => sources_failed = Some(Failure::from(e)),
+            Err(e) => eprintln!("covd: warning: sources not sent: {e}"),
+        }
+    }
     // With --watch, the test command's verdict is the exit code, whatever happened to coverage.
     let test_code = match command {
         Some(test) => Some(test.wait().await?),
@@ -410,7 +451,10 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        (_, pushed) => report(&a, pushed, produced),
+        (_, pushed) => match (report(&a, pushed, produced), sources_failed) {
+            (Ok(_), Some(failed)) => Err(failed),
+            (outcome, _) => outcome,
+        },
     };
     match (test_code, outcome) {
         (Some(code), Ok(_)) => Ok(code),

@@ -40,7 +40,8 @@ impl From<Error> for Failure {
             | Error::FileNotFound { .. }
             | Error::TestNotFound { .. }
             | Error::ShardNotFound { .. }
-            | Error::FlagNotFound { .. } => StatusCode::NOT_FOUND,
+            | Error::FlagNotFound { .. }
+            | Error::SourceNotFound { .. } => StatusCode::NOT_FOUND,
             Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
             Error::AlreadyExists(_) | Error::FailedPrecondition(_) | Error::Aborted(_) => {
                 StatusCode::CONFLICT
@@ -203,6 +204,17 @@ pub(crate) async fn file(
     Query(q): Query<PathQuery>,
 ) -> Answer {
     let f = api.service.file(&id, &q.path).await?;
+    // Its lines, when the run's pushes sent its source (`covd push --sources`).
+    let source = match api.service.source(&id, &q.path).await {
+        Ok((_, text)) => Some(
+            String::from_utf8_lossy(&text)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        ),
+        Err(Error::SourceNotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
     let covered = f.covered();
     let lines: Vec<Value> = f
         .lines()
@@ -221,6 +233,7 @@ pub(crate) async fn file(
         "path": q.path,
         "totals": totals(&f.totals()),
         "lines": lines,
+        "source": source,
         "branches": branches.iter().map(|(l, (t, n))| json!([l, t, n])).collect::<Vec<_>>(),
         "functions": f.functions().iter().map(|func| json!({
             "name": &*func.name, "line": func.start_line, "hits": func.hits,

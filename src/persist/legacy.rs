@@ -50,6 +50,8 @@ impl Legacy<'_> for Run {
             expected_shards: self.expected_shards,
             created_at_ms: self.created_at_ms,
             completed_at_ms: self.completed_at_ms,
+            // That release dropped a run's deltas when it compacted it.
+            deltas_kept: false,
         }
     }
 }

@@ -23,7 +23,7 @@ use super::records::{
     AttemptRecord, FileListRecord, MonthRecord, RunRecord, ShardRecord, SummaryRecord,
     TestHistoryRecord,
 };
-use super::{CommitStats, HistoryQuery, LoadedRun, Storage, StoreError, Write};
+use super::{CommitStats, Digest, HistoryQuery, LoadedRun, Storage, StoreError, Write};
 use crate::model::{FileBatch, FileCoverage};
 
 /// Runs, shards, deltas and summaries in memory.
@@ -44,7 +44,9 @@ struct Inner {
     months: BTreeMap<(String, String, u64), Vec<u8>>,
     /// Test histories by project, branch and test, with when each was last seen.
     tests: BTreeMap<(String, String, String), (u64, Vec<u8>)>,
-    /// Bytes of deltas and merged files held, for the cap.
+    /// Source texts by digest (encoded), kept while a run names them.
+    sources: HashMap<Digest, Vec<u8>>,
+    /// Bytes of deltas, merged files and source texts held, for the cap.
     bytes: u64,
 }
 
@@ -60,16 +62,19 @@ struct StoredRun {
     files: Option<Vec<u8>>,
     /// Replaced attempts, by shard and attempt.
     attempts: BTreeMap<(String, u32), Vec<u8>>,
+    /// The digests of its files' source texts, by path.
+    sources: BTreeMap<String, Digest>,
     /// Bytes of `deltas`, `merged`, `shard_lines` and `attempts`.
     bytes: u64,
 }
 
-/// Bytes the deltas of a group add.
+/// Bytes the deltas and source texts of a group add.
 fn delta_bytes(writes: &[Write]) -> u64 {
     writes
         .iter()
         .map(|w| match w {
             Write::AppendDelta { body, .. } => body.iter().map(|b| b.len() as u64).sum(),
+            Write::PutSources { texts, .. } => texts.iter().map(|(_, t)| t.len() as u64).sum(),
             _ => 0,
         })
         .sum()
@@ -114,8 +119,8 @@ impl MemoryStore {
         }
         let mut merged = merged.into_iter();
         let mut inner = self.inner();
-        // Only deltas count against the cap: a compaction replaces a run's deltas by fewer
-        // bytes, and refusing it would help nobody.
+        // Only what clients send (deltas, source texts) counts against the cap: a compaction
+        // replaces a run's deltas by fewer bytes, and refusing it would help nobody.
         if let Some(max) = self.max_bytes {
             let total = inner.bytes + delta_bytes(&writes);
             if total > max {
@@ -174,6 +179,23 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
             }
             return;
         }
+        Write::PutSources {
+            run_id,
+            texts,
+            names,
+        } => {
+            let Some(run) = inner.runs.get_mut(run_id) else {
+                return;
+            };
+            run.sources.extend(names.iter().cloned());
+            for (digest, body) in texts {
+                if !inner.sources.contains_key(digest) {
+                    inner.bytes += body.len() as u64;
+                    inner.sources.insert(*digest, body.clone());
+                }
+            }
+            return;
+        }
         Write::PutRun(run) => {
             let stored = inner.runs.entry(run.run_id.clone()).or_default();
             stored.record = codec::encode(run);
@@ -185,6 +207,8 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
         | Write::StartAttempt { run_id, .. }
         | Write::PutShardLines { run_id, .. }
         | Write::Compact { run_id, .. }
+        | Write::DropDeltas { run_id }
+        | Write::Reopen { run_id }
         | Write::PutFiles { run_id, .. }
         | Write::DeleteRun { run_id, .. } => run_id,
     };
@@ -194,6 +218,17 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
             inner.bytes -= run.bytes;
             if summary.is_none() {
                 forget_tests_of(inner, &run_id, &run.record);
+            }
+            // The texts it named that no other run names.
+            for digest in run.sources.values() {
+                if !inner
+                    .runs
+                    .values()
+                    .any(|r| r.sources.values().any(|d| d == digest))
+                    && let Some(body) = inner.sources.remove(digest)
+                {
+                    inner.bytes -= body.len() as u64;
+                }
             }
         }
         match summary {
@@ -251,23 +286,31 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
             let replaced = run.shard_lines.insert(shard_id, parts).unwrap_or_default();
             run.bytes = run.bytes + added - replaced.iter().map(|p| p.len() as u64).sum::<u64>();
         }
-        Write::Compact { summary: s, .. } => {
+        Write::Compact {
+            summary: s,
+            keep_deltas,
+            ..
+        } => {
             run.merged = merged;
-            run.deltas.clear();
-            run.bytes = run.merged.iter().map(|p| p.len() as u64).sum::<u64>()
-                + run
-                    .shard_lines
-                    .values()
-                    .flatten()
-                    .map(|p| p.len() as u64)
-                    .sum::<u64>()
-                + run.attempts.values().map(|a| a.len() as u64).sum::<u64>();
+            if !keep_deltas {
+                run.deltas.clear();
+            }
+            run.bytes = held_bytes(run);
             summary = Some(s);
+        }
+        Write::DropDeltas { .. } => {
+            run.deltas.clear();
+            run.bytes = held_bytes(run);
+        }
+        Write::Reopen { .. } => {
+            run.merged.clear();
+            run.bytes = held_bytes(run);
         }
         Write::PutFiles { files, .. } => {
             run.files = Some(codec::encode(&FileListRecord { paths: files }));
         }
         Write::PutRun(_)
+        | Write::PutSources { .. }
         | Write::DeleteRun { .. }
         | Write::DownSample { .. }
         | Write::RecordTests { .. } => {
@@ -279,6 +322,15 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
     if let Some(s) = summary {
         inner.summaries.insert(s.run_id.clone(), codec::encode(&s));
     }
+}
+
+/// The bytes `run` holds (see [`StoredRun::bytes`]).
+fn held_bytes(run: &StoredRun) -> u64 {
+    let parts = |p: &Vec<u8>| p.len() as u64;
+    run.deltas.values().map(|d| d.len() as u64).sum::<u64>()
+        + run.merged.iter().map(parts).sum::<u64>()
+        + run.shard_lines.values().flatten().map(parts).sum::<u64>()
+        + run.attempts.values().map(parts).sum::<u64>()
 }
 
 /// Takes a deleted run's outcomes out of the test histories of its branch.
@@ -458,6 +510,42 @@ impl Storage for MemoryStore {
             .values()
             .map(|b| Ok(codec::decode_later::<AttemptRecord>(b)?))
             .collect()
+    }
+
+    fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(self.max_bytes.map(|max| (self.inner().bytes, max)))
+    }
+
+    fn missing_sources(&self, digests: &[Digest]) -> Result<Vec<bool>, StoreError> {
+        let inner = self.inner();
+        Ok(digests
+            .iter()
+            .map(|d| !inner.sources.contains_key(d))
+            .collect())
+    }
+
+    fn source_digests(
+        &self,
+        run_id: &str,
+        paths: &[String],
+    ) -> Result<Vec<Option<Digest>>, StoreError> {
+        let inner = self.inner();
+        let run = inner.runs.get(run_id);
+        Ok(paths
+            .iter()
+            .map(|p| run.and_then(|r| r.sources.get(p).copied()))
+            .collect())
+    }
+
+    fn source(&self, run_id: &str, path: &str) -> Result<Option<(Digest, Vec<u8>)>, StoreError> {
+        let inner = self.inner();
+        let Some(digest) = inner.runs.get(run_id).and_then(|r| r.sources.get(path)) else {
+            return Ok(None);
+        };
+        let Some(body) = inner.sources.get(digest) else {
+            return Ok(None);
+        };
+        Ok(Some((*digest, codec::decode_source(body)?)))
     }
 
     fn test_histories(

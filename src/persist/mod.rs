@@ -107,9 +107,28 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         branch: &str,
     ) -> Result<Vec<(String, TestHistoryRecord)>, StoreError>;
 
+    /// With `--max-db-bytes`: the bytes the store holds now, and that cap. Blocking.
+    fn usage(&self) -> Result<Option<(u64, u64)>, StoreError>;
+
+    /// Which of these source texts (by SHA-256) the store lacks, in order. Blocking.
+    fn missing_sources(&self, digests: &[Digest]) -> Result<Vec<bool>, StoreError>;
+
+    /// The digests of the source texts `run_id` names for `paths`, in order. Blocking.
+    fn source_digests(
+        &self,
+        run_id: &str,
+        paths: &[String],
+    ) -> Result<Vec<Option<Digest>>, StoreError>;
+
+    /// The source text `run_id` names for `path`, with its digest. Blocking.
+    fn source(&self, run_id: &str, path: &str) -> Result<Option<(Digest, Vec<u8>)>, StoreError>;
+
     /// Counters of the group commit.
     fn stats(&self) -> &CommitStats;
 }
+
+/// A SHA-256 digest: what names a source text.
+pub type Digest = [u8; 32];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -170,11 +189,23 @@ pub enum Write {
         shard_id: String,
         parts: Vec<Vec<u8>>,
     },
-    /// Stores a complete run's merged files and summary, and drops its delta log.
+    /// Stores a complete run's merged files and summary, and drops its delta log unless
+    /// `keep_deltas` (kept so that a retried shard can reopen the run: see `DropDeltas`).
     Compact {
         run_id: String,
         parts: Parts,
         summary: SummaryRecord,
+        keep_deltas: bool,
+    },
+    /// Drops the delta log a compacted run kept: it can no longer be reopened.
+    DropDeltas {
+        run_id: String,
+    },
+    /// Drops a compacted run's merged files: a retried shard reopened it, and its coverage is
+    /// its deltas' again until it completes anew. Written with the run's record, which no
+    /// longer says complete, and the retry's `StartAttempt`.
+    Reopen {
+        run_id: String,
     },
     /// The repository's files for a run (`git ls-files`), replacing any earlier list.
     PutFiles {
@@ -193,6 +224,15 @@ pub enum Write {
     DownSample {
         before_ms: u64,
         tests_before_ms: u64,
+    },
+    /// Source texts a run names: `texts` the store may lack (each encoded by
+    /// [`codec::encode_source`], under its digest; one it has already is left as it is) and
+    /// the run's `names`, path to digest, each replacing the path's earlier one. Texts no run
+    /// names any more go when the last run naming them is deleted.
+    PutSources {
+        run_id: String,
+        texts: Vec<(Digest, Vec<u8>)>,
+        names: Vec<(String, Digest)>,
     },
     /// Adds a run's outcome of each of its tests to their histories on the project's branch
     /// ([`crate::flaky::record`]).

@@ -23,11 +23,11 @@ use roaring::RoaringBitmap;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::codec::{self, FORMAT_VERSION, WireDecoder};
+use super::codec::{self, CodecError, FORMAT_VERSION, WireDecoder};
 use super::records::{
     self, AttemptRecord, MonthRecord, RunRecord, ShardRecord, SummaryRecord, TestHistoryRecord,
 };
-use super::{CommitStats, HistoryQuery, LoadedRun, Storage, StoreError, Write, log};
+use super::{CommitStats, Digest, HistoryQuery, LoadedRun, Storage, StoreError, Write, log};
 use crate::model::{FileBatch, FileCoverage};
 
 /// The database file inside the data directory.
@@ -54,6 +54,8 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     /// Where the delta log files are.
     log_dir: PathBuf,
+    /// `--max-db-bytes`.
+    max_bytes: Option<u64>,
     stats: Arc<CommitStats>,
     /// Reads deltas kept in wire form (see [`codec::WIRE_DELTA_FORMAT`]).
     wire: Option<WireDecoder>,
@@ -122,6 +124,7 @@ impl SqliteStore {
             failure,
             reader: Mutex::new(reader),
             log_dir,
+            max_bytes,
             stats,
             wire: None,
             _lock: lock,
@@ -336,6 +339,69 @@ impl Storage for SqliteStore {
         .collect()
     }
 
+    fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(max) = self.max_bytes else {
+            return Ok(None);
+        };
+        let db: i64 = self.reader().query_row(
+            "SELECT page_count * page_size FROM pragma_page_count, pragma_page_size",
+            [],
+            |r| r.get(0),
+        )?;
+        let logs: u64 = std::fs::read_dir(&self.log_dir)
+            .map_err(StoreError::Log)?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(Some((db.max(0) as u64 + logs, max)))
+    }
+
+    fn missing_sources(&self, digests: &[Digest]) -> Result<Vec<bool>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached("SELECT 1 FROM sources WHERE digest = ?1")?;
+        digests
+            .iter()
+            .map(|d| Ok(!stmt.exists([&d[..]])?))
+            .collect()
+    }
+
+    fn source_digests(
+        &self,
+        run_id: &str,
+        paths: &[String],
+    ) -> Result<Vec<Option<Digest>>, StoreError> {
+        let conn = self.reader();
+        let mut stmt =
+            conn.prepare_cached("SELECT digest FROM run_sources WHERE run_id = ?1 AND path = ?2")?;
+        paths
+            .iter()
+            .map(|p| {
+                let found: Option<Vec<u8>> = stmt
+                    .query_row(params![run_id, p], |r| r.get(0))
+                    .optional()?;
+                Ok(found.and_then(|d| d.try_into().ok()))
+            })
+            .collect()
+    }
+
+    fn source(&self, run_id: &str, path: &str) -> Result<Option<(Digest, Vec<u8>)>, StoreError> {
+        let conn = self.reader();
+        let found: Option<(Vec<u8>, Vec<u8>)> = conn
+            .prepare_cached(
+                "SELECT s.digest, s.body FROM run_sources r JOIN sources s ON s.digest = r.digest
+                 WHERE r.run_id = ?1 AND r.path = ?2",
+            )?
+            .query_row(params![run_id, path], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((digest, body)) = found else {
+            return Ok(None);
+        };
+        let digest = Digest::try_from(&digest[..])
+            .map_err(|_| CodecError::Malformed("a source digest is not 32 bytes".into()))?;
+        Ok(Some((digest, codec::decode_source(&body)?)))
+    }
+
     fn history(
         &self,
         q: &HistoryQuery,
@@ -457,7 +523,12 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
              project TEXT NOT NULL, branch TEXT NOT NULL, month_start_ms INTEGER NOT NULL,
              record BLOB NOT NULL, PRIMARY KEY (project, branch, month_start_ms));
          CREATE TABLE IF NOT EXISTS run_files (run_id TEXT PRIMARY KEY, body BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS logs (run_id TEXT PRIMARY KEY, file INTEGER NOT NULL UNIQUE);",
+         CREATE TABLE IF NOT EXISTS logs (run_id TEXT PRIMARY KEY, file INTEGER NOT NULL UNIQUE);
+         CREATE TABLE IF NOT EXISTS sources (digest BLOB PRIMARY KEY, body BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS run_sources (
+             run_id TEXT NOT NULL, path TEXT NOT NULL, digest BLOB NOT NULL,
+             PRIMARY KEY (run_id, path));
+         CREATE INDEX IF NOT EXISTS run_sources_by_digest ON run_sources (digest);",
     )
     .map_err(corrupt)?;
     let found: Option<i64> = conn
@@ -743,6 +814,17 @@ fn run_exists(tx: &rusqlite::Transaction<'_>, run_id: &str) -> rusqlite::Result<
         .map(|found| found.is_some())
 }
 
+/// Drops a run's deltas: their references, and its log file once the group commits.
+fn drop_deltas(
+    tx: &rusqlite::Transaction<'_>,
+    logs: &mut LogWriter,
+    run_id: &str,
+) -> Result<(), StoreError> {
+    tx.prepare_cached("DELETE FROM deltas WHERE run_id = ?1")?
+        .execute([run_id])?;
+    logs.drop_run(tx, run_id)
+}
+
 fn apply(
     tx: &rusqlite::Transaction<'_>,
     logs: &mut LogWriter,
@@ -763,6 +845,9 @@ fn apply(
         | Write::StartAttempt { run_id, .. }
         | Write::PutShardLines { run_id, .. }
         | Write::Compact { run_id, .. }
+        | Write::DropDeltas { run_id }
+        | Write::Reopen { run_id }
+        | Write::PutSources { run_id, .. }
         | Write::PutFiles { run_id, .. }
             if !run_exists(tx, run_id)? => {}
         Write::PutShard { run_id, shard } => put_shard(tx, run_id, shard)?,
@@ -826,6 +911,7 @@ fn apply(
             run_id,
             parts,
             summary,
+            keep_deltas,
         } => {
             tx.prepare_cached("DELETE FROM merged WHERE run_id = ?1")?
                 .execute([run_id])?;
@@ -835,10 +921,32 @@ fn apply(
                 insert.execute(params![run_id, i as i64, part])?;
                 Ok::<(), StoreError>(())
             })?;
-            tx.prepare_cached("DELETE FROM deltas WHERE run_id = ?1")?
-                .execute([run_id])?;
-            logs.drop_run(tx, run_id)?;
+            if !keep_deltas {
+                drop_deltas(tx, logs, run_id)?;
+            }
             put_summary(tx, summary)?;
+        }
+        Write::DropDeltas { run_id } => drop_deltas(tx, logs, run_id)?,
+        Write::PutSources {
+            run_id,
+            texts,
+            names,
+        } => {
+            let mut text =
+                tx.prepare_cached("INSERT OR IGNORE INTO sources (digest, body) VALUES (?1, ?2)")?;
+            for (digest, body) in texts {
+                text.execute(params![&digest[..], body])?;
+            }
+            let mut name = tx.prepare_cached(
+                "INSERT OR REPLACE INTO run_sources (run_id, path, digest) VALUES (?1, ?2, ?3)",
+            )?;
+            for (path, digest) in names {
+                name.execute(params![run_id, path, &digest[..]])?;
+            }
+        }
+        Write::Reopen { run_id } => {
+            tx.prepare_cached("DELETE FROM merged WHERE run_id = ?1")?
+                .execute([run_id])?;
         }
         Write::PutFiles { run_id, files } => {
             tx.prepare_cached("INSERT OR REPLACE INTO run_files (run_id, body) VALUES (?1, ?2)")?
@@ -853,6 +961,10 @@ fn apply(
             if summary.is_none() {
                 forget_tests_of(tx, run_id)?;
             }
+            let named: Vec<Vec<u8>> = tx
+                .prepare_cached("SELECT DISTINCT digest FROM run_sources WHERE run_id = ?1")?
+                .query_map([run_id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
             for table in [
                 "runs",
                 "shards",
@@ -861,9 +973,18 @@ fn apply(
                 "shard_lines",
                 "run_files",
                 "attempts",
+                "run_sources",
             ] {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE run_id = ?1"))?
                     .execute([run_id])?;
+            }
+            // The texts it named that no other run names.
+            let mut orphan = tx.prepare_cached(
+                "DELETE FROM sources WHERE digest = ?1
+                 AND NOT EXISTS (SELECT 1 FROM run_sources WHERE digest = ?1)",
+            )?;
+            for digest in named {
+                orphan.execute([digest])?;
             }
             logs.drop_run(tx, run_id)?;
             match summary {

@@ -400,6 +400,47 @@ impl Coverage for CoverageRpc {
         }))
     }
 
+    async fn missing_sources(
+        &self,
+        request: Request<proto::MissingSourcesRequest>,
+    ) -> Result<Response<proto::MissingSourcesResponse>, Status> {
+        let missing = self
+            .service
+            .missing_sources(request.into_inner().sha256)
+            .await?;
+        Ok(Response::new(proto::MissingSourcesResponse { missing }))
+    }
+
+    async fn put_sources(
+        &self,
+        request: Request<proto::PutSourcesRequest>,
+    ) -> Result<Response<proto::PutSourcesResponse>, Status> {
+        let r = request.into_inner();
+        let files = r
+            .files
+            .into_iter()
+            .map(|f| crate::service::SourceFile {
+                path: f.path,
+                digest: f.sha256,
+                text: f.text,
+            })
+            .collect();
+        let new_texts = self.service.put_sources(&r.run_id, files).await?;
+        Ok(Response::new(proto::PutSourcesResponse { new_texts }))
+    }
+
+    async fn get_source(
+        &self,
+        request: Request<proto::GetSourceRequest>,
+    ) -> Result<Response<proto::Source>, Status> {
+        let r = request.into_inner();
+        let (digest, text) = self.service.source(&r.run_id, &r.path).await?;
+        Ok(Response::new(proto::Source {
+            sha256: digest.to_vec(),
+            text,
+        }))
+    }
+
     async fn get_patch_coverage(
         &self,
         request: Request<proto::GetPatchCoverageRequest>,

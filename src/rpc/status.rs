@@ -11,7 +11,8 @@ impl From<Error> for Status {
             | Error::FileNotFound { .. }
             | Error::TestNotFound { .. }
             | Error::ShardNotFound { .. }
-            | Error::FlagNotFound { .. } => Code::NotFound,
+            | Error::FlagNotFound { .. }
+            | Error::SourceNotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,

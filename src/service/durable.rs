@@ -42,6 +42,7 @@ pub(super) fn run_record(run: &Run, state: &RunState) -> RunRecord {
         expected_shards: state.params.expected_shards.clone(),
         created_at_ms: to_ms(run.created_at),
         completed_at_ms: state.completed_at.map(to_ms),
+        deltas_kept: run.deltas_kept.load(std::sync::atomic::Ordering::Acquire),
     }
 }
 
@@ -202,6 +203,8 @@ impl CoverageService {
                     .collect(),
             ));
             run.stored.store(true, std::sync::atomic::Ordering::Release);
+            run.deltas_kept
+                .store(r.deltas_kept, std::sync::atomic::Ordering::Release);
             if let Some(ms) = r.completed_at_ms {
                 let mut state = run.state();
                 if state.is_complete() {
@@ -259,15 +262,26 @@ impl CoverageService {
     /// Stores a complete run's merged files and drops its delta log; the run then counts
     /// against the memory budget, and may leave memory. Blocking.
     pub(super) fn compact(&self, run: &Arc<Run>) -> Result<(), StoreError> {
-        if run.state().stale {
-            // The aggregate may hold a replaced attempt's data: keep the delta log instead.
-            return Ok(());
+        let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let state = run.state();
+            // Reopened by a retry meanwhile, or already compacted (a retry reopened and
+            // completed it again before this compaction's turn came).
+            if !state.is_complete() || run.compacted.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(());
+            }
+            if state.stale {
+                // The aggregate may hold a replaced attempt's data: keep the delta log instead.
+                return Ok(());
+            }
         }
         let Some(aggregate) = run.aggregate() else {
             // Already stored, and out of memory.
             return Ok(());
         };
-        let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        let keep_deltas = self.shared.limits.reopen_window.is_some();
+        run.deltas_kept
+            .store(keep_deltas, std::sync::atomic::Ordering::Release);
         let _gate = run.gate_shared();
         let start = std::time::Instant::now();
         // Each shard's lines first, while the delta log is there, a shard per write.
@@ -306,6 +320,7 @@ impl CoverageService {
                     run_id: run.id.clone(),
                     parts,
                     summary,
+                    keep_deltas,
                 },
             ];
             writes.extend(tests);

@@ -14,6 +14,8 @@ pub enum Error {
     ShardNotFound { run: String, shard: String },
     #[error("no run of commit `{commit}` carries flag `{flag}`")]
     FlagNotFound { commit: String, flag: String },
+    #[error("no source of `{path}` was pushed with run `{run}`")]
+    SourceNotFound { run: String, path: String },
     /// Malformed input; `field` names where (e.g. `delta.files[3].line_gaps[17]`).
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },

@@ -132,9 +132,23 @@ impl CoverageService {
         let attempt = header.attempt.max(1);
         let shard_id = header.shard_id;
         let session_id = header.session;
+        let retries_complete_run = {
+            let state = run.state();
+            state.is_complete()
+                && state
+                    .shards
+                    .get(&shard_id)
+                    .is_some_and(|s| attempt > s.attempt)
+        };
+        if retries_complete_run {
+            let (service, run) = (self.clone(), run.clone());
+            tokio::task::spawn_blocking(move || service.reopen(&run))
+                .await
+                .map_err(|e| Error::Unavailable(format!("reopening the run failed: {e}")))??;
+        }
 
         // Bookkeeping first, under the lock; the store and the rebuild after it.
-        let (start, replaced, previous) = {
+        let (start, replaced, previous, reopened) = {
             let mut state = run.state();
             state.check_live(&run.id)?;
             let stale = state.stale;
@@ -204,8 +218,8 @@ impl CoverageService {
                 // Stored with its next delta.
                 shard.writer = session_id.clone().into();
             }
-            // A complete run never needs one: it accepts no new attempt, and its delta log may
-            // already be compacted away.
+            // A complete run never needs one here: a new attempt reopened it above, and it is
+            // complete now only for a client confirming its finish.
             let replaced = !state_complete
                 && (stale || (start && (shard.last_seq > 0 || shard.finished_at.is_some())));
             // The attempt this one replaces, kept (for flaky tests) if it had begun.
@@ -236,7 +250,12 @@ impl CoverageService {
             if replaced {
                 state.stale = true;
             }
-            (record, replaced, previous)
+            let reopened = if start {
+                self.take_reopening(&run, &mut state)
+            } else {
+                Vec::new()
+            };
+            (record, replaced, previous, reopened)
         };
         // The session exists from here on, so an error below still closes the stream count.
         let mut session = ShardSession {
@@ -280,14 +299,13 @@ impl CoverageService {
                 }
                 kept => kept,
             };
-            self.shared
-                .storage
-                .write(vec![Write::StartAttempt {
-                    run_id: run.id.clone(),
-                    shard: record,
-                    replaced,
-                }])
-                .await?;
+            let mut writes = reopened;
+            writes.push(Write::StartAttempt {
+                run_id: run.id.clone(),
+                shard: record,
+                replaced,
+            });
+            self.shared.storage.write(writes).await?;
         }
         if replaced {
             let service = self.clone();
@@ -602,6 +620,10 @@ impl CoverageService {
                 let _ = tokio::task::spawn_blocking(move || {
                     if let Err(e) = service.compact(&run) {
                         tracing::warn!(run = %run.id, "compacting the complete run failed: {e}");
+                    }
+                    // The run now keeps its deltas for retries: room for them, or not.
+                    if let Err(e) = service.relieve_storage() {
+                        tracing::warn!("dropping deltas kept for retries failed: {e}");
                     }
                 })
                 .await;

@@ -10,7 +10,9 @@
 //! - `differential`: a run against a base run, in lcov 2's line categories;
 //! - `line_sets`: union, intersection and difference of covered lines across runs and tests;
 //! - `history`: trends of a project's runs, and the down-sampling of old ones into months;
-//! - `flaky`: flaky and broken tests on a branch, and the attempts of a run's shards.
+//! - `flaky`: flaky and broken tests on a branch, and the attempts of a run's shards;
+//! - `reopen`: a complete run reopened by a retried shard, within the reopen window;
+//! - `sources`: source texts pushed with a run, for the dashboard.
 
 mod cache;
 mod differential;
@@ -24,7 +26,9 @@ mod ingest;
 mod line_sets;
 mod patch;
 mod query;
+mod reopen;
 mod run;
+mod sources;
 mod types;
 
 use std::sync::Arc;
@@ -41,6 +45,7 @@ pub use impact::{ImpactFile, ImpactState, SelectedTest, TestImpact};
 pub use ingest::ShardSession;
 pub use line_sets::{LineSet, MAX_OPERANDS};
 pub use patch::{PatchCoverage, PatchFile};
+pub use sources::{SourceFile, digest_of};
 pub use types::{
     Applied, Delta, DirectoryEntry, DirectorySummary, ExportFormat, ExportHeader, Limits, MAX_TAGS,
     MAX_UNKNOWN_REPORTED, RunParams, RunStatus, ShardHeader, ShardState, ShardStatus,

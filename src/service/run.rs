@@ -79,6 +79,9 @@ pub(super) struct RunState {
     /// The repository's files, when the run was given them: delta paths outside it are
     /// reported back to the shard.
     pub(super) known_files: Option<Arc<RepoFiles>>,
+    /// A retried shard reopened the complete run in memory; the write that starts its attempt
+    /// also tells the store (see [`crate::persist::Write::Reopen`]).
+    pub(super) reopening: bool,
 }
 
 impl RunState {
@@ -143,6 +146,9 @@ pub(super) struct Run {
     /// lines) and while a shard's lines are read, so that a reader sees the log or what
     /// replaced it, never neither.
     pub(super) compacting: Mutex<()>,
+    /// Whether the compacted run still has its deltas in storage, so that a retried shard
+    /// may reopen it (within the reopen window).
+    pub(super) deltas_kept: AtomicBool,
     /// Bumped on every change; watchers and waiting exports subscribe.
     changed: watch::Sender<u64>,
     /// Serializes writes of the run's stored record, so a stale copy never lands last. A tokio
@@ -177,6 +183,7 @@ impl Run {
             deleted: false,
             stale: false,
             known_files: None,
+            reopening: false,
         };
         state.update_completion();
         Run {
@@ -189,6 +196,7 @@ impl Run {
             last_used: AtomicU64::new(0),
             compacted: AtomicBool::new(false),
             compacting: Mutex::new(()),
+            deltas_kept: AtomicBool::new(false),
             changed: watch::Sender::new(0),
             record_lock: tokio::sync::Mutex::new(()),
             stored: std::sync::atomic::AtomicBool::new(false),

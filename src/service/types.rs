@@ -48,6 +48,12 @@ pub struct Limits {
     /// Bytes of memory for the aggregates of complete runs; beyond it the least recently used
     /// leave memory and are read back from storage when asked for. Open runs do not count.
     pub memory_budget_bytes: usize,
+    /// How long after a run completes a higher attempt of one of its shards may reopen it (CI
+    /// "re-run failed jobs" keeps the run id): the run keeps its deltas on disk that long.
+    /// `None`: a complete run refuses every new attempt, and drops its deltas when compacted.
+    pub reopen_window: Option<std::time::Duration>,
+    /// Bytes of one source text pushed with a run (`covd push --sources`).
+    pub max_source_bytes: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +76,8 @@ impl Default for Limits {
             max_deltas_in_flight: std::thread::available_parallelism()
                 .map_or(2, |n| 2 * n.get() + 2),
             memory_budget_bytes: 512 << 20,
+            reopen_window: Some(std::time::Duration::from_secs(24 * 3600)),
+            max_source_bytes: 4 << 20,
         }
     }
 }

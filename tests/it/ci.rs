@@ -9,7 +9,7 @@ use covd::ci::{Ci, Provider, detect};
 use crate::cli::COVD;
 use crate::support::*;
 
-fn environment(name: &str) -> Vec<(String, String)> {
+pub(crate) fn environment(name: &str) -> Vec<(String, String)> {
     std::fs::read_to_string(fixture(&format!("ci/{name}.env")))
         .unwrap()
         .lines()

@@ -241,5 +241,68 @@ async fn the_dashboard_follows_a_run_live_and_navigates_to_a_file() {
     })
     .await;
     screenshot(&c, "6-flaky").await;
+
+    // A run pushed with its sources: the file page shows every line of the file, the
+    // measured ones with their state.
+    tokio::task::block_in_place(|| {
+        let out = served
+            .covd(&[
+                "push",
+                "--fail-on-error",
+                "--run",
+                "with-sources",
+                "--shard",
+                "0",
+                "--strip-prefix",
+                "/builds/shard-1/",
+                "--sources",
+                "--source-root",
+            ])
+            .arg(fixture("gcc-lcov"))
+            .arg(fixture("gcc-lcov/shard1.info"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    c.goto(&format!("{base}/#/run/with-sources/file/src/calc.c"))
+        .await
+        .unwrap();
+    let calc = std::fs::read_to_string(fixture("gcc-lcov/src/calc.c")).unwrap();
+    let shown = c
+        .wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css("#lines .line.src"))
+        .await
+        .unwrap();
+    assert!(
+        shown
+            .text()
+            .await
+            .unwrap()
+            .contains(calc.lines().next().unwrap())
+    );
+    let rows = c.find_all(Locator::Css("#lines .line")).await.unwrap();
+    assert_eq!(
+        rows.len(),
+        calc.lines().count(),
+        "a row per line of the file"
+    );
+    let measured = c
+        .find_all(Locator::Css(
+            "#lines .line.covered, #lines .line.missed, #lines .line.partial",
+        ))
+        .await
+        .unwrap()
+        .len();
+    assert!(
+        measured > 0 && measured < rows.len(),
+        "{measured} of {}",
+        rows.len()
+    );
+    screenshot(&c, "7-file-with-source").await;
     c.close().await.unwrap();
 }

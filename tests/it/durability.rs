@@ -329,7 +329,7 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
     };
     let files = delta(0, 1);
     {
-        let (service, _) = open_service(dir.path());
+        let (service, _) = open_service(dir.path(), no_reopen_window());
         for (run, expected) in [("done", 1), ("open", 2)] {
             let params = RunParams {
                 expected_shards: (0..expected).map(|i: i32| i.to_string()).collect(),
@@ -359,9 +359,10 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
     }
     // Recovery compacts (blocking work, as in the daemon).
     let path = dir.path().to_owned();
-    let (service, recovery) = tokio::task::spawn_blocking(move || open_service(&path))
-        .await
-        .unwrap();
+    let (service, recovery) =
+        tokio::task::spawn_blocking(move || open_service(&path, no_reopen_window()))
+            .await
+            .unwrap();
     assert_eq!(recovery.runs, 2);
     assert_eq!(
         log_files().len(),
@@ -415,11 +416,209 @@ async fn delta_logs_go_with_their_run_and_damage_is_reported() {
 
 /// The service over the store in `dir`, as the daemon opens it (with the protocol's decoder
 /// for the deltas it kept in wire form).
-fn open_service(dir: &std::path::Path) -> (CoverageService, covd::service::Recovery) {
+fn open_service(
+    dir: &std::path::Path,
+    limits: Limits,
+) -> (CoverageService, covd::service::Recovery) {
     let store = SqliteStore::open(dir)
         .unwrap()
         .with_wire_decoder(covd::rpc::convert::wire_delta_files);
-    CoverageService::open(Limits::default(), std::sync::Arc::new(store)).unwrap()
+    CoverageService::open(limits, std::sync::Arc::new(store)).unwrap()
+}
+
+/// No reopen window: a complete run drops its deltas as soon as it is compacted.
+fn no_reopen_window() -> Limits {
+    Limits {
+        reopen_window: None,
+        ..Limits::default()
+    }
+}
+
+/// A complete run keeps its deltas for the reopen window: a retried shard reopens it (also
+/// after a restart, once it is compacted), its attempt replaces the failed one, and the run
+/// completes again. Once the window has passed the deltas go, and a retry is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_reopens_a_complete_run_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_files = || {
+        std::fs::read_dir(dir.path().join("deltas"))
+            .unwrap()
+            .count()
+    };
+    let coverage = |deltas: &[(usize, u64)]| {
+        let mut c = Coverage::default();
+        for (s, seq) in deltas {
+            for (p, f) in delta(*s, *seq) {
+                c.add(&p, &f);
+            }
+        }
+        c
+    };
+    let header = |shard: &str, attempt| ShardHeader {
+        run_id: "r".into(),
+        shard_id: shard.into(),
+        attempt,
+        params: RunParams::default(),
+        session: Vec::new(),
+    };
+    let send = async |service: &CoverageService, shard: usize, attempt, seq| {
+        let session = service
+            .begin_shard(header(&shard.to_string(), attempt))
+            .await
+            .unwrap();
+        let files = delta(shard, seq);
+        let delta = Delta {
+            seq: 1,
+            files: covd::model::FileBatch::of_files(&files),
+            ..Delta::default()
+        };
+        service.apply(&session, delta).await.unwrap();
+        service.finish(&session, 1, None).await.unwrap()
+    };
+    let open = |dir: &std::path::Path| {
+        let dir = dir.to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || open_service(&dir, Limits::default()).0)
+                .await
+                .unwrap()
+        }
+    };
+    {
+        let (service, _) = open_service(dir.path(), Limits::default());
+        let params = RunParams {
+            expected_shards: vec!["0".into(), "1".into()],
+            ..RunParams::default()
+        };
+        service.open_run("r", params).await.unwrap();
+        send(&service, 0, 1, 1).await;
+        assert!(send(&service, 1, 1, 2).await.complete);
+    }
+    // Recovery compacts the run, and keeps its log for a retry.
+    let service = open(dir.path()).await;
+    assert_eq!(log_files(), 1, "the complete run keeps its deltas");
+    let before = service.run_status("r").unwrap();
+    assert!(before.complete);
+    assert_eq!(before.totals, coverage(&[(0, 1), (1, 2)]).totals());
+
+    // Attempt 2 of shard 0: the run waits for it again, without attempt 1's coverage.
+    let session = service.begin_shard(header("0", 2)).await.unwrap();
+    let reopened = service.run_status("r").unwrap();
+    assert!(!reopened.complete);
+    assert_eq!(reopened.missing_shards, ["0"]);
+    assert_eq!(reopened.totals, coverage(&[(1, 2)]).totals());
+    let files = delta(0, 3);
+    let retry = Delta {
+        seq: 1,
+        files: covd::model::FileBatch::of_files(&files),
+        ..Delta::default()
+    };
+    service.apply(&session, retry).await.unwrap();
+    drop(session);
+    drop(service);
+    // Reopened in the store too: a restart has the retry's delta and still waits.
+    let service = open(dir.path()).await;
+    let status = service.run_status("r").unwrap();
+    assert!(!status.complete);
+    assert_eq!(status.totals, coverage(&[(1, 2), (0, 3)]).totals());
+    let session = service.begin_shard(header("0", 2)).await.unwrap();
+    let done = service.finish(&session, 1, None).await.unwrap();
+    assert!(done.complete);
+    drop(session);
+    drop(service);
+
+    let service = open(dir.path()).await;
+    let after = service.run_status("r").unwrap();
+    assert!(after.complete);
+    assert_eq!(after.totals, coverage(&[(1, 2), (0, 3)]).totals());
+    let now = std::time::SystemTime::now();
+    assert_eq!(service.close_reopen_windows(now).await.unwrap(), 0);
+    assert_eq!(log_files(), 1);
+    let a_day_later = now + Duration::from_secs(25 * 3600);
+    assert_eq!(service.close_reopen_windows(a_day_later).await.unwrap(), 1);
+    assert_eq!(log_files(), 0, "the window closed: the deltas are gone");
+    drop(service);
+    let service = open(dir.path()).await;
+    let e = service.begin_shard(header("0", 3)).await.unwrap_err();
+    assert!(
+        e.to_string().contains("its deltas are no longer kept"),
+        "{e}"
+    );
+    let last = service.run_status("r").unwrap();
+    assert!(last.complete);
+    assert_eq!(last.totals, after.totals);
+}
+
+/// Deltas kept for retries never crowd out new coverage: once the store holds more than three
+/// quarters of its cap, complete runs give them up at once, and a retry is then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_deltas_go_first_when_the_store_runs_short() {
+    use covd::persist::{MemoryStore, Storage};
+    use std::sync::Arc;
+    // One complete run, compacted (by a second service's recovery) with its deltas kept: what
+    // does the store then hold?
+    let complete = async |store: Arc<MemoryStore>| {
+        let open = |store: Arc<MemoryStore>| {
+            tokio::task::block_in_place(|| {
+                CoverageService::open(Limits::default(), store as Arc<dyn Storage>)
+                    .unwrap()
+                    .0
+            })
+        };
+        let service = open(store.clone());
+        let params = RunParams {
+            expected_shards: vec!["0".into()],
+            ..RunParams::default()
+        };
+        service.open_run("r", params).await.unwrap();
+        let header = |attempt| ShardHeader {
+            run_id: "r".into(),
+            shard_id: "0".into(),
+            attempt,
+            params: RunParams::default(),
+            session: Vec::new(),
+        };
+        let session = service.begin_shard(header(1)).await.unwrap();
+        for seq in 1..=20 {
+            let files = delta(0, seq);
+            let d = Delta {
+                seq,
+                files: covd::model::FileBatch::of_files(&files),
+                ..Delta::default()
+            };
+            service.apply(&session, d).await.unwrap();
+        }
+        assert!(service.finish(&session, 20, None).await.unwrap().complete);
+        drop(session);
+        drop(service);
+        (open(store.clone()), header)
+    };
+    let wire = covd::rpc::convert::wire_delta_files;
+    let roomy = Arc::new(MemoryStore::new(Some(u64::MAX)).with_wire_decoder(wire));
+    let (service, _) = complete(roomy.clone()).await;
+    assert_eq!(
+        service
+            .close_reopen_windows(std::time::SystemTime::now())
+            .await
+            .unwrap(),
+        0
+    );
+    let (held, _) = roomy.usage().unwrap().unwrap();
+
+    // The same in a store whose cap that is 80% of: the kept deltas go.
+    let cap = held * 5 / 4;
+    let short = Arc::new(MemoryStore::new(Some(cap)).with_wire_decoder(wire));
+    let (service, header) = complete(short.clone()).await;
+    assert_eq!(
+        service
+            .close_reopen_windows(std::time::SystemTime::now())
+            .await
+            .unwrap(),
+        1
+    );
+    let (now_held, _) = short.usage().unwrap().unwrap();
+    assert!(now_held < held, "{now_held} of {held}");
+    let e = service.begin_shard(header(2)).await.unwrap_err();
+    assert!(e.to_string().contains("no longer kept"), "{e}");
 }
 
 /// A data directory at its `--max-db-bytes` still starts and serves what it holds: a start

@@ -253,3 +253,119 @@ fn flaky_broken_and_infrastructure_failures_are_told_apart() {
         "{text}"
     );
 }
+
+/// GitHub's "Re-run failed jobs" once the workflow has ended: the same `GITHUB_RUN_ID`, a
+/// higher `GITHUB_RUN_ATTEMPT`, only the failed job, and no flag given to covd. The retry
+/// reopens the complete run and completes it again: its coverage replaces the failed
+/// attempt's, and the test that failed there and passes now is flaky. Under
+/// `--reopen-window 0` the same retry is refused, and the run stays as it was.
+#[test]
+fn a_failed_job_rerun_after_the_workflow_ended_reopens_its_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let github = |served: &Served, job: &str, attempt: u32, args: &[&str]| {
+        let out = std::process::Command::new(crate::cli::COVD)
+            .env_clear()
+            .envs(crate::ci::environment("github-actions"))
+            .env("COVD_SERVER", &served.url)
+            .env("GITHUB_JOB", job)
+            .env("GITHUB_RUN_ATTEMPT", attempt.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let run = "github/acme/widgets/1658821493";
+    let failed = [
+        lcov(d, "a1.info", &[(1, 1), (2, 1), (3, 1), (5, 0)]),
+        junit(d, "a1.xml", &[("x", false), ("y", true)]),
+    ];
+    let passed = [
+        lcov(d, "a2.info", &[(1, 1), (2, 1), (3, 0), (5, 1)]),
+        junit(d, "a2.xml", &[("x", true), ("y", true)]),
+    ];
+    let other = lcov(d, "e2e.info", &[(1, 1)]);
+    let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let workflow = |served: &Served| {
+        let (code, err) = github(served, "setup", 1, &["open", "--shard-ids", "unit,e2e"]);
+        assert_eq!(code, Some(0), "{err}");
+        let push = [
+            "push",
+            "--fail-on-error",
+            &path(&failed[0]),
+            &path(&failed[1]),
+        ];
+        assert_eq!(github(served, "unit", 1, &push).0, Some(0));
+        let push = ["push", "--fail-on-error", &path(&other)];
+        assert_eq!(github(served, "e2e", 1, &push).0, Some(0));
+    };
+    let fetch = |served: &Served| served.ok(&["fetch", "--run", run, "--wait", "--timeout", "10s"]);
+
+    let served = Served::start();
+    workflow(&served);
+    let before = fetch(&served);
+    assert!(
+        before.contains("DA:3,1\n") && before.contains("DA:5,0\n"),
+        "{before}"
+    );
+    let rerun = [
+        "push",
+        "--fail-on-error",
+        &path(&passed[0]),
+        &path(&passed[1]),
+    ];
+    let (code, err) = github(&served, "unit", 2, &rerun);
+    assert_eq!(code, Some(0), "{err}");
+    let after = fetch(&served);
+    assert!(
+        after.contains("DA:1,2\n") && after.contains("DA:3,0\n") && after.contains("DA:5,1\n"),
+        "the retry's coverage replaced the failed attempt's: {after}"
+    );
+    let attempts = json(&served, &["flaky", "--run", run]);
+    let shard = &attempts["shards"][0];
+    assert_eq!(shard["shard"], "unit");
+    assert_eq!(
+        shard["flipped"],
+        serde_json::json!([{"test": "t::x", "failed_in": [1], "passed_in": [2]}])
+    );
+    assert_eq!(
+        shard["differences"][0]["only_in_attempt"],
+        serde_json::json!([{"path": "a.c", "lines": [3]}])
+    );
+    let tests = json(
+        &served,
+        &[
+            "flaky",
+            "--project",
+            "acme/widgets",
+            "--branch",
+            "feature-branch-1",
+        ],
+    );
+    let x = standing(&tests, "t::x");
+    assert_eq!(
+        (
+            x["class"].as_str(),
+            x["failed"].as_u64(),
+            x["runs"].as_u64()
+        ),
+        (Some("flaky"), Some(1), Some(1))
+    );
+
+    let strict = Served::with(
+        tempfile::tempdir().unwrap(),
+        "127.0.0.1:0",
+        &["--reopen-window", "0"],
+    );
+    workflow(&strict);
+    let (code, err) = github(&strict, "unit", 2, &rerun);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("accepts no more coverage") && err.contains("--reopen-window 0"),
+        "{err}"
+    );
+    assert_eq!(fetch(&strict), before);
+}

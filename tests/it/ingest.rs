@@ -351,7 +351,15 @@ async fn a_higher_attempt_replaces_the_earlier_one() {
 
 #[tokio::test]
 async fn a_complete_run_refuses_more_coverage() {
-    let daemon = Daemon::start().await;
+    // Without a reopen window (see the next test for a retry within one).
+    let daemon = Daemon::with(covd::server::Settings {
+        limits: covd::service::Limits {
+            reopen_window: None,
+            ..covd::service::Limits::default()
+        },
+        ..covd::server::Settings::default()
+    })
+    .await;
     open(&daemon, "r", &["only"]).await;
     let mut c = raw(&daemon.url).await;
     let (mut s, _) = Stream::open(&mut c, "r", "only", 1).await.unwrap();
@@ -388,6 +396,56 @@ async fn a_complete_run_refuses_more_coverage() {
         "a stream for an unexpected shard of a complete run was accepted: {:?}",
         other.finish(0).await
     );
+}
+
+/// CI's "re-run failed jobs" after the pipeline ended: the same run, a higher attempt of one
+/// shard. Within the reopen window it reopens the complete run: the run waits for that shard
+/// again, the failed attempt's coverage goes, and the retry's finish completes it anew. An
+/// older attempt, or a shard the run does not expect, is still refused.
+#[tokio::test]
+async fn a_retry_reopens_a_complete_run() {
+    let daemon = Daemon::start().await;
+    open(&daemon, "r", &["a", "b"]).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut a, _) = Stream::open(&mut c, "r", "a", 1).await.unwrap();
+    a.delta(1, vec![file("x.c", &[(1, 5), (3, 1)])])
+        .await
+        .unwrap();
+    a.finish(1).await.unwrap();
+    let (mut b, _) = Stream::open(&mut c, "r", "b", 1).await.unwrap();
+    b.delta(1, vec![file("x.c", &[(1, 1), (9, 1)])])
+        .await
+        .unwrap();
+    assert!(b.finish(1).await.unwrap().run.unwrap().complete);
+    let mut client = daemon.client();
+
+    let (mut retry, resume) = Stream::open(&mut c, "r", "a", 2).await.unwrap();
+    assert_eq!((resume.attempt, resume.last_seq), (2, 0));
+    let status = client.status("r").await.unwrap();
+    assert!(!status.complete, "reopened");
+    assert_eq!(status.missing_shards, ["a"]);
+    let f = client.file("r", "x.c").await.unwrap();
+    assert_eq!(
+        f.line_hits().collect::<Vec<_>>(),
+        vec![(1, 1), (9, 1)],
+        "attempt 1's lines are gone until the retry sends its own"
+    );
+    retry
+        .delta(1, vec![file("x.c", &[(1, 2), (5, 1)])])
+        .await
+        .unwrap();
+    assert!(retry.finish(1).await.unwrap().run.unwrap().complete);
+    let f = client.file("r", "x.c").await.unwrap();
+    assert_eq!(
+        f.line_hits().collect::<Vec<_>>(),
+        vec![(1, 3), (5, 1), (9, 1)]
+    );
+
+    let stale = Stream::open(&mut c, "r", "a", 1).await.err().unwrap();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let late = Stream::open(&mut c, "r", "c", 1).await.err().unwrap();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    assert!(client.status("r").await.unwrap().complete);
 }
 
 #[tokio::test]

@@ -30,6 +30,7 @@ mod phpunit;
 mod power_cut;
 mod privacy;
 mod query_laws;
+mod sources;
 mod spool;
 mod storage;
 mod stored_data;

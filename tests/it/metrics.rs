@@ -10,7 +10,7 @@ use crate::cli::{COVD, Served};
 use crate::support::fixture;
 
 /// `GET url` over HTTP/1.1: the status, the content type, the body.
-fn get(url: &str) -> (u16, String, String) {
+pub(crate) fn get(url: &str) -> (u16, String, String) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut stream = TcpStream::connect(host).unwrap();

@@ -161,6 +161,27 @@ impl Coverage for Stand {
         unimplemented()
     }
 
+    async fn missing_sources(
+        &self,
+        _: Request<proto::MissingSourcesRequest>,
+    ) -> Result<Response<proto::MissingSourcesResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn put_sources(
+        &self,
+        _: Request<proto::PutSourcesRequest>,
+    ) -> Result<Response<proto::PutSourcesResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn get_source(
+        &self,
+        _: Request<proto::GetSourceRequest>,
+    ) -> Result<Response<proto::Source>, Status> {
+        unimplemented()
+    }
+
     type IngestStream = Answers;
 
     async fn ingest(

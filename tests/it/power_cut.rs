@@ -179,6 +179,30 @@ impl Storage for PowerCut {
         self.disk.test_histories(project, branch)
     }
 
+    fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        self.disk.usage()
+    }
+
+    fn missing_sources(&self, digests: &[covd::persist::Digest]) -> Result<Vec<bool>, StoreError> {
+        self.disk.missing_sources(digests)
+    }
+
+    fn source_digests(
+        &self,
+        run_id: &str,
+        paths: &[String],
+    ) -> Result<Vec<Option<covd::persist::Digest>>, StoreError> {
+        self.disk.source_digests(run_id, paths)
+    }
+
+    fn source(
+        &self,
+        run_id: &str,
+        path: &str,
+    ) -> Result<Option<(covd::persist::Digest, Vec<u8>)>, StoreError> {
+        self.disk.source(run_id, path)
+    }
+
     fn stats(&self) -> &CommitStats {
         self.disk.stats()
     }

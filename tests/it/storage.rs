@@ -106,6 +106,8 @@ every_backend!(
     writes_for_a_run_that_is_not_stored_are_dropped,
     a_new_attempt_drops_the_deltas_of_earlier_ones,
     compaction_keeps_merged_files_shard_lines_and_a_summary,
+    a_compaction_may_keep_the_deltas_for_a_reopening,
+    source_texts_are_shared_and_go_with_their_last_run,
     deleting_a_run_keeps_or_drops_its_summary,
     a_write_beyond_the_cap_commits_nothing,
     a_restarted_daemon_answers_for_complete_and_open_runs,
@@ -372,6 +374,7 @@ async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
                 run_id: "r".into(),
                 parts: cut,
                 summary: summary("r", 1),
+                keep_deltas: false,
             }])
             .await;
         encoder.join().unwrap();
@@ -413,6 +416,7 @@ async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
                     encode_files([(merged[1].0, &merged[1].1)]),
                 ]),
                 summary: summary("r", 2),
+                keep_deltas: false,
             }],
         )
         .await;
@@ -460,6 +464,120 @@ async fn compaction_keeps_merged_files_shard_lines_and_a_summary(make: Make) {
     assert_eq!(shard("0"), (false, Vec::new()));
 }
 
+/// A compaction may keep the run's deltas (for a retry that reopens it): then both its merged
+/// files and its deltas read back, until `DropDeltas` drops the deltas or `Reopen` the merged
+/// files.
+async fn a_compaction_may_keep_the_deltas_for_a_reopening(make: Make) {
+    let backend = make(None);
+    let compact = |files: u64| Write::Compact {
+        run_id: "r".into(),
+        parts: Parts::of(vec![encode_files([(merged_first().0, &merged_first().1)])]),
+        summary: summary("r", files),
+        keep_deltas: true,
+    };
+    {
+        let storage = backend.open();
+        write(&*storage, vec![Write::PutRun(run("r"))]).await;
+        write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
+        write(&*storage, vec![compact(1)]).await;
+    }
+    {
+        let storage = backend.open();
+        assert!(storage.load_runs().unwrap()[0].compacted);
+        assert_eq!(deltas(&*storage, "r", &[("0", 1, 1)]).len(), 1, "kept");
+        // Reopened: no merged files, the deltas as they were, and new ones after them.
+        write(&*storage, vec![Write::Reopen { run_id: "r".into() }]).await;
+        write(&*storage, vec![append("r", "0", 1, 2, 2)]).await;
+    }
+    {
+        let storage = backend.open();
+        assert!(!storage.load_runs().unwrap()[0].compacted);
+        let mut merged = 0;
+        storage.for_each_merged("r", &mut |_| merged += 1).unwrap();
+        assert_eq!(merged, 0);
+        assert_eq!(deltas(&*storage, "r", &[("0", 1, 2)]).len(), 2);
+        write(&*storage, vec![compact(2)]).await;
+        write(&*storage, vec![Write::DropDeltas { run_id: "r".into() }]).await;
+    }
+    let storage = backend.open();
+    let loaded = storage.load_runs().unwrap();
+    assert!(loaded[0].compacted);
+    assert!(deltas(&*storage, "r", &[("0", 1, 2)]).is_empty(), "dropped");
+    let mut merged = Vec::new();
+    storage
+        .for_each_merged("r", &mut |files| merged.extend(files))
+        .unwrap();
+    assert_eq!(merged.len(), 1);
+    assert_eq!(
+        storage.summaries(&HistoryQuery::latest(10)).unwrap(),
+        [summary("r", 2)]
+    );
+}
+
+/// Source texts are kept once, under their digest, while some run names them.
+async fn source_texts_are_shared_and_go_with_their_last_run(make: Make) {
+    let backend = make(None);
+    let (a, b) = (b"int main() {}\n".to_vec(), b"x = 1\n".to_vec());
+    let (da, db) = (covd::service::digest_of(&a), covd::service::digest_of(&b));
+    let put = |run: &str, texts: Vec<([u8; 32], Vec<u8>)>, names: &[(&str, [u8; 32])]| {
+        Write::PutSources {
+            run_id: run.into(),
+            texts: texts
+                .into_iter()
+                .map(|(d, t)| (d, covd::persist::codec::encode_source(&t)))
+                .collect(),
+            names: names.iter().map(|(p, d)| (p.to_string(), *d)).collect(),
+        }
+    };
+    {
+        let storage = backend.open();
+        assert_eq!(storage.missing_sources(&[da, db]).unwrap(), [true, true]);
+        for id in ["r1", "r2"] {
+            write(&*storage, vec![Write::PutRun(run(id))]).await;
+        }
+        write(
+            &*storage,
+            vec![put("r1", vec![(da, a.clone())], &[("m.c", da)])],
+        )
+        .await;
+        // The second run names the same text and sends only the new one.
+        write(
+            &*storage,
+            vec![put(
+                "r2",
+                vec![(db, b.clone())],
+                &[("m.c", da), ("x.py", db)],
+            )],
+        )
+        .await;
+        // A run that is not stored names nothing.
+        write(&*storage, vec![put("gone", vec![], &[("m.c", da)])]).await;
+    }
+    let storage = backend.open();
+    assert_eq!(storage.missing_sources(&[da, db]).unwrap(), [false, false]);
+    assert_eq!(storage.source("r1", "m.c").unwrap(), Some((da, a.clone())));
+    assert_eq!(storage.source("r2", "x.py").unwrap(), Some((db, b.clone())));
+    assert_eq!(storage.source("r1", "x.py").unwrap(), None);
+    assert_eq!(storage.source("gone", "m.c").unwrap(), None);
+    let paths = ["m.c".to_owned(), "x.py".to_owned()];
+    assert_eq!(
+        storage.source_digests("r1", &paths).unwrap(),
+        [Some(da), None]
+    );
+    let delete = |run: &str| Write::DeleteRun {
+        run_id: run.into(),
+        summary: None,
+    };
+    write(&*storage, vec![delete("r2")]).await;
+    assert_eq!(
+        storage.missing_sources(&[da, db]).unwrap(),
+        [false, true],
+        "r1 still names m.c's text; nobody names x.py's"
+    );
+    write(&*storage, vec![delete("r1")]).await;
+    assert_eq!(storage.missing_sources(&[da]).unwrap(), [true]);
+}
+
 async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
     let backend = make(None);
     {
@@ -474,6 +592,7 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
                 run_id: "dropped".into(),
                 parts: Parts::of(Vec::new()),
                 summary: summary("dropped", 3),
+                keep_deltas: false,
             }],
         )
         .await;
@@ -522,7 +641,7 @@ async fn deleting_a_run_keeps_or_drops_its_summary(make: Make) {
 /// A durable backend latches after a failed write (it never retries an fsync and carries on);
 /// the in-memory store, which has no fsync to distrust, refuses only the write beyond its cap.
 async fn a_write_beyond_the_cap_commits_nothing(make: Make) {
-    let backend = make(Some(128 * 1024));
+    let backend = make(Some(160 * 1024));
     let storage = backend.open();
     write(&*storage, vec![Write::PutRun(run("r"))]).await;
     write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
@@ -647,7 +766,7 @@ async fn a_higher_attempt_replaces_the_earlier_one_across_a_restart(make: Make) 
 }
 
 async fn a_daemon_refuses_a_delta_beyond_the_cap(make: Make) {
-    let backend = make(Some(128 * 1024));
+    let backend = make(Some(160 * 1024));
     let durable = backend.open().is_durable();
     let daemon = backend.daemon().await;
     let mut c = raw(&daemon.url).await;

@@ -154,6 +154,29 @@ fn answers_as_it_did(name: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("stored by an earlier release"), "{err}");
+    // Nor did it keep the deltas a retry needs to reopen it: a retry is refused, saying why.
+    let before = covd(&["file", "--run", "complete", "src/lib.rs"], None);
+    let out = served
+        .covd(&[
+            "push",
+            "--fail-on-error",
+            "--run",
+            "complete",
+            "--shard",
+            "0",
+            "--attempt",
+            "9",
+        ])
+        .arg(quickstart.join("shard-b.info"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("accepts no more coverage"), "{err}");
+    assert_eq!(
+        covd(&["file", "--run", "complete", "src/lib.rs"], None),
+        before
+    );
 
     let push = ["push", "--fail-on-error", "--run"];
     covd(

@@ -212,17 +212,38 @@ async function runView(runId, dir) {
 async function fileView(runId, path) {
   const f = await api(`/api/runs/${enc(runId)}/file?path=${enc(path)}`);
   const branches = new Map(f.branches.map(([line, taken, total]) => [line, [taken, total]]));
-  const rows = f.lines.map(([line, hits, covered]) => {
+  const source = f.source;
+  const row = (line, hits, covered) => {
     const b = branches.get(line);
     let state = covered ? "covered" : "missed";
     if (covered && b && b[0] < b[1]) state = "partial";
-    const mark = { covered: "✓ covered", missed: "✗ not covered", partial: "◐ partly" }[state];
-    return el("div", { class: `line ${state}`, "data-line": line },
+    const word = { covered: "covered", missed: "not covered", partial: "branches partly taken" }[state];
+    const mark = { covered: "✓", missed: "✗", partial: "◐" }[state];
+    return el("div", { class: `line ${state}${source ? " src" : ""}`, "data-line": line },
       el("span", { class: "n" }, line),
       el("span", { class: "h" }, hits === null ? (covered ? "ran" : "0") : hits),
       el("span", { class: "b" }, b ? `${b[0]}/${b[1]}` : ""),
-      el("span", { class: "s" }, mark));
-  });
+      source
+        ? [el("span", { class: "s", title: word }, mark, el("span", { class: "skip" }, ` ${word}`)),
+           el("code", {}, source[line - 1] ?? "")]
+        : el("span", { class: "s" }, `${mark} ${word === "branches partly taken" ? "partly" : word}`));
+  };
+  let rows;
+  if (source) {
+    // Every line of the file; a line the tool measured carries its state. Measured lines
+    // past the text's end (a file changed after its coverage) come last.
+    const measured = new Map(f.lines.map(([line, hits, covered]) => [line, [hits, covered]]));
+    rows = source.map((text, i) => {
+      const m = measured.get(i + 1);
+      if (m) return row(i + 1, m[0], m[1]);
+      return el("div", { class: "line plain src", "data-line": i + 1 },
+        el("span", { class: "n" }, i + 1), el("span", { class: "h" }), el("span", { class: "b" }),
+        el("span", { class: "s" }), el("code", {}, text));
+    });
+    rows.push(...f.lines.filter(([line]) => line > source.length).map(([l, h, c]) => row(l, h, c)));
+  } else {
+    rows = f.lines.map(([line, hits, covered]) => row(line, hits, covered));
+  }
   const t = f.totals;
   return [
     el("h1", { class: "mono" }, path.split("/").pop()),
@@ -234,7 +255,9 @@ async function fileView(runId, path) {
     el("div", { class: "legend" },
       el("span", { class: "covered" }, "covered"), el("span", { class: "missed" }, "not covered"),
       el("span", { class: "partial" }, "branches partly taken")),
-    el("p", { class: "muted" }, "Executable lines with their hit counts and branches taken (the daemon holds no source text)."),
+    el("p", { class: "muted" }, source
+      ? "The file as pushed with the run, each executable line with its hit count and branches taken."
+      : "Executable lines with their hit counts and branches taken (no source was pushed with this run: covd push --sources)."),
     el("div", { class: "lines", id: "lines", role: "list", "aria-label": "Lines" }, rows),
   ];
 }
