@@ -213,7 +213,9 @@ pub struct SourcesSent {
     pub files: u64,
     /// Texts the daemon did not have.
     pub new_texts: u64,
-    /// Files left out: not readable here, or beyond the size limit.
+    /// Files left out: not under the source root, not readable here, or beyond the daemon's
+    /// size limit.
+    pub outside_root: u64,
     pub unreadable: u64,
     pub too_large: u64,
 }
@@ -222,6 +224,7 @@ pub struct SourcesSent {
 struct ReadSources {
     files: Vec<proto::SourceFile>,
     texts: Vec<Vec<u8>>,
+    outside_root: u64,
     unreadable: u64,
     too_large: u64,
     /// Entries of the list this batch took.
@@ -230,10 +233,15 @@ struct ReadSources {
 
 /// Reads the next batch of `files`: at most [`SOURCES_PER_REQUEST`] of them, ending once
 /// [`SOURCE_BYTES_READ_AHEAD`] bytes are read.
-fn read_sources(files: &[(String, Vec<std::path::PathBuf>)], max_bytes: usize) -> ReadSources {
+fn read_sources(
+    files: &[(String, Vec<std::path::PathBuf>)],
+    root: &std::path::Path,
+    max_bytes: usize,
+) -> ReadSources {
     let mut read = ReadSources {
         files: Vec::new(),
         texts: Vec::new(),
+        outside_root: 0,
         unreadable: 0,
         too_large: 0,
         consumed: 0,
@@ -244,13 +252,20 @@ fn read_sources(files: &[(String, Vec<std::path::PathBuf>)], max_bytes: usize) -
             break;
         }
         read.consumed += 1;
-        let Some((local, size)) = places
+        let found: Vec<std::path::PathBuf> = places
             .iter()
-            .find_map(|p| Some((p, std::fs::metadata(p).ok().filter(|m| m.is_file())?.len())))
-        else {
-            read.unreadable += 1;
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+            .collect();
+        let Some(local) = found.iter().find(|p| p.starts_with(root)) else {
+            if found.is_empty() {
+                read.unreadable += 1;
+            } else {
+                read.outside_root += 1;
+            }
             continue;
         };
+        let size = std::fs::metadata(local).map_or(0, |m| m.len());
         if size > max_bytes as u64 {
             read.too_large += 1;
             continue;
@@ -361,22 +376,38 @@ impl Client {
 
     /// Sends the source text of `files` (the path in the run, and where the file may be
     /// here, the first that reads) with run `run_id`, each text only if the daemon lacks it.
-    /// A file that cannot be read here, or is larger than `max_bytes`, is left out and
-    /// counted. Reads files on a blocking thread, a batch at a time.
+    /// Only files under `root` are read (symbolic links resolved): a coverage file naming
+    /// `/proc/self/environ` or `../../.ssh/id_rsa` sends nothing of it. A file outside, one
+    /// that cannot be read, or one larger than the daemon takes is left out and counted.
+    /// Reads files on a blocking thread, a batch at a time.
     pub async fn send_sources(
         &mut self,
         run_id: &str,
         files: Vec<(String, Vec<std::path::PathBuf>)>,
-        max_bytes: usize,
+        root: &std::path::Path,
     ) -> Result<SourcesSent, ClientError> {
         let mut sent = SourcesSent::default();
+        let root = std::fs::canonicalize(root).map_err(|e| {
+            ClientError::Protocol(format!("the source root {}: {e}", root.display()))
+        })?;
+        // The daemon's limit, from an empty question.
+        let max_bytes = self
+            .inner
+            .missing_sources(proto::MissingSourcesRequest { sha256: Vec::new() })
+            .await?
+            .into_inner()
+            .max_source_bytes;
+        let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
         let files = std::sync::Arc::new(files);
+        let root = std::sync::Arc::new(root);
         let mut next = 0;
         while next < files.len() {
-            let (all, from) = (files.clone(), next);
-            let read = tokio::task::spawn_blocking(move || read_sources(&all[from..], max_bytes))
-                .await
-                .map_err(|e| ClientError::Protocol(format!("reading sources failed: {e}")))?;
+            let (all, from, under) = (files.clone(), next, root.clone());
+            let read =
+                tokio::task::spawn_blocking(move || read_sources(&all[from..], &under, max_bytes))
+                    .await
+                    .map_err(|e| ClientError::Protocol(format!("reading sources failed: {e}")))?;
+            sent.outside_root += read.outside_root;
             next += read.consumed;
             sent.unreadable += read.unreadable;
             sent.too_large += read.too_large;

@@ -400,8 +400,9 @@ pub(crate) struct PushArgs {
     tags: Vec<(String, String)>,
     /// Also send the source text of each file the coverage names, for the dashboard's file
     /// page: read where the coverage says it is, else at its path in the run (after the path
-    /// rules) under --source-root. The daemon keeps each text once, under its SHA-256, for
-    /// every run naming it: a text it has is not sent again.
+    /// rules) under --source-root; only files under the source root are read. The daemon keeps
+    /// each text once, under its SHA-256, for every run naming it: a text it has is not sent
+    /// again.
     #[arg(long, conflicts_with = "flush_spool")]
     sources: bool,
     /// Where --sources finds files by their path in the run (default: the current directory).

@@ -414,18 +414,18 @@ pub(super) async fn run(a: PushArgs) -> Result<ExitCode, Failure> {
                     (path, vec![named, in_run])
                 })
                 .collect();
-        let max = covd::service::Limits::default().max_source_bytes;
-        match connection.send_sources(&a.run.run, files, max).await {
+        match connection.send_sources(&a.run.run, files, root).await {
             Ok(sent) => {
                 eprintln!(
                     "sources: {} files named, {} new texts sent{}",
                     sent.files,
                     sent.new_texts,
-                    match (sent.unreadable, sent.too_large) {
-                        (0, 0) => String::new(),
-                        (u, t) => format!(
-                            "; left out: {u} not readable here, {t} larger than {} MiB",
-                            max >> 20
+                    match (sent.outside_root, sent.unreadable, sent.too_large) {
+                        (0, 0, 0) => String::new(),
+                        (o, u, t) => format!(
+                            "; left out: {o} outside {}, {u} not readable here, {t} larger than \
+                             the daemon takes",
+                            root.display()
                         ),
                     }
                 );

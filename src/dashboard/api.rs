@@ -204,14 +204,16 @@ pub(crate) async fn file(
     Query(q): Query<PathQuery>,
 ) -> Answer {
     let f = api.service.file(&id, &q.path).await?;
-    // Its lines, when the run's pushes sent its source (`covd push --sources`).
+    // Its lines, when the run's pushes sent its source (`covd push --sources`), and it is
+    // not longer than a page of lines (a 4 MiB file of empty lines would be 4 M rows).
     let source = match api.service.source(&id, &q.path).await {
         Ok((_, text)) => Some(
             String::from_utf8_lossy(&text)
                 .lines()
                 .map(str::to_owned)
                 .collect::<Vec<_>>(),
-        ),
+        )
+        .filter(|lines| lines.len() <= api.service.limits().file_page_lines),
         Err(Error::SourceNotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };

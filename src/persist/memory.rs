@@ -184,21 +184,35 @@ fn apply(inner: &mut Inner, w: Write, merged: Vec<Vec<u8>>) {
             texts,
             names,
         } => {
-            let Some(run) = inner.runs.get_mut(run_id) else {
+            if !inner.runs.contains_key(run_id) {
                 return;
-            };
-            run.sources.extend(names.iter().cloned());
+            }
             for (digest, body) in texts {
                 if !inner.sources.contains_key(digest) {
                     inner.bytes += body.len() as u64;
                     inner.sources.insert(*digest, body.clone());
                 }
             }
+            // A name whose text is not here is left out, as the SQLite store does.
+            let kept: Vec<(String, Digest)> = names
+                .iter()
+                .filter(|(_, d)| inner.sources.contains_key(d))
+                .cloned()
+                .collect();
+            if let Some(run) = inner.runs.get_mut(run_id) {
+                run.sources.extend(kept);
+            }
             return;
         }
         Write::PutRun(run) => {
             let stored = inner.runs.entry(run.run_id.clone()).or_default();
-            stored.record = codec::encode(run);
+            // Completion and kept deltas are `UpdateRun`'s to say, as in the SQLite store.
+            let mut run = run.clone();
+            if let Ok(old) = codec::decode::<RunRecord>(&stored.record) {
+                run.completed_at_ms = old.completed_at_ms;
+                run.deltas_kept = old.deltas_kept;
+            }
+            stored.record = codec::encode(&run);
             return;
         }
         Write::UpdateRun(run) => &run.run_id,

@@ -832,8 +832,22 @@ fn apply(
 ) -> Result<(), StoreError> {
     match w {
         Write::PutRun(run) => {
+            // Its completion and kept deltas are the compaction's to say (`UpdateRun`, under
+            // the run's compaction lock): a copy of the record read before one must not undo
+            // it.
+            let stored: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT record FROM runs WHERE run_id = ?1")?
+                .query_row([&run.run_id], |r| r.get(0))
+                .optional()?;
+            let mut run = run.clone();
+            if let Some(old) =
+                stored.and_then(|b| readable(codec::decode::<RunRecord>(&b), "a run"))
+            {
+                run.completed_at_ms = old.completed_at_ms;
+                run.deltas_kept = old.deltas_kept;
+            }
             tx.prepare_cached("INSERT OR REPLACE INTO runs (run_id, record) VALUES (?1, ?2)")?
-                .execute(params![run.run_id, codec::encode(run)])?;
+                .execute(params![run.run_id, codec::encode(&run)])?;
         }
         Write::UpdateRun(run) => {
             tx.prepare_cached("UPDATE runs SET record = ?2 WHERE run_id = ?1")?
@@ -937,8 +951,11 @@ fn apply(
             for (digest, body) in texts {
                 text.execute(params![&digest[..], body])?;
             }
+            // A name whose text is not here (the last run naming it went after the push asked)
+            // is left out: the file has no source rather than a dangling one.
             let mut name = tx.prepare_cached(
-                "INSERT OR REPLACE INTO run_sources (run_id, path, digest) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO run_sources (run_id, path, digest)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM sources WHERE digest = ?3)",
             )?;
             for (path, digest) in names {
                 name.execute(params![run_id, path, &digest[..]])?;

@@ -408,7 +408,10 @@ impl Coverage for CoverageRpc {
             .service
             .missing_sources(request.into_inner().sha256)
             .await?;
-        Ok(Response::new(proto::MissingSourcesResponse { missing }))
+        Ok(Response::new(proto::MissingSourcesResponse {
+            missing,
+            max_source_bytes: self.service.limits().max_source_bytes as u64,
+        }))
     }
 
     async fn put_sources(

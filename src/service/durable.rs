@@ -328,7 +328,11 @@ impl CoverageService {
             let merged = encoder.join().unwrap_or_default();
             (written, merged)
         });
-        written?;
+        if let Err(e) = written {
+            run.deltas_kept
+                .store(false, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
         run.compacted
             .store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(

@@ -140,13 +140,42 @@ impl CoverageService {
                     .get(&shard_id)
                     .is_some_and(|s| attempt > s.attempt)
         };
-        if retries_complete_run {
+        {
+            // Room for the stream: deltas kept for retries go first.
+            let service = self.clone();
+            let relieved = tokio::task::spawn_blocking(move || service.relieve_storage()).await;
+            if let Ok(Err(e)) = relieved {
+                tracing::warn!("dropping deltas kept for retries failed: {e}");
+            }
+        }
+        let reopened = if retries_complete_run {
             let (service, run) = (self.clone(), run.clone());
             tokio::task::spawn_blocking(move || service.reopen(&run))
                 .await
-                .map_err(|e| Error::Unavailable(format!("reopening the run failed: {e}")))??;
+                .map_err(|e| Error::Unavailable(format!("reopening the run failed: {e}")))??
+        } else {
+            None
+        };
+        let started = self
+            .start_attempt(run.clone(), shard_id, attempt, session_id)
+            .await;
+        if let (Err(_), Some(was)) = (&started, reopened) {
+            let service = self.clone();
+            let _ = tokio::task::spawn_blocking(move || service.undo_reopen(&run, was)).await;
         }
+        started
+    }
 
+    /// [`CoverageService::begin_shard`] once the run is found (and reopened, for a retry of a
+    /// complete one).
+    async fn start_attempt(
+        &self,
+        run: Arc<Run>,
+        shard_id: String,
+        attempt: u32,
+        session_id: Vec<u8>,
+    ) -> Result<ShardSession> {
+        let limits = self.limits();
         // Bookkeeping first, under the lock; the store and the rebuild after it.
         let (start, replaced, previous, reopened) = {
             let mut state = run.state();

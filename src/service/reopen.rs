@@ -8,8 +8,9 @@
 //! again when the retry finishes. The replaced attempt's results stay with the run, so a test
 //! that failed there and passed in the retry is flaky. Past the window the deltas are dropped
 //! and a retry is refused, as it always was with `--reopen-window 0`. Nor may kept deltas
-//! crowd out new coverage: past three quarters of `--max-db-bytes`, the runs complete the
-//! longest give theirs up first.
+//! crowd out new coverage: past half of `--max-db-bytes`, the runs complete the longest give
+//! theirs up first (checked when a shard's stream starts and after each compaction, so that
+//! ingest keeps at least the other half).
 //!
 //! [`Limits::reopen_window`]: super::Limits::reopen_window
 
@@ -22,6 +23,14 @@ use crate::persist::{StoreError, Write};
 use super::durable::run_record;
 use super::run::{Run, RunState};
 use super::{CoverageService, Error, Result};
+
+/// How a reopened run was before, to put it back if its retry does not start.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reopened {
+    completed_at: SystemTime,
+    compacted: bool,
+    deltas_kept: bool,
+}
 
 impl CoverageService {
     /// Why a retry may not reopen `run`, which is complete; `None` if it may.
@@ -59,30 +68,74 @@ impl CoverageService {
     /// Reopens the complete `run` for a retry of one of its shards: its coverage comes back
     /// into memory, and it is neither compacted nor complete any more. The retry's start then
     /// replaces its attempt and tells the store ([`Write::Reopen`]). Nothing changes if another
-    /// retry reopened it first. Blocking.
-    pub(super) fn reopen(&self, run: &Arc<Run>) -> Result<()> {
+    /// retry reopened it first. Returns what [`CoverageService::undo_reopen`] needs if this
+    /// call reopened it. Blocking.
+    pub(super) fn reopen(&self, run: &Arc<Run>) -> Result<Option<Reopened>> {
         // Not while a compaction stores the run, or the sweep drops its deltas.
         let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
-        {
+        let completed_at = {
             let state = run.state();
             state.check_live(&run.id)?;
-            if !state.is_complete() {
-                return Ok(());
-            }
+            let Some(completed_at) = state.completed_at else {
+                return Ok(None);
+            };
             if let Some(why) = self.reopen_refusal(run, &state, SystemTime::now()) {
                 return Err(Error::FailedPrecondition(why));
             }
-        }
-        // Readers see the coverage they saw until the retry's start rebuilds it.
-        run.load(&self.shared.interner, &*self.shared.storage)?;
-        run.compacted.store(false, Ordering::Release);
-        run.deltas_kept.store(false, Ordering::Release);
+            completed_at
+        };
+        // Not compacted first: the cache then never lets it leave memory again, and a reader
+        // never reads it back from merged files the retry's start drops.
+        let compacted = run.compacted.swap(false, Ordering::AcqRel);
         self.shared.cache.forget(&run.id);
-        let mut state = run.state();
-        state.completed_at = None;
-        state.reopening = true;
+        // Readers see the coverage they saw until the retry's start rebuilds it.
+        if let Err(e) = run.load(&self.shared.interner, &*self.shared.storage) {
+            run.compacted.store(compacted, Ordering::Release);
+            return Err(e.into());
+        }
+        let deltas_kept = run.deltas_kept.swap(false, Ordering::AcqRel);
+        {
+            let mut state = run.state();
+            state.completed_at = None;
+            state.reopening = true;
+        }
+        run.notify();
         tracing::info!(run = %run.id, "a retried shard reopens the complete run");
-        Ok(())
+        Ok(Some(Reopened {
+            completed_at,
+            compacted,
+            deltas_kept,
+        }))
+    }
+
+    /// Puts back a run whose retry reopened it but failed to start before the store heard of
+    /// it: complete again, as it was. Blocking.
+    pub(super) fn undo_reopen(&self, run: &Arc<Run>, was: Reopened) {
+        {
+            let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = run.state();
+            // Only while nothing of the retry happened: the store not told, every shard done.
+            if !state.reopening || !state.missing().is_empty() {
+                return;
+            }
+            state.reopening = false;
+            state.completed_at = Some(was.completed_at);
+            drop(state);
+            run.deltas_kept.store(was.deltas_kept, Ordering::Release);
+            run.compacted.store(was.compacted, Ordering::Release);
+            if was.compacted
+                && let Some(aggregate) = run.aggregate()
+            {
+                self.shared.cache.admit(run, aggregate.heap_bytes());
+            }
+        }
+        run.notify();
+        if !was.compacted {
+            // Its compaction may have come and gone while it was open.
+            if let Err(e) = self.compact(run) {
+                tracing::warn!(run = %run.id, "compacting the complete run failed: {e}");
+            }
+        }
     }
 
     /// The writes that tell the store a run was reopened, if it was and the store does not
@@ -116,16 +169,20 @@ impl CoverageService {
         .map_err(|e| Error::Unavailable(format!("dropping kept deltas failed: {e}")))?
     }
 
-    /// While the store holds more than three quarters of `--max-db-bytes`, drops the deltas
+    /// While the store holds more than half of `--max-db-bytes`, drops the deltas
     /// complete runs keep for retries, the run complete the longest first. Returns how many
     /// runs dropped theirs. Blocking.
     pub(super) fn relieve_storage(&self) -> std::result::Result<usize, StoreError> {
         let mut relieved = 0;
-        for run in self.kept_deltas() {
+        let kept = self.kept_deltas();
+        if kept.is_empty() {
+            return Ok(0);
+        }
+        for run in kept {
             let Some((used, cap)) = self.shared.storage.usage()? else {
                 break;
             };
-            if used.saturating_mul(4) <= cap.saturating_mul(3) {
+            if used.saturating_mul(2) <= cap {
                 break;
             }
             if self.drop_kept_deltas(&run, None)? {

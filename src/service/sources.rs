@@ -78,10 +78,17 @@ impl CoverageService {
         }
         let mut names = Vec::with_capacity(files.len());
         let mut texts = Vec::new();
+        let mut seen = std::collections::HashSet::with_capacity(files.len());
         for (i, f) in files.into_iter().enumerate() {
             let field = |what: &str| format!("files[{i}].{what}");
             crate::model::path::check(&f.path)
                 .map_err(|e| Error::invalid(field("path"), e.to_string()))?;
+            if !seen.insert(f.path.clone()) {
+                return Err(Error::invalid(
+                    field("path"),
+                    format!("{} comes twice in one request", f.path),
+                ));
+            }
             let d = digest(&field("sha256"), &f.digest)?;
             if let Some(text) = f.text {
                 if text.len() > limits.max_source_bytes {

@@ -105,6 +105,55 @@ async fn sources_are_sent_once_and_read_back_as_pushed() {
     assert_eq!(missing(&mut c).await, [0]);
 }
 
+/// A push reads sources under its source root only: a coverage file naming a file elsewhere,
+/// or a link out of the root, sends nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_files_under_the_source_root_are_sent() {
+    let served = Served::start();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "API_KEY=hunter2\n").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("ok.c"), "int main(void) { return 0; }\n").unwrap();
+    std::os::unix::fs::symlink(&secret, root.path().join("link.c")).unwrap();
+    let info = root.path().join("cov.info");
+    std::fs::write(
+        &info,
+        format!(
+            "SF:{}\nDA:1,1\nend_of_record\nSF:link.c\nDA:1,1\nend_of_record\n\
+             SF:ok.c\nDA:1,1\nend_of_record\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let out = served
+        .covd(&[
+            "push",
+            "--fail-on-error",
+            "--run",
+            "r",
+            "--shard",
+            "0",
+            "--sources",
+        ])
+        .arg(&info)
+        .current_dir(root.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("sources: 1 files named, 1 new texts sent; left out: 2 outside"),
+        "{said}"
+    );
+    let mut client = covd::client::Client::connect(&served.url).unwrap();
+    assert!(client.source("r", "ok.c").await.is_ok());
+    for path in [secret.to_str().unwrap(), "link.c"] {
+        let e = client.source("r", path).await.unwrap_err();
+        assert!(e.to_string().contains("no source of"), "{path}: {e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_source_requests_are_refused_whole() {
     let served = Served::start();
@@ -125,6 +174,11 @@ async fn bad_source_requests_are_refused_whole() {
     };
     let calc = std::fs::read(fixture("gcc-lcov/src/calc.c")).unwrap();
     for (bad, code, says) in [
+        (
+            good.clone(),
+            Code::InvalidArgument,
+            "comes twice in one request",
+        ),
         (
             proto::SourceFile {
                 sha256: vec![1; 31],
@@ -181,6 +235,10 @@ async fn bad_source_requests_are_refused_whole() {
         ),
     ] {
         // A good file first: nothing of the request is kept.
+        let mut bad = bad;
+        if bad.path == good.path && !says.contains("twice") {
+            bad.path = "src/bad.rs".into();
+        }
         let e = refused(&mut c, vec![good.clone(), bad]).await;
         assert_eq!(e.code(), code, "{}", e.message());
         assert!(e.message().contains(says), "{}", e.message());

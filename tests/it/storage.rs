@@ -479,11 +479,24 @@ async fn a_compaction_may_keep_the_deltas_for_a_reopening(make: Make) {
         let storage = backend.open();
         write(&*storage, vec![Write::PutRun(run("r"))]).await;
         write(&*storage, vec![append("r", "0", 1, 1, 1)]).await;
-        write(&*storage, vec![compact(1)]).await;
+        let complete = RunRecord {
+            completed_at_ms: Some(1_700_000_000_000),
+            deltas_kept: true,
+            ..run("r")
+        };
+        write(&*storage, vec![Write::UpdateRun(complete), compact(1)]).await;
+        // A copy of the record from before (an `open` of the run at the same time) does not
+        // undo its completion or its kept deltas.
+        write(&*storage, vec![Write::PutRun(run("r"))]).await;
     }
     {
         let storage = backend.open();
-        assert!(storage.load_runs().unwrap()[0].compacted);
+        let loaded = &storage.load_runs().unwrap()[0];
+        assert!(loaded.compacted);
+        assert_eq!(
+            (loaded.run.completed_at_ms, loaded.run.deltas_kept),
+            (Some(1_700_000_000_000), true)
+        );
         assert_eq!(deltas(&*storage, "r", &[("0", 1, 1)]).len(), 1, "kept");
         // Reopened: no merged files, the deltas as they were, and new ones after them.
         write(&*storage, vec![Write::Reopen { run_id: "r".into() }]).await;
