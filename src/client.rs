@@ -13,6 +13,7 @@ use roaring::RoaringBitmap;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -82,6 +83,19 @@ impl ClientError {
             ClientError::Status(s) => retryable_code(s.code()),
             ClientError::LostAcknowledged { .. } => true,
             _ => false,
+        }
+    }
+
+    /// Whether the daemon refused the call's token: `Unauthenticated` (none, unknown, expired,
+    /// revoked) or `PermissionDenied` (its scope or projects do not reach).
+    pub fn auth_refusal(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s)
+                if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) =>
+            {
+                Some(s.code())
+            }
+            _ => None,
         }
     }
 
@@ -194,7 +208,22 @@ impl Batcher {
 /// A connection to a covd daemon.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: CoverageClient<Channel>,
+    inner: CoverageClient<InterceptedService<Channel, Bearer>>,
+}
+
+/// Sends the client's token, if it has one, with every call (`authorization: Bearer …`).
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// Source files a request names at most.
@@ -291,11 +320,24 @@ impl Client {
     /// Connects lazily: the first call fails with UNAVAILABLE if nobody listens, and later
     /// calls reconnect by themselves.
     pub fn connect(url: &str) -> Result<Client, ClientError> {
+        Client::connect_with(url, None)
+    }
+
+    /// [`Client::connect`], sending `token` (`covd_…`) with every call.
+    pub fn connect_with(url: &str, token: Option<&str>) -> Result<Client, ClientError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|_| ClientError::Address(url.to_owned()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
-        let inner = CoverageClient::new(endpoint.connect_lazy())
+        let bearer = match token.filter(|t| !t.is_empty()) {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                ClientError::Protocol(
+                    "the token is not a covd token (it holds characters a header cannot)".into(),
+                )
+            })?),
+            None => None,
+        };
+        let inner = CoverageClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer))
             .max_decoding_message_size(64 * 1024 * 1024)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         Ok(Client { inner })

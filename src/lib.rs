@@ -27,6 +27,7 @@
 //! - [`rpc`]: the gRPC edge: generated code, the one-pass reader of incoming deltas
 //!   (`rpc/delta.rs`), the message codec, conversions with validation, error → status.
 //! - [`privacy`]: project names kept plain, as keyed pseudonyms, or not at all.
+//! - [`auth`]: access tokens (their store, scopes, projects) and who a call comes from.
 //! - `dashboard`: the web dashboard on the HTTP port (its JSON API and compiled-in assets).
 //! - [`server`]: wiring, limits, health and reflection, shutdown.
 //! - [`client`]: the typed client the CLI and tests use.
@@ -34,6 +35,7 @@
 //! The `covd` binary (`src/main.rs`, `src/cli/`) is a thin command line over these.
 
 pub mod aggregate;
+pub mod auth;
 pub mod ci;
 pub mod client;
 mod dashboard;

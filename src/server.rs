@@ -15,11 +15,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
+use crate::auth::Auth;
 use crate::persist::{MemoryStore, SqliteStore, Storage, StoreError};
 use crate::privacy::{Privacy, ProjectNames};
 use crate::rpc::proto::coverage_server::CoverageServer;
 use crate::rpc::{CoverageRpc, proto};
 use crate::service::{CoverageService, Limits};
+use tonic::service::interceptor::InterceptedService;
 
 /// Everything `covd serve` can be told.
 #[derive(Debug, Clone)]
@@ -57,6 +59,11 @@ pub struct Settings {
     /// The key of project pseudonyms; `None`: `pseudonym.key` in the data directory (made at
     /// first start), or with no data directory a key of the process's own.
     pub pseudonym_key_file: Option<PathBuf>,
+    /// The token store (`covd token`); `None`: `tokens.sqlite3` in the data directory, or with
+    /// no data directory none (no tokens, so loopback only).
+    pub tokens: Option<PathBuf>,
+    /// Serve a non-loopback address without tokens (anybody there may do anything).
+    pub insecure_no_auth: bool,
 }
 
 /// What a started daemon tells the one that started it.
@@ -81,6 +88,8 @@ impl Default for Settings {
             http_listen: None,
             project_names: ProjectNames::Plain,
             pseudonym_key_file: None,
+            tokens: None,
+            insecure_no_auth: false,
         }
     }
 }
@@ -137,31 +146,38 @@ pub async fn run_on(
     let service = open_service(&settings, storage).await?;
     let privacy = Arc::new(privacy(&settings)?);
     tracing::info!("project names are kept {:?}", privacy.policy());
+    let auth = Arc::new(auth(&settings, &listener)?);
     let (stop, stopping) = watch::channel(false);
     let (http, http_task) = match settings.http_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.map_err(|e| {
                 ServerError::Startup(format!("cannot listen on {addr} for HTTP: {e}"))
             })?;
+            exposed(&listener, &auth, settings.insecure_no_auth, "--http-listen")?;
             let bound = listener.local_addr().ok();
             let task = tokio::spawn(crate::http::serve(
                 listener,
                 service.clone(),
                 privacy.clone(),
+                auth.clone(),
                 stopping.clone(),
             ));
             (bound, Some(AbortOnDrop(task)))
         }
         None => (None, None),
     };
-    let coverage =
-        CoverageServer::new(CoverageRpc::new(service.clone(), stopping.clone(), privacy))
-            .max_decoding_message_size(settings.max_message_bytes)
-            .max_encoding_message_size(settings.max_message_bytes)
-            // Clients may compress what they send. Answers go uncompressed: on the loopback and
-            // LAN links covd serves, gzip cost more time than it saved (it was 5% of the daemon's
-            // CPU in the ingest benchmark, and delayed the merged export).
-            .accept_compressed(CompressionEncoding::Gzip);
+    let coverage = CoverageServer::new(CoverageRpc::new(
+        service.clone(),
+        stopping.clone(),
+        privacy.clone(),
+        auth.clone(),
+    ))
+    .max_decoding_message_size(settings.max_message_bytes)
+    .max_encoding_message_size(settings.max_message_bytes)
+    // Clients may compress what they send. Answers go uncompressed: on the loopback and
+    // LAN links covd serves, gzip cost more time than it saved (it was 5% of the daemon's
+    // CPU in the ingest benchmark, and delayed the merged export).
+    .accept_compressed(CompressionEncoding::Gzip);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -214,8 +230,14 @@ pub async fn run_on(
         .max_concurrent_streams(settings.max_concurrent_streams)
         .initial_stream_window_size(settings.stream_window_bytes)
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(
+            reflection_v1,
+            crate::rpc::reading(auth.clone(), privacy.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha,
+            crate::rpc::reading(auth.clone(), privacy.clone()),
+        ))
         .add_service(coverage)
         .serve_with_incoming_shutdown(without_delay(listener), signal);
     let _ = ready.send(Ready { http });
@@ -272,6 +294,57 @@ fn without_delay(
         }
         accepted
     })
+}
+
+/// The tokens the daemon accepts (see [`crate::auth`]); refuses to serve `listener` beyond
+/// loopback without them, unless told to.
+fn auth(settings: &Settings, listener: &TcpListener) -> Result<Auth, ServerError> {
+    let path = settings.tokens.clone().or_else(|| {
+        settings
+            .data_dir
+            .as_ref()
+            .map(|d| d.join(crate::auth::TOKENS_FILE))
+    });
+    let auth = match &path {
+        Some(path) => Auth::open(path).map_err(|e| ServerError::Startup(e.to_string()))?,
+        None => Auth::none(),
+    };
+    exposed(listener, &auth, settings.insecure_no_auth, "--listen")?;
+    if auth.required() {
+        tracing::info!("every call but health needs a token");
+    } else if settings.insecure_no_auth {
+        tracing::warn!(
+            "no tokens and --insecure-no-auth: anybody who reaches the daemon may read, write \
+             and delete every run"
+        );
+    } else {
+        tracing::info!(
+            "no tokens (`covd token create` makes one): serving loopback only, where every \
+             client may do anything"
+        );
+    }
+    Ok(auth)
+}
+
+/// Refuses a listener beyond loopback while the daemon has no tokens, unless
+/// `--insecure-no-auth`.
+fn exposed(
+    listener: &TcpListener,
+    auth: &Auth,
+    insecure: bool,
+    flag: &str,
+) -> Result<(), ServerError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Startup(format!("the listener's address: {e}")))?;
+    if addr.ip().is_loopback() || auth.required() || insecure {
+        return Ok(());
+    }
+    Err(ServerError::Startup(format!(
+        "{flag} {addr} is beyond loopback and the daemon has no tokens, so anybody there could \
+         read, write and delete every run: create one (`covd token create --data-dir DIR \
+         --project P --scope admin`), or pass --insecure-no-auth"
+    )))
 }
 
 /// The storage `settings` name: the data directory's SQLite store, or memory.

@@ -10,6 +10,7 @@ mod impact;
 mod lines;
 mod patch;
 mod push;
+mod token;
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -100,6 +101,8 @@ enum Command {
     Runs(ServerArg),
     /// Delete a run.
     Delete(RunArg),
+    /// Access tokens: create, list, revoke (see Tokens in the README).
+    Token(token::TokenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +115,9 @@ struct ServerArg {
         global = true
     )]
     server: String,
+    /// The token to call the daemon with (`covd token create`), when it requires one.
+    #[arg(long, env = "COVD_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +204,14 @@ struct ServeArgs {
     /// Where runs are stored (SQLite); acknowledged coverage survives a crash.
     #[arg(long, env = "COVD_DATA_DIR", default_value = "covd-data")]
     data_dir: PathBuf,
+    /// The token store (`covd token`; default: `tokens.sqlite3` in the data directory). Once
+    /// it holds a token, every call but health needs one.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Listen beyond loopback with no tokens: anybody who reaches the daemon may read, write
+    /// and delete every run.
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// Cap the data directory (database and delta logs) at this many bytes; past it the daemon
     /// stops acknowledging. With --in-memory: cap the coverage held, refusing deltas beyond it.
     #[arg(long)]
@@ -561,7 +575,13 @@ pub(crate) struct Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
-        let code = if e.is_unavailable() {
+        let code = if let Some(refused) = e.auth_refusal() {
+            if refused == tonic::Code::Unauthenticated {
+                8
+            } else {
+                9
+            }
+        } else if e.is_unavailable() {
             3
         } else if e.is_invalid_input() {
             2
@@ -603,6 +623,7 @@ impl Cli {
             Command::History(a) => history::history(a).await,
             Command::Flaky(a) => flaky::flaky(a).await,
             Command::Runs(a) => runs(a).await,
+            Command::Token(a) => token::token(a),
             Command::Delete(a) => {
                 client(&a.server)?.delete_run(&a.run).await?;
                 eprintln!("deleted run {}", a.run);
@@ -626,7 +647,7 @@ fn read_diff(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
 }
 
 fn client(server: &ServerArg) -> Result<Client, Failure> {
-    Client::connect(&server.server).map_err(|e| bad_input(e.into()))
+    Client::connect_with(&server.server, server.token.as_deref()).map_err(|e| bad_input(e.into()))
 }
 
 async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
@@ -637,6 +658,8 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         history_full_for: (!a.history_full_for.is_zero()).then_some(a.history_full_for),
         project_names: a.project_names.into(),
         pseudonym_key_file: a.pseudonym_key_file.clone(),
+        tokens: a.tokens.clone(),
+        insecure_no_auth: a.insecure_no_auth,
         shutdown_grace: a.shutdown_grace,
         max_db_bytes: a.max_db_bytes,
         max_concurrent_streams: a.max_concurrent_streams,
@@ -662,6 +685,33 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_test_field_bytes = a.max_test_field_bytes;
     settings.limits.runs_listed = a.runs_listed;
     settings.limits.file_page_lines = a.file_page_lines;
+    // Checked before anything binds (the daemon checks again once it has its tokens open).
+    let tokens = settings.tokens.clone().or_else(|| {
+        settings
+            .data_dir
+            .as_ref()
+            .map(|d| d.join(covd::auth::TOKENS_FILE))
+    });
+    let has_tokens = tokens.as_ref().is_some_and(|p| {
+        p.exists()
+            && covd::auth::TokenStore::open(p)
+                .and_then(|s| s.list())
+                .is_ok_and(|l| !l.is_empty())
+    });
+    let exposed = std::iter::once(("--listen", a.listen))
+        .chain(settings.http_listen.map(|h| ("--http-listen", h)))
+        .find(|(_, addr)| !addr.ip().is_loopback());
+    if let Some((flag, addr)) = exposed
+        && !has_tokens
+        && !a.insecure_no_auth
+    {
+        return Err(bad_input(anyhow!(
+            "{flag} {addr} is beyond loopback and the daemon has no tokens, so anybody there \
+             could read, write and delete every run: create one first (`covd token create \
+             --data-dir {} --project '*' --scope admin`), or pass --insecure-no-auth",
+            a.data_dir.display()
+        )));
+    }
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;

@@ -22,7 +22,7 @@ pub use generated::{
     AttemptRecord, BranchRecord, FileLinesRecord, FileListRecord, FileRecord, FilesRecord,
     FunctionRecord, MonthRecord, RunRecord, ShardLinesRecord, ShardRecord, StatRecord,
     SummaryRecord, TelemetryRecord, TestCaseRecord, TestHistoryRecord, TestLinesRecord,
-    TestOutcome, TestRunOutcome, TestStatus,
+    TestOutcome, TestRunOutcome, TestStatus, TokenRecord,
 };
 
 impl From<&TestCase> for TestCaseRecord {

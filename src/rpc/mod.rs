@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Auth, Denied, Principal, Scope};
 use crate::diff::FileChange;
 use crate::privacy::{Privacy, ProjectNames};
 use crate::service::{CoverageService, Error, RunParams, ShardHeader};
@@ -51,6 +52,8 @@ pub struct CoverageRpc {
     service: CoverageService,
     /// How project names are kept.
     privacy: Arc<Privacy>,
+    /// Which tokens the daemon accepts.
+    auth: Arc<Auth>,
     /// Turns true when the daemon shuts down: open ingest streams end (after the delta in
     /// hand) with UNAVAILABLE, so their clients reconnect and resume.
     stopping: watch::Receiver<bool>,
@@ -61,12 +64,133 @@ impl CoverageRpc {
         service: CoverageService,
         stopping: watch::Receiver<bool>,
         privacy: Arc<Privacy>,
+        auth: Arc<Auth>,
     ) -> CoverageRpc {
         CoverageRpc {
             service,
             privacy,
+            auth,
             stopping,
         }
+    }
+
+    /// Who makes `request` (its `authorization` metadata), if the daemon accepts them.
+    fn who<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        caller(&self.auth, &self.privacy, request.metadata())
+    }
+
+    /// The caller, if its token has `scope` (to `what`) and reaches run `run_id`. A run that
+    /// does not exist is left to the call to refuse (NOT_FOUND), unless the token names
+    /// another run.
+    fn allow_run<T>(
+        &self,
+        request: &Request<T>,
+        scope: Scope,
+        what: &str,
+        run_id: &str,
+    ) -> Result<Principal, Status> {
+        let who = self.who(request)?;
+        who.needs(scope, what).map_err(denied)?;
+        check_run(&self.service, &who, run_id)?;
+        Ok(who)
+    }
+
+    /// The project a query names, as runs keep it, if the caller reaches it; a query of every
+    /// project only for a token that reaches them all (a token of one project queries it).
+    fn allow_project<T>(&self, request: &Request<T>, project: &str) -> Result<String, Status> {
+        let who = self.who(request)?;
+        who.needs(Scope::Read, "read").map_err(denied)?;
+        if project.is_empty() {
+            if who.reaches_all_projects() {
+                return Ok(String::new());
+            }
+            return match who.own_project() {
+                Some(own) => Ok(own.to_owned()),
+                None => Err(Status::permission_denied(
+                    "this token reaches some projects only: name one",
+                )),
+            };
+        }
+        let kept = project_queried(&self.privacy, project);
+        who.check_project(&kept, project).map_err(denied)?;
+        Ok(kept)
+    }
+}
+
+/// Who sent `metadata`, if the daemon accepts them.
+fn caller(
+    auth: &Auth,
+    privacy: &Privacy,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Principal, Status> {
+    let header = metadata
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    auth.authenticate(header, |p| project_queried(privacy, p))
+        .map_err(denied)
+}
+
+/// Refused unless `who` reaches every run an expression reads, and the project of its `flag:`
+/// operands (as kept; a flag of any project needs a token of every project).
+fn allow_line_set(
+    service: &CoverageService,
+    who: &Principal,
+    set: &crate::service::LineSet,
+) -> Result<(), Status> {
+    use crate::service::LineSet;
+    match set {
+        LineSet::Covered(run)
+        | LineSet::Measured(run)
+        | LineSet::Tests(run)
+        | LineSet::Test { run, .. }
+        | LineSet::Shard { run, .. }
+        | LineSet::TestsExcept { run, .. } => check_run(service, who, run),
+        LineSet::Flag { project, .. } if project.is_empty() => {
+            if who.reaches_all_projects() {
+                Ok(())
+            } else {
+                Err(Status::permission_denied(
+                    "this token reaches some projects only: name the flag's project",
+                ))
+            }
+        }
+        LineSet::Flag { project, .. } => who.check_project(project, project).map_err(denied),
+        LineSet::Union(a, b) | LineSet::Intersection(a, b) | LineSet::Difference(a, b) => {
+            allow_line_set(service, who, a)?;
+            allow_line_set(service, who, b)
+        }
+    }
+}
+
+/// Refused unless `who` reaches run `run_id` (see [`CoverageRpc::allow_run`]).
+fn check_run(service: &CoverageService, who: &Principal, run_id: &str) -> Result<(), Status> {
+    let project = match service.run_status(run_id) {
+        Ok(status) => status.params.project,
+        // Judged on the run id alone; the call then says the run does not exist.
+        Err(_) => return who.check_run_id(run_id).map_err(denied),
+    };
+    who.check_run(run_id, &project).map_err(denied)
+}
+
+/// What lets a call through only with a token of the read scope (server reflection: the
+/// protocol is no secret, but who asks about it should be a client of the daemon).
+pub fn reading(
+    auth: Arc<Auth>,
+    privacy: Arc<Privacy>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        caller(&auth, &privacy, request.metadata())?
+            .needs(Scope::Read, "use server reflection")
+            .map_err(denied)?;
+        Ok(request)
+    }
+}
+
+/// A refusal as its status: UNAUTHENTICATED or PERMISSION_DENIED.
+pub(crate) fn denied(d: Denied) -> Status {
+    match d {
+        Denied::Unauthenticated(m) => Status::unauthenticated(m),
+        Denied::PermissionDenied(m) => Status::permission_denied(m),
     }
 }
 
@@ -108,14 +232,18 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::OpenRunRequest>,
     ) -> Result<Response<proto::OpenRunResponse>, Status> {
+        let who = self.who(&request)?;
+        who.needs(Scope::Push, "open runs").map_err(denied)?;
         let r = request.into_inner();
+        let params = owned_params(
+            &self.service,
+            &who,
+            &r.run_id,
+            params_kept(&self.privacy, r.params),
+        )?;
         let (created, status) = self
             .service
-            .open_run_with_files(
-                &r.run_id,
-                params_kept(&self.privacy, r.params),
-                r.known_files,
-            )
+            .open_run_with_files(&r.run_id, params, r.known_files)
             .await?;
         Ok(Response::new(proto::OpenRunResponse {
             created,
@@ -127,6 +255,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetRunStatusRequest>,
     ) -> Result<Response<proto::RunStatus>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let status = self.service.run_status(&request.into_inner().run_id)?;
         Ok(Response::new(status_to_proto(status)))
     }
@@ -137,6 +271,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "watch runs",
+            &request.get_ref().run_id,
+        )?;
         let run_id = request.into_inner().run_id;
         let mut changes = self.service.watch_run(&run_id)?;
         let service = self.service.clone();
@@ -162,14 +302,21 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::ListRunsRequest>,
     ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        let who = self.who(&request)?;
+        who.needs(Scope::Read, "list runs").map_err(denied)?;
         let r = request.into_inner();
         let limit = r.limit as usize;
         let project = project_queried(&self.privacy, &r.project);
         let runs = self
             .service
             .list_runs(limit, (!r.project.is_empty()).then_some(project.as_str()));
+        // Only the runs the token reaches (a token of some projects lists those).
         Ok(Response::new(proto::ListRunsResponse {
-            runs: runs.into_iter().map(status_to_proto).collect(),
+            runs: runs
+                .into_iter()
+                .filter(|s| who.reaches_run(&s.run_id, &s.params.project))
+                .map(status_to_proto)
+                .collect(),
         }))
     }
 
@@ -179,6 +326,8 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<Streaming<proto::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
+        let who = self.who(&request)?;
+        who.needs(Scope::Push, "write runs").map_err(denied)?;
         let mut inbound = request.into_inner();
         let service = self.service.clone();
         let privacy = self.privacy.clone();
@@ -186,7 +335,8 @@ impl Coverage for CoverageRpc {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let _open = crate::metrics::metrics().stream_opened();
-            if let Err(status) = ingest(&service, &privacy, &mut inbound, &tx, &mut stopping).await
+            if let Err(status) =
+                ingest(&service, &privacy, &who, &mut inbound, &tx, &mut stopping).await
             {
                 let _ = tx.send(Err(status)).await;
             }
@@ -200,6 +350,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "export runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let format = export_format_from_proto(r.format)?;
         let wait = if r.wait {
@@ -236,6 +392,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetFileRequest>,
     ) -> Result<Response<proto::FileCoverage>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let file = self.service.file(&r.run_id, &r.path).await?;
         let limits = self.service.limits();
@@ -271,6 +433,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetDirectoryRequest>,
     ) -> Result<Response<proto::DirectorySummary>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let summary = self.service.directory(&r.run_id, &r.path).await?;
         Ok(Response::new(directory_to_proto(summary)))
@@ -280,6 +448,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::DeleteRunRequest>,
     ) -> Result<Response<proto::DeleteRunResponse>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Admin,
+            "delete runs",
+            &request.get_ref().run_id,
+        )?;
         self.service
             .delete_run(&request.into_inner().run_id)
             .await?;
@@ -292,6 +466,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetTestsForLinesRequest>,
     ) -> Result<Response<Self::GetTestsForLinesStream>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let files = file_lines_from_proto(r.files)?;
         let answer = self.service.tests_for_lines(&r.run_id, files).await?;
@@ -320,6 +500,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetTestLinesRequest>,
     ) -> Result<Response<Self::GetTestLinesStream>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let files = self.service.test_lines(&r.run_id, &r.test).await?;
         let chunks = in_chunks(files, file_lines_size).map(|files| {
@@ -336,6 +522,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::ListTestsRequest>,
     ) -> Result<Response<Self::ListTestsStream>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let tests = self.service.tests(&request.into_inner().run_id).await?;
         let chunks = in_chunks(tests, |t| t.len()).map(|tests| {
             Ok(proto::TestNames {
@@ -351,6 +543,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetTestImpactRequest>,
     ) -> Result<Response<Self::GetTestImpactStream>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let diff = read_diff(r.diff, r.strip).await?;
         let collected = r.has_collected.then_some(r.collected);
@@ -364,10 +562,10 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetHistoryRequest>,
     ) -> Result<Response<proto::History>, Status> {
+        let asked = request.get_ref().project.clone().unwrap_or_default();
+        let kept = self.allow_project(&request, &asked)?;
         let (mut query, width) = history_query_from_proto(request.into_inner())?;
-        if let Some(p) = &mut query.project {
-            *p = project_queried(&self.privacy, p);
-        }
+        query.project = (!kept.is_empty()).then_some(kept);
         let buckets = self.service.history(query, width).await?;
         Ok(Response::new(history_to_proto(buckets)))
     }
@@ -376,15 +574,9 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetFlakyTestsRequest>,
     ) -> Result<Response<proto::FlakyTests>, Status> {
+        let kept = self.allow_project(&request, &request.get_ref().project)?;
         let r = request.into_inner();
-        let tests = self
-            .service
-            .flaky_tests(
-                &project_queried(&self.privacy, &r.project),
-                &r.branch,
-                r.all,
-            )
-            .await?;
+        let tests = self.service.flaky_tests(&kept, &r.branch, r.all).await?;
         Ok(Response::new(proto::FlakyTests {
             tests: tests.into_iter().map(standing_to_proto).collect(),
         }))
@@ -394,6 +586,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetAttemptsRequest>,
     ) -> Result<Response<proto::RunAttempts>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let shards = self.service.attempts(&request.into_inner().run_id).await?;
         Ok(Response::new(proto::RunAttempts {
             shards: shards.into_iter().map(shard_attempts_to_proto).collect(),
@@ -404,6 +602,9 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::MissingSourcesRequest>,
     ) -> Result<Response<proto::MissingSourcesResponse>, Status> {
+        self.who(&request)?
+            .needs(Scope::Push, "send sources")
+            .map_err(denied)?;
         let missing = self
             .service
             .missing_sources(request.into_inner().sha256)
@@ -418,6 +619,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::PutSourcesRequest>,
     ) -> Result<Response<proto::PutSourcesResponse>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Push,
+            "send sources",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let files = r
             .files
@@ -436,6 +643,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetSourceRequest>,
     ) -> Result<Response<proto::Source>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let (digest, text) = self.service.source(&r.run_id, &r.path).await?;
         Ok(Response::new(proto::Source {
@@ -448,6 +661,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetPatchCoverageRequest>,
     ) -> Result<Response<proto::PatchCoverage>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
         let r = request.into_inner();
         let diff = read_diff(r.diff, r.strip).await?;
         let answer = self.service.patch_coverage(&r.run_id, diff).await?;
@@ -460,6 +679,18 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetDifferentialRequest>,
     ) -> Result<Response<Self::GetDifferentialStream>, Status> {
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().run_id,
+        )?;
+        self.allow_run(
+            &request,
+            Scope::Read,
+            "read runs",
+            &request.get_ref().base_run_id,
+        )?;
         let r = request.into_inner();
         let diff = match r.has_diff {
             true => Some(read_diff(r.diff, r.strip).await?),
@@ -480,9 +711,12 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetLinesRequest>,
     ) -> Result<Response<Self::GetLinesStream>, Status> {
+        let who = self.who(&request)?;
+        who.needs(Scope::Read, "read runs").map_err(denied)?;
         let r = request.into_inner();
         let mut set = line_set_from_proto(r.expr)?;
         flag_projects_queried(&self.privacy, &mut set);
+        allow_line_set(&self.service, &who, &set)?;
         let files = self.service.line_set(set, &r.path).await?;
         let chunks = in_chunks(files, file_lines_size).map(|files| {
             Ok(proto::LinesChunk {
@@ -528,6 +762,7 @@ fn in_chunks<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> impl Iterator<Item
 async fn ingest(
     service: &CoverageService,
     privacy: &Privacy,
+    who: &Principal,
     inbound: &mut Streaming<proto::IngestRequest>,
     tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
     stopping: &mut watch::Receiver<bool>,
@@ -551,12 +786,18 @@ async fn ingest(
             .into());
         }
     };
+    let params = owned_params(
+        service,
+        who,
+        &header.run_id,
+        params_kept(privacy, header.params),
+    )?;
     let session = service
         .begin_shard(ShardHeader {
             run_id: header.run_id,
             shard_id: header.shard_id,
             attempt: header.attempt,
-            params: params_kept(privacy, header.params),
+            params,
             session: header.session_id,
         })
         .await?;
@@ -629,4 +870,27 @@ async fn ingest(
             None => return Err(Error::invalid("msg", "an empty message").into()),
         }
     }
+}
+
+/// A push's run parameters, checked against its token: an existing run must be of a project
+/// the token reaches; a new one belongs to the token's project (the one it names, or the
+/// token's own when it names none).
+fn owned_params(
+    service: &CoverageService,
+    who: &Principal,
+    run_id: &str,
+    mut params: RunParams,
+) -> Result<RunParams, Status> {
+    if let Ok(status) = service.run_status(run_id) {
+        who.check_run(run_id, &status.params.project)
+            .map_err(denied)?;
+        return Ok(params);
+    }
+    if params.project.is_empty()
+        && let Some(own) = who.own_project()
+    {
+        params.project = own.to_owned();
+    }
+    who.check_run(run_id, &params.project).map_err(denied)?;
+    Ok(params)
 }

@@ -306,3 +306,99 @@ async fn the_dashboard_follows_a_run_live_and_navigates_to_a_file() {
     screenshot(&c, "7-file-with-source").await;
     c.close().await.unwrap();
 }
+
+/// A daemon with tokens: the dashboard's page asks for one; a token of one project is refused
+/// saying why, one of every project signs the browser in (a cookie no script can read), and
+/// the runs follow live as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_the_dashboard_asks_for_one() {
+    let served = tokio::task::block_in_place(Served::start);
+    let base = served.metrics.trim_end_matches("/metrics").to_owned();
+    let create = |project: &str| {
+        let out = std::process::Command::new(crate::cli::COVD)
+            .args([
+                "token",
+                "create",
+                "--scope",
+                "read",
+                "--project",
+                project,
+                "--data-dir",
+            ])
+            .arg(served.data.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (one, every) = tokio::task::block_in_place(|| (create("acme/shop"), create("*")));
+    crate::consumers::tools();
+    let driver = tokio::task::block_in_place(Driver::start);
+    let profile = tempfile::tempdir().unwrap();
+    let c = driver.browser(profile.path()).await;
+    c.goto(&format!("{base}/#/")).await.unwrap();
+    text_when(&c, "main h1", "the sign-in page", |t| t == "Sign in").await;
+    let field = c.find(Locator::Css("#token")).await.unwrap();
+    field.send_keys(&one).await.unwrap();
+    c.find(Locator::Css("main form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    text_when(&c, "#said", "the refusal", |t| {
+        t.contains("some projects only")
+    })
+    .await;
+    screenshot(&c, "8-sign-in-refused").await;
+    let field = c.find(Locator::Css("#token")).await.unwrap();
+    field.clear().await.unwrap();
+    field.send_keys(&every).await.unwrap();
+    c.find(Locator::Css("main form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    text_when(&c, "main h1", "the runs page", |t| t == "Runs").await;
+    let cookies = c.execute("return document.cookie;", vec![]).await.unwrap();
+    assert_eq!(cookies, serde_json::json!(""), "the session is HttpOnly");
+    // Live again: a run pushed now appears without a reload.
+    tokio::task::block_in_place(|| {
+        let out = served
+            .covd(&["push", "--run", "after-sign-in", "--shard", "0"])
+            .env("COVD_TOKEN", {
+                let out = std::process::Command::new(crate::cli::COVD)
+                    .args([
+                        "token",
+                        "create",
+                        "--scope",
+                        "push",
+                        "--project",
+                        "*",
+                        "--data-dir",
+                    ])
+                    .arg(served.data.path())
+                    .output()
+                    .unwrap();
+                String::from_utf8(out.stdout).unwrap().trim().to_owned()
+            })
+            .arg(fixture("gcc-lcov/shard1.info"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    text_when(
+        &c,
+        "#runs tr[data-run='after-sign-in']",
+        "the new run",
+        |t| !t.is_empty(),
+    )
+    .await;
+    screenshot(&c, "9-signed-in").await;
+    c.close().await.unwrap();
+}

@@ -1,6 +1,7 @@
 //! Integration tests: a real daemon on 127.0.0.1:0, real clients, real coverage files.
 
 mod attribution;
+mod auth;
 mod bad_input;
 mod bad_streams;
 mod ci;

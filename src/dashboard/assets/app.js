@@ -32,11 +32,43 @@ function svg(tag, attrs, ...children) {
   return node;
 }
 
+// Thrown when the daemon wants a token (401): the page then asks for one.
+class SignInNeeded extends Error {}
+
 async function api(path) {
   const r = await fetch(path, { headers: { accept: "application/json" } });
   const body = await r.json().catch(() => ({ error: r.statusText }));
+  if (r.status === 401) throw new SignInNeeded(body.error || r.statusText);
   if (!r.ok) throw new Error(body.error || r.statusText);
   return body;
+}
+
+// The daemon requires tokens: a token of every project (read scope at least) signs this
+// browser in; the daemon keeps it in a cookie no script can read.
+function signInView(reason) {
+  const input = el("input", { id: "token", name: "token", type: "password", autocomplete: "off",
+    required: true, "aria-describedby": "why", size: 60 });
+  // Why the session ended, when it did (an expired or revoked token); not the daemon's
+  // general words for a call without one.
+  const said = el("p", { id: "said", class: "muted", role: "alert" },
+    /requires a token/.test(reason) ? "" : reason);
+  const form = el("form", { class: "filter", onsubmit: async (ev) => {
+    ev.preventDefault();
+    const r = await fetch("/api/session", { method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token: input.value }) });
+    if (r.ok) { input.value = ""; render(true); followEvents(); return; }
+    const body = await r.json().catch(() => ({ error: r.statusText }));
+    said.textContent = body.error || r.statusText;
+  } },
+    el("label", {}, "Token", input),
+    el("button", { type: "submit" }, "Sign in"));
+  return [
+    el("h1", {}, "Sign in"),
+    el("p", { id: "why", class: "muted" },
+      "This daemon requires a token. Give one that reads every project, as ",
+      el("code", {}, "covd token create --project '*' --scope read"), " makes."),
+    form, said,
+  ];
 }
 
 function pct(part, whole) {
@@ -407,10 +439,13 @@ async function render(focus) {
     else a.removeAttribute("aria-current");
   }
   let content;
+  let signIn = false;
   try {
     content = await r.view();
   } catch (e) {
-    content = [el("h1", {}, "Not available"), el("p", { class: "muted" }, e.message)];
+    signIn = e instanceof SignInNeeded;
+    content = signIn ? signInView(e.message)
+      : [el("h1", {}, "Not available"), el("p", { class: "muted" }, e.message)];
   }
   if (ticket !== rendering) return; // a later render won
   // A live update must not take the keyboard's place away: the link or control that had the
@@ -419,7 +454,9 @@ async function render(focus) {
   const key = had && main.contains(had) ? (had.getAttribute("href") || had.getAttribute("name")) : null;
   main.replaceChildren(...content);
   document.title = `covd · ${main.querySelector("h1")?.textContent || ""}`;
-  if (focus) {
+  if (signIn) {
+    main.querySelector("#token")?.focus();
+  } else if (focus) {
     main.focus();
   } else if (key) {
     const again = [...main.querySelectorAll("a[href], [name]")].find(
@@ -432,8 +469,11 @@ window.addEventListener("hashchange", () => render(true));
 
 // Live: the daemon says when runs change; the live views read again (at most every 250 ms).
 let pending = null;
+let events = null;
 function followEvents() {
+  events?.close();
   const source = new EventSource("/api/events");
+  events = source;
   source.addEventListener("open", () => { live.textContent = "live"; live.classList.add("on"); });
   source.addEventListener("error", () => { live.textContent = "reconnecting…"; live.classList.remove("on"); });
   source.addEventListener("runs", () => {

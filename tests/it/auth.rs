@@ -1,0 +1,544 @@
+//! Access tokens against a real daemon: made by `covd token`, required on every call but
+//! health once one exists, checked for scope, project, run, expiry and revocation (revoking
+//! needs no restart), mapped by the CLI to exit codes 8 and 9; the HTTP port wants one too;
+//! and a daemon without tokens refuses to listen beyond loopback.
+
+use std::path::Path;
+use std::process::Command;
+
+use covd::rpc::proto::{self, coverage_client::CoverageClient};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::cli::{COVD, Served};
+use crate::support::fixture;
+
+/// `covd token create --data-dir D ARGS`: the token, which must be all it printed.
+fn create(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(COVD)
+        .args(["token", "create", "--data-dir"])
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "the token alone: {stdout:?}");
+    assert!(lines[0].starts_with("covd_"), "{stdout}");
+    lines[0].to_owned()
+}
+
+/// `covd ARGS` with `token` (none: no COVD_TOKEN at all): exit code and stderr.
+fn covd(served: &Served, token: Option<&str>, args: &[&str]) -> (Option<i32>, String) {
+    let mut c = served.covd(args);
+    c.env_remove("COVD_TOKEN");
+    if let Some(t) = token {
+        c.env("COVD_TOKEN", t);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    request
+}
+
+/// The status code each RPC answers with `token`, on run `r` (errors of the request itself
+/// come after the token's: an accepted token gives anything but UNAUTHENTICATED).
+async fn every_rpc(
+    c: &mut CoverageClient<Channel>,
+    token: Option<&str>,
+) -> Vec<(&'static str, Code)> {
+    fn code<T>(r: Result<T, tonic::Status>) -> Code {
+        r.map_or_else(|s| s.code(), |_| Code::Ok)
+    }
+    let run = || "r".to_owned();
+    vec![
+        (
+            "OpenRun",
+            code(
+                c.open_run(with_token(
+                    proto::OpenRunRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetRunStatus",
+            code(
+                c.get_run_status(with_token(
+                    proto::GetRunStatusRequest { run_id: run() },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "WatchRun",
+            code(
+                c.watch_run(with_token(proto::WatchRunRequest { run_id: run() }, token))
+                    .await,
+            ),
+        ),
+        (
+            "ListRuns",
+            code(
+                c.list_runs(with_token(proto::ListRunsRequest::default(), token))
+                    .await,
+            ),
+        ),
+        (
+            "Ingest",
+            code(
+                c.ingest(with_token(
+                    tokio_stream::iter(Vec::<proto::IngestRequest>::new()),
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "Export",
+            code(
+                c.export(with_token(
+                    proto::ExportRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetFile",
+            code(
+                c.get_file(with_token(
+                    proto::GetFileRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetDirectory",
+            code(
+                c.get_directory(with_token(
+                    proto::GetDirectoryRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "DeleteRun",
+            code(
+                c.delete_run(with_token(
+                    proto::DeleteRunRequest {
+                        run_id: "nope".into(),
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetTestsForLines",
+            code(
+                c.get_tests_for_lines(with_token(
+                    proto::GetTestsForLinesRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetTestLines",
+            code(
+                c.get_test_lines(with_token(
+                    proto::GetTestLinesRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "ListTests",
+            code(
+                c.list_tests(with_token(proto::ListTestsRequest { run_id: run() }, token))
+                    .await,
+            ),
+        ),
+        (
+            "GetTestImpact",
+            code(
+                c.get_test_impact(with_token(
+                    proto::GetTestImpactRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetPatchCoverage",
+            code(
+                c.get_patch_coverage(with_token(
+                    proto::GetPatchCoverageRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetDifferential",
+            code(
+                c.get_differential(with_token(
+                    proto::GetDifferentialRequest {
+                        run_id: run(),
+                        base_run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetLines",
+            code(
+                c.get_lines(with_token(proto::GetLinesRequest::default(), token))
+                    .await,
+            ),
+        ),
+        (
+            "GetHistory",
+            code(
+                c.get_history(with_token(proto::GetHistoryRequest::default(), token))
+                    .await,
+            ),
+        ),
+        (
+            "GetFlakyTests",
+            code(
+                c.get_flaky_tests(with_token(proto::GetFlakyTestsRequest::default(), token))
+                    .await,
+            ),
+        ),
+        (
+            "GetAttempts",
+            code(
+                c.get_attempts(with_token(
+                    proto::GetAttemptsRequest { run_id: run() },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "MissingSources",
+            code(
+                c.missing_sources(with_token(proto::MissingSourcesRequest::default(), token))
+                    .await,
+            ),
+        ),
+        (
+            "PutSources",
+            code(
+                c.put_sources(with_token(
+                    proto::PutSourcesRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+        (
+            "GetSource",
+            code(
+                c.get_source(with_token(
+                    proto::GetSourceRequest {
+                        run_id: run(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await,
+            ),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_who_may_do_what() {
+    let served = Served::start();
+    let data = served.data.path().to_owned();
+    let info = fixture("gcc-lcov/shard1.info");
+    let info = info.to_str().unwrap();
+    // Before any token, anybody on loopback may push.
+    let (code, err) = tokio::task::block_in_place(|| {
+        covd(
+            &served,
+            None,
+            &[
+                "push",
+                "--run",
+                "before",
+                "--shard",
+                "0",
+                "--project",
+                "acme/shop",
+                info,
+            ],
+        )
+    });
+    assert_eq!(code, Some(0), "{err}");
+
+    let admin = create(&data, &["--project", "*", "--scope", "admin"]);
+    let push = create(&data, &["--project", "acme/*", "--scope", "push"]);
+    let read_other = create(&data, &["--project", "globex/web", "--scope", "read"]);
+    let expired = create(
+        &data,
+        &["--project", "*", "--scope", "admin", "--expires", "1ms"],
+    );
+    // The store keeps no token, and `list` shows none.
+    let list = Command::new(COVD)
+        .args(["token", "list", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(list.stdout).unwrap();
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    let stored = std::fs::read(data.join(covd::auth::TOKENS_FILE)).unwrap();
+    for t in [&admin, &push, &read_other] {
+        let secret = t.rsplit('_').next().unwrap();
+        assert!(!listed.contains(secret));
+        assert!(!stored.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+
+    // Every RPC now wants a token: none, a wrong one and an expired one are UNAUTHENTICATED.
+    let mut c = CoverageClient::connect(served.url.clone()).await.unwrap();
+    let wrong = format!("{}0", &admin[..admin.len() - 1]);
+    for token in [
+        None,
+        Some(wrong.as_str()),
+        Some(expired.as_str()),
+        Some("covd_nope"),
+    ] {
+        for (rpc, code) in every_rpc(&mut c, token).await {
+            assert_eq!(code, Code::Unauthenticated, "{rpc} with {token:?}");
+        }
+    }
+    // Refusals never echo the token.
+    let e = c
+        .list_runs(with_token(proto::ListRunsRequest::default(), Some(&wrong)))
+        .await
+        .unwrap_err();
+    assert!(
+        !e.message().contains(wrong.rsplit('_').next().unwrap()),
+        "{}",
+        e.message()
+    );
+    // An admin token is accepted on every one (what follows is the request's own answer).
+    for (rpc, code) in every_rpc(&mut c, Some(&admin)).await {
+        assert!(
+            !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+            "{rpc}: {code:?}"
+        );
+    }
+    // Health stays open.
+    let channel = Channel::from_shared(served.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+
+    tokio::task::block_in_place(|| {
+        // The CLI: 8 without a token, 9 for a token that may not.
+        let (code, err) = covd(&served, None, &["runs"]);
+        assert_eq!(code, Some(8), "{err}");
+        assert!(err.contains("requires a token"), "{err}");
+        let push_to = |token: &str, run: &str, project: &str| {
+            covd(
+                &served,
+                Some(token),
+                &[
+                    "push",
+                    "--run",
+                    run,
+                    "--shard",
+                    "0",
+                    "--project",
+                    project,
+                    info,
+                ],
+            )
+        };
+        let (code, err) = push_to(&read_other, "g1", "globex/web");
+        assert_eq!(code, Some(9), "a read token pushes: {err}");
+        assert!(err.contains("needs a push token"), "{err}");
+        let (code, err) = push_to(&push, "g2", "globex/web");
+        assert_eq!(code, Some(9), "another project: {err}");
+        let (code, err) = push_to(&push, "a1", "acme/shop");
+        assert_eq!(code, Some(0), "{err}");
+        // A shard of a run of another project cannot be written, whatever project the push
+        // names, nor its runs read.
+        let (code, err) = push_to(&admin, "g3", "globex/web");
+        assert_eq!(code, Some(0), "{err}");
+        let (code, err) = covd(
+            &served,
+            Some(&push),
+            &[
+                "push",
+                "--run",
+                "g3",
+                "--shard",
+                "1",
+                "--project",
+                "acme/shop",
+                info,
+            ],
+        );
+        assert_eq!(code, Some(9), "{err}");
+        assert!(err.contains("does not reach run `g3`"), "{err}");
+        let (code, err) = covd(&served, Some(&read_other), &["status", "--run", "a1"]);
+        assert_eq!(code, Some(9), "{err}");
+        // Only admin deletes.
+        let (code, err) = covd(&served, Some(&push), &["delete", "--run", "a1"]);
+        assert_eq!(code, Some(9), "{err}");
+        assert!(err.contains("needs an admin token"), "{err}");
+        let (code, err) = covd(&served, Some(&admin), &["delete", "--run", "before"]);
+        assert_eq!(code, Some(0), "{err}");
+    });
+    // A token of some projects lists their runs only.
+    let ids = |runs: Vec<covd::service::RunStatus>| -> Vec<String> {
+        runs.into_iter().map(|r| r.run_id).collect()
+    };
+    let mut client = covd::client::Client::connect_with(&served.url, Some(&read_other)).unwrap();
+    assert_eq!(ids(client.list_runs(100).await.unwrap()), ["g3"]);
+    let mut client = covd::client::Client::connect_with(&served.url, Some(&push)).unwrap();
+    let runs: Vec<String> = client
+        .list_runs(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.run_id)
+        .collect();
+    assert_eq!(runs, ["a1"]);
+
+    // Revoked: refused from the next call on, without a restart.
+    tokio::task::block_in_place(|| {
+        let out = Command::new(COVD)
+            .args(["token", "revoke", "--data-dir"])
+            .arg(&data)
+            .arg(&push)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let e = client.list_runs(100).await.unwrap_err();
+    assert_eq!(e.auth_refusal(), Some(Code::Unauthenticated), "{e}");
+    assert!(e.to_string().contains("was revoked"), "{e}");
+
+    // The HTTP port: no token 401, a token of some projects 403, one of every project 200.
+    let get = |token: Option<&str>| {
+        let host = served
+            .metrics
+            .strip_prefix("http://")
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(&host).unwrap();
+        use std::io::{Read, Write};
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    let read_one = create(&data, &["--project", "acme/shop", "--scope", "read"]);
+    tokio::task::block_in_place(|| {
+        assert_eq!(get(None), 401);
+        assert_eq!(get(Some(&read_one)), 403);
+        assert_eq!(get(Some(&admin)), 200);
+    });
+}
+
+/// Without tokens the daemon serves loopback only: an address beyond it is refused before
+/// anything binds, saying how to go on.
+#[test]
+fn without_tokens_only_loopback_is_served() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(COVD)
+        .args(["serve", "--listen", "0.0.0.0:0", "--no-http", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("beyond loopback")
+            && err.contains("covd token create")
+            && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
+}
