@@ -13,7 +13,11 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("COVD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log that cannot be written is lost, and the daemon goes on: the default reports it
+        // with `eprintln!`, which panics once standard error is a closed pipe (a supervisor
+        // gone, `covd serve 2>&1 | head`), and so stopped the daemon at its next warning.
+        .log_internal_errors(false);
     match cli.log_format {
         cli::LogFormat::Text => logs.init(),
         cli::LogFormat::Json => logs.json().init(),

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
@@ -280,20 +278,90 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The listener's connections with Nagle's algorithm off. tonic sets `TCP_NODELAY` only on
+/// The listener's connections, with Nagle's algorithm off. tonic sets `TCP_NODELAY` only on
 /// connections it accepts itself; without it, an answer written in more than one segment
 /// waited for the client's delayed ACK: 40 ms for every GetFile of a few hundred lines.
+///
+/// When the process is out of file descriptors, `accept` fails at once, as often as it is
+/// called, while the connection waits in the queue: retried at once, that loop took 90% of a
+/// core and starved the daemon. Here a spare descriptor is held for that moment: it is let go
+/// to accept the waiting connections and close them at once (their clients see the close, not
+/// a hang), then taken again, and `accept` is retried after a pause that doubles up to 100 ms.
 fn without_delay(
     listener: TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|accepted| {
-        if let Ok(stream) = &accepted
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::warn!("cannot turn Nagle's algorithm off on a connection: {e}");
+    struct Accepting {
+        listener: TcpListener,
+        spare: Option<std::fs::File>,
+        pause: Duration,
+    }
+    let spare = || std::fs::File::open("/dev/null").ok();
+    let state = Accepting {
+        listener,
+        spare: spare(),
+        pause: Duration::ZERO,
+    };
+    futures_util::stream::unfold(state, move |mut s| async move {
+        loop {
+            match s.listener.accept().await {
+                Ok((stream, _)) => {
+                    s.pause = Duration::ZERO;
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::warn!("cannot turn Nagle's algorithm off on a connection: {e}");
+                    }
+                    return Some((Ok(stream), s));
+                }
+                Err(e) if out_of_descriptors(&e) => {
+                    if s.pause.is_zero() {
+                        tracing::warn!(
+                            "out of file descriptors ({e}): new connections are closed until \
+                             some end"
+                        );
+                    }
+                    if s.spare.take().is_some() {
+                        // Our spare back to the system for the descriptor each waiting
+                        // connection takes, one after the other, while the queue has any:
+                        // their clients see a close rather than wait.
+                        use futures_util::FutureExt as _;
+                        for _ in 0..4096 {
+                            match s.listener.accept().now_or_never() {
+                                Some(Ok((refused, _))) => drop(refused),
+                                _ => break,
+                            }
+                        }
+                    }
+                    s.spare = spare();
+                    s.pause =
+                        (s.pause * 2).clamp(Duration::from_millis(10), Duration::from_millis(100));
+                    tokio::time::sleep(s.pause).await;
+                }
+                // A connection that went before it was accepted, and the like: the next one.
+                Err(_) => {}
+            }
         }
-        accepted
     })
+}
+
+/// Whether `accept` failed for want of descriptors or buffers (nothing to do but wait).
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
+}
+
+/// Raises the process's soft limit of open files to its hard limit: every connection and
+/// open delta log takes one, and the usual soft limit (1024) is far below what a daemon
+/// serving many CI shards needs. Returns (before, after).
+pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= hard {
+        return Some((soft, soft));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
+    Some((soft, hard))
 }
 
 /// The tokens the daemon accepts (see [`crate::auth`]); refuses to serve `listener` beyond
@@ -519,6 +587,7 @@ async fn down_sample(service: &CoverageService, full_for: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_stream::StreamExt;
 
     /// Every accepted connection has Nagle's algorithm off.
     #[tokio::test]

@@ -685,6 +685,13 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_test_field_bytes = a.max_test_field_bytes;
     settings.limits.runs_listed = a.runs_listed;
     settings.limits.file_page_lines = a.file_page_lines;
+    match server::raise_descriptor_limit() {
+        Some((before, after)) if after > before => {
+            tracing::info!("open files: soft limit raised from {before} to {after}");
+        }
+        Some(_) => {}
+        None => tracing::warn!("cannot read or raise the limit of open files"),
+    }
     // Checked before anything binds (the daemon checks again once it has its tokens open).
     let tokens = settings.tokens.clone().or_else(|| {
         settings

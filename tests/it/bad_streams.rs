@@ -446,3 +446,79 @@ async fn a_run_may_expect_as_many_shards_as_the_limit() {
     assert!(created);
     assert_eq!(status.missing_shards, ["a", "b"]);
 }
+
+/// More connections than the daemon has file descriptors (its limit at 128, as `ulimit -n`
+/// sets it): it neither spins on `accept` (its CPU over a second of that stays low) nor stops
+/// (its standard error, read up to its first line, is a closed pipe when it warns); once those
+/// connections go, health answers within 100 ms and a push goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_descriptors_neither_spin_nor_stop_the_daemon() {
+    use std::process::{Command, Stdio};
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 128 && exec '{}' serve --listen 127.0.0.1:0 --no-http --data-dir '{}'",
+            crate::cli::COVD,
+            data.path().display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (url, _) = crate::cli::addresses(&mut child);
+    let pid = child.id();
+    let addr = url.strip_prefix("http://").unwrap().to_owned();
+    // Ticks of CPU (user and system) the daemon has used.
+    let cpu = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(idle.len() > 128, "{} connections", idle.len());
+    let before = cpu();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = cpu() - before;
+    // Clock ticks are 1/100 s on Linux: at most 0.3 s of a core, where a spinning accept
+    // loop takes nearly all of it.
+    assert!(
+        spent <= 30,
+        "the daemon used {spent} ticks in a second of it"
+    );
+    drop(idle);
+    let mut answered = None;
+    for _ in 0..100 {
+        let started = std::time::Instant::now();
+        let check = async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .ok()?;
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .ok()
+        };
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), check).await {
+            answered = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = answered.expect("health never answered once the connections went");
+    assert!(took < Duration::from_millis(100), "health took {took:?}");
+    let mut client = covd::client::Client::connect(&url).unwrap();
+    let coverage = read_lcov(
+        &fixture("gcc-lcov/shard1.info"),
+        &covd::model::path::PathRules::default(),
+    );
+    push(&mut client, "after", "0", 1, coverage).await;
+    assert!(!client.status("after").await.unwrap().shards.is_empty());
+    let _ = child.kill();
+    let _ = child.wait();
+}
