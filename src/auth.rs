@@ -97,7 +97,15 @@ fn open(path: &Path) -> Result<Connection, AuthError> {
         source,
     };
     let conn = Connection::open(path).map_err(store)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(store)?;
+    // Hashes of 256-bit secrets say nothing useful, but the list of tokens is nobody's else.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    // WAL: the daemon's reads on every call never wait for `covd token`'s writes.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(store)?;
+    conn.busy_timeout(Duration::from_secs(1)).map_err(store)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS tokens (
              id TEXT PRIMARY KEY, secret_sha256 BLOB NOT NULL, record BLOB NOT NULL);",
@@ -140,8 +148,13 @@ impl TokenStore {
 
     /// Makes a token: returns it (the only time it exists in full) and its record.
     pub fn create(&self, new: &NewToken) -> Result<(String, TokenRecord), AuthError> {
-        globset::Glob::new(&new.project)
-            .map_err(|e| AuthError::Pattern(new.project.clone(), e.to_string()))?;
+        if new.project.trim().is_empty() {
+            return Err(AuthError::Pattern(
+                new.project.clone(),
+                "empty: name a project, a glob (`acme/*`), or `*` for every one".into(),
+            ));
+        }
+        glob(&new.project).map_err(|e| AuthError::Pattern(new.project.clone(), e))?;
         let mut id = [0u8; 6];
         let mut secret = [0u8; 32];
         getrandom::fill(&mut id)
@@ -222,6 +235,13 @@ fn parse(token: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
 }
 
+/// The projects a token of some projects reaches.
+#[derive(Debug, Clone)]
+enum Reach {
+    Glob(globset::GlobMatcher),
+    Nothing,
+}
+
 /// Who made a call, as far as the daemon may tell.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -229,7 +249,7 @@ pub struct Principal {
     pub id: Option<String>,
     pub scope: Scope,
     /// The projects it reaches, as stored (see [`Auth::authenticate`]); `None`: every one.
-    projects: Option<globset::GlobMatcher>,
+    projects: Option<Reach>,
     /// The pattern as the token names it, for messages.
     pattern: String,
     /// An exact project name, when the pattern is one (as stored).
@@ -275,7 +295,16 @@ impl Principal {
 
     /// Whether the token reaches the runs of `project` (as stored).
     pub fn reaches_project(&self, project: &str) -> bool {
-        self.projects.as_ref().is_none_or(|m| m.is_match(project))
+        match &self.projects {
+            None => true,
+            Some(Reach::Glob(m)) => m.is_match(project),
+            Some(Reach::Nothing) => false,
+        }
+    }
+
+    /// Whether the token names one run (so may not read across its project).
+    pub fn reaches_one_run(&self) -> bool {
+        self.run.is_some()
     }
 
     /// Whether the token reaches every project (so may read across them).
@@ -346,10 +375,32 @@ struct Loaded {
     /// `PRAGMA data_version` when `tokens` was read.
     version: Option<i64>,
     tokens: HashMap<String, ([u8; 32], TokenRecord)>,
+    /// Once the store held a token, calls need one for the daemon's life, whatever becomes of
+    /// the file (emptied, its rows damaged): a store in trouble fails closed.
+    required: bool,
+    /// The file opened (device, inode): a file put in its place is opened anew.
+    file: Option<(u64, u64)>,
 }
 
 impl Loaded {
     fn refresh(&mut self) -> Result<(), AuthError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let now = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now.is_none() && self.required {
+            return Err(AuthError::Store {
+                path: self.path.clone(),
+                source: rusqlite::Error::InvalidPath(self.path.clone()),
+            });
+        }
+        if now != self.file {
+            self.conn = open(&self.path)?;
+            self.file = std::fs::metadata(&self.path)
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            self.version = None;
+        }
         let failed = |source| AuthError::Store {
             path: self.path.clone(),
             source,
@@ -377,6 +428,7 @@ impl Loaded {
             };
             tokens.insert(id, (digest, codec::decode_later::<TokenRecord>(&record)?));
         }
+        self.required |= !tokens.is_empty();
         self.tokens = tokens;
         self.version = Some(version);
         Ok(())
@@ -391,11 +443,15 @@ impl Auth {
 
     /// The token store at `path` (created if missing, so that tokens made later apply).
     pub fn open(path: &Path) -> Result<Auth, AuthError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let conn = open(path)?;
         let mut loaded = Loaded {
             path: path.to_owned(),
-            conn: open(path)?,
+            conn,
             version: None,
             tokens: HashMap::new(),
+            required: false,
+            file: std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino())),
         };
         loaded.refresh()?;
         Ok(Auth {
@@ -405,7 +461,7 @@ impl Auth {
 
     /// Whether calls need a token: the store holds (or held) one.
     pub fn required(&self) -> bool {
-        self.with(|l| Ok(!l.tokens.is_empty())).unwrap_or(true)
+        self.store.is_some() && self.with(|l| Ok(l.required)).unwrap_or(true)
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Loaded) -> Result<T, Denied>) -> Result<T, Denied> {
@@ -435,7 +491,7 @@ impl Auth {
             return Ok(Principal::anyone());
         }
         self.with(|loaded| {
-            if loaded.tokens.is_empty() {
+            if !loaded.required {
                 return Ok(Principal::anyone());
             }
             let Some(value) = authorization else {
@@ -477,13 +533,15 @@ impl Auth {
             let pattern = record.project.clone();
             let is_glob = pattern.contains(['*', '?', '[', '{']);
             let exact = (!is_glob).then(|| stored(&pattern));
+            let bad = |e: String| Denied::Unauthenticated(format!("token {id}'s projects: {e}"));
             let projects = match (&exact, pattern.as_str()) {
                 (_, "*" | "**") => None,
-                (Some(name), _) => Some(glob(&globset::escape(name))?),
-                (None, p) => {
-                    // A glob keeps its vendor part plain (pseudonyms keep it too).
-                    Some(glob(p)?)
-                }
+                // Kept anonymous, every run's project reads the same: a token of some projects
+                // cannot tell its own apart, so it reaches none.
+                (Some(name), _) if name.is_empty() => Some(Reach::Nothing),
+                (Some(name), _) => Some(Reach::Glob(glob(&globset::escape(name)).map_err(bad)?)),
+                // A glob keeps its vendor part plain (pseudonyms keep it too).
+                (None, p) => Some(Reach::Glob(glob(p).map_err(bad)?)),
             };
             Ok(Principal {
                 id: Some(id.to_owned()),
@@ -497,12 +555,14 @@ impl Auth {
     }
 }
 
-fn glob(pattern: &str) -> Result<globset::GlobMatcher, Denied> {
+/// A project pattern: `*` stays within one path component (`acme/*` is not `acme/a/b`), `**`
+/// crosses them.
+fn glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
     globset::GlobBuilder::new(pattern)
-        .literal_separator(false)
+        .literal_separator(true)
         .build()
         .map(|g| g.compile_matcher())
-        .map_err(|e| Denied::Unauthenticated(format!("the token's project pattern: {e}")))
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -591,5 +651,25 @@ mod tests {
         let who = auth.authenticate(Some(&bearer(&named)), pseudonym).unwrap();
         assert!(who.reaches_project("acme/shop#"));
         assert!(!who.reaches_project("acme/shop"));
+        // Kept anonymous, every run's project is empty: a token of one project reaches none.
+        let who = auth
+            .authenticate(Some(&bearer(&named)), |_| String::new())
+            .unwrap();
+        assert!(!who.reaches_project(""));
+        // `*` stays within a component; an empty project is refused.
+        let (deep, _) = store
+            .create(&new("acme/*", Scope::Read, None, None))
+            .unwrap();
+        let who = auth.authenticate(Some(&bearer(&deep)), plain).unwrap();
+        assert!(who.reaches_project("acme/shop") && !who.reaches_project("acme/a/b"));
+        assert!(matches!(
+            store.create(&new(" ", Scope::Read, None, None)),
+            Err(AuthError::Pattern(..))
+        ));
+        // Emptied behind the daemon's back, the store still requires tokens (fails closed).
+        store.conn.execute("DELETE FROM tokens", []).unwrap();
+        assert!(auth.required());
+        assert!(auth.authenticate(None, plain).is_err());
+        assert!(!Auth::none().required());
     }
 }

@@ -330,11 +330,18 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let bearer = match token.filter(|t| !t.is_empty()) {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                ClientError::Protocol(
-                    "the token is not a covd token (it holds characters a header cannot)".into(),
-                )
-            })?),
+            Some(t) => {
+                let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {t}").parse().map_err(|_| {
+                        ClientError::Protocol(
+                            "the token is not a covd token (it holds characters a header cannot)"
+                                .into(),
+                        )
+                    })?;
+                // Never indexed by HTTP/2's header compression.
+                value.set_sensitive(true);
+                Some(value)
+            }
             None => None,
         };
         let inner = CoverageClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer))

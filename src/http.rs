@@ -131,6 +131,17 @@ struct SignIn {
 /// session cookie (12 hours).
 async fn sign_in(State((auth, privacy)): State<Guard>, Json(body): Json<SignIn>) -> Response {
     let token = body.token.trim();
+    // Only the shape of a token goes into the cookie (nothing that could add attributes).
+    let shaped = token.strip_prefix("covd_").is_some_and(|rest| {
+        rest.split('_').count() == 2 && rest.chars().all(|c| c == '_' || c.is_ascii_hexdigit())
+    });
+    if !auth.required() || !shaped {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": "not a covd token, or no token is needed" })),
+        )
+            .into_response();
+    }
     if let Some(refused) = refusal(&auth, &privacy, Some(&format!("Bearer {token}"))) {
         return refused;
     }

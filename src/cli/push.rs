@@ -948,6 +948,8 @@ fn start_command(argv: &[String]) -> Result<TestCommand, Failure> {
     let started = std::time::Instant::now();
     let mut child = std::process::Command::new(program)
         .args(args)
+        // The tests run the project's code (a pull request's, say): covd's token is not theirs.
+        .env_remove("COVD_TOKEN")
         .spawn()
         .with_context(|| format!("cannot run `{program}`"))
         .map_err(bad_input)?;

@@ -100,6 +100,11 @@ impl CoverageRpc {
     fn allow_project<T>(&self, request: &Request<T>, project: &str) -> Result<String, Status> {
         let who = self.who(request)?;
         who.needs(Scope::Read, "read").map_err(denied)?;
+        if who.reaches_one_run() {
+            return Err(Status::permission_denied(
+                "this token reaches one run: it may not read its project's history",
+            ));
+        }
         if project.is_empty() {
             if who.reaches_all_projects() {
                 return Ok(String::new());
@@ -307,16 +312,15 @@ impl Coverage for CoverageRpc {
         let r = request.into_inner();
         let limit = r.limit as usize;
         let project = project_queried(&self.privacy, &r.project);
-        let runs = self
-            .service
-            .list_runs(limit, (!r.project.is_empty()).then_some(project.as_str()));
-        // Only the runs the token reaches (a token of some projects lists those).
+        // Only the runs the token reaches (a token of some projects lists those), chosen
+        // before the limit counts them.
+        let runs = self.service.list_runs_where(
+            limit,
+            (!r.project.is_empty()).then_some(project.as_str()),
+            |id, project| who.reaches_run(id, project),
+        );
         Ok(Response::new(proto::ListRunsResponse {
-            runs: runs
-                .into_iter()
-                .filter(|s| who.reaches_run(&s.run_id, &s.params.project))
-                .map(status_to_proto)
-                .collect(),
+            runs: runs.into_iter().map(status_to_proto).collect(),
         }))
     }
 
@@ -602,13 +606,16 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::MissingSourcesRequest>,
     ) -> Result<Response<proto::MissingSourcesResponse>, Status> {
-        self.who(&request)?
-            .needs(Scope::Push, "send sources")
-            .map_err(denied)?;
-        let missing = self
-            .service
-            .missing_sources(request.into_inner().sha256)
-            .await?;
+        let who = self.who(&request)?;
+        who.needs(Scope::Push, "send sources").map_err(denied)?;
+        let digests = request.into_inner().sha256;
+        // Texts are kept once for every project: a token of some projects is told it lacks
+        // them all (and sends each), so it learns nothing of other projects' files.
+        let missing = if who.reaches_all_projects() {
+            self.service.missing_sources(digests).await?
+        } else {
+            (0..digests.len() as u32).collect()
+        };
         Ok(Response::new(proto::MissingSourcesResponse {
             missing,
             max_source_bytes: self.service.limits().max_source_bytes as u64,
@@ -625,7 +632,17 @@ impl Coverage for CoverageRpc {
             "send sources",
             &request.get_ref().run_id,
         )?;
+        let who = self.who(&request)?;
         let r = request.into_inner();
+        if !who.reaches_all_projects()
+            && let Some(f) = r.files.iter().find(|f| f.text.is_none())
+        {
+            // Naming a text by its digest alone would give this token another project's file.
+            return Err(Status::failed_precondition(format!(
+                "{}: this token reaches some projects only, so it sends every text",
+                f.path
+            )));
+        }
         let files = r
             .files
             .into_iter()

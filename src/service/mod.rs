@@ -235,12 +235,26 @@ impl CoverageService {
 
     /// Runs, newest first: at most `limit`, or `--runs-listed` when `limit` is 0 or more.
     pub fn list_runs(&self, limit: usize, project: Option<&str>) -> Vec<RunStatus> {
+        self.list_runs_where(limit, project, |_, _| true)
+    }
+
+    /// [`CoverageService::list_runs`] of the runs `keep` (given a run's id and project) keeps.
+    pub fn list_runs_where(
+        &self,
+        limit: usize,
+        project: Option<&str>,
+        keep: impl Fn(&str, &str) -> bool,
+    ) -> Vec<RunStatus> {
         let most = self.shared.limits.runs_listed;
         let limit = if limit == 0 { most } else { limit.min(most) };
         let mut runs: Vec<Arc<Run>> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
         runs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
         runs.into_iter()
-            .filter(|r| project.is_none_or(|p| r.state().params.project == p))
+            .filter(|r| {
+                let state = r.state();
+                project.is_none_or(|p| state.params.project == p)
+                    && keep(&r.id, &state.params.project)
+            })
             .take(limit)
             .map(|r| r.status())
             .collect()

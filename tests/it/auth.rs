@@ -33,6 +33,11 @@ fn create(data: &Path, args: &[&str]) -> String {
     lines[0].to_owned()
 }
 
+/// A read token of acme/*.
+fn read_one_project(data: &Path) -> String {
+    create(data, &["--project", "acme/*", "--scope", "read"])
+}
+
 /// `covd ARGS` with `token` (none: no COVD_TOKEN at all): exit code and stderr.
 fn covd(served: &Served, token: Option<&str>, args: &[&str]) -> (Option<i32>, String) {
     let mut c = served.covd(args);
@@ -485,6 +490,71 @@ async fn tokens_decide_who_may_do_what() {
     let e = client.list_runs(100).await.unwrap_err();
     assert_eq!(e.auth_refusal(), Some(Code::Unauthenticated), "{e}");
     assert!(e.to_string().contains("was revoked"), "{e}");
+
+    // A token of one run reads that run, not its project's history; GetDifferential's base
+    // and a listing's limit are the token's reach too.
+    let one_run = create(
+        &data,
+        &["--project", "acme/shop", "--scope", "read", "--run", "a1"],
+    );
+    let mut c1 = CoverageClient::connect(served.url.clone()).await.unwrap();
+    let history = c1
+        .get_history(with_token(
+            proto::GetHistoryRequest::default(),
+            Some(&one_run),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        history.code(),
+        Code::PermissionDenied,
+        "{}",
+        history.message()
+    );
+    let flaky = c1
+        .get_flaky_tests(with_token(
+            proto::GetFlakyTestsRequest {
+                project: "acme/shop".into(),
+                ..Default::default()
+            },
+            Some(&one_run),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(flaky.code(), Code::PermissionDenied);
+    let differential = c1
+        .get_differential(with_token(
+            proto::GetDifferentialRequest {
+                run_id: "a1".into(),
+                base_run_id: "g3".into(),
+                ..Default::default()
+            },
+            Some(&read_one_project(&data)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        differential.code(),
+        Code::PermissionDenied,
+        "{}",
+        differential.message()
+    );
+    let mut newest_first =
+        covd::client::Client::connect_with(&served.url, Some(&read_other)).unwrap();
+    assert_eq!(ids(newest_first.list_runs(1).await.unwrap()), ["g3"]);
+    // A token of some projects sends every text itself: it learns nothing of other projects'.
+    let missing = c1
+        .missing_sources(with_token(
+            proto::MissingSourcesRequest {
+                sha256: vec![vec![0; 32], vec![1; 32]],
+            },
+            Some(&create(&data, &["--project", "acme/*", "--scope", "push"])),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .missing;
+    assert_eq!(missing, [0, 1]);
 
     // The HTTP port: no token 401, a token of some projects 403, one of every project 200.
     let get = |token: Option<&str>| {
