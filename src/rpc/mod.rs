@@ -95,6 +95,16 @@ impl CoverageRpc {
         Ok(who)
     }
 
+    /// The caller, if it may read the run `request` names (a read token that reaches it).
+    fn reads<T: RunScoped>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        self.allow_run(
+            request,
+            Scope::Read,
+            "read runs",
+            request.get_ref().run_id(),
+        )
+    }
+
     /// The project a query names, as runs keep it, if the caller reaches it; a query of every
     /// project only for a token that reaches them all (a token of one project queries it).
     fn allow_project<T>(&self, request: &Request<T>, project: &str) -> Result<String, Status> {
@@ -121,6 +131,37 @@ impl CoverageRpc {
         Ok(kept)
     }
 }
+
+/// A request about one run.
+trait RunScoped {
+    fn run_id(&self) -> &str;
+}
+
+macro_rules! run_scoped {
+    ($($request:ident),* $(,)?) => {
+        $(impl RunScoped for proto::$request {
+            fn run_id(&self) -> &str {
+                &self.run_id
+            }
+        })*
+    };
+}
+
+run_scoped!(
+    GetRunStatusRequest,
+    WatchRunRequest,
+    ExportRequest,
+    GetFileRequest,
+    GetDirectoryRequest,
+    GetTestsForLinesRequest,
+    GetTestLinesRequest,
+    ListTestsRequest,
+    GetTestImpactRequest,
+    GetAttemptsRequest,
+    GetSourceRequest,
+    GetPatchCoverageRequest,
+    GetDifferentialRequest,
+);
 
 /// Who sent `metadata`, if the daemon accepts them.
 fn caller(
@@ -260,12 +301,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetRunStatusRequest>,
     ) -> Result<Response<proto::RunStatus>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let status = self.service.run_status(&request.into_inner().run_id)?;
         Ok(Response::new(status_to_proto(status)))
     }
@@ -276,12 +312,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "watch runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let run_id = request.into_inner().run_id;
         let mut changes = self.service.watch_run(&run_id)?;
         let service = self.service.clone();
@@ -354,12 +385,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "export runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let format = export_format_from_proto(r.format)?;
         let wait = if r.wait {
@@ -396,12 +422,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetFileRequest>,
     ) -> Result<Response<proto::FileCoverage>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let file = self.service.file(&r.run_id, &r.path).await?;
         let limits = self.service.limits();
@@ -437,12 +458,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetDirectoryRequest>,
     ) -> Result<Response<proto::DirectorySummary>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let summary = self.service.directory(&r.run_id, &r.path).await?;
         Ok(Response::new(directory_to_proto(summary)))
@@ -470,12 +486,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetTestsForLinesRequest>,
     ) -> Result<Response<Self::GetTestsForLinesStream>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let files = file_lines_from_proto(r.files)?;
         let answer = self.service.tests_for_lines(&r.run_id, files).await?;
@@ -504,12 +515,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetTestLinesRequest>,
     ) -> Result<Response<Self::GetTestLinesStream>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let files = self.service.test_lines(&r.run_id, &r.test).await?;
         let chunks = in_chunks(files, file_lines_size).map(|files| {
@@ -526,12 +532,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::ListTestsRequest>,
     ) -> Result<Response<Self::ListTestsStream>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let tests = self.service.tests(&request.into_inner().run_id).await?;
         let chunks = in_chunks(tests, |t| t.len()).map(|tests| {
             Ok(proto::TestNames {
@@ -547,12 +548,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetTestImpactRequest>,
     ) -> Result<Response<Self::GetTestImpactStream>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let diff = read_diff(r.diff, r.strip).await?;
         let collected = r.has_collected.then_some(r.collected);
@@ -590,12 +586,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetAttemptsRequest>,
     ) -> Result<Response<proto::RunAttempts>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let shards = self.service.attempts(&request.into_inner().run_id).await?;
         Ok(Response::new(proto::RunAttempts {
             shards: shards.into_iter().map(shard_attempts_to_proto).collect(),
@@ -660,12 +651,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetSourceRequest>,
     ) -> Result<Response<proto::Source>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let (digest, text) = self.service.source(&r.run_id, &r.path).await?;
         Ok(Response::new(proto::Source {
@@ -678,12 +664,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetPatchCoverageRequest>,
     ) -> Result<Response<proto::PatchCoverage>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         let r = request.into_inner();
         let diff = read_diff(r.diff, r.strip).await?;
         let answer = self.service.patch_coverage(&r.run_id, diff).await?;
@@ -696,12 +677,7 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::GetDifferentialRequest>,
     ) -> Result<Response<Self::GetDifferentialStream>, Status> {
-        self.allow_run(
-            &request,
-            Scope::Read,
-            "read runs",
-            &request.get_ref().run_id,
-        )?;
+        self.reads(&request)?;
         self.allow_run(
             &request,
             Scope::Read,
