@@ -43,6 +43,8 @@ pub const FILE_PAGE_LINES: u32 = 100_000;
 pub enum ClientError {
     #[error("invalid server address `{0}`")]
     Address(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The daemon answered with an error, or could not be reached.
     #[error("{}", describe(.0))]
     Status(#[from] Status),
@@ -135,6 +137,10 @@ pub struct PushOptions {
     /// Reconnects after a dropped connection or an unavailable daemon.
     pub retries: u32,
     pub initial_backoff: Duration,
+    /// With every delta acknowledged and nothing to send for this long (`push --watch` while
+    /// tests run), the stream is closed, and opened again for the next delta: the daemon ends
+    /// streams idle beyond its `--stream-idle-timeout` (10 minutes by default).
+    pub idle_close: Duration,
 }
 
 impl Default for PushOptions {
@@ -142,6 +148,7 @@ impl Default for PushOptions {
         PushOptions {
             retries: 5,
             initial_backoff: Duration::from_millis(200),
+            idle_close: Duration::from_secs(60),
         }
     }
 }
@@ -209,18 +216,29 @@ impl Batcher {
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: CoverageClient<InterceptedService<Channel, Bearer>>,
+    deadline: Option<Duration>,
 }
 
-/// Sends the client's token, if it has one, with every call (`authorization: Bearer …`).
+/// Sends the client's token, if it has one, with every call (`authorization: Bearer …`), and
+/// gives every call that has none the client's deadline (`grpc-timeout`, which both ends
+/// enforce; for a stream it bounds the wait for the stream to begin).
 #[derive(Debug, Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer {
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    deadline: Option<Duration>,
+}
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.token {
             request
                 .metadata_mut()
                 .insert("authorization", value.clone());
+        }
+        if let Some(deadline) = self.deadline
+            && !request.metadata().contains_key("grpc-timeout")
+        {
+            request.set_timeout(deadline);
         }
         Ok(request)
     }
@@ -316,6 +334,49 @@ fn read_sources(
     read
 }
 
+/// How a client connects (see [`Client::connect_using`]).
+#[derive(Debug, Clone)]
+pub struct Connect {
+    /// The token sent with every call (`covd_…`).
+    pub token: Option<String>,
+    /// For `https://`: the CA (PEM) the daemon's certificate must chain to, instead of the
+    /// system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// For `https://`: a client certificate chain and its key (PEM), for a daemon that
+    /// requires them.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+    /// How long a call may take to be answered (for a stream: to begin); `None`: no deadline.
+    pub request_timeout: Option<Duration>,
+}
+
+impl Default for Connect {
+    fn default() -> Connect {
+        Connect {
+            token: None,
+            ca_pem: None,
+            identity: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+impl Connect {
+    fn tls_config(&self) -> tonic::transport::ClientTlsConfig {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        tls = match &self.ca_pem {
+            Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        tls
+    }
+}
+
 impl Client {
     /// Connects lazily: the first call fails with UNAVAILABLE if nobody listens, and later
     /// calls reconnect by themselves.
@@ -325,10 +386,31 @@ impl Client {
 
     /// [`Client::connect`], sending `token` (`covd_…`) with every call.
     pub fn connect_with(url: &str, token: Option<&str>) -> Result<Client, ClientError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
+        Client::connect_using(
+            url,
+            &Connect {
+                token: token.map(str::to_owned),
+                ..Connect::default()
+            },
+        )
+    }
+
+    /// [`Client::connect`], as `how` says.
+    pub fn connect_using(url: &str, how: &Connect) -> Result<Client, ClientError> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|_| ClientError::Address(url.to_owned()))?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(how.connect_timeout)
             .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(how.tls_config())
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+        } else if how.ca_pem.is_some() || how.identity.is_some() {
+            return Err(ClientError::Tls(format!(
+                "a CA or client certificate is given, but `{url}` is not https://"
+            )));
+        }
+        let token = how.token.as_deref();
         let bearer = match token.filter(|t| !t.is_empty()) {
             Some(t) => {
                 let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
@@ -344,10 +426,17 @@ impl Client {
             }
             None => None,
         };
-        let inner = CoverageClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer))
+        let interceptor = Bearer {
+            token: bearer,
+            deadline: how.request_timeout,
+        };
+        let inner = CoverageClient::with_interceptor(endpoint.connect_lazy(), interceptor)
             .max_decoding_message_size(64 * 1024 * 1024)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-        Ok(Client { inner })
+        Ok(Client {
+            inner,
+            deadline: how.request_timeout,
+        })
     }
 
     pub async fn open_run(
@@ -810,18 +899,19 @@ impl Client {
         exclude: &[String],
         out: &mut impl Write,
     ) -> Result<ExportHeader, ClientError> {
-        let mut stream = self
-            .inner
-            .export(proto::ExportRequest {
-                run_id: run_id.to_owned(),
-                format: convert::export_format_to_proto(format) as i32,
-                wait: wait.is_some(),
-                timeout: wait.and_then(|w| prost_types::Duration::try_from(w).ok()),
-                include: include.to_vec(),
-                exclude: exclude.to_vec(),
-            })
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(proto::ExportRequest {
+            run_id: run_id.to_owned(),
+            format: convert::export_format_to_proto(format) as i32,
+            wait: wait.is_some(),
+            timeout: wait.and_then(|w| prost_types::Duration::try_from(w).ok()),
+            include: include.to_vec(),
+            exclude: exclude.to_vec(),
+        });
+        // The daemon answers once the run is complete or the wait is over.
+        if let (Some(wait), Some(deadline)) = (wait, self.deadline) {
+            request.set_timeout(wait.saturating_add(deadline));
+        }
+        let mut stream = self.inner.export(request).await?.into_inner();
         let header = match stream.message().await?.and_then(|c| c.msg) {
             Some(proto::export_chunk::Msg::Header(h)) => convert::export_header_from_proto(h),
             _ => {
@@ -965,13 +1055,22 @@ impl Client {
         let mut reconnects = 0u32;
         let mut failures = 0u32;
         loop {
-            let attempt = self.push_once(target, deltas, state).await;
+            let attempt = self
+                .push_once(target, deltas, state, options.idle_close)
+                .await;
             match attempt {
-                Ok(run) => {
+                Ok(StreamEnd::Idle) => {
+                    // The stream is closed; the next input opens another.
+                    match deltas.recv().await {
+                        Some(input) => state.pending = Some(input),
+                        None => return Err(ClientError::InputAborted),
+                    }
+                }
+                Ok(StreamEnd::Done(run)) => {
                     return Ok(PushReport {
                         deltas: state.next_seq - 1,
                         reconnects,
-                        run,
+                        run: run.map(|r| *r),
                         unknown_paths: std::mem::take(&mut state.unknown),
                     });
                 }
@@ -997,7 +1096,8 @@ impl Client {
         target: &PushTarget,
         deltas: &mut mpsc::Receiver<PushInput>,
         state: &mut PushState,
-    ) -> Result<Option<RunStatus>, PushFailure> {
+        idle_close: Duration,
+    ) -> Result<StreamEnd, PushFailure> {
         let PushState {
             unacked,
             next_seq,
@@ -1005,6 +1105,7 @@ impl Client {
             unknown,
             telemetry,
             session,
+            pending,
         } = state;
         let fail = |error: ClientError| PushFailure {
             error,
@@ -1095,8 +1196,12 @@ impl Client {
                 finish_sent = true;
             }
             let can_send = !*input_done && unacked.len() < WINDOW;
+            let idle = can_send && unacked.is_empty();
             tokio::select! {
-                batch = deltas.recv(), if can_send => {
+                batch = async { match pending.take() {
+                    Some(input) => Some(input),
+                    None => deltas.recv().await,
+                } }, if can_send => {
                     let (files, test) = match batch {
                         Some(PushInput::Delta(files)) => (files, None),
                         Some(PushInput::TestDelta { test, files }) => {
@@ -1145,7 +1250,7 @@ impl Client {
                         }
                     }
                     Some(Ok(proto::IngestResponse { msg: Some(ingest_response::Msg::Finished(f)) })) => {
-                        return Ok(f.run.map(convert::status_from_proto));
+                        return Ok(StreamEnd::Done(f.run.map(|r| Box::new(convert::status_from_proto(r)))));
                     }
                     Some(Ok(_)) => {
                         return Err(PushFailure {
@@ -1161,6 +1266,10 @@ impl Client {
                         });
                     }
                 },
+                () = tokio::time::sleep(idle_close), if idle => {
+                    // Ending the request stream leaves the shard unfinished and resumable.
+                    return Ok(StreamEnd::Idle);
+                }
             }
         }
     }
@@ -1177,6 +1286,8 @@ struct PushState {
     telemetry: Option<TestTelemetry>,
     /// This push's session id, the same on every stream of it.
     session: Vec<u8>,
+    /// An input taken while no stream was open (after one closed idle), sent first on the next.
+    pending: Option<PushInput>,
 }
 
 impl PushState {
@@ -1188,6 +1299,7 @@ impl PushState {
             unknown: Vec::new(),
             telemetry: target.telemetry.clone(),
             session: new_session_id(),
+            pending: None,
         }
     }
 }
@@ -1268,6 +1380,14 @@ struct Sent {
     request: proto::IngestRequest,
     /// Some of its branch arms are in columns: only a daemon that reads them may get it.
     needs_columns: bool,
+}
+
+/// How one stream of a push ended well.
+enum StreamEnd {
+    /// The shard is finished; the run as the daemon answered.
+    Done(Option<Box<RunStatus>>),
+    /// Closed for want of anything to send.
+    Idle,
 }
 
 struct PushFailure {

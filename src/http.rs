@@ -9,8 +9,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::net::SocketAddr;
+
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use crate::tls::{Port, Stream, Tls};
 
 use crate::auth::{Auth, Denied};
 use crate::service::CoverageService;
@@ -18,6 +22,7 @@ use crate::service::CoverageService;
 /// Serves until `stopping` turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     service: CoverageService,
     privacy: Arc<crate::privacy::Privacy>,
     auth: Arc<Auth>,
@@ -41,11 +46,73 @@ pub(crate) async fn serve(
     let stop = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
+    let served = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Some(tls) => {
+            axum::serve(Secured::new(listener, tls), app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
+    if let Err(e) = served {
         tracing::error!("the HTTP port failed: {e}");
+    }
+}
+
+/// The HTTP port's connections through their TLS handshakes, each in a task of its own.
+struct Secured {
+    local: std::io::Result<SocketAddr>,
+    handshaken: mpsc::Receiver<(Stream, SocketAddr)>,
+}
+
+impl Secured {
+    fn new(listener: TcpListener, tls: Arc<Tls>) -> Secured {
+        let local = listener.local_addr();
+        let (tx, handshaken) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut accepting = crate::admission::Accepting::new(listener);
+            loop {
+                let tcp = tokio::select! {
+                    tcp = accepting.next() => tcp,
+                    () = tx.closed() => return,
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let Ok(peer) = tcp.peer_addr() else { return };
+                    match tls.accept(Port::Http, tcp).await {
+                        Ok(stream) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Err(e) => tracing::debug!("a TLS handshake on the HTTP port failed: {e}"),
+                    }
+                });
+            }
+        });
+        Secured { local, handshaken }
+    }
+}
+
+impl axum::serve::Listener for Secured {
+    type Io = Stream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Stream, SocketAddr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The accepting task only ends when this is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match &self.local {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
     }
 }
 

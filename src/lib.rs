@@ -29,11 +29,15 @@
 //! - [`privacy`]: project names kept plain, as keyed pseudonyms, or not at all.
 //! - [`auth`]: access tokens (their store, scopes, projects) and who a call comes from.
 //! - `dashboard`: the web dashboard on the HTTP port (its JSON API and compiled-in assets).
+//! - [`admission`]: what clients may hold: connections, concurrent streams, the bytes of
+//!   messages being received (budgeted before a body is read), idle and read time limits.
+//! - [`tls`]: TLS on the daemon's ports (rustls), reloaded on SIGHUP.
 //! - [`server`]: wiring, limits, health and reflection, shutdown.
 //! - [`client`]: the typed client the CLI and tests use.
 //!
 //! The `covd` binary (`src/main.rs`, `src/cli/`) is a thin command line over these.
 
+pub mod admission;
 pub mod aggregate;
 pub mod auth;
 pub mod ci;
@@ -52,6 +56,7 @@ pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod spool;
+pub mod tls;
 
 pub use client::Client;
 pub use model::{Coverage, FileCoverage};

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub delta_bytes: Counter,
     pub commit_seconds: Histogram,
     pub refusals: Family<Refusal, Counter>,
+    pub connections_open: Gauge,
+    pub connections_closed: Counter,
+    pub connections_idle_closed: Counter,
+    pub receiving_bytes: Gauge,
+    pub runs_evicted: Counter,
     runs: Gauge,
     runs_open: Gauge,
     resident_bytes: Gauge,
@@ -55,6 +60,11 @@ impl Metrics {
             // 0.25 ms to about 8 s: a group commit is an fsync pair.
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             refusals: Family::default(),
+            connections_open: Gauge::default(),
+            connections_closed: Counter::default(),
+            connections_idle_closed: Counter::default(),
+            receiving_bytes: Gauge::default(),
+            runs_evicted: Counter::default(),
             runs: Gauge::default(),
             runs_open: Gauge::default(),
             resident_bytes: Gauge::default(),
@@ -86,6 +96,34 @@ impl Metrics {
             "refusals",
             "Requests and messages answered with an error status, by gRPC status code",
             m.refusals.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "gRPC connections open now",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "gRPC connections closed as they came: past twice --max-connections or \
+             --max-connections-per-client",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "connections_idle_closed",
+            "gRPC connections closed after --connection-idle-timeout with no call",
+            m.connections_idle_closed.clone(),
+        );
+        registry.register(
+            "receiving_bytes",
+            "Bytes of messages being received, as the receive budget counts them \
+             (--max-receiving-bytes)",
+            m.receiving_bytes.clone(),
+        );
+        registry.register(
+            "runs_evicted",
+            "Settled runs that gave up their raw data early (their summary stays) for a new \
+             run at --max-runs",
+            m.runs_evicted.clone(),
         );
         registry.register("runs", "Runs the daemon holds", m.runs.clone());
         registry.register(

@@ -13,12 +13,14 @@ use tokio::sync::watch;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
+use crate::admission::{Admission, AdmissionLimits, AdmitLayer};
 use crate::auth::Auth;
 use crate::persist::{MemoryStore, SqliteStore, Storage, StoreError};
 use crate::privacy::{Privacy, ProjectNames};
 use crate::rpc::proto::coverage_server::CoverageServer;
 use crate::rpc::{CoverageRpc, proto};
 use crate::service::{CoverageService, Limits};
+use crate::tls::{Tls, TlsFiles};
 use tonic::service::interceptor::InterceptedService;
 
 /// Everything `covd serve` can be told.
@@ -62,6 +64,15 @@ pub struct Settings {
     pub tokens: Option<PathBuf>,
     /// Serve a non-loopback address without tokens (anybody there may do anything).
     pub insecure_no_auth: bool,
+    /// What one client, and all of them, may hold: connections, streams, bytes being received,
+    /// idle time. Its `max_message_bytes` is taken from the field above.
+    pub admission: AdmissionLimits,
+    /// TLS on both ports (certificate, key and optionally the CA of client certificates);
+    /// `None`: plain text.
+    pub tls: Option<TlsFiles>,
+    /// How often an HTTP/2 ping checks that a connection's peer is still there (closed when
+    /// no answer comes within 20 s); `None`: never.
+    pub keepalive_interval: Option<Duration>,
 }
 
 /// What a started daemon tells the one that started it.
@@ -88,6 +99,9 @@ impl Default for Settings {
             pseudonym_key_file: None,
             tokens: None,
             insecure_no_auth: false,
+            admission: AdmissionLimits::default(),
+            tls: None,
+            keepalive_interval: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -102,6 +116,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("opening the store was interrupted: {0}")]
     Startup(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Opens the store (when configured) and recovers every run; then serves until `shutdown`
@@ -146,6 +162,10 @@ pub async fn run_on(
     tracing::info!("project names are kept {:?}", privacy.policy());
     let auth = Arc::new(auth(&settings, &listener)?);
     let (stop, stopping) = watch::channel(false);
+    let tls = settings.tls.clone().map(Tls::load).transpose()?;
+    if let Some(tls) = &tls {
+        tokio::spawn(crate::tls::reload_on_hangup(tls.clone(), stopping.clone()));
+    }
     let (http, http_task) = match settings.http_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.map_err(|e| {
@@ -155,6 +175,7 @@ pub async fn run_on(
             let bound = listener.local_addr().ok();
             let task = tokio::spawn(crate::http::serve(
                 listener,
+                tls.clone(),
                 service.clone(),
                 privacy.clone(),
                 auth.clone(),
@@ -219,6 +240,10 @@ pub async fn run_on(
         stopping.clone(),
     ));
 
+    let admission = Admission::new(AdmissionLimits {
+        max_message_bytes: settings.max_message_bytes,
+        ..settings.admission.clone()
+    });
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; ending open streams");
@@ -227,6 +252,9 @@ pub async fn run_on(
     let serve = Server::builder()
         .max_concurrent_streams(settings.max_concurrent_streams)
         .initial_stream_window_size(settings.stream_window_bytes)
+        .http2_keepalive_interval(settings.keepalive_interval)
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(AdmitLayer)
         .add_service(health)
         .add_service(InterceptedService::new(
             reflection_v1,
@@ -237,7 +265,10 @@ pub async fn run_on(
             crate::rpc::reading(auth.clone(), privacy.clone()),
         ))
         .add_service(coverage)
-        .serve_with_incoming_shutdown(without_delay(listener), signal);
+        .serve_with_incoming_shutdown(
+            crate::admission::incoming(listener, admission, tls.clone()),
+            signal,
+        );
     let _ = ready.send(Ready { http });
     let mut stopping = stopping;
     let grace = settings.shutdown_grace;
@@ -276,79 +307,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// The listener's connections, with Nagle's algorithm off. tonic sets `TCP_NODELAY` only on
-/// connections it accepts itself; without it, an answer written in more than one segment
-/// waited for the client's delayed ACK: 40 ms for every GetFile of a few hundred lines.
-///
-/// When the process is out of file descriptors, `accept` fails at once, as often as it is
-/// called, while the connection waits in the queue: retried at once, that loop took 90% of a
-/// core and starved the daemon. Here a spare descriptor is held for that moment: it is let go
-/// to accept the waiting connections and close them at once (their clients see the close, not
-/// a hang), then taken again, and `accept` is retried after a pause that doubles up to 100 ms.
-fn without_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    struct Accepting {
-        listener: TcpListener,
-        spare: Option<std::fs::File>,
-        pause: Duration,
-    }
-    let spare = || std::fs::File::open("/dev/null").ok();
-    let state = Accepting {
-        listener,
-        spare: spare(),
-        pause: Duration::ZERO,
-    };
-    futures_util::stream::unfold(state, move |mut s| async move {
-        loop {
-            match s.listener.accept().await {
-                Ok((stream, _)) => {
-                    s.pause = Duration::ZERO;
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::warn!("cannot turn Nagle's algorithm off on a connection: {e}");
-                    }
-                    return Some((Ok(stream), s));
-                }
-                Err(e) if out_of_descriptors(&e) => {
-                    if s.pause.is_zero() {
-                        tracing::warn!(
-                            "out of file descriptors ({e}): new connections are closed until \
-                             some end"
-                        );
-                    }
-                    if s.spare.take().is_some() {
-                        // Our spare back to the system for the descriptor each waiting
-                        // connection takes, one after the other, while the queue has any:
-                        // their clients see a close rather than wait.
-                        use futures_util::FutureExt as _;
-                        for _ in 0..4096 {
-                            match s.listener.accept().now_or_never() {
-                                Some(Ok((refused, _))) => drop(refused),
-                                _ => break,
-                            }
-                        }
-                    }
-                    s.spare = spare();
-                    s.pause =
-                        (s.pause * 2).clamp(Duration::from_millis(10), Duration::from_millis(100));
-                    tokio::time::sleep(s.pause).await;
-                }
-                // A connection that went before it was accepted, and the like: the next one.
-                Err(_) => {}
-            }
-        }
-    })
-}
-
-/// Whether `accept` failed for want of descriptors or buffers (nothing to do but wait).
-fn out_of_descriptors(e: &std::io::Error) -> bool {
-    use nix::errno::Errno;
-    matches!(
-        e.raw_os_error().map(Errno::from_raw),
-        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
-    )
 }
 
 /// Raises the process's soft limit of open files to its hard limit: every connection and
@@ -581,22 +539,5 @@ async fn down_sample(service: &CoverageService, full_for: Duration) {
     let age = u64::try_from(full_for.as_millis()).unwrap_or(u64::MAX);
     if let Err(e) = service.down_sample(before, now.saturating_sub(age)).await {
         tracing::warn!("down-sampling history failed: {e}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio_stream::StreamExt;
-
-    /// Every accepted connection has Nagle's algorithm off.
-    #[tokio::test]
-    async fn accepted_connections_do_not_delay() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut accepted = Box::pin(without_delay(listener));
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let stream = accepted.next().await.unwrap().unwrap();
-        assert!(stream.nodelay().unwrap());
     }
 }

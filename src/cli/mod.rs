@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
+use covd::admission::AdmissionLimits;
 use covd::client::{Client, ClientError};
 use covd::formats::Format;
 use covd::model::Totals;
@@ -60,7 +61,7 @@ pub(crate) enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon (loopback only unless told otherwise; data in --data-dir).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Open a run and declare the shards it expects.
     Open(OpenArgs),
     /// Stream a shard's coverage files into a run (or, with --watch, those a test command
@@ -118,6 +119,20 @@ struct ServerArg {
     /// The token to call the daemon with (`covd token create`), when it requires one.
     #[arg(long, env = "COVD_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// For an https:// daemon: the CA certificate (PEM) its certificate must chain to, instead
+    /// of the system's.
+    #[arg(long, env = "COVD_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// For a daemon that requires client certificates: this one (PEM), with --client-key.
+    #[arg(long, env = "COVD_CLIENT_CERT", global = true, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The key of --client-cert (PEM).
+    #[arg(long, env = "COVD_CLIENT_KEY", global = true, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// How long a call may take to be answered (a stream: to begin); 0: no deadline.
+    #[arg(long, env = "COVD_REQUEST_TIMEOUT", default_value = "5m",
+          value_parser = humantime::parse_duration, global = true)]
+    request_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +223,16 @@ struct ServeArgs {
     /// it holds a token, every call but health needs one.
     #[arg(long)]
     tokens: Option<PathBuf>,
+    /// TLS on both ports: the certificate chain (PEM, leaf first), with --tls-key. Read again
+    /// on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates that chain to this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Listen beyond loopback with no tokens: anybody who reaches the daemon may read, write
     /// and delete every run.
     #[arg(long)]
@@ -272,9 +297,13 @@ struct ServeArgs {
     /// Most shards in one run.
     #[arg(long, default_value_t = Settings::default().limits.max_shards_per_run)]
     max_shards_per_run: usize,
-    /// Most runs held at once.
+    /// Most runs held at once; at the limit, the run settled longest ago gives up its raw
+    /// data (its summary stays in history) for a new one.
     #[arg(long, default_value_t = Settings::default().limits.max_runs)]
     max_runs: usize,
+    /// New runs one token (without tokens: one client address) may open per hour; 0: no limit.
+    #[arg(long, default_value_t = Settings::default().limits.max_runs_per_token_per_hour)]
+    max_runs_per_token_per_hour: u32,
     /// Deltas decoded and applied at once, over all streams (bounds memory; default: twice the
     /// cores, and 2).
     #[arg(long, default_value_t = Settings::default().limits.max_deltas_in_flight)]
@@ -320,6 +349,46 @@ struct ServeArgs {
     /// in bytes.
     #[arg(long, default_value_t = Settings::default().stream_window_bytes)]
     stream_window_bytes: u32,
+    /// Most gRPC connections open at once. Past it every call of a new connection is refused
+    /// (RESOURCE_EXHAUSTED); past twice it new connections are closed as they come.
+    #[arg(long, default_value_t = AdmissionLimits::default().max_connections)]
+    max_connections: usize,
+    /// Most connections open at once from one address (CI runners behind a NAT share one).
+    #[arg(long, default_value_t = AdmissionLimits::default().max_connections_per_client)]
+    max_connections_per_client: usize,
+    /// A connection with no call open this long is closed (HTTP/2 pings do not count).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    connection_idle_timeout: Duration,
+    /// Most calls (HTTP/2 streams) open at once from one address; health checks are not
+    /// counted.
+    #[arg(long, default_value_t = AdmissionLimits::default().max_streams_per_client)]
+    max_streams_per_client: usize,
+    /// Bytes of messages being received at once, over all clients. A message's share is taken
+    /// from its length before its body is read, and held until the next message of its stream.
+    #[arg(long, default_value_t = AdmissionLimits::default().receiving_bytes)]
+    max_receiving_bytes: usize,
+    /// Bytes of messages being received at once from one address.
+    #[arg(long, default_value_t = AdmissionLimits::default().receiving_bytes_per_client)]
+    max_receiving_bytes_per_client: usize,
+    /// How long a message waits for room in the receive budgets before it is refused.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    receive_wait: Duration,
+    /// How long a message's body may keep the daemon waiting once its length came.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    read_timeout: Duration,
+    /// How long an ingest stream may send nothing between messages (`push --watch` closes
+    /// its stream while it has nothing to send).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
+    /// How many times its size a compressed message may inflate to (at most
+    /// --max-message-bytes).
+    #[arg(long, default_value_t = AdmissionLimits::default().max_inflation,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_inflation: u32,
+    /// How often an HTTP/2 ping checks that a client is still there (a connection whose
+    /// client does not answer within 20 s is closed); 0: never.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    keepalive_interval: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -608,7 +677,7 @@ fn bad_input(error: anyhow::Error) -> Failure {
 impl Cli {
     pub(crate) async fn run(self) -> Result<ExitCode, Failure> {
         match self.command {
-            Command::Serve(a) => serve(a).await,
+            Command::Serve(a) => serve(*a).await,
             Command::Open(a) => open(a).await,
             Command::Push(a) => push::run(*a).await,
             Command::Fetch(a) => fetch(a).await,
@@ -647,7 +716,23 @@ fn read_diff(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
 }
 
 fn client(server: &ServerArg) -> Result<Client, Failure> {
-    Client::connect_with(&server.server, server.token.as_deref()).map_err(|e| bad_input(e.into()))
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map_err(bad_input)
+    };
+    let identity = match (&server.client_cert, &server.client_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    let how = covd::client::Connect {
+        token: server.token.clone(),
+        ca_pem: server.ca_file.as_ref().map(read).transpose()?,
+        identity,
+        request_timeout: (!server.request_timeout.is_zero()).then_some(server.request_timeout),
+        ..covd::client::Connect::default()
+    };
+    Client::connect_using(&server.server, &how).map_err(|e| bad_input(e.into()))
 }
 
 async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
@@ -664,6 +749,28 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         max_db_bytes: a.max_db_bytes,
         max_concurrent_streams: a.max_concurrent_streams,
         stream_window_bytes: a.stream_window_bytes,
+        admission: AdmissionLimits {
+            max_connections: a.max_connections,
+            max_connections_per_client: a.max_connections_per_client,
+            connection_idle: a.connection_idle_timeout,
+            max_streams_per_client: a.max_streams_per_client,
+            receiving_bytes: a.max_receiving_bytes,
+            receiving_bytes_per_client: a.max_receiving_bytes_per_client,
+            receive_wait: a.receive_wait,
+            read_timeout: a.read_timeout,
+            stream_idle: a.stream_idle_timeout,
+            max_inflation: a.max_inflation,
+            max_message_bytes: a.max_message_bytes,
+        },
+        keepalive_interval: (!a.keepalive_interval.is_zero()).then_some(a.keepalive_interval),
+        tls: match (&a.tls_cert, &a.tls_key) {
+            (Some(cert), Some(key)) => Some(covd::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: a.tls_client_ca.clone(),
+            }),
+            _ => None,
+        },
         http_listen: (!a.no_http).then_some(a.http_listen),
         ..Settings::default()
     };
@@ -672,6 +779,7 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_tests_per_run = a.max_tests_per_run as usize;
     settings.limits.max_shards_per_run = a.max_shards_per_run;
     settings.limits.max_runs = a.max_runs;
+    settings.limits.max_runs_per_token_per_hour = a.max_runs_per_token_per_hour;
     settings.limits.max_deltas_in_flight = a.max_deltas_in_flight;
     settings.limits.memory_budget_bytes = a.memory_budget;
     settings.limits.reopen_window = (!a.reopen_window.is_zero()).then_some(a.reopen_window);
@@ -729,13 +837,18 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         None => "in memory".to_owned(),
     };
     // Announce the address once recovery is done and the port answers.
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tokio::spawn(async move {
         if let Ok(ready) = ready.await {
             let http = ready
                 .http
-                .map(|h| format!("; metrics on http://{h}/metrics"))
+                .map(|h| format!("; metrics on {scheme}://{h}/metrics"))
                 .unwrap_or_default();
-            eprintln!("covd listening on http://{addr} ({storage}){http}");
+            eprintln!("covd listening on {scheme}://{addr} ({storage}){http}");
         }
     });
     let shutdown = async move {

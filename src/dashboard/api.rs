@@ -43,6 +43,7 @@ impl From<Error> for Failure {
             | Error::FlagNotFound { .. }
             | Error::SourceNotFound { .. } => StatusCode::NOT_FOUND,
             Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
+            Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::AlreadyExists(_) | Error::FailedPrecondition(_) | Error::Aborted(_) => {
                 StatusCode::CONFLICT
             }

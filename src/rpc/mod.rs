@@ -57,6 +57,8 @@ pub struct CoverageRpc {
     /// Turns true when the daemon shuts down: open ingest streams end (after the delta in
     /// hand) with UNAVAILABLE, so their clients reconnect and resume.
     stopping: watch::Receiver<bool>,
+    /// New runs per token per hour.
+    openings: Arc<crate::admission::Openings>,
 }
 
 impl CoverageRpc {
@@ -66,11 +68,15 @@ impl CoverageRpc {
         privacy: Arc<Privacy>,
         auth: Arc<Auth>,
     ) -> CoverageRpc {
+        let openings = Arc::new(crate::admission::Openings::new(
+            service.limits().max_runs_per_token_per_hour,
+        ));
         CoverageRpc {
             service,
             privacy,
             auth,
             stopping,
+            openings,
         }
     }
 
@@ -233,6 +239,14 @@ pub fn reading(
 }
 
 /// A refusal as its status: UNAUTHENTICATED or PERMISSION_DENIED.
+/// Why a check refused, if it did.
+fn refusal(checked: Result<(), Denied>) -> Option<String> {
+    match checked {
+        Ok(()) => None,
+        Err(Denied::Unauthenticated(why) | Denied::PermissionDenied(why)) => Some(why),
+    }
+}
+
 pub(crate) fn denied(d: Denied) -> Status {
     match d {
         Denied::Unauthenticated(m) => Status::unauthenticated(m),
@@ -280,16 +294,19 @@ impl Coverage for CoverageRpc {
     ) -> Result<Response<proto::OpenRunResponse>, Status> {
         let who = self.who(&request)?;
         who.needs(Scope::Push, "open runs").map_err(denied)?;
+        let opener = opener(&who, &request);
         let r = request.into_inner();
         let params = owned_params(
             &self.service,
             &who,
+            (&self.openings, &opener),
             &r.run_id,
             params_kept(&self.privacy, r.params),
         )?;
+        let owner = |project: &str| refusal(who.check_run(&r.run_id, project));
         let (created, status) = self
             .service
-            .open_run_with_files(&r.run_id, params, r.known_files)
+            .open_run_as(&r.run_id, params, r.known_files, &owner)
             .await?;
         Ok(Response::new(proto::OpenRunResponse {
             created,
@@ -363,6 +380,7 @@ impl Coverage for CoverageRpc {
     ) -> Result<Response<Self::IngestStream>, Status> {
         let who = self.who(&request)?;
         who.needs(Scope::Push, "write runs").map_err(denied)?;
+        let opening = (self.openings.clone(), opener(&who, &request));
         let mut inbound = request.into_inner();
         let service = self.service.clone();
         let privacy = self.privacy.clone();
@@ -370,8 +388,16 @@ impl Coverage for CoverageRpc {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let _open = crate::metrics::metrics().stream_opened();
-            if let Err(status) =
-                ingest(&service, &privacy, &who, &mut inbound, &tx, &mut stopping).await
+            if let Err(status) = ingest(
+                &service,
+                &privacy,
+                &who,
+                &opening,
+                &mut inbound,
+                &tx,
+                &mut stopping,
+            )
+            .await
             {
                 let _ = tx.send(Err(status)).await;
             }
@@ -756,6 +782,7 @@ async fn ingest(
     service: &CoverageService,
     privacy: &Privacy,
     who: &Principal,
+    (openings, opener): &(Arc<crate::admission::Openings>, String),
     inbound: &mut Streaming<proto::IngestRequest>,
     tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
     stopping: &mut watch::Receiver<bool>,
@@ -782,17 +809,23 @@ async fn ingest(
     let params = owned_params(
         service,
         who,
+        (openings, opener),
         &header.run_id,
         params_kept(privacy, header.params),
     )?;
+    let run_id = header.run_id.clone();
+    let owner = |project: &str| refusal(who.check_run(&run_id, project));
     let session = service
-        .begin_shard(ShardHeader {
-            run_id: header.run_id,
-            shard_id: header.shard_id,
-            attempt: header.attempt,
-            params,
-            session: header.session_id,
-        })
+        .begin_shard_as(
+            ShardHeader {
+                run_id: header.run_id,
+                shard_id: header.shard_id,
+                attempt: header.attempt,
+                params,
+                session: header.session_id,
+            },
+            &owner,
+        )
         .await?;
     let resume = proto::Resume {
         attempt: session.attempt(),
@@ -867,10 +900,11 @@ async fn ingest(
 
 /// A push's run parameters, checked against its token: an existing run must be of a project
 /// the token reaches; a new one belongs to the token's project (the one it names, or the
-/// token's own when it names none).
+/// token's own when it names none), and is taken from the opener's hourly quota.
 fn owned_params(
     service: &CoverageService,
     who: &Principal,
+    (openings, opener): (&crate::admission::Openings, &str),
     run_id: &str,
     mut params: RunParams,
 ) -> Result<RunParams, Status> {
@@ -885,5 +919,22 @@ fn owned_params(
         params.project = own.to_owned();
     }
     who.check_run(run_id, &params.project).map_err(denied)?;
+    openings.take(opener).map_err(|why| {
+        crate::metrics::metrics().refused(tonic::Code::ResourceExhausted);
+        Status::resource_exhausted(why)
+    })?;
     Ok(params)
+}
+
+/// Whose quota of new runs a call takes from: its token, or on a daemon without tokens, its
+/// client's address.
+fn opener<T>(who: &Principal, request: &Request<T>) -> String {
+    match &who.id {
+        Some(id) => format!("token {id}"),
+        None => request
+            .extensions()
+            .get::<crate::admission::ConnInfo>()
+            .and_then(|c| c.remote())
+            .map_or_else(|| "a client".to_owned(), |a| a.ip().to_string()),
+    }
 }

@@ -499,22 +499,65 @@ impl CoverageService {
             .map(|r| r.value().clone())
             .collect();
         for run in &old {
-            let summary = summary(&run.status());
-            self.shared
-                .storage
-                .write(vec![Write::DeleteRun {
-                    run_id: run.id.clone(),
-                    summary: Some(summary),
-                }])
-                .await?;
-            self.shared.runs.remove(&run.id);
-            self.shared.cache.forget(&run.id);
-            run.state().deleted = true;
-            run.notify();
+            self.retire(run).await?;
         }
         if !old.is_empty() {
             self.shared.interner.prune();
         }
         Ok(old.len())
+    }
+
+    /// At `--max-runs`, before a new run opens: the run settled longest ago (complete, or with
+    /// every shard finished when it declared none) gives up its raw data as retention would,
+    /// its summary staying in history, so that CI is not refused because old runs were not
+    /// deleted. Runs still open are never evicted: when every run is, the open is refused.
+    pub(super) async fn make_room(&self, run_id: &str) -> Result<(), Error> {
+        let max = self.shared.limits.max_runs;
+        if self.shared.runs.len() < max || self.shared.runs.contains_key(run_id) {
+            return Ok(());
+        }
+        let settled_at = |run: &Run| {
+            let state = run.state();
+            if !state.settled() || state.reopening {
+                return None;
+            }
+            state
+                .completed_at
+                .or_else(|| state.shards.values().filter_map(|s| s.finished_at).max())
+        };
+        // Taken out of the map first: no run's lock is taken while the map's are held.
+        let held: Vec<Arc<Run>> = self.shared.runs.iter().map(|r| r.value().clone()).collect();
+        let oldest = held
+            .into_iter()
+            .filter_map(|r| settled_at(&r).map(|at| (at, r)))
+            .min_by_key(|(at, _)| *at);
+        if let Some((_, run)) = oldest {
+            tracing::warn!(
+                "at --max-runs ({max}): run `{}` gives up its raw data early (its summary stays) \
+                 for a new run",
+                run.id
+            );
+            crate::metrics::metrics().runs_evicted.inc();
+            self.retire(&run).await?;
+            self.shared.interner.prune();
+        }
+        Ok(())
+    }
+
+    /// Drops one run's raw data, keeping its summary for history.
+    async fn retire(&self, run: &Arc<Run>) -> Result<(), Error> {
+        let summary = summary(&run.status());
+        self.shared
+            .storage
+            .write(vec![Write::DeleteRun {
+                run_id: run.id.clone(),
+                summary: Some(summary),
+            }])
+            .await?;
+        self.shared.runs.remove(&run.id);
+        self.shared.cache.forget(&run.id);
+        run.state().deleted = true;
+        run.notify();
+        Ok(())
     }
 }

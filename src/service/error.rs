@@ -19,6 +19,9 @@ pub enum Error {
     /// Malformed input; `field` names where (e.g. `delta.files[3].line_gaps[17]`).
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },
+    /// The run exists, and belongs to a project the caller does not reach.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The run exists with parameters that contradict the request.
     #[error("{0}")]
     AlreadyExists(String),

@@ -109,6 +109,16 @@ impl CoverageService {
     /// Starts a stream for a shard attempt: opens the run if needed, replaces an older attempt,
     /// and says where to resume.
     pub async fn begin_shard(&self, header: ShardHeader) -> Result<ShardSession> {
+        self.begin_shard_as(header, &super::anyone).await
+    }
+
+    /// [`CoverageService::begin_shard`] for a caller that may write only some projects: see
+    /// [`CoverageService::open_run_as`].
+    pub async fn begin_shard_as(
+        &self,
+        header: ShardHeader,
+        owner: super::Owner<'_>,
+    ) -> Result<ShardSession> {
         if header.session.len() > MAX_SESSION_BYTES {
             return Err(Error::invalid(
                 "header.session_id",
@@ -123,7 +133,8 @@ impl CoverageService {
         check_shard_id(limits, "header.shard_id", &header.shard_id)?;
         let mut params = normalize_params(limits, header.params)?;
         params.expected_shards.clear(); // only OpenRun declares expectations
-        let (_, run) = self.get_or_create(&header.run_id, &params)?;
+        self.make_room(&header.run_id).await?;
+        let (_, run) = self.get_or_create(&header.run_id, &params, owner)?;
         // Not only when this stream created the run: the stream that did may have failed
         // before its write, and another shard's deltas must not be acknowledged meanwhile.
         if !run.stored.load(std::sync::atomic::Ordering::Acquire) {

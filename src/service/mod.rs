@@ -162,6 +162,20 @@ impl CoverageService {
         params: RunParams,
         known_files: Vec<String>,
     ) -> Result<(bool, RunStatus)> {
+        self.open_run_as(run_id, params, known_files, &anyone).await
+    }
+
+    /// [`CoverageService::open_run_with_files`] for a caller that may write only some
+    /// projects: `owner` is asked about the project of the run when it exists already (it
+    /// answers why not, or nothing), at the moment the run is found, so no other open can
+    /// slip in between.
+    pub async fn open_run_as(
+        &self,
+        run_id: &str,
+        params: RunParams,
+        known_files: Vec<String>,
+        owner: Owner<'_>,
+    ) -> Result<(bool, RunStatus)> {
         let limits = &self.shared.limits;
         if known_files.len() > limits.max_files_per_run {
             return Err(limits.exceeded(
@@ -187,7 +201,8 @@ impl CoverageService {
                 limits.max_shards_per_run,
             ));
         }
-        let (created, run) = self.get_or_create(run_id, &params)?;
+        self.make_room(run_id).await?;
+        let (created, run) = self.get_or_create(run_id, &params, owner)?;
         if !created {
             reconcile(&run, &params)?;
         }
@@ -312,9 +327,23 @@ impl CoverageService {
         self.shared.cache.usage()
     }
 
-    fn get_or_create(&self, run_id: &str, params: &RunParams) -> Result<(bool, Arc<Run>)> {
-        if let Some(run) = self.shared.runs.get(run_id) {
-            return Ok((false, run.value().clone()));
+    fn get_or_create(
+        &self,
+        run_id: &str,
+        params: &RunParams,
+        owner: Owner<'_>,
+    ) -> Result<(bool, Arc<Run>)> {
+        // The run's lock is taken after the map's guard is let go.
+        let owned = |run: Arc<Run>| {
+            let project = run.state().params.project.clone();
+            match owner(&project) {
+                Some(why) => Err(Error::PermissionDenied(why)),
+                None => Ok((false, run)),
+            }
+        };
+        let found = self.shared.runs.get(run_id).map(|r| r.value().clone());
+        if let Some(run) = found {
+            return owned(run);
         }
         // Checked before the entry lock: `len` visits every map shard, including the one the
         // entry would hold. A race can overshoot the limit by the number of concurrent opens.
@@ -322,22 +351,32 @@ impl CoverageService {
         if self.shared.runs.len() >= limits.max_runs {
             return Err(limits.exceeded(
                 format!(
-                    "a new run `{run_id}` while the daemon holds {} (delete finished runs)",
+                    "a new run `{run_id}` while the daemon holds {}, none of them settled",
                     self.shared.runs.len()
                 ),
                 "max-runs",
                 limits.max_runs,
             ));
         }
-        match self.shared.runs.entry(run_id.to_owned()) {
-            Entry::Occupied(e) => Ok((false, e.get().clone())),
+        let existing = match self.shared.runs.entry(run_id.to_owned()) {
+            Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(e) => {
                 let run = Arc::new(Run::new(run_id.to_owned(), params.clone()));
                 e.insert(run.clone());
-                Ok((true, run))
+                return Ok((true, run));
             }
-        }
+        };
+        owned(existing)
     }
+}
+
+/// Asked about an existing run's project before a caller writes to it: why the caller may not,
+/// or nothing (see [`CoverageService::open_run_as`]).
+pub type Owner<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
+
+/// The owner check of a caller who may write every run.
+pub fn anyone(_project: &str) -> Option<String> {
+    None
 }
 
 /// A run id: a name within `--max-run-id-bytes`.

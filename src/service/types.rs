@@ -21,8 +21,11 @@ pub struct Limits {
     pub max_tests_per_run: usize,
     /// Shards in one run.
     pub max_shards_per_run: usize,
-    /// Runs held at once.
+    /// Runs held at once; at the limit, the run settled longest ago gives up its raw data.
     pub max_runs: usize,
+    /// New runs one token (or, without tokens, one client address) may open per hour; 0: no
+    /// limit.
+    pub max_runs_per_token_per_hour: u32,
     /// Bytes of a function name, branch label or test name in a delta.
     pub max_name_bytes: usize,
     /// Bytes of a run id.
@@ -65,6 +68,7 @@ impl Default for Limits {
             max_tests_per_run: 1_000_000,
             max_shards_per_run: 10_000,
             max_runs: 10_000,
+            max_runs_per_token_per_hour: 1_000,
             max_name_bytes: 4096,
             max_run_id_bytes: 256,
             max_shard_id_bytes: 128,

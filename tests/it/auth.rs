@@ -11,7 +11,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::cli::{COVD, Served};
-use crate::support::fixture;
+use crate::support::{fixture, health_latency};
 
 /// `covd token create --data-dir D ARGS`: the token, which must be all it printed.
 fn create(data: &Path, args: &[&str]) -> String {
@@ -360,7 +360,9 @@ async fn tokens_decide_who_may_do_what() {
 
     // Every RPC now wants a token: none, a wrong one and an expired one are UNAUTHENTICATED.
     let mut c = CoverageClient::connect(served.url.clone()).await.unwrap();
-    let wrong = format!("{}0", &admin[..admin.len() - 1]);
+    // The admin token with its last hex digit changed (to 0, or to 1 when it is 0).
+    let last = if admin.ends_with('0') { '1' } else { '0' };
+    let wrong = format!("{}{last}", &admin[..admin.len() - 1]);
     for token in [
         None,
         Some(wrong.as_str()),
@@ -389,16 +391,7 @@ async fn tokens_decide_who_may_do_what() {
         );
     }
     // Health stays open.
-    let channel = Channel::from_shared(served.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap();
+    health_latency(&served.url).await;
 
     tokio::task::block_in_place(|| {
         // The CLI: 8 without a token, 9 for a token that may not.
@@ -611,4 +604,47 @@ fn without_tokens_only_loopback_is_served() {
             && err.contains("--insecure-no-auth"),
         "{err}"
     );
+}
+
+/// The project of an existing run is checked when the run is found for the write, not only
+/// before: a push or an open that finds the run another project's (opened in between) is
+/// refused, and leaves no attempt in it.
+#[tokio::test]
+async fn a_run_found_at_the_write_must_be_of_the_callers_project() {
+    use covd::service::{CoverageService, Error, Limits, RunParams, ShardHeader};
+    let service = CoverageService::new(Limits::default());
+    let theirs = RunParams {
+        project: "theirs/app".into(),
+        ..RunParams::default()
+    };
+    service.open_run("contested", theirs).await.unwrap();
+    let only_ours = |project: &str| {
+        (project != "ours/app").then(|| format!("run `contested` is of project `{project}`"))
+    };
+    let header = ShardHeader {
+        run_id: "contested".into(),
+        shard_id: "0".into(),
+        attempt: 7,
+        params: RunParams {
+            project: "ours/app".into(),
+            ..RunParams::default()
+        },
+        session: Vec::new(),
+    };
+    let Err(e) = service.begin_shard_as(header.clone(), &only_ours).await else {
+        panic!("a shard was written into another project's run");
+    };
+    assert!(
+        matches!(&e, Error::PermissionDenied(m) if m.contains("theirs/app")),
+        "{e:?}"
+    );
+    assert!(service.run_status("contested").unwrap().shards.is_empty());
+    let e = service
+        .open_run_as("contested", RunParams::default(), Vec::new(), &only_ours)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::PermissionDenied(_)), "{e:?}");
+    // Its own project's caller goes on.
+    let theirs_only = |project: &str| (project != "theirs/app").then(String::new);
+    service.begin_shard_as(header, &theirs_only).await.unwrap();
 }

@@ -159,7 +159,8 @@ async fn shards_and_runs_beyond_their_limits_are_resource_exhausted() {
     let (_a_again, resume) = Stream::open(&mut c, "open", "a", 1).await.unwrap();
     assert_eq!(resume.last_seq, 1);
 
-    // Runs: "open" is one; a second fits, a third does not, until one is deleted.
+    // Runs: "open" is one; a second fits, a third does not (neither has settled, so neither
+    // makes room; see admission.rs), until one is deleted.
     client
         .open_run("second", RunParams::default())
         .await
@@ -170,7 +171,7 @@ async fn shards_and_runs_beyond_their_limits_are_resource_exhausted() {
         .unwrap_err();
     assert!(
         e.to_string().contains(
-            "a new run `third` while the daemon holds 2 (delete finished runs): beyond the limit --max-runs (2)"
+            "a new run `third` while the daemon holds 2, none of them settled: beyond the limit --max-runs (2)"
         ),
         "{e}"
     );

@@ -41,6 +41,20 @@ pub(crate) fn addresses(child: &mut Child) -> (String, Option<String>) {
     (grpc, urls.next().map(str::to_owned))
 }
 
+/// `covd serve` on a loopback port the OS chooses, in memory, without an HTTP port: add flags,
+/// then run it.
+pub(crate) fn serve_in_memory() -> Command {
+    let mut serve = Command::new(COVD);
+    serve.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-http",
+        "--in-memory",
+    ]);
+    serve
+}
+
 /// `covd serve` on port 0; the address is read from its first line of output, no sleeping.
 pub(crate) struct Served {
     child: Child,

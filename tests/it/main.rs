@@ -1,5 +1,6 @@
 //! Integration tests: a real daemon on 127.0.0.1:0, real clients, real coverage files.
 
+mod admission;
 mod attribution;
 mod auth;
 mod bad_input;
@@ -36,3 +37,4 @@ mod spool;
 mod storage;
 mod stored_data;
 mod support;
+mod tls;

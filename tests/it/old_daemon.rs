@@ -319,6 +319,7 @@ async fn push(url: &str) -> Result<(), ClientError> {
     let options = PushOptions {
         retries: 3,
         initial_backoff: Duration::from_millis(10),
+        ..PushOptions::default()
     };
     Client::connect(url)
         .unwrap()

@@ -145,14 +145,7 @@ fn a_client_may_ask_for_stricter_never_for_less() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("short.key");
     std::fs::write(&key, "tiny").unwrap();
-    let out = std::process::Command::new(crate::cli::COVD)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-http",
-            "--in-memory",
-        ])
+    let out = crate::cli::serve_in_memory()
         .arg("--pseudonym-key-file")
         .arg(&key)
         .output()

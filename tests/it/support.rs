@@ -236,3 +236,19 @@ pub(crate) fn assert_same_lines(ours: &Coverage, theirs: &Coverage) {
         );
     }
 }
+
+/// How long health takes to answer a fresh connection from 127.0.0.1 (health checking needs no token).
+pub(crate) async fn health_latency(url: &str) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    started.elapsed()
+}
