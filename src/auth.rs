@@ -12,10 +12,14 @@
 //! them; `admin` does everything, deleting runs included. A token reaches the runs of the
 //! projects its pattern matches (a name, or a glob: `acme/*`), and only one run if it names
 //! one.
+//!
+//! A token is checked when a call starts, and again while a long call lasts (an ingest stream,
+//! a watch, a waiting export, the dashboard's events): [`Auth::lapsed`] ends them when their
+//! token is revoked, deleted or expires, so revoking a token cuts off what it holds open too.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -255,6 +259,7 @@ pub struct Principal {
     /// An exact project name, when the pattern is one (as stored).
     exact: Option<String>,
     run: Option<String>,
+    expires_at_ms: Option<u64>,
 }
 
 impl Principal {
@@ -267,6 +272,7 @@ impl Principal {
             pattern: "*".into(),
             exact: None,
             run: None,
+            expires_at_ms: None,
         }
     }
 
@@ -366,6 +372,9 @@ impl Principal {
 #[derive(Debug)]
 pub struct Auth {
     store: Option<Mutex<Loaded>>,
+    /// Counts the times the store's tokens were read anew: long calls look at their token
+    /// again when it moves.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -438,7 +447,10 @@ impl Loaded {
 impl Auth {
     /// No tokens: every call is anybody's.
     pub fn none() -> Auth {
-        Auth { store: None }
+        Auth {
+            store: None,
+            reloads: tokio::sync::watch::Sender::new(0),
+        }
     }
 
     /// The token store at `path` (created if missing, so that tokens made later apply).
@@ -456,7 +468,25 @@ impl Auth {
         loaded.refresh()?;
         Ok(Auth {
             store: Some(Mutex::new(loaded)),
+            reloads: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Reads the store every `every` while `auth` lives, so that [`Auth::lapsed`] hears of a
+    /// token revoked or deleted by `covd token` even when no call comes in. Spawned by the
+    /// server; for a daemon without a store it ends at once.
+    pub async fn keep_fresh(auth: Weak<Auth>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(auth) = auth.upgrade() else { return };
+            if auth.store.is_none() {
+                return;
+            }
+            // A failure is logged by `with`, and the long calls it concerns end.
+            let _ = auth.with(|_| Ok(()));
+        }
     }
 
     /// Whether calls need a token: the store holds (or held) one.
@@ -469,7 +499,12 @@ impl Auth {
             return Err(Denied::Unauthenticated("no token store".into()));
         };
         let mut loaded = store.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = loaded.refresh() {
+        let before = loaded.version;
+        let refreshed = loaded.refresh();
+        if refreshed.is_err() || loaded.version != before {
+            self.reloads.send_modify(|n| *n += 1);
+        }
+        if let Err(e) = refreshed {
             // Refusing is the safe answer: a store that cannot be read accepts nobody.
             tracing::error!("reading the token store failed: {e}");
             return Err(Denied::Unauthenticated(
@@ -477,6 +512,60 @@ impl Auth {
             ));
         }
         f(&mut loaded)
+    }
+
+    /// Refused if the token `who` presented at the start of a call no longer admits it:
+    /// revoked, deleted or expired since, or the store cannot be read.
+    pub fn still_admits(&self, who: &Principal) -> Result<(), Denied> {
+        let Some(id) = &who.id else { return Ok(()) };
+        self.with(|loaded| {
+            let Some((_, record)) = loaded.tokens.get(id) else {
+                return Err(Denied::Unauthenticated(format!(
+                    "token {id} was deleted from the store"
+                )));
+            };
+            if record.revoked_at_ms.is_some() {
+                return Err(Denied::Unauthenticated(format!("token {id} was revoked")));
+            }
+            if record.expires_at_ms.is_some_and(|at| at <= now_ms()) {
+                return Err(Denied::Unauthenticated(format!("token {id} has expired")));
+            }
+            Ok(())
+        })
+    }
+
+    /// Waits until `who`'s token no longer admits it (see [`Auth::still_admits`]) and says
+    /// why: a long call selects on it and ends with that refusal. Never, for a caller without
+    /// a token. It wakes when the store is read anew or the token's expiry comes, not on a
+    /// clock of its own, so a thousand open streams cost nothing while tokens stay put.
+    pub fn lapsed(self: &Arc<Self>, who: &Principal) -> impl Future<Output = Denied> + use<> {
+        let (auth, who) = (self.clone(), who.clone());
+        let mut reloads = self.reloads.subscribe();
+        async move {
+            if who.id.is_none() {
+                return std::future::pending().await;
+            }
+            loop {
+                if let Err(denied) = auth.still_admits(&who) {
+                    return denied;
+                }
+                reloads.borrow_and_update();
+                let expiry = who.expires_at_ms.map(|at| {
+                    tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
+                });
+                tokio::select! {
+                    changed = reloads.changed() => if changed.is_err() {
+                        return std::future::pending().await;
+                    },
+                    () = async {
+                        match expiry {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                }
+            }
+        }
     }
 
     /// Who presents `authorization` (an `authorization` header's value, if any). `stored`
@@ -550,6 +639,7 @@ impl Auth {
                 pattern,
                 exact,
                 run: (!record.run.is_empty()).then(|| record.run.clone()),
+                expires_at_ms: record.expires_at_ms,
             })
         })
     }

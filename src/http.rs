@@ -11,17 +11,22 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::net::SocketAddr;
 
+use axum::extract::ConnectInfo;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
 
-use crate::tls::{Port, Stream, Tls};
+use crate::admission::{Admission, Conn, ConnInfo};
+use crate::tls::{Port, Tls};
 
-use crate::auth::{Auth, Denied};
+use crate::auth::{Auth, Denied, Principal};
 use crate::service::CoverageService;
 
 /// Serves until `stopping` turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
+    admission: Arc<Admission>,
     tls: Option<Arc<Tls>>,
     service: CoverageService,
     privacy: Arc<crate::privacy::Privacy>,
@@ -33,6 +38,7 @@ pub(crate) async fn serve(
         privacy: privacy.clone(),
         stopping: stopping.clone(),
     });
+    let accept_stopping = stopping.clone();
     let guard = (auth, privacy);
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -46,65 +52,59 @@ pub(crate) async fn serve(
     let stop = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };
-    let served = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-        Some(tls) => {
-            axum::serve(Secured::new(listener, tls), app)
-                .with_graceful_shutdown(stop)
-                .await
-        }
-    };
+    let app = app
+        .layer(axum::middleware::from_fn(count_call))
+        .into_make_service_with_connect_info::<ConnInfo>();
+    let connections = Connections::new(listener, admission, tls, accept_stopping);
+    let served = axum::serve(connections, app)
+        .with_graceful_shutdown(stop)
+        .await;
     if let Err(e) = served {
         tracing::error!("the HTTP port failed: {e}");
     }
 }
 
-/// The HTTP port's connections through their TLS handshakes, each in a task of its own.
-struct Secured {
+/// The HTTP port's connections, admitted and counted with the gRPC port's (see
+/// [`crate::admission`]), through their TLS handshakes when the port has TLS.
+struct Connections {
     local: std::io::Result<SocketAddr>,
-    handshaken: mpsc::Receiver<(Stream, SocketAddr)>,
+    incoming: ReceiverStream<std::io::Result<Conn>>,
 }
 
-impl Secured {
-    fn new(listener: TcpListener, tls: Arc<Tls>) -> Secured {
-        let local = listener.local_addr();
-        let (tx, handshaken) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut accepting = crate::admission::Accepting::new(listener);
-            loop {
-                let tcp = tokio::select! {
-                    tcp = accepting.next() => tcp,
-                    () = tx.closed() => return,
-                };
-                let (tls, tx) = (tls.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let Ok(peer) = tcp.peer_addr() else { return };
-                    match tls.accept(Port::Http, tcp).await {
-                        Ok(stream) => {
-                            let _ = tx.send((stream, peer)).await;
-                        }
-                        Err(e) => tracing::debug!("a TLS handshake on the HTTP port failed: {e}"),
-                    }
-                });
-            }
-        });
-        Secured { local, handshaken }
+impl Connections {
+    fn new(
+        listener: TcpListener,
+        admission: Arc<Admission>,
+        tls: Option<Arc<Tls>>,
+        stopping: watch::Receiver<bool>,
+    ) -> Connections {
+        Connections {
+            local: listener.local_addr(),
+            incoming: crate::admission::incoming(
+                listener,
+                admission,
+                tls.map(|t| (t, Port::Http)),
+                stopping,
+            ),
+        }
     }
 }
 
-impl axum::serve::Listener for Secured {
-    type Io = Stream;
+impl axum::serve::Listener for Connections {
+    type Io = Conn;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Stream, SocketAddr) {
-        match self.handshaken.recv().await {
-            Some(accepted) => accepted,
-            // The accepting task only ends when this is dropped.
-            None => std::future::pending().await,
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => {
+                    let peer = conn.info().remote();
+                    return (conn, peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
+                }
+                Some(Err(_)) => {}
+                // Accepting ended: the daemon is stopping, and axum's shutdown follows.
+                None => std::future::pending().await,
+            }
         }
     }
 
@@ -112,6 +112,40 @@ impl axum::serve::Listener for Secured {
         match &self.local {
             Ok(a) => Ok(*a),
             Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+}
+
+/// Each request knows its connection as gRPC calls do (axum's connect info).
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Connections>>
+    for ConnInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Connections>) -> ConnInfo {
+        stream.io().info()
+    }
+}
+
+/// Every request is a call on its connection (see [`ConnInfo::open_call`]): refused on a
+/// connection past a connection limit or past its client's concurrent calls, and counted open
+/// until its answer's body is dropped, so the idle clock never closes a connection with an
+/// answer still streaming (the dashboard's events).
+async fn count_call(request: Request, next: Next) -> Response {
+    let Some(ConnectInfo(conn)) = request.extensions().get::<ConnectInfo<ConnInfo>>().cloned()
+    else {
+        return next.run(request).await;
+    };
+    match conn.open_call(true) {
+        Ok(call) => next
+            .run(request)
+            .await
+            .map(|body| axum::body::Body::new(call.holding(body))),
+        Err(why) => {
+            crate::metrics::metrics().refused(tonic::Code::ResourceExhausted);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({ "error": why })),
+            )
+                .into_response()
         }
     }
 }
@@ -155,38 +189,61 @@ async fn require_token(
         return next.run(request).await;
     }
     let token = presented(&request);
-    match refusal(&auth, &privacy, token.as_deref()) {
-        None => next.run(request).await,
-        Some(refused) => refused,
+    match admitted(&auth, &privacy, token.as_deref()) {
+        Ok(who) => {
+            let mut request = request;
+            request.extensions_mut().insert(Admitted { auth, who });
+            next.run(request).await
+        }
+        Err(refusal) => refused(refusal),
     }
 }
 
-/// The answer to a request whose `authorization` may not read the HTTP port; `None` if it
-/// may.
-fn refusal(
+/// The caller a request was let in as, for the handlers that last (the dashboard's events end
+/// when its token lapses).
+#[derive(Clone)]
+pub(crate) struct Admitted {
+    auth: Arc<Auth>,
+    who: Principal,
+}
+
+impl Admitted {
+    /// See [`Auth::lapsed`].
+    pub(crate) fn lapsed(&self) -> impl Future<Output = Denied> + Send + use<> {
+        self.auth.lapsed(&self.who)
+    }
+}
+
+/// Who a request's `authorization` is, if it may read the HTTP port; otherwise the status and
+/// the words of its refusal (see [`refused`]).
+fn admitted(
     auth: &Auth,
     privacy: &crate::privacy::Privacy,
     authorization: Option<&str>,
-) -> Option<Response> {
-    let (status, message) = match auth.authenticate(authorization, |p| privacy.query(p)) {
-        Ok(who) if who.reaches_all_projects() => return None,
-        Ok(who) => (
+) -> Result<Principal, (StatusCode, String)> {
+    match auth.authenticate(authorization, |p| privacy.query(p)) {
+        Ok(who) if who.reaches_all_projects() => Ok(who),
+        Ok(who) => Err((
             StatusCode::FORBIDDEN,
             format!(
                 "token {} reaches some projects only; the HTTP port needs one of every project",
                 who.id.as_deref().unwrap_or("")
             ),
-        ),
-        Err(Denied::Unauthenticated(m)) => (StatusCode::UNAUTHORIZED, m),
-        Err(Denied::PermissionDenied(m)) => (StatusCode::FORBIDDEN, m),
-    };
+        )),
+        Err(Denied::Unauthenticated(m)) => Err((StatusCode::UNAUTHORIZED, m)),
+        Err(Denied::PermissionDenied(m)) => Err((StatusCode::FORBIDDEN, m)),
+    }
+}
+
+/// The answer to a request [`admitted`] refused.
+fn refused((status, message): (StatusCode, String)) -> Response {
     let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
-    Some(response)
+    response
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -209,8 +266,8 @@ async fn sign_in(State((auth, privacy)): State<Guard>, Json(body): Json<SignIn>)
         )
             .into_response();
     }
-    if let Some(refused) = refusal(&auth, &privacy, Some(&format!("Bearer {token}"))) {
-        return refused;
+    if let Err(refusal) = admitted(&auth, &privacy, Some(&format!("Bearer {token}"))) {
+        return refused(refusal);
     }
     let Ok(cookie) = HeaderValue::from_str(&format!(
         "{SESSION}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age=43200"

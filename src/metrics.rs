@@ -36,7 +36,7 @@ pub struct Metrics {
     pub connections_closed: Counter,
     pub connections_idle_closed: Counter,
     pub receiving_bytes: Gauge,
-    pub runs_evicted: Counter,
+    runs_evicted: Counter,
     runs: Gauge,
     runs_open: Gauge,
     resident_bytes: Gauge,
@@ -167,6 +167,11 @@ impl Metrics {
         let (runs, open) = service.run_counts();
         self.runs.set(runs as i64);
         self.runs_open.set(open as i64);
+        // The service counts; the counter catches up (one service per process).
+        let (evicted, shown) = (service.runs_evicted(), self.runs_evicted.get());
+        if evicted > shown {
+            self.runs_evicted.inc_by(evicted - shown);
+        }
         self.resident_bytes
             .set(resident_bytes().unwrap_or(0) as i64);
         self.aggregate_bytes

@@ -161,11 +161,18 @@ pub async fn run_on(
     let privacy = Arc::new(privacy(&settings)?);
     tracing::info!("project names are kept {:?}", privacy.policy());
     let auth = Arc::new(auth(&settings, &listener)?);
+    // A revoked token ends the streams it holds open within this long.
+    tokio::spawn(Auth::keep_fresh(Arc::downgrade(&auth), TOKEN_RECHECK));
     let (stop, stopping) = watch::channel(false);
     let tls = settings.tls.clone().map(Tls::load).transpose()?;
     if let Some(tls) = &tls {
         tokio::spawn(crate::tls::reload_on_hangup(tls.clone(), stopping.clone()));
     }
+    // One count of connections and calls for both ports: they share the process' descriptors.
+    let admission = Admission::new(AdmissionLimits {
+        max_message_bytes: settings.max_message_bytes,
+        ..settings.admission.clone()
+    });
     let (http, http_task) = match settings.http_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.map_err(|e| {
@@ -175,6 +182,7 @@ pub async fn run_on(
             let bound = listener.local_addr().ok();
             let task = tokio::spawn(crate::http::serve(
                 listener,
+                admission.clone(),
                 tls.clone(),
                 service.clone(),
                 privacy.clone(),
@@ -240,10 +248,6 @@ pub async fn run_on(
         stopping.clone(),
     ));
 
-    let admission = Admission::new(AdmissionLimits {
-        max_message_bytes: settings.max_message_bytes,
-        ..settings.admission.clone()
-    });
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; ending open streams");
@@ -266,7 +270,12 @@ pub async fn run_on(
         ))
         .add_service(coverage)
         .serve_with_incoming_shutdown(
-            crate::admission::incoming(listener, admission, tls.clone()),
+            crate::admission::incoming(
+                listener,
+                admission,
+                tls.clone().map(|t| (t, crate::tls::Port::Grpc)),
+                stopping.clone(),
+            ),
             signal,
         );
     let _ = ready.send(Ready { http });
@@ -321,6 +330,10 @@ pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
     Some((soft, hard))
 }
+
+/// How often the daemon reads its token store when no call makes it (see
+/// [`Auth::keep_fresh`]).
+const TOKEN_RECHECK: Duration = Duration::from_secs(1);
 
 /// The tokens the daemon accepts (see [`crate::auth`]); refuses to serve `listener` beyond
 /// loopback without them, unless told to.

@@ -7,18 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Admission, Conn};
-use crate::tls::Tls;
+use crate::tls::{Port, Tls};
 
-/// The gRPC port's connections, admitted, and secured when `tls` is set. Handshakes run each in
-/// a task of their own: a client that never completes one holds up nobody else.
+/// A port's connections, admitted, and secured when `tls` is set. Handshakes run each in
+/// a task of their own: a client that never completes one holds up nobody else. Accepting ends
+/// when `stopping` turns true: the listener closes, so a client that comes while the daemon
+/// finishes its calls is refused at once rather than left waiting in a queue nobody reads.
 pub fn incoming(
     listener: TcpListener,
     admission: Arc<Admission>,
-    tls: Option<Arc<Tls>>,
+    tls: Option<(Arc<Tls>, Port)>,
+    mut stopping: watch::Receiver<bool>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -28,6 +31,7 @@ pub fn incoming(
                 s = accepting.next() => s,
                 // The server stopped.
                 () = tx.closed() => return,
+                _ = stopping.wait_for(|s| *s) => return,
             };
             // Past twice a connection limit, closed as it came.
             let Some(conn) = admission.admit(stream) else {
@@ -39,10 +43,10 @@ pub fn incoming(
                         return;
                     }
                 }
-                Some(tls) => {
-                    let (tls, tx) = (tls.clone(), tx.clone());
+                Some((tls, port)) => {
+                    let (tls, port, tx) = (tls.clone(), *port, tx.clone());
                     tokio::spawn(async move {
-                        match conn.secure(&tls).await {
+                        match conn.secure(&tls, port).await {
                             Ok(conn) => {
                                 let _ = tx.send(Ok(conn)).await;
                             }
@@ -153,12 +157,34 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admission = Admission::new(AdmissionLimits::default());
-        let mut accepted = incoming(listener, admission.clone(), None);
+        let (_stop, stopping) = watch::channel(false);
+        let mut accepted = incoming(listener, admission.clone(), None, stopping);
         let _client = TcpStream::connect(addr).await.unwrap();
         let conn = accepted.next().await.unwrap().unwrap();
         assert!(conn.tcp().nodelay().unwrap());
         assert_eq!(admission.connections(), 1);
         drop(conn);
         assert_eq!(admission.connections(), 0);
+    }
+
+    /// Once the daemon stops, no connection waits in a queue nobody reads: the listener is
+    /// closed, so a client is refused at once.
+    #[tokio::test]
+    async fn accepting_ends_when_the_daemon_stops() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admission = Admission::new(AdmissionLimits::default());
+        let (stop, stopping) = watch::channel(false);
+        let mut accepted = incoming(listener, admission, None, stopping);
+        let _before = TcpStream::connect(addr).await.unwrap();
+        assert!(accepted.next().await.unwrap().is_ok());
+        stop.send(true).unwrap();
+        assert!(accepted.next().await.is_none());
+        let refused = TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
     }
 }

@@ -56,31 +56,14 @@ where
             // A connection that did not come through `Admission::admit` (none in the daemon).
             return Box::pin(self.inner.call(request));
         };
-        let state = conn.0;
-        if let Some(why) = &state.refusal {
-            return refuse(why.clone());
-        }
         // Health is never refused for the client's streams: a load balancer checking a busy
         // client's address must still hear that the daemon is up.
         let counted = !request.uri().path().starts_with("/grpc.health.v1.Health/");
-        if counted {
-            let limit = state.admission.limits.max_streams_per_client;
-            let open = state.client.streams.fetch_add(1, Ordering::AcqRel) + 1;
-            if open > limit {
-                state.client.streams.fetch_sub(1, Ordering::AcqRel);
-                let from = state
-                    .remote
-                    .map_or_else(String::new, |a| format!(" from {}", a.ip()));
-                return refuse(format!(
-                    "{open} streams open{from}: beyond the limit --max-streams-per-client ({limit})"
-                ));
-            }
-        }
-        state.call_started();
-        let call = Call {
-            state: state.clone(),
-            counted,
+        let call = match conn.open_call(counted) {
+            Ok(call) => call,
+            Err(why) => return refuse(why),
         };
+        let state = conn.0;
         let admission = state.admission.clone();
         let client = state.client.receiving.clone();
         let compressed = request.headers().contains_key("grpc-encoding");
@@ -89,7 +72,7 @@ where
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answer = answer.await?;
-            Ok(answer.map(|body| Body::new(Ending { body, _call: call })))
+            Ok(answer.map(|body| Body::new(call.holding(body))))
         })
     }
 }
@@ -100,12 +83,49 @@ fn refuse<E: Send + 'static>(why: String) -> BoxFuture<Result<http::Response<Bod
     Box::pin(std::future::ready(Ok(answer)))
 }
 
-/// An open call: counted on its connection (for the idle clock) and, unless it is a health
-/// check, among its client's streams, until this is dropped.
+impl ConnInfo {
+    /// Opens a call on this connection, or says why it is refused: every call of a connection
+    /// past a connection limit is, and a call past its client's concurrent streams when it is
+    /// `counted` among them.
+    pub(crate) fn open_call(&self, counted: bool) -> Result<Call, String> {
+        let state = &self.0;
+        if let Some(why) = &state.refusal {
+            return Err(why.clone());
+        }
+        if counted {
+            let limit = state.admission.limits.max_streams_per_client;
+            let open = state.client.streams.fetch_add(1, Ordering::AcqRel) + 1;
+            if open > limit {
+                state.client.streams.fetch_sub(1, Ordering::AcqRel);
+                let from = state
+                    .remote
+                    .map_or_else(String::new, |a| format!(" from {}", a.ip()));
+                return Err(format!(
+                    "{open} streams open{from}: beyond the limit --max-streams-per-client ({limit})"
+                ));
+            }
+        }
+        state.call_started();
+        Ok(Call {
+            state: state.clone(),
+            counted,
+        })
+    }
+}
+
+/// An open call: counted on its connection (for the idle clock) and, if it is counted, among
+/// its client's streams, until this is dropped.
 #[derive(Debug)]
-struct Call {
+pub(crate) struct Call {
     state: Arc<super::ConnState>,
     counted: bool,
+}
+
+impl Call {
+    /// `body`, holding this call open until it is dropped.
+    pub(crate) fn holding<B>(self, body: B) -> Ending<B> {
+        Ending { body, _call: self }
+    }
 }
 
 impl Drop for Call {
@@ -119,19 +139,19 @@ impl Drop for Call {
 
 /// An answer's body, which holds its call open until it is dropped: once it has ended, or the
 /// client went away.
-struct Ending {
-    body: Body,
+pub(crate) struct Ending<B> {
+    body: B,
     _call: Call,
 }
 
-impl HttpBody for Ending {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
+impl<B: HttpBody + Unpin> HttpBody for Ending<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, tonic::Status>>> {
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 

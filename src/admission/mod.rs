@@ -10,7 +10,9 @@
 //! The pieces: [`Admission::admit`] counts a new connection and wraps it ([`Conn`]: it closes
 //! itself once idle); [`AdmitLayer`] goes around every gRPC call (a refusal of the connection,
 //! the client's concurrent calls, the budgeted request body, the call's end when its answer
-//! ends).
+//! ends). The HTTP port's connections are admitted and counted the same way, and its requests
+//! are calls ([`ConnInfo::open_call`]): the dashboard's event stream is one as long as it
+//! lasts, so an open page keeps its connection.
 
 mod accept;
 mod calls;
@@ -289,13 +291,18 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The connection information its calls carry.
+    pub fn info(&self) -> ConnInfo {
+        ConnInfo(self.state.clone())
+    }
+
     /// The TCP stream underneath.
     pub fn tcp(&self) -> &TcpStream {
         self.io.tcp()
     }
 
-    /// The connection after its TLS handshake (see [`Tls::accept`]).
-    pub async fn secure(self, tls: &Tls) -> io::Result<Conn> {
+    /// The connection after its TLS handshake for `port` (see [`Tls::accept`]).
+    pub async fn secure(self, tls: &Tls, port: Port) -> io::Result<Conn> {
         let Conn {
             io,
             state,
@@ -304,7 +311,7 @@ impl Conn {
             _slot,
         } = self;
         let io = match io {
-            Stream::Plain(tcp) => tls.accept(Port::Grpc, tcp).await?,
+            Stream::Plain(tcp) => tls.accept(port, tcp).await?,
             secured @ Stream::Tls(_) => secured,
         };
         Ok(Conn {

@@ -51,6 +51,25 @@ impl PathInterner {
     }
 }
 
+/// About how many bytes an aggregate of `files`, `lines`, branch `arms` and `functions` holds:
+/// each file's map entry and two bitmaps' headers, then per line a 4-byte count and two bitmap
+/// entries (2 bytes each in the sparse containers most files use), per arm its key and count,
+/// per function its record and a name of typical length. Labels and names longer than that,
+/// and per-test attribution, are left out: an estimate in constant time, checked against
+/// [`Aggregate::heap_bytes`] by a test.
+pub fn estimated_bytes(files: u64, lines: u64, arms: u64, functions: u64) -> usize {
+    const FILE: u64 = (std::mem::size_of::<(Arc<str>, FileEntry)>() + 16 + 2 * 48) as u64;
+    const LINE: u64 = 8;
+    const ARM: u64 = std::mem::size_of::<(crate::model::BranchKey, crate::model::Taken)>() as u64;
+    const FUNCTION: u64 = std::mem::size_of::<crate::model::Function>() as u64 + 24;
+    let bytes = files
+        .saturating_mul(FILE)
+        .saturating_add(lines.saturating_mul(LINE))
+        .saturating_add(arms.saturating_mul(ARM))
+        .saturating_add(functions.saturating_mul(FUNCTION));
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
 /// One run's merged coverage.
 #[derive(Debug, Default)]
 pub struct Aggregate {
@@ -101,6 +120,29 @@ impl Aggregate {
 
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
+    }
+
+    /// About how many bytes the aggregate holds, from its totals alone (so in constant time,
+    /// unlike [`Aggregate::heap_bytes`]): what the memory limits are checked against before
+    /// each delta. See [`estimated_bytes`].
+    pub fn estimated_bytes(&self) -> usize {
+        let t = self.totals();
+        estimated_bytes(t.files, t.lines, t.branches, t.functions)
+    }
+
+    /// How many of the lines of `batch`'s files the aggregate does not hold yet (for the
+    /// line-count limit, near it).
+    pub fn count_new_lines(&self, batch: &FileBatch) -> u64 {
+        batch
+            .files()
+            .map(|part| match self.files.get(part.path()) {
+                Some(entry) => {
+                    let held = entry.coverage.lines();
+                    part.lines().iter().filter(|l| !held.contains(**l)).count() as u64
+                }
+                None => part.lines().len() as u64,
+            })
+            .sum()
     }
 
     /// How many of `paths` the aggregate does not hold yet (for the file-count limit).

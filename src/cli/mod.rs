@@ -294,6 +294,24 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     max_tests_per_run: u32,
+    /// Most distinct executable lines in one run, over its files.
+    #[arg(long, default_value_t = Settings::default().limits.max_lines_per_run)]
+    max_lines_per_run: u64,
+    /// Most bytes of deltas one run takes in, over its shards and their attempts.
+    #[arg(long, default_value_t = Settings::default().limits.max_run_bytes)]
+    max_run_bytes: u64,
+    /// Most branch arms of one line (in one file of a delta).
+    #[arg(long, default_value_t = Settings::default().limits.max_branches_per_line)]
+    max_branches_per_line: usize,
+    /// Most bytes of one run's coverage in memory, estimated from its counts before each
+    /// delta is applied.
+    #[arg(long, default_value_t = Settings::default().limits.max_run_memory_bytes)]
+    max_run_memory: usize,
+    /// Most bytes of coverage in memory over all runs (open ones, and complete ones held),
+    /// estimated before each delta is applied [default: three quarters of the machine's
+    /// memory].
+    #[arg(long)]
+    max_memory: Option<usize>,
     /// Most shards in one run.
     #[arg(long, default_value_t = Settings::default().limits.max_shards_per_run)]
     max_shards_per_run: usize,
@@ -777,6 +795,13 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     settings.limits.max_line = a.max_line;
     settings.limits.max_files_per_run = a.max_files_per_run;
     settings.limits.max_tests_per_run = a.max_tests_per_run as usize;
+    settings.limits.max_lines_per_run = a.max_lines_per_run;
+    settings.limits.max_branches_per_line = a.max_branches_per_line;
+    settings.limits.max_run_bytes = a.max_run_bytes;
+    settings.limits.max_run_memory_bytes = a.max_run_memory;
+    if let Some(max) = a.max_memory {
+        settings.limits.max_memory_bytes = max;
+    }
     settings.limits.max_shards_per_run = a.max_shards_per_run;
     settings.limits.max_runs = a.max_runs;
     settings.limits.max_runs_per_token_per_hour = a.max_runs_per_token_per_hour;

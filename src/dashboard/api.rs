@@ -15,6 +15,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::Denied;
 use crate::history::Bucket;
 use crate::model::Totals;
 use crate::persist::HistoryQuery;
@@ -331,30 +332,50 @@ pub(crate) async fn flaky(State(api): State<Api>, Query(q): Query<FlakyQuery>) -
 const EVENTS_EVERY: Duration = Duration::from_millis(200);
 
 /// `GET /api/events`: a server-sent event `runs` whenever a run is opened, changes (a delta,
-/// a shard finishing, completion) or goes; the pages then read what they show again.
+/// a shard finishing, completion) or goes; the pages then read what they show again. When the
+/// token the page signed in with is revoked or expires, a last event `denied` says so and the
+/// stream ends.
 pub(crate) async fn events(
     State(api): State<Api>,
+    admitted: Option<axum::Extension<crate::http::Admitted>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (service, stopping) = (api.service, api.stopping);
-    let stream = futures_util::stream::unfold(None, move |last: Option<u64>| {
-        let service = service.clone();
-        let mut stopping = stopping.clone();
-        async move {
-            loop {
-                if *stopping.borrow() {
-                    return None;
-                }
-                let now = service.runs_fingerprint();
-                if last != Some(now) {
-                    let event = Event::default().event("runs").data(now.to_string());
-                    return Some((Ok(event), Some(now)));
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(EVENTS_EVERY) => {}
-                    _ = stopping.changed() => {}
+    let lapsed: Lapse = match admitted {
+        Some(axum::Extension(a)) => Box::pin(a.lapsed()),
+        None => Box::pin(std::future::pending()),
+    };
+    let stream = futures_util::stream::unfold(
+        Some((None, lapsed)),
+        move |state: Option<(Option<u64>, Lapse)>| {
+            let service = service.clone();
+            let mut stopping = stopping.clone();
+            async move {
+                let (last, mut lapsed) = state?;
+                loop {
+                    if *stopping.borrow() {
+                        return None;
+                    }
+                    let now = service.runs_fingerprint();
+                    if last != Some(now) {
+                        let event = Event::default().event("runs").data(now.to_string());
+                        return Some((Ok(event), Some((Some(now), lapsed))));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(EVENTS_EVERY) => {}
+                        _ = stopping.changed() => {}
+                        denied = &mut lapsed => {
+                            let why = match denied {
+                                Denied::Unauthenticated(m) | Denied::PermissionDenied(m) => m,
+                            };
+                            return Some((Ok(Event::default().event("denied").data(why)), None));
+                        }
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
+
+/// Resolves when the caller's token lapses (see [`crate::auth::Auth::lapsed`]).
+type Lapse = std::pin::Pin<Box<dyn Future<Output = Denied> + Send>>;

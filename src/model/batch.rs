@@ -359,6 +359,16 @@ impl FileBatch {
         !self.tests.is_empty() || self.test.is_some()
     }
 
+    /// Entries of each kind: files, lines, branch arms, functions.
+    pub fn counts(&self) -> (u64, u64, u64, u64) {
+        (
+            self.files.len() as u64,
+            self.lines.len() as u64,
+            self.arms.len() as u64,
+            self.functions.len() as u64,
+        )
+    }
+
     /// The number of files.
     pub fn len(&self) -> usize {
         self.files.len()
@@ -422,6 +432,25 @@ impl<'a> FilePart<'a> {
                 },
                 taken: a.taken,
             })
+    }
+
+    /// The most arms any one line has (an arm given twice counts twice).
+    pub fn most_arms_on_a_line(&self) -> usize {
+        let mut lines: Vec<u32> = within(&self.batch.arms, &self.slot.arms)
+            .iter()
+            .map(|a| a.line)
+            .collect();
+        lines.sort_unstable();
+        lines
+            .chunk_by(|a, b| a == b)
+            .map(<[u32]>::len)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The number of branch arms (an arm given twice counts twice).
+    pub fn arm_count(&self) -> usize {
+        self.slot.arms.len()
     }
 
     /// Functions, in the order given (keys may repeat).

@@ -77,6 +77,7 @@ impl Legacy<'_> for Shard {
             finished_at_ms: self.finished_at_ms,
             telemetry: self.telemetry.map(Telemetry::upgrade),
             writer_session: Vec::new(),
+            stored_bytes: 0,
         }
     }
 }

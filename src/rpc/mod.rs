@@ -8,6 +8,7 @@ mod codec;
 pub mod convert;
 mod delta;
 mod frame;
+mod lapse;
 mod status;
 
 pub use codec::ProtoCodec;
@@ -216,8 +217,8 @@ fn allow_line_set(
 
 /// Refused unless `who` reaches run `run_id` (see [`CoverageRpc::allow_run`]).
 fn check_run(service: &CoverageService, who: &Principal, run_id: &str) -> Result<(), Status> {
-    let project = match service.run_status(run_id) {
-        Ok(status) => status.params.project,
+    let project = match service.run_project(run_id) {
+        Ok(project) => project,
         // Judged on the run id alone; the call then says the run does not exist.
         Err(_) => return who.check_run_id(run_id).map_err(denied),
     };
@@ -329,12 +330,14 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        self.reads(&request)?;
+        let who = self.reads(&request)?;
         let run_id = request.into_inner().run_id;
         let mut changes = self.service.watch_run(&run_id)?;
         let service = self.service.clone();
+        let lapsed = self.auth.lapsed(&who);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            tokio::pin!(lapsed);
             loop {
                 changes.borrow_and_update();
                 let status = service.run_status(&run_id).map_err(Status::from);
@@ -345,6 +348,10 @@ impl Coverage for CoverageRpc {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
+                    why = &mut lapsed => {
+                        let _ = tx.send(Err(denied(why))).await;
+                        return;
+                    }
                 }
             }
         });
@@ -381,23 +388,26 @@ impl Coverage for CoverageRpc {
         let who = self.who(&request)?;
         who.needs(Scope::Push, "write runs").map_err(denied)?;
         let opening = (self.openings.clone(), opener(&who, &request));
+        let lapsed = self.auth.lapsed(&who);
         let mut inbound = request.into_inner();
         let service = self.service.clone();
         let privacy = self.privacy.clone();
         let mut stopping = self.stopping.clone();
+        // What ends the stream before its finish: the daemon stopping, or its token lapsing
+        // (what was acknowledged stays; nothing more is taken).
+        let cut: Cut = Box::pin(async move {
+            tokio::select! {
+                _ = stopping.wait_for(|s| *s) => {
+                    Status::unavailable("covd is shutting down; reconnect and resume")
+                }
+                why = lapsed => denied(why),
+            }
+        });
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let _open = crate::metrics::metrics().stream_opened();
-            if let Err(status) = ingest(
-                &service,
-                &privacy,
-                &who,
-                &opening,
-                &mut inbound,
-                &tx,
-                &mut stopping,
-            )
-            .await
+            if let Err(status) =
+                ingest(&service, &privacy, &who, &opening, &mut inbound, &tx, cut).await
             {
                 let _ = tx.send(Err(status)).await;
             }
@@ -411,7 +421,8 @@ impl Coverage for CoverageRpc {
         &self,
         request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        self.reads(&request)?;
+        let who = self.reads(&request)?;
+        let mut lapsed: lapse::Lapse = Box::pin(self.auth.lapsed(&who));
         let r = request.into_inner();
         let format = export_format_from_proto(r.format)?;
         let wait = if r.wait {
@@ -426,7 +437,10 @@ impl Coverage for CoverageRpc {
         };
         let filter = crate::model::path::PathFilter::new(&r.include, &r.exclude)
             .map_err(|e| Status::invalid_argument(format!("include/exclude: {e}")))?;
-        let export = self.service.export(&r.run_id, format, wait, filter).await?;
+        let export = tokio::select! {
+            export = self.service.export(&r.run_id, format, wait, filter) => export?,
+            why = &mut lapsed => return Err(denied(why)),
+        };
         let header = proto::ExportChunk {
             msg: Some(proto::export_chunk::Msg::Header(export_header_to_proto(
                 export.header,
@@ -439,9 +453,10 @@ impl Coverage for CoverageRpc {
                 })
                 .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(Box::pin(lapse::Revocable::new(
             tokio_stream::once(Ok(header)).chain(data),
-        )))
+            lapsed,
+        ))))
     }
 
     async fn get_file(
@@ -776,6 +791,9 @@ fn in_chunks<T>(items: Vec<T>, size: impl Fn(&T) -> usize) -> impl Iterator<Item
     chunks.into_iter()
 }
 
+/// Resolves with the status an ingest stream ends with before its finish.
+type Cut = Pin<Box<dyn Future<Output = Status> + Send>>;
+
 /// One ingest stream: header, deltas, finish. Messages are pulled one at a time, so HTTP/2
 /// flow control slows a sender that outpaces the merge.
 async fn ingest(
@@ -785,7 +803,7 @@ async fn ingest(
     (openings, opener): &(Arc<crate::admission::Openings>, String),
     inbound: &mut Streaming<proto::IngestRequest>,
     tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
-    stopping: &mut watch::Receiver<bool>,
+    mut cut: Cut,
 ) -> Result<(), Status> {
     let reply = |msg: Out| proto::IngestResponse { msg: Some(msg) };
     let first = inbound.message().await.map_err(status::inbound)?;
@@ -840,9 +858,7 @@ async fn ingest(
     loop {
         let message = tokio::select! {
             m = inbound.message() => m.map_err(status::inbound)?,
-            _ = stopping.wait_for(|s| *s) => {
-                return Err(Status::unavailable("covd is shutting down; reconnect and resume"));
-            }
+            status = &mut cut => return Err(status),
         };
         let Some(message) = message else {
             // Closed without a finish: the shard stays unfinished and resumable.
@@ -908,9 +924,8 @@ fn owned_params(
     run_id: &str,
     mut params: RunParams,
 ) -> Result<RunParams, Status> {
-    if let Ok(status) = service.run_status(run_id) {
-        who.check_run(run_id, &status.params.project)
-            .map_err(denied)?;
+    if let Ok(project) = service.run_project(run_id) {
+        who.check_run(run_id, &project).map_err(denied)?;
         return Ok(params);
     }
     if params.project.is_empty()

@@ -55,6 +55,7 @@ pub(super) fn shard_record(id: &str, s: &Shard) -> ShardRecord {
         finished_at_ms: s.finished_at.map(to_ms),
         writer_session: s.writer.to_vec(),
         telemetry: s.telemetry.as_ref().map(telemetry_record),
+        stored_bytes: s.stored_bytes,
     }
 }
 
@@ -98,6 +99,7 @@ fn shard_from_record(r: ShardRecord) -> Shard {
         finished_at: r.finished_at_ms.map(from_ms),
         writer: r.writer_session.into_boxed_slice(),
         telemetry: r.telemetry.map(telemetry_from_record),
+        stored_bytes: r.stored_bytes,
         ..Shard::default()
     }
 }
@@ -537,7 +539,9 @@ impl CoverageService {
                  for a new run",
                 run.id
             );
-            crate::metrics::metrics().runs_evicted.inc();
+            self.shared
+                .runs_evicted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.retire(&run).await?;
             self.shared.interner.prune();
         }

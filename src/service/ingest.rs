@@ -15,6 +15,7 @@ use super::{
     Applied, CoverageService, Delta, Error, MAX_UNKNOWN_REPORTED, Result, RunStatus, ShardHeader,
     TestTelemetry, check_run_id, check_shard_id, normalize_params,
 };
+use crate::aggregate::Aggregate;
 use crate::model::FileBatch;
 use crate::model::path::{RepoFiles, Resolution};
 use crate::persist::{AttemptRecord, Write, codec};
@@ -473,6 +474,56 @@ impl CoverageService {
         Ok(None)
     }
 
+    /// Refused if `files` would take the run beyond its lines, the branch arms of a line, or
+    /// the memory of one run or of all: checked before anything of the delta is stored. The
+    /// memory is estimated from counts (see [`crate::aggregate::estimated_bytes`]), the
+    /// delta's as if all it holds were new; the lines are counted exactly near their limit.
+    fn check_growth(&self, run: &Run, aggregate: &Aggregate, files: &FileBatch) -> Result<()> {
+        let limits = self.limits();
+        let (n_files, lines, arms, functions) = files.counts();
+        let held = aggregate.totals().lines;
+        if held + lines > limits.max_lines_per_run {
+            let new = aggregate.count_new_lines(files);
+            if new > 0 && held + new > limits.max_lines_per_run {
+                return Err(limits.exceeded(
+                    format!("run `{}` would hold {} lines", run.id, held + new),
+                    "max-lines-per-run",
+                    limits.max_lines_per_run,
+                ));
+            }
+        }
+        // A line with that many arms needs a file with as many.
+        for part in files.files() {
+            if part.arm_count() > limits.max_branches_per_line {
+                let most = part.most_arms_on_a_line();
+                if most > limits.max_branches_per_line {
+                    return Err(limits.exceeded(
+                        format!(
+                            "file `{}` of the delta gives one line {most} branch arms",
+                            part.path()
+                        ),
+                        "max-branches-per-line",
+                        limits.max_branches_per_line,
+                    ));
+                }
+            }
+        }
+        let adding = crate::aggregate::estimated_bytes(n_files, lines, arms, functions);
+        let run_bytes = aggregate.estimated_bytes().saturating_add(adding);
+        if run_bytes > limits.max_run_memory_bytes {
+            return Err(limits.exceeded(
+                format!(
+                    "run `{}` would hold about {} MiB of coverage in memory",
+                    run.id,
+                    run_bytes >> 20
+                ),
+                "max-run-memory",
+                limits.max_run_memory_bytes,
+            ));
+        }
+        self.take_memory(adding)
+    }
+
     /// Blocking part of `apply`: store, then merge into the aggregate, under the shared gate
     /// (so a rebuild or snapshot sees the delta in both places or in neither).
     fn store_and_merge(
@@ -529,20 +580,37 @@ impl CoverageService {
                 }
             }
         }
-        let shard = {
-            let state = run.state();
-            let s = state
-                .shards
-                .get(shard_id)
-                .ok_or_else(|| vanished(shard_id))?;
-            ShardRecordAt::new(shard_id, s, delta.seq)
-        };
+        self.check_growth(run, &aggregate, &delta.files)?;
         let body = match &delta.wire {
             Some(wire) => codec::wire_record(wire),
             None => {
                 let files = delta.files.to_files();
                 vec![codec::encode_files(files.iter().map(|(p, f)| (p.as_str(), f))).into()]
             }
+        };
+        let size: u64 = body.iter().map(|b| b.len() as u64).sum();
+        let shard = {
+            let state = run.state();
+            // Concurrent deltas of other shards may each pass and overshoot by a delta.
+            let stored: u64 = state.shards.values().map(|s| s.stored_bytes).sum();
+            if stored + size > limits.max_run_bytes {
+                return Err(limits.exceeded(
+                    format!(
+                        "run `{}` would have taken {} bytes of deltas",
+                        run.id,
+                        stored + size
+                    ),
+                    "max-run-bytes",
+                    limits.max_run_bytes,
+                ));
+            }
+            let s = state
+                .shards
+                .get(shard_id)
+                .ok_or_else(|| vanished(shard_id))?;
+            let mut record = ShardRecordAt::new(shard_id, s, delta.seq);
+            record.0.stored_bytes = s.stored_bytes + size;
+            record
         };
         self.shared
             .storage
@@ -563,6 +631,7 @@ impl CoverageService {
         // The busy mark kept other attempts from starting, so the attempt is still current.
         debug_assert_eq!(shard.attempt, attempt);
         shard.last_seq = delta.seq;
+        shard.stored_bytes += size;
         match digest {
             Some(d) => {
                 if shard.recent.len() == RECENT_DIGESTS {
@@ -616,6 +685,7 @@ impl CoverageService {
             finished.attempt = shard.attempt;
             finished.last_seq = shard.last_seq;
             finished.writer = shard.writer.clone();
+            finished.stored_bytes = shard.stored_bytes;
             let record = shard_record(&session.shard_id, &finished);
             mark_busy(&mut state, &session.shard_id, session.attempt)?;
             let busy = Busy {

@@ -73,7 +73,15 @@ struct Shared {
     cache: cache::Cache,
     /// Slots for deltas being decoded and applied ([`Limits::max_deltas_in_flight`]).
     deltas_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Settled runs evicted at `--max-runs` since the daemon started (read by the metrics).
+    runs_evicted: std::sync::atomic::AtomicU64,
+    /// Estimated bytes of coverage in memory, when they were last summed over the runs, and
+    /// that sum with the deltas taken since (see [`CoverageService::take_memory`]).
+    memory: std::sync::Mutex<(std::time::Instant, usize)>,
 }
+
+/// How often the memory of all runs is summed again (see [`CoverageService::take_memory`]).
+const MEMORY_RESCAN: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl CoverageService {
     /// A service that keeps everything in memory (a [`MemoryStore`] without a cap).
@@ -92,6 +100,8 @@ impl CoverageService {
                 cache: cache::Cache::new(limits.memory_budget_bytes),
                 limits,
                 storage,
+                runs_evicted: std::sync::atomic::AtomicU64::new(0),
+                memory: std::sync::Mutex::new((std::time::Instant::now(), 0)),
             }),
         }
     }
@@ -227,6 +237,12 @@ impl CoverageService {
         Ok(self.run(run_id)?.status())
     }
 
+    /// The project a run belongs to (as kept), without building its whole status: every call
+    /// that names a run asks it, for its token's reach.
+    pub fn run_project(&self, run_id: &str) -> Result<String> {
+        Ok(self.run(run_id)?.state().params.project.clone())
+    }
+
     /// A receiver that changes whenever the run does.
     pub fn watch_run(&self, run_id: &str) -> Result<tokio::sync::watch::Receiver<u64>> {
         Ok(self.run(run_id)?.subscribe())
@@ -283,6 +299,14 @@ impl CoverageService {
         (runs.len(), open)
     }
 
+    /// Settled runs that gave up their raw data early for a new run at `--max-runs`, since the
+    /// daemon started.
+    pub fn runs_evicted(&self) -> u64 {
+        self.shared
+            .runs_evicted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Deletes a run, its data and its summary.
     pub async fn delete_run(&self, run_id: &str) -> Result<()> {
         self.run(run_id)?;
@@ -320,6 +344,45 @@ impl CoverageService {
             self.shared.cache.touch(run);
         }
         Ok(aggregate)
+    }
+
+    /// Takes `adding` estimated bytes of coverage from `--max-memory`, or refuses. The runs'
+    /// estimates are summed at most every [`MEMORY_RESCAN`]: a sum over thousands of runs for
+    /// each delta would cost as much as merging it. Between sums, each delta's estimate is
+    /// added, so a burst of deltas is counted before the next sum sees it merged.
+    pub(super) fn take_memory(&self, adding: usize) -> Result<()> {
+        let limits = self.limits();
+        let mut memory = self.shared.memory.lock().unwrap_or_else(|e| e.into_inner());
+        if memory.0.elapsed() >= MEMORY_RESCAN {
+            *memory = (std::time::Instant::now(), self.memory_held());
+        }
+        let total = memory.1.saturating_add(adding);
+        if total > limits.max_memory_bytes {
+            return Err(limits.exceeded(
+                format!(
+                    "the daemon would hold about {} MiB of coverage in memory",
+                    total >> 20
+                ),
+                "max-memory",
+                limits.max_memory_bytes,
+            ));
+        }
+        memory.1 = total;
+        Ok(())
+    }
+
+    /// Estimated bytes of coverage in memory: every open run's aggregate, and the complete
+    /// runs' aggregates the cache holds.
+    fn memory_held(&self) -> usize {
+        // The runs first, then each one's state: no run lock is taken inside the map's.
+        let runs: Vec<Arc<Run>> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
+        let open: usize = runs
+            .iter()
+            .filter(|r| !r.state().is_complete())
+            .filter_map(|r| r.aggregate())
+            .map(|a| a.estimated_bytes())
+            .sum();
+        open.saturating_add(self.cached_bytes().0)
     }
 
     /// Bytes of complete runs' aggregates in memory, and how many such runs.

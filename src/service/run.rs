@@ -50,6 +50,9 @@ pub(super) struct Shard {
     /// sent by the same push, and is refused rather than answered "duplicate".
     pub(super) recent: VecDeque<(u64, u32)>,
     pub(super) telemetry: Option<TestTelemetry>,
+    /// Bytes of deltas stored for this shard, over all its attempts (for `--max-run-bytes`);
+    /// 0 in records from before it was kept.
+    pub(super) stored_bytes: u64,
 }
 
 impl Shard {

@@ -17,6 +17,19 @@ pub struct Limits {
     pub max_files_per_run: usize,
     /// Files in one delta.
     pub max_files_per_delta: usize,
+    /// Distinct executable lines in one run, over its files.
+    pub max_lines_per_run: u64,
+    /// Bytes of deltas one run takes in, over its shards and their attempts (what its delta
+    /// log may grow to).
+    pub max_run_bytes: u64,
+    /// Branch arms of one line, in one file of a delta.
+    pub max_branches_per_line: usize,
+    /// Estimated bytes of one run's coverage in memory (see
+    /// [`crate::aggregate::estimated_bytes`]), checked before each delta is applied.
+    pub max_run_memory_bytes: usize,
+    /// Estimated bytes of every open run's coverage and the complete runs held in memory,
+    /// checked before each delta is applied.
+    pub max_memory_bytes: usize,
     /// Distinct tests a run's per-test attribution names (at most `u32::MAX`, the ids).
     pub max_tests_per_run: usize,
     /// Shards in one run.
@@ -66,6 +79,11 @@ impl Default for Limits {
             max_files_per_run: 1_000_000,
             max_files_per_delta: 100_000,
             max_tests_per_run: 1_000_000,
+            max_lines_per_run: 200_000_000,
+            max_branches_per_line: 10_000,
+            max_run_bytes: 4 << 30,
+            max_run_memory_bytes: 4 << 30,
+            max_memory_bytes: default_max_memory(),
             max_shards_per_run: 10_000,
             max_runs: 10_000,
             max_runs_per_token_per_hour: 1_000,
@@ -84,6 +102,24 @@ impl Default for Limits {
             max_source_bytes: 4 << 20,
         }
     }
+}
+
+/// Three quarters of the machine's memory (`MemTotal`), or 16 GiB where that cannot be read.
+fn default_max_memory() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let kb = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<usize>()
+                .ok()?;
+            Some(kb.saturating_mul(1024))
+        });
+    total.map_or(16 << 30, |bytes| bytes / 4 * 3)
 }
 
 impl Limits {

@@ -582,3 +582,95 @@ async fn at_the_run_limit_the_run_settled_longest_ago_makes_room() {
         "{e}"
     );
 }
+
+/// The HTTP port holds to the same counts: past a client's connections its requests are
+/// refused naming the limit; a connection without a request is closed by the idle limit, but
+/// the dashboard's events are not (their answer is a call for as long as it lasts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_counts_connections_and_closes_idle_ones() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let served = crate::cli::Served::with(
+        tempfile::tempdir().unwrap(),
+        "127.0.0.1:0",
+        &[
+            "--connection-idle-timeout",
+            "1s",
+            "--max-connections-per-client",
+            "3",
+        ],
+    );
+    let host = served
+        .metrics
+        .strip_prefix("http://")
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    // Reads until `what` has come (within 10 s); everything read.
+    async fn read_until(c: &mut tokio::net::TcpStream, what: &str) -> String {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&got).contains(what) {
+            let mut buf = [0; 4096];
+            let n = tokio::time::timeout_at(deadline, c.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{what:?} within 10 s"))
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed before {what:?}: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+    let mut events = tokio::net::TcpStream::connect(&host).await.unwrap();
+    events
+        .write_all(get("/api/events").as_bytes())
+        .await
+        .unwrap();
+    read_until(&mut events, "event: runs").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
+        c.write_all(get("/metrics").as_bytes()).await.unwrap();
+        assert!(read_until(&mut c, "\r\n").await.starts_with("HTTP/1.1 200"));
+        held.push(c);
+    }
+    let mut fourth = tokio::net::TcpStream::connect(&host).await.unwrap();
+    fourth.write_all(get("/metrics").as_bytes()).await.unwrap();
+    let refused = read_until(&mut fourth, "}").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains("--max-connections-per-client (3)"),
+        "{refused}"
+    );
+    drop(fourth);
+
+    // The held connections, their answers sent, are idle: closed within seconds.
+    for mut c in held {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+            .await
+            .expect("an idle HTTP connection still open 10 s later (the limit is 1 s)")
+            .ok();
+    }
+    // The events, open all along, are not: nothing ends them in the next 2 s.
+    let mut buf = [0; 1024];
+    match tokio::time::timeout(Duration::from_secs(2), events.read(&mut buf)).await {
+        Err(_) => {}
+        Ok(Ok(n)) => assert!(n > 0, "the events' connection was closed"),
+        Ok(Err(e)) => panic!("the events' connection failed: {e}"),
+    }
+    // And a client within its limit again is served.
+    let mut again = tokio::net::TcpStream::connect(&host).await.unwrap();
+    again.write_all(get("/metrics").as_bytes()).await.unwrap();
+    assert!(
+        read_until(&mut again, "\r\n")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+}

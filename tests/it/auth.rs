@@ -33,6 +33,28 @@ fn create(data: &Path, args: &[&str]) -> String {
     lines[0].to_owned()
 }
 
+/// The RPCs of [`every_rpc`] that name its run.
+const NAMING_THE_RUN: [&str; 15] = [
+    "OpenRun",
+    "GetRunStatus",
+    "WatchRun",
+    "Export",
+    "GetFile",
+    "GetDirectory",
+    "GetTestsForLines",
+    "GetTestLines",
+    "ListTests",
+    "GetTestImpact",
+    "GetPatchCoverage",
+    "GetDifferential",
+    "GetAttempts",
+    "PutSources",
+    "GetSource",
+];
+
+/// The RPCs of [`every_rpc`] that write.
+const WRITING: [&str; 4] = ["OpenRun", "Ingest", "DeleteRun", "PutSources"];
+
 /// A read token of acme/*.
 fn read_one_project(data: &Path) -> String {
     create(data, &["--project", "acme/*", "--scope", "read"])
@@ -62,16 +84,17 @@ fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     request
 }
 
-/// The status code each RPC answers with `token`, on run `r` (errors of the request itself
+/// The status code each RPC answers with `token`, on run `run` (errors of the request itself
 /// come after the token's: an accepted token gives anything but UNAUTHENTICATED).
 async fn every_rpc(
     c: &mut CoverageClient<Channel>,
     token: Option<&str>,
+    run: &str,
 ) -> Vec<(&'static str, Code)> {
     fn code<T>(r: Result<T, tonic::Status>) -> Code {
         r.map_or_else(|s| s.code(), |_| Code::Ok)
     }
-    let run = || "r".to_owned();
+    let run = || run.to_owned();
     vec![
         (
             "OpenRun",
@@ -369,7 +392,7 @@ async fn tokens_decide_who_may_do_what() {
         Some(expired.as_str()),
         Some("covd_nope"),
     ] {
-        for (rpc, code) in every_rpc(&mut c, token).await {
+        for (rpc, code) in every_rpc(&mut c, token, "r").await {
             assert_eq!(code, Code::Unauthenticated, "{rpc} with {token:?}");
         }
     }
@@ -384,7 +407,7 @@ async fn tokens_decide_who_may_do_what() {
         e.message()
     );
     // An admin token is accepted on every one (what follows is the request's own answer).
-    for (rpc, code) in every_rpc(&mut c, Some(&admin)).await {
+    for (rpc, code) in every_rpc(&mut c, Some(&admin), "r").await {
         assert!(
             !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
             "{rpc}: {code:?}"
@@ -466,6 +489,27 @@ async fn tokens_decide_who_may_do_what() {
         .collect();
     assert_eq!(runs, ["a1"]);
 
+    // On every RPC: a token of another project is refused each call that names a run of this
+    // one, a read token each call that writes, and neither anything else.
+    for (rpc, code) in every_rpc(&mut c, Some(&read_other), "a1").await {
+        if NAMING_THE_RUN.contains(&rpc) || WRITING.contains(&rpc) {
+            assert_eq!(code, Code::PermissionDenied, "{rpc}");
+        } else {
+            assert_ne!(code, Code::Unauthenticated, "{rpc}");
+        }
+    }
+    let read_acme = tokio::task::block_in_place(|| read_one_project(&data));
+    for (rpc, code) in every_rpc(&mut c, Some(&read_acme), "a1").await {
+        if WRITING.contains(&rpc) {
+            assert_eq!(code, Code::PermissionDenied, "{rpc}");
+        } else if NAMING_THE_RUN.contains(&rpc) {
+            assert!(
+                !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+                "{rpc}: {code:?}"
+            );
+        }
+    }
+
     // Revoked: refused from the next call on, without a restart.
     tokio::task::block_in_place(|| {
         let out = Command::new(COVD)
@@ -483,6 +527,9 @@ async fn tokens_decide_who_may_do_what() {
     let e = client.list_runs(100).await.unwrap_err();
     assert_eq!(e.auth_refusal(), Some(Code::Unauthenticated), "{e}");
     assert!(e.to_string().contains("was revoked"), "{e}");
+    for (rpc, code) in every_rpc(&mut c, Some(&push), "a1").await {
+        assert_eq!(code, Code::Unauthenticated, "{rpc} with a revoked token");
+    }
 
     // A token of one run reads that run, not its project's history; GetDifferential's base
     // and a listing's limit are the token's reach too.
@@ -647,4 +694,259 @@ async fn a_run_found_at_the_write_must_be_of_the_callers_project() {
     // Its own project's caller goes on.
     let theirs_only = |project: &str| (project != "theirs/app").then(String::new);
     service.begin_shard_as(header, &theirs_only).await.unwrap();
+}
+
+/// `covd token revoke --data-dir D TOKEN`.
+fn revoke(data: &Path, token: &str) {
+    let out = Command::new(COVD)
+        .args(["token", "revoke", "--data-dir"])
+        .arg(data)
+        .arg(token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The next answer of a stream, which must come within 10 s (a bound, not a wait).
+async fn next_within<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T>, tonic::Status> {
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+        .await
+        .expect("an answer within 10 s")
+}
+
+/// A token revoked or expired while its calls last ends them: an ingest stream, a watch, a
+/// waiting export and the dashboard's events, each told why; what the ingest had acknowledged
+/// stays, and a stream of another token carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_token_ends_the_calls_it_holds_open() {
+    use proto::ingest_request::Msg as In;
+    use proto::ingest_response::Msg as Out;
+    let served = Served::start();
+    let data = served.data.path().to_owned();
+    let (push, read, dashboard, other) = tokio::task::block_in_place(|| {
+        (
+            create(&data, &["--project", "acme/*", "--scope", "push"]),
+            create(&data, &["--project", "acme/*", "--scope", "read"]),
+            create(&data, &["--project", "*", "--scope", "read"]),
+            create(&data, &["--project", "acme/*", "--scope", "push"]),
+        )
+    });
+    let mut c = CoverageClient::connect(served.url.clone()).await.unwrap();
+    let params = proto::RunParams {
+        project: "acme/shop".into(),
+        expected_shards: vec!["0".into(), "1".into()],
+        ..Default::default()
+    };
+    let header = |shard: &str| proto::IngestRequest {
+        msg: Some(In::Header(proto::ShardHeader {
+            run_id: "r".into(),
+            shard_id: shard.into(),
+            attempt: 1,
+            params: Some(params.clone()),
+            session_id: Vec::new(),
+        })),
+    };
+    let delta = |seq: u64, line: u32| proto::IngestRequest {
+        msg: Some(In::Delta(
+            prost::Message::encode_to_vec(&proto::Delta {
+                seq,
+                files: vec![proto::FileDelta {
+                    path: "src/a.rs".into(),
+                    line_gaps: vec![line],
+                    hits: vec![1],
+                    ..Default::default()
+                }],
+                test: None,
+            })
+            .into(),
+        )),
+    };
+    // Shard 0 under `push`, shard 1 under `other`: both streams stay open.
+    let (tx0, rx0) = tokio::sync::mpsc::channel(4);
+    tx0.send(header("0")).await.unwrap();
+    tx0.send(delta(1, 1)).await.unwrap();
+    let mut shard0 = c
+        .ingest(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx0),
+            Some(&push),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx1, rx1) = tokio::sync::mpsc::channel(4);
+    tx1.send(header("1")).await.unwrap();
+    let mut shard1 = c
+        .ingest(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx1),
+            Some(&other),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_within(&mut shard0).await.unwrap().unwrap().msg,
+        Some(Out::Resume(_))
+    ));
+    assert!(matches!(
+        next_within(&mut shard0).await.unwrap().unwrap().msg,
+        Some(Out::Ack(_))
+    ));
+    assert!(matches!(
+        next_within(&mut shard1).await.unwrap().unwrap().msg,
+        Some(Out::Resume(_))
+    ));
+
+    let mut watch = c
+        .watch_run(with_token(
+            proto::WatchRunRequest { run_id: "r".into() },
+            Some(&read),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next_within(&mut watch).await.unwrap().unwrap().complete);
+    let mut waiting = c.clone();
+    let read_for_export = read.clone();
+    let export = tokio::spawn(async move {
+        waiting
+            .export(with_token(
+                proto::ExportRequest {
+                    run_id: "r".into(),
+                    wait: true,
+                    timeout: Some(prost_types::Duration {
+                        seconds: 60,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+                Some(&read_for_export),
+            ))
+            .await
+    });
+    // The dashboard's events, signed in with a token of every project.
+    let host = served
+        .metrics
+        .strip_prefix("http://")
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut events = tokio::net::TcpStream::connect(&host).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt as _;
+        events
+            .write_all(
+                format!(
+                    "GET /api/events HTTP/1.1\r\nHost: {host}\r\n\
+                     Authorization: Bearer {dashboard}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut said = Vec::new();
+    let mut read_until = async |events: &mut tokio::net::TcpStream, what: &str| {
+        use tokio::io::AsyncReadExt as _;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !String::from_utf8_lossy(&said).contains(what) {
+            let mut buf = [0; 4096];
+            let n = tokio::time::timeout_at(deadline, events.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{what:?} within 10 s: {}", String::from_utf8_lossy(&said))
+                })
+                .unwrap();
+            assert!(
+                n > 0,
+                "the events ended early: {}",
+                String::from_utf8_lossy(&said)
+            );
+            said.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&said).into_owned()
+    };
+    let first = read_until(&mut events, "event: runs").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+    tokio::task::block_in_place(|| {
+        revoke(&data, &push);
+        revoke(&data, &read);
+        revoke(&data, &dashboard);
+    });
+    // Each ends within seconds, saying why, with no call of its own to notice it.
+    let cut = next_within(&mut shard0).await.unwrap_err();
+    assert_eq!(cut.code(), Code::Unauthenticated, "{cut}");
+    assert!(cut.message().contains("was revoked"), "{cut}");
+    let cut = next_within(&mut watch).await.unwrap_err();
+    assert_eq!(cut.code(), Code::Unauthenticated, "{cut}");
+    assert!(cut.message().contains("was revoked"), "{cut}");
+    let cut = tokio::time::timeout(std::time::Duration::from_secs(10), export)
+        .await
+        .expect("the export ends within 10 s")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(cut.code(), Code::Unauthenticated, "{cut}");
+    assert!(cut.message().contains("was revoked"), "{cut}");
+    let last = read_until(&mut events, "event: denied").await;
+    assert!(last.contains("was revoked"), "{last}");
+
+    // The other token's shard goes on and finishes; what shard 0 had acknowledged stays.
+    tx1.send(delta(1, 2)).await.unwrap();
+    assert!(matches!(
+        next_within(&mut shard1).await.unwrap().unwrap().msg,
+        Some(Out::Ack(_))
+    ));
+    tx1.send(proto::IngestRequest {
+        msg: Some(In::Finish(proto::Finish {
+            final_seq: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        next_within(&mut shard1).await.unwrap().unwrap().msg,
+        Some(Out::Finished(_))
+    ));
+    let file = c
+        .get_file(with_token(
+            proto::GetFileRequest {
+                run_id: "r".into(),
+                path: "src/a.rs".into(),
+                ..Default::default()
+            },
+            Some(&other),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let lines: Vec<u32> = file.lines.iter().map(|l| l.line).collect();
+    assert_eq!(lines, [1, 2], "{file:?}");
+
+    // Expiry ends a watch the same way, with no store change to wake it.
+    let brief = tokio::task::block_in_place(|| {
+        create(
+            &data,
+            &["--project", "acme/*", "--scope", "read", "--expires", "3s"],
+        )
+    });
+    let mut watch = c
+        .watch_run(with_token(
+            proto::WatchRunRequest { run_id: "r".into() },
+            Some(&brief),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next_within(&mut watch).await.unwrap().unwrap().complete);
+    let cut = next_within(&mut watch).await.unwrap_err();
+    assert_eq!(cut.code(), Code::Unauthenticated, "{cut}");
+    assert!(cut.message().contains("has expired"), "{cut}");
+    assert!(health_latency(&served.url).await < std::time::Duration::from_millis(100));
 }

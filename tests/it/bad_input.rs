@@ -436,3 +436,180 @@ async fn the_test_limit_of_a_run_is_resource_exhausted() {
     push("3", &["t1", "t3"]).await.unwrap();
     assert_eq!(client.tests("r").await.unwrap(), ["t1", "t2", "t3"]);
 }
+
+/// What a run may grow to: its lines, the branch arms of a line, its memory and the memory of
+/// all runs, each refused before anything of the delta is stored, naming its setting; what was
+/// acknowledged stays, and within the limits the same stream goes on.
+#[tokio::test]
+async fn the_growth_of_runs_is_bounded_by_lines_arms_and_memory() {
+    use covd::aggregate::estimated_bytes;
+    let serve = |limits: covd::service::Limits| {
+        Daemon::with(Settings {
+            limits,
+            ..Settings::default()
+        })
+    };
+    let lines = |path: &str, n: u32| file(path, &(1..=n).map(|l| (l, 1)).collect::<Vec<_>>());
+
+    // Lines: 3, then 3 more is 6 > 5; sent again, lines already held do not count.
+    let daemon = serve(covd::service::Limits {
+        max_lines_per_run: 5,
+        ..Default::default()
+    })
+    .await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(1, vec![lines("a.c", 3)]).await.unwrap();
+    let e = s.delta(2, vec![lines("b.c", 3)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(
+        e.message().contains("would hold 6 lines")
+            && e.message().contains("--max-lines-per-run (5)"),
+        "{e}"
+    );
+    let (mut s, resume) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 1);
+    s.delta(2, vec![lines("a.c", 3), lines("b.c", 2)])
+        .await
+        .unwrap();
+    let status = daemon.client().status("r").await.unwrap();
+    assert_eq!(status.totals.lines, 5);
+
+    // Arms of one line: 4 on line 5 is beyond 3; 3 on it, and 3 on each of two lines, are not.
+    let daemon = serve(covd::service::Limits {
+        max_branches_per_line: 3,
+        ..Default::default()
+    })
+    .await;
+    let e = refuse(
+        &daemon,
+        vec![arms(&[5, 0, 0, 0], &[0; 4], &[0, 1, 2, 3], &[1; 4])],
+    )
+    .await;
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(
+        e.message()
+            .contains("`a.c` of the delta gives one line 4 branch arms")
+            && e.message().contains("--max-branches-per-line (3)"),
+        "{e}"
+    );
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "ok", "s", 1).await.unwrap();
+    s.delta(
+        1,
+        vec![arms(
+            &[5, 0, 0, 1, 0, 0],
+            &[0; 6],
+            &[0, 1, 2, 0, 1, 2],
+            &[1; 6],
+        )],
+    )
+    .await
+    .unwrap();
+
+    // One run's memory: room for two files of 3 lines, not for a third.
+    let daemon = serve(covd::service::Limits {
+        max_run_memory_bytes: estimated_bytes(2, 6, 0, 0),
+        ..Default::default()
+    })
+    .await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s", 1).await.unwrap();
+    s.delta(1, vec![lines("a.c", 3), lines("b.c", 3)])
+        .await
+        .unwrap();
+    let e = s.delta(2, vec![lines("c.c", 3)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("--max-run-memory"), "{e}");
+    // Another run has memory of its own.
+    let (mut s, _) = Stream::open(&mut c, "r2", "s", 1).await.unwrap();
+    s.delta(1, vec![lines("c.c", 3)]).await.unwrap();
+
+    // The memory of all runs: two runs of one file each fill it, a third run is refused.
+    let daemon = serve(covd::service::Limits {
+        max_memory_bytes: estimated_bytes(2, 6, 0, 0),
+        ..Default::default()
+    })
+    .await;
+    let mut c = raw(&daemon.url).await;
+    for run in ["a", "b"] {
+        let (mut s, _) = Stream::open(&mut c, run, "s", 1).await.unwrap();
+        s.delta(1, vec![lines("a.c", 3)]).await.unwrap();
+    }
+    let (mut s, _) = Stream::open(&mut c, "c", "s", 1).await.unwrap();
+    let e = s.delta(1, vec![lines("a.c", 1)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("--max-memory"), "{e}");
+    // Nothing of it was kept: the run holds no line.
+    let status = daemon.client().status("c").await.unwrap();
+    assert_eq!(status.totals.lines, 0);
+}
+
+/// The memory limits' estimate, from counts alone, stays within a factor of two of the bytes
+/// the aggregate measures itself for real tools' coverage (with branches and functions).
+#[test]
+fn the_memory_estimate_follows_what_an_aggregate_holds() {
+    use covd::aggregate::{Aggregate, PathInterner};
+    for name in ["gcc-lcov/merged.info", "llvm-cov/merged.info"] {
+        let coverage = read_lcov(&fixture(name), &covd::model::path::PathRules::default());
+        let (interner, aggregate) = (PathInterner::default(), Aggregate::new());
+        for (path, file) in &coverage.files {
+            aggregate.merge_file(&interner, path, file.clone());
+        }
+        let (estimated, measured) = (aggregate.estimated_bytes(), aggregate.heap_bytes());
+        assert!(
+            aggregate.totals().branches > 0,
+            "{name}: a fixture with branches"
+        );
+        assert!(
+            estimated >= measured / 2 && estimated <= measured * 2,
+            "{name}: estimated {estimated} bytes, measured {measured}"
+        );
+    }
+}
+
+/// The bytes of deltas a run takes in are bounded over its shards, and the count is kept with
+/// each shard: a restart does not give a run a fresh budget.
+#[tokio::test]
+async fn the_bytes_a_run_takes_in_are_bounded_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = || Settings {
+        data_dir: Some(dir.path().to_owned()),
+        limits: covd::service::Limits {
+            max_run_bytes: 400,
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    let lines = |path: &str, n: u32| file(path, &(1..=n).map(|l| (l, 1)).collect::<Vec<_>>());
+    let daemon = Daemon::with(settings()).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, _) = Stream::open(&mut c, "r", "s1", 1).await.unwrap();
+    // About 110 bytes each (50 one-byte gaps and counts, the path): three fit, a fourth does not.
+    for seq in 1..=3 {
+        s.delta(seq, vec![lines(&format!("f{seq}.c"), 50)])
+            .await
+            .unwrap();
+    }
+    let e = s.delta(4, vec![lines("f4.c", 50)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("--max-run-bytes (400)"), "{e}");
+    // Another shard of the run counts against the same budget.
+    let (mut s2, _) = Stream::open(&mut c, "r", "s2", 1).await.unwrap();
+    let e = s2.delta(1, vec![lines("g.c", 50)]).await.unwrap_err();
+    assert!(e.message().contains("--max-run-bytes (400)"), "{e}");
+    drop((s, s2));
+    daemon.stop().await.unwrap();
+
+    let daemon = Daemon::with(settings()).await;
+    let mut c = raw(&daemon.url).await;
+    let (mut s, resume) = Stream::open(&mut c, "r", "s1", 1).await.unwrap();
+    assert_eq!(resume.last_seq, 3);
+    let e = s.delta(4, vec![lines("f4.c", 50)]).await.unwrap_err();
+    assert!(e.message().contains("--max-run-bytes (400)"), "{e}");
+    // A small delta still fits, and what was taken is all there.
+    let (mut s, _) = Stream::open(&mut c, "r", "s1", 1).await.unwrap();
+    s.delta(4, vec![lines("f1.c", 2)]).await.unwrap();
+    let status = daemon.client().status("r").await.unwrap();
+    assert_eq!(status.totals.lines, 150);
+}

@@ -480,6 +480,14 @@ function followEvents() {
     if (!route().live || pending) return;
     pending = setTimeout(() => { pending = null; render(false); }, 250);
   });
+  // The token this browser signed in with was revoked or expired: no more updates, and the
+  // page asks for a token again, saying why.
+  source.addEventListener("denied", () => {
+    source.close();
+    live.textContent = "signed out";
+    live.classList.remove("on");
+    render(false);
+  });
 }
 
 render(false);
