@@ -32,7 +32,7 @@ pub(crate) fn inbound(status: Status) -> Status {
     if status.code() == Code::OutOfRange && status.message().contains("too large") {
         crate::metrics::metrics().refused(Code::ResourceExhausted);
         return Status::resource_exhausted(format!(
-            "message too large: {} (send smaller deltas)",
+            "message too large: {}: beyond the limit --max-message-bytes (send smaller deltas)",
             status.message()
         ));
     }

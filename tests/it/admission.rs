@@ -665,6 +665,21 @@ async fn the_http_port_counts_connections_and_closes_idle_ones() {
         Ok(Ok(n)) => assert!(n > 0, "the events' connection was closed"),
         Ok(Err(e)) => panic!("the events' connection failed: {e}"),
     }
+    // Bytes that are no HTTP are answered 400 (or the connection closed), and the port goes on.
+    let mut junk = tokio::net::TcpStream::connect(&host).await.unwrap();
+    junk.write_all(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), junk.read_to_end(&mut answer))
+        .await
+        .expect("bytes that are no HTTP: closed within 10 s")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
     // And a client within its limit again is served.
     let mut again = tokio::net::TcpStream::connect(&host).await.unwrap();
     again.write_all(get("/metrics").as_bytes()).await.unwrap();
@@ -673,4 +688,161 @@ async fn the_http_port_counts_connections_and_closes_idle_ones() {
             .await
             .starts_with("HTTP/1.1 200")
     );
+}
+
+/// Bytes that are no HTTP/2: garbage, a preface cut short, a frame that announces 16 KB and
+/// sends 100 bytes. Each connection is closed (the garbage at once, the stalled ones by the
+/// idle limit), and meanwhile health answers within 100 ms and a CI run completes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_garbage_and_truncated_frames_are_closed_and_ci_goes_on() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let daemon = Daemon::with(settings(AdmissionLimits {
+        connection_idle: Duration::from_secs(1),
+        ..AdmissionLimits::default()
+    }))
+    .await;
+    let addr = socket_addr(&daemon.url);
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // An empty SETTINGS frame, then a HEADERS frame header for stream 1 announcing 16,384
+    // bytes, and 100 of them.
+    let mut truncated = PREFACE.to_vec();
+    truncated.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    truncated.extend_from_slice(&[0, 0x40, 0, 1, 4, 0, 0, 0, 1]);
+    truncated.extend_from_slice(&[0x82; 100]);
+    // Not random, but no protocol's either: the same bytes every run.
+    let garbage: Vec<u8> = (0..65_536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let attacks: Vec<Vec<u8>> = vec![garbage, PREFACE[..10].to_vec(), truncated];
+    let mut open = Vec::new();
+    for attack in &attacks {
+        for _ in 0..50 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(attacker(), 0)).unwrap();
+            let mut c = socket.connect(addr).await.unwrap();
+            // The daemon may close before all of it is written.
+            let _ = c.write_all(attack).await;
+            open.push(c);
+        }
+    }
+    let took = health_latency(&daemon.url).await;
+    assert!(took < Duration::from_millis(100), "health took {took:?}");
+    ci_run_is_exact(&daemon.url, "during-garbage").await;
+    let closed = futures_util::future::join_all(open.into_iter().map(|mut c| async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }));
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("a connection of garbage still open 10 s later (the idle limit is 1 s)");
+    let took = health_latency(&daemon.url).await;
+    assert!(took < Duration::from_millis(100), "health took {took:?}");
+}
+
+/// A message whose prefix says 1 GiB is refused from its prefix, naming the limit, with no
+/// more of it read than the stream's window; the shard resumes where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_gib_message_is_refused_from_its_prefix() {
+    let daemon = Daemon::start().await;
+    let mut c = crate::ingest::raw(&daemon.url).await;
+    let (mut s, _) = crate::ingest::Stream::open(&mut c, "big", "s", 1)
+        .await
+        .unwrap();
+    s.delta(1, vec![crate::ingest::file("a.c", &[(1, 1)])])
+        .await
+        .unwrap();
+    drop(s);
+    let addr = socket_addr(&daemon.url);
+    let mut send = h2_connection(addr).await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/covd.v1.Coverage/Ingest"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    send = send.ready().await.unwrap();
+    let (answer, mut stream) = send.send_request(request, false).unwrap();
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    stream.send_data(Bytes::from(prefix), false).unwrap();
+    // A first MiB of it, as far as the window lets it go.
+    stream.reserve_capacity(1 << 20);
+    let _ = stream.send_data(Bytes::from(vec![0u8; 1 << 20]), false);
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let mut body = answer.into_body();
+    while let Some(data) = body.data().await {
+        if data.is_err() {
+            break;
+        }
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-message-bytes"),
+        "{status:?}"
+    );
+    let took = health_latency(&daemon.url).await;
+    assert!(took < Duration::from_millis(100), "health took {took:?}");
+    let (_, resume) = crate::ingest::Stream::open(&mut c, "big", "s", 1)
+        .await
+        .unwrap();
+    assert_eq!(resume.last_seq, 1);
+}
+
+/// Ten million tiny files pushed into one run, in deltas of 100,000: the run takes what its
+/// file limit allows and refuses every delta beyond it naming the limit (by the budget, not by
+/// the machine); the daemon stays responsive and a CI run beside it completes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_million_tiny_files_meet_the_file_limit() {
+    let mut settings = Settings::default();
+    settings.limits.max_files_per_run = 200_000;
+    let daemon = Daemon::with(settings).await;
+    let mut c = crate::ingest::raw(&daemon.url).await;
+    let tiny = |n: u32| covd::rpc::proto::FileDelta {
+        path: format!("f{n}"),
+        line_gaps: vec![1],
+        hits: vec![1],
+        ..Default::default()
+    };
+    let (mut accepted, mut refused, mut seq) = (0, 0, 0);
+    let (mut s, _) = crate::ingest::Stream::open(&mut c, "tiny", "s", 1)
+        .await
+        .unwrap();
+    for batch in 0..100u32 {
+        let files = (0..100_000).map(|i| tiny(batch * 100_000 + i)).collect();
+        match s.delta(seq + 1, files).await {
+            Ok(_) => {
+                accepted += 1;
+                seq += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                assert!(e.message().contains("--max-files-per-run (200000)"), "{e}");
+                refused += 1;
+                // A refusal ends the stream; the push goes on with a new one.
+                s = crate::ingest::Stream::open(&mut c, "tiny", "s", 1)
+                    .await
+                    .unwrap()
+                    .0;
+            }
+        }
+        if batch == 50 {
+            let took = health_latency(&daemon.url).await;
+            assert!(took < Duration::from_millis(100), "health took {took:?}");
+            ci_run_is_exact(&daemon.url, "beside-ten-million-files").await;
+        }
+    }
+    assert_eq!((accepted, refused), (2, 98));
+    let status = daemon.client().status("tiny").await.unwrap();
+    assert_eq!(status.totals.files, 200_000);
 }

@@ -85,6 +85,11 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
             "control character",
         ),
         (
+            vec![file(&"d".repeat(10_000), &[(1, 1)])],
+            "delta.files[0].path",
+            "10000 bytes long; the limit is 4096",
+        ),
+        (
             vec![proto::FileDelta {
                 hits: vec![1],
                 ..file("a.c", &[(1, 1), (2, 1)])
@@ -155,6 +160,22 @@ async fn malformed_deltas_are_refused_by_field_and_nothing_else_is_touched() {
             e.message()
         );
     }
+
+    // A path that is not UTF-8 (a protobuf string must be): the delta does not read.
+    let mut bytes = prost::Message::encode_to_vec(&proto::Delta {
+        seq: 1,
+        files: vec![file("aXc", &[(1, 1)])],
+        test: None,
+    });
+    let at = bytes.windows(3).position(|w| w == b"aXc").unwrap();
+    bytes[at + 1] = 0xff;
+    let (mut s, _) = Stream::open(&mut c, "bad", "s", 1).await.unwrap();
+    let e = s
+        .send(proto::ingest_request::Msg::Delta(bytes.into()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("not UTF-8"), "{}", e.message());
 
     // Nothing of the refused deltas was applied: not even the valid file beside a bad one.
     let (_, resume) = Stream::open(&mut c, "bad", "s", 1).await.unwrap();
