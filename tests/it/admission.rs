@@ -32,11 +32,34 @@ async fn attacker_channel(url: &str) -> Result<tonic::transport::Channel, tonic:
         .await
 }
 
-/// A raw HTTP/2 connection from the attacker's address.
-async fn h2_connection(daemon: SocketAddr) -> h2::client::SendRequest<Bytes> {
+/// A TCP connection to `daemon` from the attacker's address.
+async fn attacker_tcp(daemon: SocketAddr) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(attacker(), 0)).unwrap();
-    let tcp = socket.connect(daemon).await.unwrap();
+    socket.connect(daemon).await.unwrap()
+}
+
+/// Waits until the daemon has closed every one of `connections` (what it sends first, such as
+/// its HTTP/2 settings, is read and dropped); fails past `within`.
+async fn all_closed(connections: Vec<tokio::net::TcpStream>, within: Duration, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let closed = futures_util::future::join_all(connections.into_iter().map(|mut c| async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }));
+    tokio::time::timeout(within, closed)
+        .await
+        .unwrap_or_else(|_| panic!("{what} still open {within:?} later"));
+}
+
+/// A raw HTTP/2 connection from the attacker's address.
+async fn h2_connection(daemon: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = attacker_tcp(daemon).await;
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(async move {
         let _ = connection.await;
@@ -44,14 +67,12 @@ async fn h2_connection(daemon: SocketAddr) -> h2::client::SendRequest<Bytes> {
     send
 }
 
-/// Opens an Ingest call and sends the prefix of a `len`-byte message, then as much of its
-/// body as the daemon lets through (HTTP/2 flow control) up to `len - 1` bytes, and stops
-/// there, leaving the stream open. Returns how the call ended: its trailers' status.
-async fn stalled_message(
-    mut send: h2::client::SendRequest<Bytes>,
+/// Opens an Ingest call on `send` and sends the 5-byte prefix of a `len`-byte message.
+async fn ingest_with_prefix(
+    send: h2::client::SendRequest<Bytes>,
     daemon: SocketAddr,
     len: u32,
-) -> tonic::Status {
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
     let request = http::Request::builder()
         .method("POST")
         .uri(format!("http://{daemon}/covd.v1.Coverage/Ingest"))
@@ -59,11 +80,36 @@ async fn stalled_message(
         .header("te", "trailers")
         .body(())
         .unwrap();
-    send = send.ready().await.unwrap();
+    let mut send = send.ready().await.unwrap();
     let (answer, mut stream) = send.send_request(request, false).unwrap();
     let mut prefix = vec![0u8];
     prefix.extend_from_slice(&len.to_be_bytes());
     stream.send_data(Bytes::from(prefix), false).unwrap();
+    (answer, stream)
+}
+
+/// How a raw call ended: the status in its trailers.
+async fn trailers_status(answer: h2::client::ResponseFuture) -> tonic::Status {
+    let answer = answer.await.unwrap();
+    let mut body = answer.into_body();
+    while let Some(data) = body.data().await {
+        if data.is_err() {
+            break;
+        }
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status")
+}
+
+/// Opens an Ingest call and sends the prefix of a `len`-byte message, then as much of its
+/// body as the daemon lets through (HTTP/2 flow control) up to `len - 1` bytes, and stops
+/// there, leaving the stream open. Returns how the call ended: its trailers' status.
+async fn stalled_message(
+    send: h2::client::SendRequest<Bytes>,
+    daemon: SocketAddr,
+    len: u32,
+) -> tonic::Status {
+    let (answer, mut stream) = ingest_with_prefix(send, daemon, len).await;
     let mut left = len as usize - 1;
     let chunk = Bytes::from(vec![0u8; 64 << 10]);
     while left > 0 {
@@ -80,16 +126,9 @@ async fn stalled_message(
         }
         left -= n;
     }
-    let answer = answer.await.unwrap();
-    let mut body = answer.into_body();
-    while let Some(data) = body.data().await {
-        if data.is_err() {
-            break;
-        }
-    }
-    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    let status = trailers_status(answer).await;
     drop(stream);
-    tonic::Status::from_header_map(&trailers).expect("a grpc-status")
+    status
 }
 
 /// The resident memory of process `pid`, in bytes.
@@ -209,7 +248,6 @@ fn settings(admission: AdmissionLimits) -> Settings {
 /// from another address goes on meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_and_streams_are_closed() {
-    use tokio::io::AsyncReadExt;
     covd::server::raise_descriptor_limit();
     let daemon = Daemon::with(settings(AdmissionLimits {
         max_connections_per_client: 4_000,
@@ -222,25 +260,16 @@ async fn idle_connections_and_streams_are_closed() {
     let addr = socket_addr(&daemon.url);
     let mut silent = Vec::new();
     for _ in 0..2_000 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(attacker(), 0)).unwrap();
-        silent.push(socket.connect(addr).await.unwrap());
+        silent.push(attacker_tcp(addr).await);
     }
     let took = health_latency(&daemon.url).await;
     assert!(took < Duration::from_millis(100), "health took {took:?}");
-    let closed = futures_util::future::join_all(silent.into_iter().map(|mut c| async move {
-        let mut buf = [0u8; 64];
-        // The daemon's HTTP/2 settings first, then the close.
-        loop {
-            match c.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    }));
-    tokio::time::timeout(Duration::from_secs(10), closed)
-        .await
-        .expect("idle connections still open 10 s later (the limit is 1 s)");
+    all_closed(
+        silent,
+        Duration::from_secs(10),
+        "idle connections (the limit is 1 s)",
+    )
+    .await;
 
     // Two connections of 1,000 streams that send no message.
     let mut calls = Vec::new();
@@ -599,50 +628,28 @@ async fn the_http_port_counts_connections_and_closes_idle_ones() {
             "3",
         ],
     );
-    let host = served
-        .metrics
-        .strip_prefix("http://")
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let host = served.http_host();
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
-    // Reads until `what` has come (within 10 s); everything read.
-    async fn read_until(c: &mut tokio::net::TcpStream, what: &str) -> String {
-        let mut got = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !String::from_utf8_lossy(&got).contains(what) {
-            let mut buf = [0; 4096];
-            let n = tokio::time::timeout_at(deadline, c.read(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("{what:?} within 10 s"))
-                .unwrap();
-            assert!(
-                n > 0,
-                "closed before {what:?}: {}",
-                String::from_utf8_lossy(&got)
-            );
-            got.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&got).into_owned()
-    }
     let mut events = tokio::net::TcpStream::connect(&host).await.unwrap();
     events
         .write_all(get("/api/events").as_bytes())
         .await
         .unwrap();
-    read_until(&mut events, "event: runs").await;
+    read_until(&mut events, &mut Vec::new(), "event: runs").await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut c = tokio::net::TcpStream::connect(&host).await.unwrap();
         c.write_all(get("/metrics").as_bytes()).await.unwrap();
-        assert!(read_until(&mut c, "\r\n").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            read_until(&mut c, &mut Vec::new(), "\r\n")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
         held.push(c);
     }
     let mut fourth = tokio::net::TcpStream::connect(&host).await.unwrap();
     fourth.write_all(get("/metrics").as_bytes()).await.unwrap();
-    let refused = read_until(&mut fourth, "}").await;
+    let refused = read_until(&mut fourth, &mut Vec::new(), "}").await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(
         refused.contains("--max-connections-per-client (3)"),
@@ -684,7 +691,7 @@ async fn the_http_port_counts_connections_and_closes_idle_ones() {
     let mut again = tokio::net::TcpStream::connect(&host).await.unwrap();
     again.write_all(get("/metrics").as_bytes()).await.unwrap();
     assert!(
-        read_until(&mut again, "\r\n")
+        read_until(&mut again, &mut Vec::new(), "\r\n")
             .await
             .starts_with("HTTP/1.1 200")
     );
@@ -695,7 +702,7 @@ async fn the_http_port_counts_connections_and_closes_idle_ones() {
 /// idle limit), and meanwhile health answers within 100 ms and a CI run completes exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_garbage_and_truncated_frames_are_closed_and_ci_goes_on() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let daemon = Daemon::with(settings(AdmissionLimits {
         connection_idle: Duration::from_secs(1),
         ..AdmissionLimits::default()
@@ -717,9 +724,7 @@ async fn raw_garbage_and_truncated_frames_are_closed_and_ci_goes_on() {
     let mut open = Vec::new();
     for attack in &attacks {
         for _ in 0..50 {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind(SocketAddr::new(attacker(), 0)).unwrap();
-            let mut c = socket.connect(addr).await.unwrap();
+            let mut c = attacker_tcp(addr).await;
             // The daemon may close before all of it is written.
             let _ = c.write_all(attack).await;
             open.push(c);
@@ -728,18 +733,12 @@ async fn raw_garbage_and_truncated_frames_are_closed_and_ci_goes_on() {
     let took = health_latency(&daemon.url).await;
     assert!(took < Duration::from_millis(100), "health took {took:?}");
     ci_run_is_exact(&daemon.url, "during-garbage").await;
-    let closed = futures_util::future::join_all(open.into_iter().map(|mut c| async move {
-        let mut buf = [0u8; 4096];
-        loop {
-            match c.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    }));
-    tokio::time::timeout(Duration::from_secs(10), closed)
-        .await
-        .expect("a connection of garbage still open 10 s later (the idle limit is 1 s)");
+    all_closed(
+        open,
+        Duration::from_secs(10),
+        "connections of garbage (the idle limit is 1 s)",
+    )
+    .await;
     let took = health_latency(&daemon.url).await;
     assert!(took < Duration::from_millis(100), "health took {took:?}");
 }
@@ -758,34 +757,13 @@ async fn a_1_gib_message_is_refused_from_its_prefix() {
         .unwrap();
     drop(s);
     let addr = socket_addr(&daemon.url);
-    let mut send = h2_connection(addr).await;
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/covd.v1.Coverage/Ingest"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    send = send.ready().await.unwrap();
-    let (answer, mut stream) = send.send_request(request, false).unwrap();
-    let mut prefix = vec![0u8];
-    prefix.extend_from_slice(&(1u32 << 30).to_be_bytes());
-    stream.send_data(Bytes::from(prefix), false).unwrap();
+    let (answer, mut stream) = ingest_with_prefix(h2_connection(addr).await, addr, 1 << 30).await;
     // A first MiB of it, as far as the window lets it go.
     stream.reserve_capacity(1 << 20);
     let _ = stream.send_data(Bytes::from(vec![0u8; 1 << 20]), false);
-    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+    let status = tokio::time::timeout(Duration::from_secs(10), trailers_status(answer))
         .await
-        .expect("an answer within 10 s")
-        .unwrap();
-    let mut body = answer.into_body();
-    while let Some(data) = body.data().await {
-        if data.is_err() {
-            break;
-        }
-    }
-    let trailers = body.trailers().await.unwrap().unwrap_or_default();
-    let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status");
+        .expect("an answer within 10 s");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("--max-message-bytes"),

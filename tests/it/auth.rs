@@ -11,12 +11,12 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::cli::{COVD, Served};
-use crate::support::{fixture, health_latency};
+use crate::support::{fixture, health_latency, read_until};
 
-/// `covd token create --data-dir D ARGS`: the token, which must be all it printed.
-fn create(data: &Path, args: &[&str]) -> String {
+/// `covd token SUBCOMMAND --data-dir D ARGS`, which must succeed: what it printed.
+fn token_command(subcommand: &str, data: &Path, args: &[&str]) -> String {
     let out = Command::new(COVD)
-        .args(["token", "create", "--data-dir"])
+        .args(["token", subcommand, "--data-dir"])
         .arg(data)
         .args(args)
         .output()
@@ -26,7 +26,12 @@ fn create(data: &Path, args: &[&str]) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `covd token create --data-dir D ARGS`: the token, which must be all it printed.
+fn create(data: &Path, args: &[&str]) -> String {
+    let stdout = token_command("create", data, args);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "the token alone: {stdout:?}");
     assert!(lines[0].starts_with("covd_"), "{stdout}");
@@ -367,12 +372,7 @@ async fn tokens_decide_who_may_do_what() {
         &["--project", "*", "--scope", "admin", "--expires", "1ms"],
     );
     // The store keeps no token, and `list` shows none.
-    let list = Command::new(COVD)
-        .args(["token", "list", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    let listed = String::from_utf8(list.stdout).unwrap();
+    let listed = token_command("list", &data, &[]);
     assert_eq!(listed.lines().count(), 4, "{listed}");
     let stored = std::fs::read(data.join(covd::auth::TOKENS_FILE)).unwrap();
     for t in [&admin, &push, &read_other] {
@@ -511,19 +511,7 @@ async fn tokens_decide_who_may_do_what() {
     }
 
     // Revoked: refused from the next call on, without a restart.
-    tokio::task::block_in_place(|| {
-        let out = Command::new(COVD)
-            .args(["token", "revoke", "--data-dir"])
-            .arg(&data)
-            .arg(&push)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    tokio::task::block_in_place(|| revoke(&data, &push));
     let e = client.list_runs(100).await.unwrap_err();
     assert_eq!(e.auth_refusal(), Some(Code::Unauthenticated), "{e}");
     assert!(e.to_string().contains("was revoked"), "{e}");
@@ -598,14 +586,7 @@ async fn tokens_decide_who_may_do_what() {
 
     // The HTTP port: no token 401, a token of some projects 403, one of every project 200.
     let get = |token: Option<&str>| {
-        let host = served
-            .metrics
-            .strip_prefix("http://")
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let host = served.http_host();
         let mut stream = std::net::TcpStream::connect(&host).unwrap();
         use std::io::{Read, Write};
         let auth = token
@@ -698,17 +679,7 @@ async fn a_run_found_at_the_write_must_be_of_the_callers_project() {
 
 /// `covd token revoke --data-dir D TOKEN`.
 fn revoke(data: &Path, token: &str) {
-    let out = Command::new(COVD)
-        .args(["token", "revoke", "--data-dir"])
-        .arg(data)
-        .arg(token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    token_command("revoke", data, &[token]);
 }
 
 /// The next answer of a stream, which must come within 10 s (a bound, not a wait).
@@ -828,14 +799,7 @@ async fn a_lapsed_token_ends_the_calls_it_holds_open() {
             .await
     });
     // The dashboard's events, signed in with a token of every project.
-    let host = served
-        .metrics
-        .strip_prefix("http://")
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let host = served.http_host();
     let mut events = tokio::net::TcpStream::connect(&host).await.unwrap();
     {
         use tokio::io::AsyncWriteExt as _;
@@ -851,27 +815,7 @@ async fn a_lapsed_token_ends_the_calls_it_holds_open() {
             .unwrap();
     }
     let mut said = Vec::new();
-    let mut read_until = async |events: &mut tokio::net::TcpStream, what: &str| {
-        use tokio::io::AsyncReadExt as _;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !String::from_utf8_lossy(&said).contains(what) {
-            let mut buf = [0; 4096];
-            let n = tokio::time::timeout_at(deadline, events.read(&mut buf))
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("{what:?} within 10 s: {}", String::from_utf8_lossy(&said))
-                })
-                .unwrap();
-            assert!(
-                n > 0,
-                "the events ended early: {}",
-                String::from_utf8_lossy(&said)
-            );
-            said.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&said).into_owned()
-    };
-    let first = read_until(&mut events, "event: runs").await;
+    let first = read_until(&mut events, &mut said, "event: runs").await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
 
     tokio::task::block_in_place(|| {
@@ -893,7 +837,7 @@ async fn a_lapsed_token_ends_the_calls_it_holds_open() {
         .unwrap_err();
     assert_eq!(cut.code(), Code::Unauthenticated, "{cut}");
     assert!(cut.message().contains("was revoked"), "{cut}");
-    let last = read_until(&mut events, "event: denied").await;
+    let last = read_until(&mut events, &mut said, "event: denied").await;
     assert!(last.contains("was revoked"), "{last}");
 
     // The other token's shard goes on and finishes; what shard 0 had acknowledged stays.

@@ -120,6 +120,12 @@ impl Served {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// `host:port` of its HTTP port.
+    pub(crate) fn http_host(&self) -> String {
+        let rest = self.metrics.strip_prefix("http://").unwrap();
+        rest.split('/').next().unwrap().to_owned()
+    }
+
     pub(crate) fn covd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(COVD);
         c.args(args).env("COVD_SERVER", &self.url);

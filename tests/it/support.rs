@@ -252,3 +252,28 @@ pub(crate) async fn health_latency(url: &str) -> std::time::Duration {
         .unwrap();
     started.elapsed()
 }
+
+/// Reads from `c` into `got` until it holds `what` (within 10 s, and before the connection
+/// closes); everything read so far, as text.
+pub(crate) async fn read_until(
+    c: &mut tokio::net::TcpStream,
+    got: &mut Vec<u8>,
+    what: &str,
+) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(got).contains(what) {
+        let mut buf = [0; 4096];
+        let n = tokio::time::timeout_at(deadline, c.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what:?} within 10 s: {}", String::from_utf8_lossy(got)))
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {what:?}: {}",
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(got).into_owned()
+}
