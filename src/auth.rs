@@ -259,7 +259,6 @@ pub struct Principal {
     /// An exact project name, when the pattern is one (as stored).
     exact: Option<String>,
     run: Option<String>,
-    expires_at_ms: Option<u64>,
 }
 
 impl Principal {
@@ -272,7 +271,6 @@ impl Principal {
             pattern: "*".into(),
             exact: None,
             run: None,
-            expires_at_ms: None,
         }
     }
 
@@ -515,10 +513,22 @@ impl Auth {
     }
 
     /// Refused if the token `who` presented at the start of a call no longer admits it:
-    /// revoked, deleted or expired since, or the store cannot be read.
-    pub fn still_admits(&self, who: &Principal) -> Result<(), Denied> {
-        let Some(id) = &who.id else { return Ok(()) };
+    /// revoked, deleted or expired since, or the store cannot be read; and a call made
+    /// without a token once the daemon requires one. Otherwise the token's expiry as the
+    /// store says it now.
+    pub fn still_admits(&self, who: &Principal) -> Result<Option<u64>, Denied> {
+        if self.store.is_none() {
+            return Ok(None);
+        }
         self.with(|loaded| {
+            let Some(id) = &who.id else {
+                return match loaded.required {
+                    true => Err(Denied::Unauthenticated(
+                        "this daemon now requires a token: give --token or COVD_TOKEN".into(),
+                    )),
+                    false => Ok(None),
+                };
+            };
             let Some((_, record)) = loaded.tokens.get(id) else {
                 return Err(Denied::Unauthenticated(format!(
                     "token {id} was deleted from the store"
@@ -530,27 +540,29 @@ impl Auth {
             if record.expires_at_ms.is_some_and(|at| at <= now_ms()) {
                 return Err(Denied::Unauthenticated(format!("token {id} has expired")));
             }
-            Ok(())
+            Ok(record.expires_at_ms)
         })
     }
 
     /// Waits until `who`'s token no longer admits it (see [`Auth::still_admits`]) and says
-    /// why: a long call selects on it and ends with that refusal. Never, for a caller without
-    /// a token. It wakes when the store is read anew or the token's expiry comes, not on a
-    /// clock of its own, so a thousand open streams cost nothing while tokens stay put.
+    /// why: a long call selects on it and ends with that refusal. Never, on a daemon without
+    /// a token store. It wakes when the store is read anew or the token's expiry comes, not
+    /// on a clock of its own, so a thousand open streams cost nothing while tokens stay put.
     pub fn lapsed(self: &Arc<Self>, who: &Principal) -> impl Future<Output = Denied> + use<> {
         let (auth, who) = (self.clone(), who.clone());
         let mut reloads = self.reloads.subscribe();
         async move {
-            if who.id.is_none() {
+            if auth.store.is_none() {
                 return std::future::pending().await;
             }
             loop {
-                if let Err(denied) = auth.still_admits(&who) {
-                    return denied;
-                }
+                // Seen before the check: a reload during or after it wakes the wait below.
                 reloads.borrow_and_update();
-                let expiry = who.expires_at_ms.map(|at| {
+                let expiry = match auth.still_admits(&who) {
+                    Err(denied) => return denied,
+                    Ok(expiry) => expiry,
+                };
+                let expiry = expiry.map(|at| {
                     tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
                 });
                 tokio::select! {
@@ -639,7 +651,6 @@ impl Auth {
                 pattern,
                 exact,
                 run: (!record.run.is_empty()).then(|| record.run.clone()),
-                expires_at_ms: record.expires_at_ms,
             })
         })
     }

@@ -6,6 +6,7 @@
 //! status code, a limit's flag): never a run id, a commit, a path or a test name.
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub connections_idle_closed: Counter,
     pub receiving_bytes: Gauge,
     runs_evicted: Counter,
+    /// What `runs_evicted` has been brought up to.
+    evictions_shown: AtomicU64,
     runs: Gauge,
     runs_open: Gauge,
     resident_bytes: Gauge,
@@ -65,6 +68,7 @@ impl Metrics {
             connections_idle_closed: Counter::default(),
             receiving_bytes: Gauge::default(),
             runs_evicted: Counter::default(),
+            evictions_shown: AtomicU64::new(0),
             runs: Gauge::default(),
             runs_open: Gauge::default(),
             resident_bytes: Gauge::default(),
@@ -167,8 +171,10 @@ impl Metrics {
         let (runs, open) = service.run_counts();
         self.runs.set(runs as i64);
         self.runs_open.set(open as i64);
-        // The service counts; the counter catches up (one service per process).
-        let (evicted, shown) = (service.runs_evicted(), self.runs_evicted.get());
+        // The service counts; the counter catches up (one service per process), by what no
+        // other scrape has added yet.
+        let evicted = service.runs_evicted();
+        let shown = self.evictions_shown.fetch_max(evicted, Ordering::Relaxed);
         if evicted > shown {
             self.runs_evicted.inc_by(evicted - shown);
         }

@@ -130,8 +130,8 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        if self.counted {
-            self.state.client.streams.fetch_sub(1, Ordering::AcqRel);
+        if self.counted && self.state.client.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.admission.forget_if_idle(self.state.ip);
         }
         self.state.call_ended();
     }

@@ -124,6 +124,14 @@ impl Admission {
         })
     }
 
+    /// Forgets the client at `ip` once it holds neither a connection nor a call (a call may
+    /// outlive its connection: an answer's body is dropped after it).
+    fn forget_if_idle(&self, ip: IpAddr) {
+        self.clients.remove_if(&ip, |_, c| {
+            c.connections.load(Ordering::Relaxed) == 0 && c.streams.load(Ordering::Relaxed) == 0
+        });
+    }
+
     /// Bytes of messages being received now, over all clients.
     pub fn receiving_bytes(&self) -> usize {
         self.limits.receiving_bytes - self.receiving.available_permits()
@@ -202,6 +210,7 @@ impl Admission {
         let state = Arc::new(ConnState {
             admission: self.clone(),
             client,
+            ip,
             remote,
             refusal,
             calls: AtomicUsize::new(0),
@@ -231,9 +240,7 @@ impl Drop for Slot {
         self.admission.connections.fetch_sub(1, Ordering::Relaxed);
         crate::metrics::metrics().connections_open.dec();
         if self.client.connections.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.admission.clients.remove_if(&self.ip, |_, c| {
-                c.connections.load(Ordering::Relaxed) == 0 && c.streams.load(Ordering::Relaxed) == 0
-            });
+            self.admission.forget_if_idle(self.ip);
         }
     }
 }
@@ -244,6 +251,8 @@ impl Drop for Slot {
 struct ConnState {
     admission: Arc<Admission>,
     client: Arc<Client>,
+    /// The client's key in the counts.
+    ip: IpAddr,
     remote: Option<SocketAddr>,
     /// Why every call of this connection is refused (a connection limit), if it is.
     refusal: Option<String>,

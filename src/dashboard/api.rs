@@ -355,6 +355,11 @@ pub(crate) async fn events(
                     if *stopping.borrow() {
                         return None;
                     }
+                    // Looked at before each event, not only while nothing changes: under
+                    // steady ingest there is always an event to send.
+                    if let Some(denied) = futures_util::FutureExt::now_or_never(&mut lapsed) {
+                        return Some((Ok(denied_event(denied)), None));
+                    }
                     let now = service.runs_fingerprint();
                     if last != Some(now) {
                         let event = Event::default().event("runs").data(now.to_string());
@@ -363,18 +368,21 @@ pub(crate) async fn events(
                     tokio::select! {
                         _ = tokio::time::sleep(EVENTS_EVERY) => {}
                         _ = stopping.changed() => {}
-                        denied = &mut lapsed => {
-                            let why = match denied {
-                                Denied::Unauthenticated(m) | Denied::PermissionDenied(m) => m,
-                            };
-                            return Some((Ok(Event::default().event("denied").data(why)), None));
-                        }
+                        denied = &mut lapsed => return Some((Ok(denied_event(denied)), None)),
                     }
                 }
             }
         },
     );
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// The last event of a stream whose token lapsed: why.
+fn denied_event(denied: Denied) -> Event {
+    let why = match denied {
+        Denied::Unauthenticated(m) | Denied::PermissionDenied(m) => m,
+    };
+    Event::default().event("denied").data(why)
 }
 
 /// Resolves when the caller's token lapses (see [`crate::auth::Auth::lapsed`]).

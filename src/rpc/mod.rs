@@ -324,7 +324,7 @@ impl Coverage for CoverageRpc {
         Ok(Response::new(status_to_proto(status)))
     }
 
-    type WatchRunStream = ReceiverStream<Result<proto::RunStatus, Status>>;
+    type WatchRunStream = BoxStream<proto::RunStatus>;
 
     async fn watch_run(
         &self,
@@ -334,10 +334,8 @@ impl Coverage for CoverageRpc {
         let run_id = request.into_inner().run_id;
         let mut changes = self.service.watch_run(&run_id)?;
         let service = self.service.clone();
-        let lapsed = self.auth.lapsed(&who);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            tokio::pin!(lapsed);
             loop {
                 changes.borrow_and_update();
                 let status = service.run_status(&run_id).map_err(Status::from);
@@ -348,14 +346,15 @@ impl Coverage for CoverageRpc {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
-                    why = &mut lapsed => {
-                        let _ = tx.send(Err(denied(why))).await;
-                        return;
-                    }
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // The lapse ends the answer itself, ahead of what waits in the channel, even for a
+        // client that stopped reading.
+        Ok(Response::new(Box::pin(lapse::Revocable::new(
+            ReceiverStream::new(rx),
+            Box::pin(self.auth.lapsed(&who)),
+        ))))
     }
 
     async fn list_runs(
@@ -379,7 +378,7 @@ impl Coverage for CoverageRpc {
         }))
     }
 
-    type IngestStream = ReceiverStream<Result<proto::IngestResponse, Status>>;
+    type IngestStream = BoxStream<proto::IngestResponse>;
 
     async fn ingest(
         &self,
@@ -389,6 +388,7 @@ impl Coverage for CoverageRpc {
         who.needs(Scope::Push, "write runs").map_err(denied)?;
         let opening = (self.openings.clone(), opener(&who, &request));
         let lapsed = self.auth.lapsed(&who);
+        let answer_lapsed: lapse::Lapse = Box::pin(self.auth.lapsed(&who));
         let mut inbound = request.into_inner();
         let service = self.service.clone();
         let privacy = self.privacy.clone();
@@ -412,7 +412,12 @@ impl Coverage for CoverageRpc {
                 let _ = tx.send(Err(status)).await;
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // The answers end at the lapse too: a client that stopped reading acknowledgements
+        // is told, and its call ends.
+        Ok(Response::new(Box::pin(lapse::Revocable::new(
+            ReceiverStream::new(rx),
+            answer_lapsed,
+        ))))
     }
 
     type ExportStream = BoxStream<proto::ExportChunk>;

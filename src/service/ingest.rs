@@ -478,7 +478,9 @@ impl CoverageService {
     /// the memory of one run or of all: checked before anything of the delta is stored. The
     /// memory is estimated from counts (see [`crate::aggregate::estimated_bytes`]), the
     /// delta's as if all it holds were new; the lines are counted exactly near their limit.
-    fn check_growth(&self, run: &Run, aggregate: &Aggregate, files: &FileBatch) -> Result<()> {
+    /// Returns the delta's memory estimate, for [`CoverageService::take_memory`] once every
+    /// other check has passed.
+    fn check_growth(&self, run: &Run, aggregate: &Aggregate, files: &FileBatch) -> Result<usize> {
         let limits = self.limits();
         let (n_files, lines, arms, functions) = files.counts();
         let held = aggregate.totals().lines;
@@ -521,7 +523,7 @@ impl CoverageService {
                 limits.max_run_memory_bytes,
             ));
         }
-        self.take_memory(adding)
+        Ok(adding)
     }
 
     /// Blocking part of `apply`: store, then merge into the aggregate, under the shared gate
@@ -580,7 +582,7 @@ impl CoverageService {
                 }
             }
         }
-        self.check_growth(run, &aggregate, &delta.files)?;
+        let adding = self.check_growth(run, &aggregate, &delta.files)?;
         let body = match &delta.wire {
             Some(wire) => codec::wire_record(wire),
             None => {
@@ -612,13 +614,16 @@ impl CoverageService {
             record.0.stored_bytes = s.stored_bytes + size;
             record
         };
-        self.shared
-            .storage
-            .write_blocking(vec![Write::AppendDelta {
-                run_id: run.id.clone(),
-                shard: shard.0,
-                body,
-            }])?;
+        self.take_memory(adding)?;
+        let stored = self.shared.storage.write_blocking(vec![Write::AppendDelta {
+            run_id: run.id.clone(),
+            shard: shard.0,
+            body,
+        }]);
+        if let Err(e) = stored {
+            self.release_memory(adding);
+            return Err(e.into());
+        }
         let interner = &self.shared.interner;
         let files = delta.files;
         aggregate.merge_batch(interner, &files);

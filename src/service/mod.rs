@@ -371,18 +371,21 @@ impl CoverageService {
         Ok(())
     }
 
-    /// Estimated bytes of coverage in memory: every open run's aggregate, and the complete
-    /// runs' aggregates the cache holds.
+    /// Gives back what [`CoverageService::take_memory`] took for a delta that was not stored.
+    pub(super) fn release_memory(&self, adding: usize) {
+        let mut memory = self.shared.memory.lock().unwrap_or_else(|e| e.into_inner());
+        memory.1 = memory.1.saturating_sub(adding);
+    }
+
+    /// Estimated bytes of coverage in memory: every run's aggregate that is in memory (open
+    /// runs, complete runs the cache holds or has yet to take).
     fn memory_held(&self) -> usize {
         // The runs first, then each one's state: no run lock is taken inside the map's.
         let runs: Vec<Arc<Run>> = self.shared.runs.iter().map(|e| e.value().clone()).collect();
-        let open: usize = runs
-            .iter()
-            .filter(|r| !r.state().is_complete())
+        runs.iter()
             .filter_map(|r| r.aggregate())
             .map(|a| a.estimated_bytes())
-            .sum();
-        open.saturating_add(self.cached_bytes().0)
+            .fold(0usize, usize::saturating_add)
     }
 
     /// Bytes of complete runs' aggregates in memory, and how many such runs.

@@ -698,6 +698,27 @@ async fn a_lapsed_token_ends_the_calls_it_holds_open() {
     use proto::ingest_response::Msg as Out;
     let served = Served::start();
     let data = served.data.path().to_owned();
+    // Before any token, a watch needs none; once the daemon requires one, it ends too.
+    let mut early_client = CoverageClient::connect(served.url.clone()).await.unwrap();
+    early_client
+        .open_run(proto::OpenRunRequest {
+            run_id: "early".into(),
+            params: Some(proto::RunParams {
+                expected_shards: vec!["0".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut early = early_client
+        .watch_run(proto::WatchRunRequest {
+            run_id: "early".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!next_within(&mut early).await.unwrap().unwrap().complete);
     let (push, read, dashboard, other) = tokio::task::block_in_place(|| {
         (
             create(&data, &["--project", "acme/*", "--scope", "push"]),
@@ -823,6 +844,9 @@ async fn a_lapsed_token_ends_the_calls_it_holds_open() {
         revoke(&data, &read);
         revoke(&data, &dashboard);
     });
+    let cut = next_within(&mut early).await.unwrap_err();
+    assert_eq!(cut.code(), Code::Unauthenticated, "{cut}");
+    assert!(cut.message().contains("now requires a token"), "{cut}");
     // Each ends within seconds, saying why, with no call of its own to notice it.
     let cut = next_within(&mut shard0).await.unwrap_err();
     assert_eq!(cut.code(), Code::Unauthenticated, "{cut}");
