@@ -42,6 +42,8 @@ pub mod aggregate;
 pub mod auth;
 pub mod ci;
 pub mod client;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod dashboard;
 pub mod diff;
 pub mod flaky;

@@ -7,6 +7,8 @@ mod bad_input;
 mod bad_streams;
 mod ci;
 mod cli;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod cobertura_dtd;
 mod consumers;
 mod corpus;
@@ -32,6 +34,8 @@ mod phpunit;
 mod power_cut;
 mod privacy;
 mod query_laws;
+#[cfg(feature = "cluster")]
+mod services;
 mod sources;
 mod spool;
 mod storage;

@@ -1,0 +1,294 @@
+//! The catalogue in PostgreSQL: shards' attempts and acknowledged sequences, and the segments
+//! with the deltas each holds. Publishing a segment advances its deltas' shards in one
+//! transaction, so a delta counts once however nodes fail or race (see `docs/cluster.md`).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+
+use super::ClusterError;
+
+/// Taken while the schema is made, so that nodes starting together do not race on it.
+const SCHEMA_LOCK: i64 = 0x636f_7664;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS covd_shards (
+    run_id TEXT NOT NULL,
+    shard_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    acked_seq BIGINT NOT NULL,
+    PRIMARY KEY (run_id, shard_id)
+);
+CREATE TABLE IF NOT EXISTS covd_segments (
+    id BIGSERIAL PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    node TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('staged', 'published', 'swept')),
+    staged_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS covd_segment_deltas (
+    segment_id BIGINT NOT NULL REFERENCES covd_segments (id) ON DELETE CASCADE,
+    run_id TEXT NOT NULL,
+    shard_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq BIGINT NOT NULL,
+    start_offset BIGINT NOT NULL,
+    length BIGINT NOT NULL,
+    published BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (segment_id, run_id, shard_id, seq)
+);
+CREATE INDEX IF NOT EXISTS covd_segment_deltas_published
+    ON covd_segment_deltas (run_id, shard_id, seq) WHERE published;
+";
+
+/// One delta of a segment: whose it is, and where its bytes are in the segment's object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaEntry {
+    pub run_id: String,
+    pub shard_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub range: Range<u64>,
+}
+
+/// A published delta: its entry, and the key of the object that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedDelta {
+    pub key: String,
+    pub entry: DeltaEntry,
+}
+
+/// The catalogue, over one connection (a node's commits are already grouped).
+#[derive(Debug)]
+pub struct Catalogue {
+    client: Mutex<Client>,
+}
+
+fn int(n: u64, what: &str) -> Result<i64, ClusterError> {
+    i64::try_from(n)
+        .map_err(|_| ClusterError::Config(format!("{what} {n} is beyond PostgreSQL's bigint")))
+}
+
+impl Catalogue {
+    /// Connects to PostgreSQL at `url` (`postgres://user@host:port/db`) and makes the schema
+    /// if it is not there.
+    pub async fn connect(url: &str) -> Result<Catalogue, ClusterError> {
+        let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::error!("the PostgreSQL connection ended: {e}");
+            }
+        });
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await?;
+        tx.batch_execute(SCHEMA).await?;
+        tx.commit().await?;
+        Ok(Catalogue {
+            client: Mutex::new(client),
+        })
+    }
+
+    /// Makes `attempt` the shard's current attempt, its sequence back at 0, unless the shard
+    /// is at that attempt or a higher one already. Returns the shard's attempt and
+    /// acknowledged sequence after it.
+    pub async fn start_attempt(
+        &self,
+        run_id: &str,
+        shard_id: &str,
+        attempt: u32,
+    ) -> Result<(u32, u64), ClusterError> {
+        let client = self.client.lock().await;
+        client
+            .execute(
+                "INSERT INTO covd_shards (run_id, shard_id, attempt, acked_seq)
+                 VALUES ($1, $2, $3, 0)
+                 ON CONFLICT (run_id, shard_id) DO UPDATE
+                 SET attempt = EXCLUDED.attempt, acked_seq = 0
+                 WHERE covd_shards.attempt < EXCLUDED.attempt",
+                &[&run_id, &shard_id, &(attempt as i32)],
+            )
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT attempt, acked_seq FROM covd_shards WHERE run_id = $1 AND shard_id = $2",
+                &[&run_id, &shard_id],
+            )
+            .await?;
+        Ok((row.get::<_, i32>(0) as u32, row.get::<_, i64>(1) as u64))
+    }
+
+    /// The shard's current attempt and acknowledged sequence, if it has begun.
+    pub async fn shard(
+        &self,
+        run_id: &str,
+        shard_id: &str,
+    ) -> Result<Option<(u32, u64)>, ClusterError> {
+        let client = self.client.lock().await;
+        let row = client
+            .query_opt(
+                "SELECT attempt, acked_seq FROM covd_shards WHERE run_id = $1 AND shard_id = $2",
+                &[&run_id, &shard_id],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1) as u64)))
+    }
+
+    /// Records the segment `key` of `node` as staged, with its deltas: nothing refers to it
+    /// yet. Its id.
+    pub async fn stage(
+        &self,
+        key: &str,
+        node: &str,
+        deltas: &[DeltaEntry],
+    ) -> Result<i64, ClusterError> {
+        let mut client = self.client.lock().await;
+        let tx = client.transaction().await?;
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO covd_segments (key, node, state) VALUES ($1, $2, 'staged') RETURNING id",
+                &[&key, &node],
+            )
+            .await?
+            .get(0);
+        let insert = tx
+            .prepare(
+                "INSERT INTO covd_segment_deltas
+                 (segment_id, run_id, shard_id, attempt, seq, start_offset, length)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .await?;
+        for d in deltas {
+            tx.execute(
+                &insert,
+                &[
+                    &id,
+                    &d.run_id,
+                    &d.shard_id,
+                    &(d.attempt as i32),
+                    &int(d.seq, "sequence")?,
+                    &int(d.range.start, "offset")?,
+                    &int(d.range.end - d.range.start, "length")?,
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Publishes the staged segment `id`, in one transaction: each of its `deltas` (in
+    /// order) advances its shard from `seq - 1` to `seq` if the shard is still at the delta's
+    /// attempt, and counts from then on; the others never will (another node published that
+    /// sequence first, or a higher attempt began). Whether each delta counts. Refused if the
+    /// segment is no longer staged (a sweep took it: nothing of it counts).
+    pub async fn publish(&self, id: i64, deltas: &[DeltaEntry]) -> Result<Vec<bool>, ClusterError> {
+        let mut client = self.client.lock().await;
+        let tx = client.transaction().await?;
+        let claimed = tx
+            .execute(
+                "UPDATE covd_segments SET state = 'published' WHERE id = $1 AND state = 'staged'",
+                &[&id],
+            )
+            .await?;
+        if claimed != 1 {
+            return Err(ClusterError::Swept(id));
+        }
+        let advance = tx
+            .prepare(
+                "UPDATE covd_shards SET acked_seq = $4::bigint
+                 WHERE run_id = $1 AND shard_id = $2 AND attempt = $3
+                   AND acked_seq = $4::bigint - 1",
+            )
+            .await?;
+        let mark = tx
+            .prepare(
+                "UPDATE covd_segment_deltas SET published = true
+                 WHERE segment_id = $1 AND run_id = $2 AND shard_id = $3 AND seq = $4",
+            )
+            .await?;
+        let mut counted = Vec::with_capacity(deltas.len());
+        for d in deltas {
+            let seq = int(d.seq, "sequence")?;
+            let advanced = tx
+                .execute(
+                    &advance,
+                    &[&d.run_id, &d.shard_id, &(d.attempt as i32), &seq],
+                )
+                .await?
+                == 1;
+            if advanced {
+                tx.execute(&mark, &[&id, &d.run_id, &d.shard_id, &seq])
+                    .await?;
+            }
+            counted.push(advanced);
+        }
+        tx.commit().await?;
+        Ok(counted)
+    }
+
+    /// The deltas of run `run_id` that count: published, of each shard's current attempt,
+    /// by shard and sequence.
+    pub async fn published(&self, run_id: &str) -> Result<Vec<PublishedDelta>, ClusterError> {
+        let client = self.client.lock().await;
+        let rows = client
+            .query(
+                "SELECT s.key, d.shard_id, d.attempt, d.seq, d.start_offset, d.length
+                 FROM covd_segment_deltas d
+                 JOIN covd_segments s ON s.id = d.segment_id
+                 JOIN covd_shards h ON h.run_id = d.run_id AND h.shard_id = d.shard_id
+                 WHERE d.run_id = $1 AND d.published AND d.attempt = h.attempt
+                   AND d.seq <= h.acked_seq
+                 ORDER BY d.shard_id, d.seq",
+                &[&run_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let start = r.get::<_, i64>(4) as u64;
+                PublishedDelta {
+                    key: r.get(0),
+                    entry: DeltaEntry {
+                        run_id: run_id.to_owned(),
+                        shard_id: r.get(1),
+                        attempt: r.get::<_, i32>(2) as u32,
+                        seq: r.get::<_, i64>(3) as u64,
+                        range: start..start + r.get::<_, i64>(5) as u64,
+                    },
+                }
+            })
+            .collect())
+    }
+
+    /// Claims the segments staged longer ago than `older_than` (a node died between staging
+    /// and publishing, or gave up), and those an earlier sweep claimed and did not finish:
+    /// from now on none of them can be published. Their ids and keys.
+    pub async fn sweep(&self, older_than: Duration) -> Result<Vec<(i64, String)>, ClusterError> {
+        let client = self.client.lock().await;
+        let rows = client
+            .query(
+                "UPDATE covd_segments SET state = 'swept'
+                 WHERE state = 'swept'
+                    OR (state = 'staged' AND staged_at < now() - make_interval(secs => $1))
+                 RETURNING id, key",
+                &[&older_than.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Forgets a swept segment (its object deleted first).
+    pub async fn forget(&self, id: i64) -> Result<(), ClusterError> {
+        let client = self.client.lock().await;
+        client
+            .execute(
+                "DELETE FROM covd_segments WHERE id = $1 AND state = 'swept'",
+                &[&id],
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! Cluster mode's storage against a real PostgreSQL and a real S3 server on loopback (see
+//! `services.rs`): a delta counts once however nodes race or die between staging and
+//! publishing, a higher attempt stops the earlier one on every node, and a store that is down
+//! is an error, never an acknowledgement.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use covd::cluster::{Catalogue, ClusterError, Node, Outgoing, Segments};
+
+use crate::services::{Postgres, S3};
+
+async fn node(name: &str, pg: &Postgres, s3: &S3) -> Node {
+    let catalogue = Catalogue::connect(&pg.url).await.unwrap();
+    let segments = Segments::connect("s3://covd/test", s3.options()).unwrap();
+    Node::new(name, catalogue, segments)
+}
+
+fn delta(shard: &str, attempt: u32, seq: u64, text: &str) -> Outgoing {
+    Outgoing {
+        run_id: "r".into(),
+        shard_id: shard.into(),
+        attempt,
+        seq,
+        body: vec![
+            Bytes::from(format!("{shard}/{attempt}/{seq}: ")),
+            Bytes::from(text.to_owned()),
+        ],
+    }
+}
+
+/// The run's deltas that count, as (shard, attempt, seq, record) from the node.
+async fn counted(node: &Node) -> Vec<(String, u32, u64, String)> {
+    node.read_run("r")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(e, b)| {
+            (
+                e.shard_id,
+                e.attempt,
+                e.seq,
+                String::from_utf8(b.to_vec()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_counts_once_across_nodes_that_race_or_die() {
+    let (pg, s3) = (Postgres::start(), S3::start());
+    let (a, b) = (node("a", &pg, &s3).await, node("b", &pg, &s3).await);
+    assert_eq!(
+        a.catalogue().start_attempt("r", "0", 1).await.unwrap(),
+        (1, 0)
+    );
+    assert_eq!(
+        a.catalogue().start_attempt("r", "1", 1).await.unwrap(),
+        (1, 0)
+    );
+
+    // One segment with deltas of two shards: both count, and read back byte for byte from
+    // the other node.
+    let counts = a
+        .commit(vec![
+            delta("0", 1, 1, "x"),
+            delta("1", 1, 1, "y"),
+            delta("0", 1, 2, "z"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(counts, [true, true, true]);
+    assert_eq!(
+        counted(&b).await,
+        [
+            ("0".into(), 1, 1, "0/1/1: x".into()),
+            ("0".into(), 1, 2, "0/1/2: z".into()),
+            ("1".into(), 1, 1, "1/1/1: y".into()),
+        ]
+    );
+    assert_eq!(b.catalogue().shard("r", "0").await.unwrap(), Some((1, 2)));
+
+    // Two nodes took sequence 3 of shard 0 (its client reconnected elsewhere): one counts.
+    let (won_a, won_b) = tokio::join!(
+        a.commit(vec![delta("0", 1, 3, "from a")]),
+        b.commit(vec![delta("0", 1, 3, "from b")]),
+    );
+    let (won_a, won_b) = (won_a.unwrap()[0], won_b.unwrap()[0]);
+    assert!(
+        won_a != won_b,
+        "exactly one of the two counts: a {won_a}, b {won_b}"
+    );
+    let third: Vec<_> = counted(&a)
+        .await
+        .into_iter()
+        .filter(|d| d.0 == "0" && d.2 == 3)
+        .collect();
+    let winner = if won_a { "from a" } else { "from b" };
+    assert_eq!(third, [("0".into(), 1, 3, format!("0/1/3: {winner}"))]);
+
+    // A node died between upload and publish: its segment is in the bucket, counted nowhere;
+    // the sweep removes it, and a publish that comes after the sweep is refused.
+    let (id, key, entries) = b.stage(vec![delta("1", 1, 2, "lost")]).await.unwrap();
+    assert!(b.segments().exists(&key).await.unwrap());
+    assert_eq!(a.catalogue().shard("r", "1").await.unwrap(), Some((1, 1)));
+    assert!(counted(&a).await.iter().all(|d| !d.3.contains("lost")));
+    assert_eq!(a.sweep(Duration::ZERO).await.unwrap(), 1);
+    assert!(!b.segments().exists(&key).await.unwrap());
+    match b.publish(id, &entries).await {
+        Err(ClusterError::Swept(swept)) => assert_eq!(swept, id),
+        other => panic!("a swept segment was published: {other:?}"),
+    }
+    // The client resends it; it counts once.
+    assert_eq!(
+        a.commit(vec![delta("1", 1, 2, "again")]).await.unwrap(),
+        [true]
+    );
+    assert_eq!(
+        a.commit(vec![delta("1", 1, 2, "again")]).await.unwrap(),
+        [false]
+    );
+
+    // A higher attempt of shard 0 begins on node b: node a's delta of the earlier attempt no
+    // longer counts, and the earlier attempt's deltas leave the run.
+    assert_eq!(
+        b.catalogue().start_attempt("r", "0", 2).await.unwrap(),
+        (2, 0)
+    );
+    assert_eq!(
+        a.catalogue().start_attempt("r", "0", 1).await.unwrap(),
+        (2, 0)
+    );
+    assert_eq!(
+        a.commit(vec![delta("0", 1, 4, "stale")]).await.unwrap(),
+        [false]
+    );
+    assert_eq!(
+        b.commit(vec![delta("0", 2, 1, "retry")]).await.unwrap(),
+        [true]
+    );
+    assert_eq!(
+        counted(&a).await,
+        [
+            ("0".into(), 2, 1, "0/2/1: retry".into()),
+            ("1".into(), 1, 1, "1/1/1: y".into()),
+            ("1".into(), 1, 2, "1/1/2: again".into()),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_is_down_is_an_error_never_an_acknowledgement() {
+    let (mut pg, s3) = (Postgres::start(), S3::start());
+    let a = node("a", &pg, &s3).await;
+    a.catalogue().start_attempt("r", "0", 1).await.unwrap();
+    assert_eq!(a.commit(vec![delta("0", 1, 1, "x")]).await.unwrap(), [true]);
+    pg.kill();
+    let e = a.commit(vec![delta("0", 1, 2, "y")]).await.unwrap_err();
+    assert!(matches!(e, ClusterError::Postgres(_)), "{e}");
+
+    // Object storage down: the segment cannot be uploaded, so it is never published.
+    let pg = Postgres::start();
+    let a = node("a", &pg, &s3).await;
+    a.catalogue().start_attempt("r", "0", 1).await.unwrap();
+    drop(s3);
+    let e = a.commit(vec![delta("0", 1, 1, "x")]).await.unwrap_err();
+    assert!(matches!(e, ClusterError::ObjectStore(_)), "{e}");
+    assert_eq!(a.catalogue().shard("r", "0").await.unwrap(), Some((1, 0)));
+}
