@@ -23,7 +23,7 @@ pub(crate) fn tools() -> &'static Path {
             .expect("run .ci/tools");
         assert!(
             out.status.success(),
-            "the consumers could not be installed by .ci/tools:\n{}{}",
+            "the tools the tests use could not be installed by .ci/tools:\n{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );

@@ -5,21 +5,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 /// The project's tools (`.ci/tools`), installed if missing.
 fn tools() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join(".ci/tools"))
-        .output()
-        .expect("run .ci/tools");
-    assert!(
-        out.status.success(),
-        ".ci/tools failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    root.join("target/tools")
+    crate::consumers::tools().to_path_buf()
 }
 
 /// A port free on loopback now (the services below take a port number, not a listener).
