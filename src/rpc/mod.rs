@@ -387,8 +387,10 @@ impl Coverage for CoverageRpc {
         let who = self.who(&request)?;
         who.needs(Scope::Push, "write runs").map_err(denied)?;
         let opening = (self.openings.clone(), opener(&who, &request));
-        let lapsed = self.auth.lapsed(&who);
-        let answer_lapsed: lapse::Lapse = Box::pin(self.auth.lapsed(&who));
+        // One lapse for both ends of the stream: the loop that takes deltas, and the answers.
+        let lapsed =
+            futures_util::FutureExt::shared(Box::pin(self.auth.lapsed(&who)) as lapse::Lapse);
+        let answer_lapsed: lapse::Lapse = Box::pin(lapsed.clone());
         let mut inbound = request.into_inner();
         let service = self.service.clone();
         let privacy = self.privacy.clone();
