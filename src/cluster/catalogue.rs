@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::{Client, NoTls};
 
 use super::ClusterError;
@@ -41,7 +41,86 @@ CREATE TABLE IF NOT EXISTS covd_segment_deltas (
 );
 CREATE INDEX IF NOT EXISTS covd_segment_deltas_published
     ON covd_segment_deltas (run_id, shard_id, seq) WHERE published;
+ALTER TABLE covd_shards ADD COLUMN IF NOT EXISTS record BYTEA;
+CREATE TABLE IF NOT EXISTS covd_runs (
+    run_id TEXT PRIMARY KEY,
+    record BYTEA NOT NULL,
+    files BYTEA,
+    compacted BOOLEAN NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS covd_attempts (
+    run_id TEXT NOT NULL,
+    shard_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    record BYTEA NOT NULL,
+    PRIMARY KEY (run_id, shard_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS covd_merged (
+    run_id TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    segment_id BIGINT NOT NULL REFERENCES covd_segments (id),
+    start_offset BIGINT NOT NULL,
+    length BIGINT NOT NULL,
+    PRIMARY KEY (run_id, part)
+);
+CREATE TABLE IF NOT EXISTS covd_shard_lines (
+    run_id TEXT NOT NULL,
+    shard_id TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    segment_id BIGINT NOT NULL REFERENCES covd_segments (id),
+    start_offset BIGINT NOT NULL,
+    length BIGINT NOT NULL,
+    PRIMARY KEY (run_id, shard_id, part)
+);
+CREATE TABLE IF NOT EXISTS covd_summaries (
+    run_id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    record BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS covd_months (
+    project TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    month_start_ms BIGINT NOT NULL,
+    record BYTEA NOT NULL,
+    PRIMARY KEY (project, branch, month_start_ms)
+);
+CREATE TABLE IF NOT EXISTS covd_tests (
+    project TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    test TEXT NOT NULL,
+    last_seen_ms BIGINT NOT NULL,
+    record BYTEA NOT NULL,
+    PRIMARY KEY (project, branch, test)
+);
+CREATE TABLE IF NOT EXISTS covd_sources (
+    digest BYTEA PRIMARY KEY,
+    body BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS covd_source_names (
+    run_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    digest BYTEA NOT NULL,
+    PRIMARY KEY (run_id, path)
+);
 ";
+
+/// A connection to PostgreSQL at `url`, with the schema made if it is not there.
+pub(super) async fn connect(url: &str) -> Result<Client, ClusterError> {
+    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::error!("the PostgreSQL connection ended: {e}");
+        }
+    });
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await?;
+    tx.batch_execute(SCHEMA).await?;
+    tx.commit().await?;
+    Ok(client)
+}
 
 /// One delta of a segment: whose it is, and where its bytes are in the segment's object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +142,7 @@ pub struct PublishedDelta {
 /// The catalogue, over one connection (a node's commits are already grouped).
 #[derive(Debug)]
 pub struct Catalogue {
+    url: String,
     client: Mutex<Client>,
 }
 
@@ -75,20 +155,20 @@ impl Catalogue {
     /// Connects to PostgreSQL at `url` (`postgres://user@host:port/db`) and makes the schema
     /// if it is not there.
     pub async fn connect(url: &str) -> Result<Catalogue, ClusterError> {
-        let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::error!("the PostgreSQL connection ended: {e}");
-            }
-        });
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
-            .await?;
-        tx.batch_execute(SCHEMA).await?;
-        tx.commit().await?;
         Ok(Catalogue {
-            client: Mutex::new(client),
+            url: url.to_owned(),
+            client: Mutex::new(connect(url).await?),
         })
+    }
+
+    /// The connection, made anew if the last one ended (PostgreSQL restarted, or a network
+    /// between them failed): what a node does after PostgreSQL was unavailable.
+    pub(super) async fn client(&self) -> Result<MutexGuard<'_, Client>, ClusterError> {
+        let mut client = self.client.lock().await;
+        if client.is_closed() {
+            *client = connect(&self.url).await?;
+        }
+        Ok(client)
     }
 
     /// Makes `attempt` the shard's current attempt, its sequence back at 0, unless the shard
@@ -100,7 +180,7 @@ impl Catalogue {
         shard_id: &str,
         attempt: u32,
     ) -> Result<(u32, u64), ClusterError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         client
             .execute(
                 "INSERT INTO covd_shards (run_id, shard_id, attempt, acked_seq)
@@ -126,7 +206,7 @@ impl Catalogue {
         run_id: &str,
         shard_id: &str,
     ) -> Result<Option<(u32, u64)>, ClusterError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let row = client
             .query_opt(
                 "SELECT attempt, acked_seq FROM covd_shards WHERE run_id = $1 AND shard_id = $2",
@@ -144,7 +224,7 @@ impl Catalogue {
         node: &str,
         deltas: &[DeltaEntry],
     ) -> Result<i64, ClusterError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let id: i64 = tx
             .query_one(
@@ -185,7 +265,7 @@ impl Catalogue {
     /// sequence first, or a higher attempt began). Whether each delta counts. Refused if the
     /// segment is no longer staged (a sweep took it: nothing of it counts).
     pub async fn publish(&self, id: i64, deltas: &[DeltaEntry]) -> Result<Vec<bool>, ClusterError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let claimed = tx
             .execute(
@@ -232,7 +312,7 @@ impl Catalogue {
     /// The deltas of run `run_id` that count: published, of each shard's current attempt,
     /// by shard and sequence.
     pub async fn published(&self, run_id: &str) -> Result<Vec<PublishedDelta>, ClusterError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT s.key, d.shard_id, d.attempt, d.seq, d.start_offset, d.length
@@ -264,16 +344,28 @@ impl Catalogue {
     }
 
     /// Claims the segments staged longer ago than `older_than` (a node died between staging
-    /// and publishing, or gave up), and those an earlier sweep claimed and did not finish:
-    /// from now on none of them can be published. Their ids and keys.
+    /// and publishing, or gave up), the published ones nothing refers to any more (their
+    /// deltas lost a race, belonged to a replaced attempt or a deleted run, or were compacted
+    /// away), and those an earlier sweep claimed and did not finish: from now on none of them
+    /// can be published or read. Their ids and keys.
     pub async fn sweep(&self, older_than: Duration) -> Result<Vec<(i64, String)>, ClusterError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
+        // A reference to a segment is only ever made by the transaction that publishes it,
+        // so one unreferenced once published stays so.
         let rows = client
             .query(
-                "UPDATE covd_segments SET state = 'swept'
-                 WHERE state = 'swept'
-                    OR (state = 'staged' AND staged_at < now() - make_interval(secs => $1))
-                 RETURNING id, key",
+                "UPDATE covd_segments g SET state = 'swept'
+                 WHERE g.state = 'swept'
+                    OR (g.staged_at < now() - make_interval(secs => $1)
+                        AND (g.state = 'staged'
+                             OR (g.state = 'published'
+                                 AND NOT EXISTS (SELECT 1 FROM covd_segment_deltas d
+                                                 WHERE d.segment_id = g.id AND d.published)
+                                 AND NOT EXISTS (SELECT 1 FROM covd_merged m
+                                                 WHERE m.segment_id = g.id)
+                                 AND NOT EXISTS (SELECT 1 FROM covd_shard_lines l
+                                                 WHERE l.segment_id = g.id))))
+                 RETURNING g.id, g.key",
                 &[&older_than.as_secs_f64()],
             )
             .await?;
@@ -282,7 +374,7 @@ impl Catalogue {
 
     /// Forgets a swept segment (its object deleted first).
     pub async fn forget(&self, id: i64) -> Result<(), ClusterError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         client
             .execute(
                 "DELETE FROM covd_segments WHERE id = $1 AND state = 'swept'",

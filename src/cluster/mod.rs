@@ -6,6 +6,7 @@
 
 mod catalogue;
 mod segments;
+mod store;
 
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 
 pub use catalogue::{Catalogue, DeltaEntry, PublishedDelta};
 pub use segments::Segments;
+pub use store::ClusterStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -86,6 +88,15 @@ impl Node {
         let id = self.catalogue.stage(&key, &self.name, &entries).await?;
         self.segments.put(&key, parts).await?;
         Ok((id, key, entries))
+    }
+
+    /// Stages one segment of `parts` that no delta row names yet, and uploads it: its id. What
+    /// refers to it is written by the transaction that publishes it.
+    pub(super) async fn stage_object(&self, parts: Vec<Bytes>) -> Result<i64, ClusterError> {
+        let key = format!("segments/{}/{}", self.name, unique()?);
+        let id = self.catalogue.stage(&key, &self.name, &[]).await?;
+        self.segments.put(&key, parts).await?;
+        Ok(id)
     }
 
     /// Publishes a staged segment: whether each of its deltas counts.

@@ -76,6 +76,16 @@ impl Segments {
         Ok(self.store.get_range(&self.path(key), range).await?)
     }
 
+    /// The bytes of each of `ranges` of the object `key` (fetched together where the store
+    /// can: adjacent ranges in one request).
+    pub async fn read_ranges(
+        &self,
+        key: &str,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<Bytes>, ClusterError> {
+        Ok(self.store.get_ranges(&self.path(key), ranges).await?)
+    }
+
     /// Deletes the object `key`; one already gone is no error.
     pub async fn delete(&self, key: &str) -> Result<(), ClusterError> {
         match self.store.delete(&self.path(key)).await {

@@ -155,6 +155,13 @@ pub enum StoreError {
     Log(std::io::Error),
     #[error("{0}")]
     Full(String),
+    /// The cluster's PostgreSQL or object storage failed: nothing of the write committed.
+    #[error("the cluster's stores: {0}")]
+    Shared(String),
+    /// Another node of the cluster changed what the write depends on first (a shard's
+    /// progress): nothing of it committed.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// One change to the database. A group of them commits atomically.

@@ -99,13 +99,19 @@ async fn a_delta_counts_once_across_nodes_that_race_or_die() {
     assert_eq!(third, [("0".into(), 1, 3, format!("0/1/3: {winner}"))]);
 
     // A node died between upload and publish: its segment is in the bucket, counted nowhere;
-    // the sweep removes it, and a publish that comes after the sweep is refused.
+    // the sweep removes it (with the race's losing segment, which nothing refers to), and a
+    // publish that comes after the sweep is refused.
     let (id, key, entries) = b.stage(vec![delta("1", 1, 2, "lost")]).await.unwrap();
     assert!(b.segments().exists(&key).await.unwrap());
     assert_eq!(a.catalogue().shard("r", "1").await.unwrap(), Some((1, 1)));
     assert!(counted(&a).await.iter().all(|d| !d.3.contains("lost")));
-    assert_eq!(a.sweep(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(a.sweep(Duration::ZERO).await.unwrap(), 2);
     assert!(!b.segments().exists(&key).await.unwrap());
+    assert_eq!(
+        counted(&a).await.len(),
+        4,
+        "the sweep took nothing that counts"
+    );
     match b.publish(id, &entries).await {
         Err(ClusterError::Swept(swept)) => assert_eq!(swept, id),
         other => panic!("a swept segment was published: {other:?}"),
@@ -166,4 +172,110 @@ async fn a_store_that_is_down_is_an_error_never_an_acknowledgement() {
     let e = a.commit(vec![delta("0", 1, 1, "x")]).await.unwrap_err();
     assert!(matches!(e, ClusterError::ObjectStore(_)), "{e}");
     assert_eq!(a.catalogue().shard("r", "0").await.unwrap(), Some((1, 0)));
+}
+
+/// Two nodes' stores over the same catalogue, through the `Storage` trait the service uses.
+mod store {
+    use std::sync::Arc;
+
+    use covd::cluster::{ClusterStore, Segments};
+    use covd::model::FileBuilder;
+    use covd::persist::codec::encode_files;
+    use covd::persist::{RunRecord, ShardRecord, Storage, StoreError, Write};
+
+    use crate::services::{Postgres, S3};
+
+    async fn node(name: &str, pg: &Postgres, s3: &S3) -> Arc<ClusterStore> {
+        let segments = Segments::connect("s3://covd/nodes", s3.options()).unwrap();
+        Arc::new(
+            ClusterStore::connect(name, &pg.url, segments)
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Delta `seq` of shard `shard`'s first attempt: line `seq` of a.c, hit once.
+    fn append(shard: &str, seq: u64) -> Vec<Write> {
+        let mut b = FileBuilder::new();
+        b.line(seq as u32, 1);
+        vec![Write::AppendDelta {
+            run_id: "r".into(),
+            shard: ShardRecord {
+                shard_id: shard.into(),
+                attempt: 1,
+                last_seq: seq,
+                ..ShardRecord::default()
+            },
+            body: vec![encode_files([("a.c", &b.build())]).into()],
+        }]
+    }
+
+    /// The lines the stored deltas of `shard` (up to `last_seq`) cover, in order.
+    fn lines(store: &ClusterStore, shard: &str, last_seq: u64) -> Vec<u32> {
+        let mut out = Vec::new();
+        store
+            .for_each_delta("r", &[(shard.into(), 1, last_seq)], &mut |_, batch| {
+                for (_, f) in batch.to_files() {
+                    out.extend(f.lines().iter());
+                }
+            })
+            .unwrap();
+        out
+    }
+
+    fn refused(result: Result<(), StoreError>) -> String {
+        match result {
+            Err(StoreError::Conflict(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_delta_counts_once_and_a_node_outlives_postgres_restarting() {
+        let (mut pg, s3) = (Postgres::start(), S3::start());
+        let (a, b) = (node("a", &pg, &s3).await, node("b", &pg, &s3).await);
+        let run = RunRecord {
+            run_id: "r".into(),
+            project: "acme".into(),
+            ..RunRecord::default()
+        };
+        a.write(vec![Write::PutRun(run)]).await.unwrap();
+        a.write(append("0", 1)).await.unwrap();
+
+        // Node b took delta 1 of the same attempt too (its client reconnected there): refused,
+        // saying what the catalogue holds; it resumes from there.
+        let why = refused(b.write(append("0", 1)).await);
+        assert!(
+            why.contains("another node") && why.contains("attempt 1 with 1 deltas acknowledged"),
+            "{why}"
+        );
+        b.write(append("0", 2)).await.unwrap();
+        // Two calls for one sequence at once on one node: one counts, and a call of another
+        // shard in the same moment is not held back by the refused one.
+        let (x, y, z) = tokio::join!(
+            b.write(append("0", 3)),
+            b.write(append("0", 3)),
+            b.write(append("1", 1))
+        );
+        assert!(x.is_ok() != y.is_ok(), "exactly one counts: {x:?} {y:?}");
+        z.unwrap();
+        let loaded = a.load_runs().unwrap();
+        let shards: Vec<(String, u64)> = loaded[0]
+            .shards
+            .iter()
+            .map(|s| (s.shard_id.clone(), s.last_seq))
+            .collect();
+        assert_eq!(shards, [("0".into(), 3), ("1".into(), 1)]);
+        assert_eq!(lines(&a, "0", 3), [1, 2, 3]);
+
+        // PostgreSQL down: nothing is acknowledged; back: the node reconnects and goes on.
+        pg.kill();
+        let e = a.write(append("0", 4)).await.unwrap_err();
+        assert!(matches!(e, StoreError::Shared(_)), "{e}");
+        assert!(a.load_runs().is_err());
+        pg.restart();
+        a.write(append("0", 4)).await.unwrap();
+        assert_eq!(lines(&a, "0", 4), [1, 2, 3, 4]);
+        assert_eq!(lines(&b, "0", 4), [1, 2, 3, 4]);
+    }
 }

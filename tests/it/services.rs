@@ -67,6 +67,34 @@ pub(crate) struct Postgres {
     child: Child,
     _dir: tempfile::TempDir,
     pub(crate) url: String,
+    /// What starts it again: its binaries, data, port and user.
+    restart: (PathBuf, PathBuf, u16, Option<(u32, u32)>),
+}
+
+/// Starts `postgres` on `data`, listening on loopback `port` (and a socket in `socket_dir`).
+fn spawn_postgres(
+    bin: &std::path::Path,
+    data: &std::path::Path,
+    socket_dir: &std::path::Path,
+    port: u16,
+    user: Option<(u32, u32)>,
+) -> Child {
+    let mut postgres = Command::new(bin.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(data)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
+        .arg(socket_dir)
+        // What tests need of it: no fsync, and a log line when it is ready.
+        .args(["-c", "fsync=off", "-c", "logging_collector=off"])
+        .stderr(Stdio::piped())
+        // Its own process group: a kill takes its backends too, as a crash of the host
+        // would (the postmaster's backends outlive it for a while otherwise).
+        .process_group(0);
+    if let Some((uid, gid)) = user {
+        postgres.uid(uid).gid(gid);
+    }
+    postgres.spawn().expect("run postgres")
 }
 
 impl Postgres {
@@ -102,30 +130,30 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let mut postgres = Command::new(bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
-            .arg(dir.path())
-            // What tests need of it: no fsync, and a log line when it is ready.
-            .args(["-c", "fsync=off", "-c", "logging_collector=off"])
-            .stderr(Stdio::piped())
-            // Its own process group: a kill takes its backends too, as a crash of the host
-            // would (the postmaster's backends outlive it for a while otherwise).
-            .process_group(0);
-        as_user(&mut postgres);
-        let mut child = postgres.spawn().expect("run postgres");
+        let mut server = Postgres {
+            child: spawn_postgres(&bin, &data, dir.path(), port, user),
+            _dir: dir,
+            url: format!("postgres://covd@127.0.0.1:{port}/postgres"),
+            restart: (bin, data, port, user),
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
         wait_for(
-            &mut child,
+            &mut self.child,
             "database system is ready to accept connections",
             "PostgreSQL",
         );
-        Postgres {
-            child,
-            _dir: dir,
-            url: format!("postgres://covd@127.0.0.1:{port}/postgres"),
-        }
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on its data and port, as after a crash.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        let (bin, data, port, user) = &self.restart;
+        self.child = spawn_postgres(bin, data, self._dir.path(), *port, *user);
+        self.wait_ready();
     }
 
     /// Stops the server and its backends at once (SIGKILL), as a crash would.

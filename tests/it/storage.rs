@@ -35,6 +35,12 @@ pub(crate) enum Backend {
         max_bytes: Option<u64>,
     },
     Memory(Arc<MemoryStore>),
+    /// The cluster's stores: a PostgreSQL and an S3 server of the test's own.
+    #[cfg(feature = "cluster")]
+    Cluster {
+        postgres: crate::services::Postgres,
+        s3: crate::services::S3,
+    },
 }
 
 impl Backend {
@@ -51,6 +57,15 @@ impl Backend {
         ))
     }
 
+    #[cfg(feature = "cluster")]
+    fn cluster(max_bytes: Option<u64>) -> Backend {
+        assert!(max_bytes.is_none(), "the cluster's stores have no cap");
+        Backend::Cluster {
+            postgres: crate::services::Postgres::start(),
+            s3: crate::services::S3::start(),
+        }
+    }
+
     /// The storage as a daemon starting now finds it. The previous one must be closed.
     fn open(&self) -> Arc<dyn Storage> {
         match self {
@@ -60,6 +75,19 @@ impl Backend {
                     .with_wire_decoder(covd::rpc::convert::wire_delta_files),
             ),
             Backend::Memory(store) => store.clone(),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster { postgres, s3 } => tokio::task::block_in_place(|| {
+                let segments =
+                    covd::cluster::Segments::connect("s3://covd/suite", s3.options()).unwrap();
+                let store = tokio::runtime::Handle::current()
+                    .block_on(covd::cluster::ClusterStore::connect(
+                        "suite",
+                        &postgres.url,
+                        segments,
+                    ))
+                    .unwrap();
+                Arc::new(store.with_wire_decoder(covd::rpc::convert::wire_delta_files))
+            }),
         }
     }
 
@@ -79,14 +107,22 @@ impl Backend {
 
 type Make = fn(Option<u64>) -> Backend;
 
-/// Runs each case against each backend, as a test of its own (`storage::sqlite::case`).
+/// Runs each case against each backend, as a test of its own (`storage::sqlite::case`); the
+/// cases after `capped:` check `--max-db-bytes`, which the cluster's stores do not have (their
+/// quotas are their operators').
 macro_rules! every_backend {
-    ($($case:ident),* $(,)?) => {
+    ($($case:ident),* $(,)?; capped: $($capped:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(super::Backend::sqlite).await
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $capped() {
+                    super::$capped(super::Backend::sqlite).await
                 }
             )*
         }
@@ -95,6 +131,21 @@ macro_rules! every_backend {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(super::Backend::memory).await
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $capped() {
+                    super::$capped(super::Backend::memory).await
+                }
+            )*
+        }
+        #[cfg(feature = "cluster")]
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Backend::cluster).await
                 }
             )*
         }
@@ -109,16 +160,17 @@ every_backend!(
     a_compaction_may_keep_the_deltas_for_a_reopening,
     source_texts_are_shared_and_go_with_their_last_run,
     deleting_a_run_keeps_or_drops_its_summary,
-    a_write_beyond_the_cap_commits_nothing,
     a_restarted_daemon_answers_for_complete_and_open_runs,
     a_higher_attempt_replaces_the_earlier_one_across_a_restart,
-    a_daemon_refuses_a_delta_beyond_the_cap,
     expired_runs_keep_their_summary,
     history_selects_and_folds_old_runs_into_months,
     test_histories_follow_their_runs,
     complete_runs_leave_memory_and_still_answer,
     a_push_keeps_its_attempt_across_a_restart,
-    shutdown_ends_open_streams_so_clients_resume,
+    shutdown_ends_open_streams_so_clients_resume;
+    capped:
+    a_write_beyond_the_cap_commits_nothing,
+    a_daemon_refuses_a_delta_beyond_the_cap,
 );
 
 fn run(id: &str) -> RunRecord {
