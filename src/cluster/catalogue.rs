@@ -122,6 +122,76 @@ pub(super) async fn connect(url: &str) -> Result<Client, ClusterError> {
     Ok(client)
 }
 
+/// The channel a publish notifies, with `node\nrun` for each run it changed.
+pub(super) const CHANGES: &str = "covd_changes";
+
+/// Listens to what other nodes than `node` publish: a run's id for each run one changed, and
+/// `None` after the connection was lost and made anew (what was published meanwhile was not
+/// heard). Ends when the receiver is dropped.
+pub(super) fn listen(
+    url: String,
+    node: String,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<Option<String>>,
+    tokio::task::AbortHandle,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut lost = false;
+        while !tx.is_closed() {
+            if let Err(e) = listen_once(&url, &node, &tx, lost).await {
+                tracing::warn!("listening to other nodes' changes failed (again in 1 s): {e}");
+            }
+            lost = true;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    (rx, task.abort_handle())
+}
+
+async fn listen_once(
+    url: &str,
+    node: &str,
+    tx: &tokio::sync::mpsc::UnboundedSender<Option<String>>,
+    lost: bool,
+) -> Result<(), ClusterError> {
+    use futures_util::StreamExt as _;
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    let (heard, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if heard.send(n.payload().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client.batch_execute(&format!("LISTEN {CHANGES}")).await?;
+    if lost && tx.send(None).is_err() {
+        return Ok(());
+    }
+    while let Some(payload) = notes.recv().await {
+        let Some((from, run)) = payload.split_once('\n') else {
+            continue;
+        };
+        if from != node && tx.send(Some(run.to_owned())).is_err() {
+            break;
+        }
+    }
+    drop(client);
+    match driver.await {
+        Ok(Err(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// One delta of a segment: whose it is, and where its bytes are in the segment's object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaEntry {

@@ -55,6 +55,10 @@ impl Node {
         }
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn catalogue(&self) -> &Catalogue {
         &self.catalogue
     }

@@ -51,6 +51,9 @@ pub struct ClusterStore {
     stats: Arc<CommitStats>,
     wire: Option<WireDecoder>,
     sweeper: tokio::task::AbortHandle,
+    /// What other nodes change, until the service takes it.
+    changes: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Option<String>>>>,
+    listener: tokio::task::AbortHandle,
 }
 
 /// A caller's writes on their way to the writer, and where its answer goes.
@@ -90,6 +93,7 @@ impl ClusterStore {
             }
         })
         .abort_handle();
+        let (changes, listener) = super::catalogue::listen(postgres.to_owned(), name.to_owned());
         Ok(ClusterStore {
             node,
             calls,
@@ -97,6 +101,8 @@ impl ClusterStore {
             stats,
             wire: None,
             sweeper,
+            changes: std::sync::Mutex::new(Some(changes)),
+            listener,
         })
     }
 
@@ -156,6 +162,7 @@ impl ClusterStore {
 impl Drop for ClusterStore {
     fn drop(&mut self) {
         self.sweeper.abort();
+        self.listener.abort();
     }
 }
 
@@ -312,7 +319,9 @@ async fn commit_group(
         }
     }
     let mut results = Vec::with_capacity(calls.len());
+    let mut changed = std::collections::BTreeSet::new();
     for (writes, mut places) in calls {
+        let runs: Vec<String> = writes.iter().filter_map(changed_run).collect();
         let mut sp = tx.savepoint("call").await?;
         let mut outcome = Ok(());
         for w in writes {
@@ -326,13 +335,46 @@ async fn commit_group(
             }
         }
         match outcome {
-            Ok(()) => sp.commit().await?,
+            Ok(()) => {
+                sp.commit().await?;
+                changed.extend(runs);
+            }
             Err(_) => sp.rollback().await?,
         }
         results.push(outcome);
     }
+    // Heard by the other nodes once this commits (see `catalogue::listen`).
+    for run in changed {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[
+                &super::catalogue::CHANGES,
+                &format!("{}\n{run}", node.name()),
+            ],
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(results)
+}
+
+/// The run a write changes, that other nodes holding it must hear of.
+fn changed_run(w: &Write) -> Option<String> {
+    match w {
+        Write::PutRun(r) | Write::UpdateRun(r) => Some(r.run_id.clone()),
+        Write::PutShard { run_id, .. }
+        | Write::AppendDelta { run_id, .. }
+        | Write::StartAttempt { run_id, .. }
+        | Write::Compact { run_id, .. }
+        | Write::Reopen { run_id }
+        | Write::PutFiles { run_id, .. }
+        | Write::DeleteRun { run_id, .. } => Some(run_id.clone()),
+        Write::PutShardLines { .. }
+        | Write::DropDeltas { .. }
+        | Write::DownSample { .. }
+        | Write::PutSources { .. }
+        | Write::RecordTests { .. } => None,
+    }
 }
 
 /// Why a write was not applied: the call is refused (another node got there first), or the
@@ -927,7 +969,8 @@ impl ClusterStore {
         Ok(self.reads().await?.query(sql, params).await?)
     }
 
-    async fn load_runs_async(&self) -> Result<Vec<LoadedRun>, StoreError> {
+    /// Every stored run, or the one named.
+    async fn load(&self, only: Option<&str>) -> Result<Vec<LoadedRun>, StoreError> {
         let mut client = self.reads().await?;
         let tx = client
             .build_transaction()
@@ -941,15 +984,17 @@ impl ClusterStore {
                         EXISTS (SELECT 1 FROM covd_merged m WHERE m.run_id = r.run_id),
                         s.record
                  FROM covd_runs r LEFT JOIN covd_summaries s ON s.run_id = r.run_id
+                 WHERE $1::text IS NULL OR r.run_id = $1
                  ORDER BY r.run_id COLLATE \"C\"",
-                &[],
+                &[&only],
             )
             .await?;
         let shards = tx
             .query(
-                "SELECT run_id, record FROM covd_shards WHERE record IS NOT NULL
+                "SELECT run_id, record FROM covd_shards
+                 WHERE record IS NOT NULL AND ($1::text IS NULL OR run_id = $1)
                  ORDER BY run_id COLLATE \"C\", shard_id COLLATE \"C\"",
-                &[],
+                &[&only],
             )
             .await?;
         tx.commit().await?;
@@ -1009,7 +1054,7 @@ impl Storage for ClusterStore {
     }
 
     fn load_runs(&self) -> Result<Vec<LoadedRun>, StoreError> {
-        self.block(self.load_runs_async())
+        self.block(self.load(None))
     }
 
     fn for_each_delta(
@@ -1018,8 +1063,21 @@ impl Storage for ClusterStore {
         attempts: &[(String, u32, u64)],
         f: &mut dyn FnMut(&str, FileBatch),
     ) -> Result<(), StoreError> {
-        for (shard, attempt, last_seq) in attempts {
-            if *last_seq == 0 {
+        let ranges: Vec<(String, u32, u64, u64)> = attempts
+            .iter()
+            .map(|(shard, attempt, last)| (shard.clone(), *attempt, 0, *last))
+            .collect();
+        self.for_each_delta_after(run_id, &ranges, f)
+    }
+
+    fn for_each_delta_after(
+        &self,
+        run_id: &str,
+        ranges: &[(String, u32, u64, u64)],
+        f: &mut dyn FnMut(&str, FileBatch),
+    ) -> Result<(), StoreError> {
+        for (shard, attempt, after, last_seq) in ranges {
+            if last_seq <= after {
                 continue;
             }
             let bodies = self.block(async {
@@ -1028,9 +1086,15 @@ impl Storage for ClusterStore {
                         "SELECT g.key, d.start_offset, d.length
                          FROM covd_segment_deltas d JOIN covd_segments g ON g.id = d.segment_id
                          WHERE d.run_id = $1 AND d.shard_id = $2 AND d.attempt = $3
-                           AND d.published AND d.seq BETWEEN 1 AND $4
+                           AND d.published AND d.seq > $4 AND d.seq <= $5
                          ORDER BY d.seq",
-                        &[&run_id, shard, &(*attempt as i32), &big(*last_seq)?],
+                        &[
+                            &run_id,
+                            shard,
+                            &(*attempt as i32),
+                            &big(*after)?,
+                            &big(*last_seq)?,
+                        ],
                     )
                     .await?;
                 self.fetch(&placed(&rows, 0, 1)).await
@@ -1040,6 +1104,21 @@ impl Storage for ClusterStore {
             }
         }
         Ok(())
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn load_run(&self, run_id: &str) -> Result<Option<LoadedRun>, StoreError> {
+        Ok(self.block(self.load(Some(run_id)))?.pop())
+    }
+
+    fn take_changes(&self) -> Option<mpsc::UnboundedReceiver<Option<String>>> {
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     fn for_each_merged(

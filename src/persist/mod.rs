@@ -125,6 +125,52 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Counters of the group commit.
     fn stats(&self) -> &CommitStats;
+
+    /// Whether other daemons write to this store too (cluster mode): what one daemon holds of
+    /// a run is then a cache of the store, brought up to date before it answers for the run
+    /// ([`Storage::load_run`]) and when another daemon changed it ([`Storage::take_changes`]).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// One stored run, as [`Storage::load_runs`] finds it. Blocking.
+    fn load_run(&self, run_id: &str) -> Result<Option<LoadedRun>, StoreError> {
+        Ok(self
+            .load_runs()?
+            .into_iter()
+            .find(|r| r.run.run_id == run_id))
+    }
+
+    /// [`Storage::for_each_delta`] for the deltas after the first of each `(shard, attempt,
+    /// after, last_seq)`: those a daemon that merged `after` of them lacks. Blocking.
+    fn for_each_delta_after(
+        &self,
+        run_id: &str,
+        ranges: &[(String, u32, u64, u64)],
+        f: &mut dyn FnMut(&str, FileBatch),
+    ) -> Result<(), StoreError> {
+        for (shard, attempt, after, last_seq) in ranges {
+            let mut seen = 0u64;
+            self.for_each_delta(
+                run_id,
+                &[(shard.clone(), *attempt, *last_seq)],
+                &mut |shard, files| {
+                    seen += 1;
+                    if seen > *after {
+                        f(shard, files);
+                    }
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The runs other daemons change, as they change them (a shared store's; taken once):
+    /// a run's id, or `None` when some may have been missed (the store's connection was lost)
+    /// and every run held should be brought up to date.
+    fn take_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Option<String>>> {
+        None
+    }
 }
 
 /// A SHA-256 digest: what names a source text.

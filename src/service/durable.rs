@@ -185,80 +185,88 @@ impl CoverageService {
         let store = &*self.shared.storage;
         let mut report = Recovery::default();
         for loaded in store.load_runs()? {
-            let r = loaded.run;
-            let params = RunParams {
-                project: r.project,
-                commit: r.commit,
-                branch: r.branch,
-                flags: r.flags.into_iter().collect(),
-                expected_shards: r.expected_shards,
-                project_as: Default::default(),
-            };
-            let run = Arc::new(Run::restore(
-                r.run_id.clone(),
-                from_ms(r.created_at_ms),
-                params,
-                loaded
-                    .shards
-                    .into_iter()
-                    .map(|s| (s.shard_id.clone(), shard_from_record(s)))
-                    .collect(),
-            ));
-            run.stored.store(true, std::sync::atomic::Ordering::Release);
-            run.deltas_kept
-                .store(r.deltas_kept, std::sync::atomic::Ordering::Release);
-            if let Some(ms) = r.completed_at_ms {
-                let mut state = run.state();
-                if state.is_complete() {
-                    state.completed_at = Some(from_ms(ms));
-                }
-            }
-            if let Some(files) = loaded.files {
-                run.state().known_files = Some(Arc::new(crate::model::path::RepoFiles::new(files)));
-            }
-            let interner = &self.shared.interner;
+            let run = self.restore(loaded)?;
             let complete = run.state().is_complete();
-            match (&loaded.summary, loaded.compacted) {
-                // A complete run stays in storage until someone reads it.
-                (Some(summary), true) => run.set_stored(totals_of(summary)),
-                (None, true) => {
-                    // No summary to take the totals from: read it.
-                    run.set_stored(crate::model::Totals::default());
-                    let (aggregate, _) = run.load(interner, store)?;
-                    self.shared.cache.admit(&run, aggregate.heap_bytes());
-                }
-                (_, false) => {
-                    if let Some(aggregate) = run.aggregate() {
-                        let attempts = run.current_attempts();
-                        store.for_each_delta(&run.id, &attempts, &mut |_, files| {
-                            aggregate.merge_batch(interner, &files);
-                        })?;
+            if complete && !run.compacted.load(std::sync::atomic::Ordering::Acquire) {
+                // The daemon stopped between the last finish and the compaction.
+                // Compaction only saves space: if it cannot be stored (a full
+                // directory), the run is served from its deltas, and the store's
+                // failure (health NOT_SERVING) says that nothing can be written.
+                match self.compact(&run) {
+                    Ok(()) => {
+                        self.shared.cache.forget(&run.id);
+                        run.evict();
                     }
-                    if complete {
-                        // The daemon stopped between the last finish and the compaction.
-                        // Compaction only saves space: if it cannot be stored (a full
-                        // directory), the run is served from its deltas, and the store's
-                        // failure (health NOT_SERVING) says that nothing can be written.
-                        match self.compact(&run) {
-                            Ok(()) => {
-                                self.shared.cache.forget(&run.id);
-                                run.evict();
-                            }
-                            Err(e) => tracing::error!(
-                                run = %run.id,
-                                "compacting the complete run failed; it stays in its delta log: {e}"
-                            ),
-                        }
-                    }
+                    Err(e) => tracing::error!(
+                        run = %run.id,
+                        "compacting the complete run failed; it stays in its delta log: {e}"
+                    ),
                 }
             }
             report.runs += 1;
             report.complete_runs += usize::from(complete);
             report.files += run.files();
             report.resident_files += run.aggregate().map_or(0, |a| a.len());
-            self.shared.runs.insert(r.run_id, run);
+            self.shared.runs.insert(run.id.clone(), run);
         }
         Ok(report)
+    }
+
+    /// A run as the store holds it: an open run with its deltas merged; a compacted one left
+    /// in storage (its totals from its summary), or read back if it has no summary. Blocking.
+    pub(super) fn restore(&self, loaded: persist::LoadedRun) -> Result<Arc<Run>, StoreError> {
+        let store = &*self.shared.storage;
+        let r = loaded.run;
+        let params = RunParams {
+            project: r.project,
+            commit: r.commit,
+            branch: r.branch,
+            flags: r.flags.into_iter().collect(),
+            expected_shards: r.expected_shards,
+            project_as: Default::default(),
+        };
+        let run = Arc::new(Run::restore(
+            r.run_id.clone(),
+            from_ms(r.created_at_ms),
+            params,
+            loaded
+                .shards
+                .into_iter()
+                .map(|s| (s.shard_id.clone(), shard_from_record(s)))
+                .collect(),
+        ));
+        run.stored.store(true, std::sync::atomic::Ordering::Release);
+        run.deltas_kept
+            .store(r.deltas_kept, std::sync::atomic::Ordering::Release);
+        if let Some(ms) = r.completed_at_ms {
+            let mut state = run.state();
+            if state.is_complete() {
+                state.completed_at = Some(from_ms(ms));
+            }
+        }
+        if let Some(files) = loaded.files {
+            run.state().known_files = Some(Arc::new(crate::model::path::RepoFiles::new(files)));
+        }
+        let interner = &self.shared.interner;
+        match (&loaded.summary, loaded.compacted) {
+            // A complete run stays in storage until someone reads it.
+            (Some(summary), true) => run.set_stored(totals_of(summary)),
+            (None, true) => {
+                // No summary to take the totals from: read it.
+                run.set_stored(crate::model::Totals::default());
+                let (aggregate, _) = run.load(interner, store)?;
+                self.shared.cache.admit(&run, aggregate.heap_bytes());
+            }
+            (_, false) => {
+                if let Some(aggregate) = run.aggregate() {
+                    let attempts = run.current_attempts();
+                    store.for_each_delta(&run.id, &attempts, &mut |_, files| {
+                        aggregate.merge_batch(interner, &files);
+                    })?;
+                }
+            }
+        }
+        Ok(run)
     }
 
     /// Stores a complete run's merged files and drops its delta log; the run then counts

@@ -135,6 +135,7 @@ impl CoverageService {
         let mut params = normalize_params(limits, header.params)?;
         params.expected_shards.clear(); // only OpenRun declares expectations
         self.make_room(&header.run_id).await?;
+        self.refreshed(&header.run_id).await?;
         let (_, run) = self.get_or_create(&header.run_id, &params, owner)?;
         // Not only when this stream created the run: the stream that did may have failed
         // before its write, and another shard's deltas must not be acknowledged meanwhile.

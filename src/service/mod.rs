@@ -28,6 +28,7 @@ mod patch;
 mod query;
 mod reopen;
 mod run;
+mod shared;
 mod sources;
 mod types;
 
@@ -124,6 +125,7 @@ impl CoverageService {
     ) -> Result<(CoverageService, Recovery), StoreError> {
         let service = CoverageService::with_storage(limits, storage);
         let recovery = service.recover()?;
+        service.follow_changes();
         Ok((service, recovery))
     }
 
@@ -212,6 +214,7 @@ impl CoverageService {
             ));
         }
         self.make_room(run_id).await?;
+        self.refreshed(run_id).await?;
         let (created, run) = self.get_or_create(run_id, &params, owner)?;
         if !created {
             reconcile(&run, &params)?;
@@ -327,6 +330,7 @@ impl CoverageService {
     }
 
     fn run(&self, run_id: &str) -> Result<Arc<Run>> {
+        self.refresh(run_id)?;
         self.shared
             .runs
             .get(run_id)

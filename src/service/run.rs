@@ -140,6 +140,8 @@ pub(super) struct Run {
     held: RwLock<Held>,
     /// Serializes reading a stored aggregate back, so two readers do not both read it.
     loading: Mutex<()>,
+    /// Serializes bringing the run up to date from a shared store (see `shared`).
+    pub(super) syncing: Mutex<()>,
     /// When a reader last used the aggregate (the service's clock), for the cache's order.
     pub(super) last_used: AtomicU64,
     /// Whether the run's merged files are stored (it was compacted): only then may its
@@ -196,6 +198,7 @@ impl Run {
             state: Mutex::new(state),
             held: RwLock::new(Held::Resident(Arc::new(Aggregate::new()))),
             loading: Mutex::new(()),
+            syncing: Mutex::new(()),
             last_used: AtomicU64::new(0),
             compacted: AtomicBool::new(false),
             compacting: Mutex::new(()),

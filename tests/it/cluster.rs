@@ -279,3 +279,122 @@ mod store {
         assert_eq!(lines(&b, "0", 4), [1, 2, 3, 4]);
     }
 }
+
+/// Three daemons over the same PostgreSQL and bucket, a run's shards spread across them.
+mod nodes {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use covd::cluster::{ClusterStore, Segments};
+    use covd::model::Coverage;
+    use covd::server::Settings;
+    use covd::service::RunParams;
+
+    use crate::services::{Postgres, S3};
+    use crate::support::*;
+
+    async fn node(name: &str, pg: &Postgres, s3: &S3) -> Daemon {
+        let segments = Segments::connect("s3://covd/nodes", s3.options()).unwrap();
+        let store = ClusterStore::connect(name, &pg.url, segments)
+            .await
+            .unwrap()
+            .with_wire_decoder(covd::rpc::convert::wire_delta_files);
+        Daemon::on(Settings::default(), Arc::new(store)).await
+    }
+
+    /// Sixteen shards: each of the toolz corpus' four LCOV shards split by file in four.
+    pub(crate) fn sixteen_shards() -> Vec<Coverage> {
+        let rules = covd::model::path::PathRules::default();
+        let mut out = Vec::new();
+        for i in 1..=4 {
+            let whole = read_lcov(
+                &corpus(&format!("python-toolz/same-path/shard{i}.lcov")),
+                &rules,
+            );
+            let mut parts: Vec<Coverage> = (0..4).map(|_| Coverage::default()).collect();
+            for (n, (path, file)) in whole.files.into_iter().enumerate() {
+                parts[n % 4].files.insert(path, file);
+            }
+            out.extend(parts);
+        }
+        out
+    }
+
+    pub(crate) fn params() -> RunParams {
+        RunParams {
+            project: "toolz".into(),
+            expected_shards: (0..16).map(|i| i.to_string()).collect(),
+            ..RunParams::default()
+        }
+    }
+
+    pub(crate) async fn export(daemon: &Daemon, wait: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        daemon
+            .client()
+            .export("r", wait.then_some(Duration::from_secs(60)), &mut out)
+            .await
+            .unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn any_node_answers_exactly_for_a_run_spread_over_three() {
+        let (pg, s3) = (Postgres::start(), S3::start());
+        let nodes = [
+            node("a", &pg, &s3).await,
+            node("b", &pg, &s3).await,
+            node("c", &pg, &s3).await,
+        ];
+        let shards = sixteen_shards();
+
+        // The same input through one daemon of its own.
+        let single = Daemon::start().await;
+        single.client().open_run("r", params()).await.unwrap();
+        for (i, shard) in shards.iter().enumerate() {
+            push(&mut single.client(), "r", &i.to_string(), 1, shard.clone()).await;
+        }
+        let want = export(&single, true).await;
+
+        // Opened on a; c waits for the merged result before any shard has come.
+        nodes[0].client().open_run("r", params()).await.unwrap();
+        let c = nodes[2].url.clone();
+        let waiting = tokio::spawn(async move {
+            let mut out = Vec::new();
+            covd::client::Client::connect(&c)
+                .unwrap()
+                .export("r", Some(Duration::from_secs(60)), &mut out)
+                .await
+                .unwrap();
+            out
+        });
+        // Shard 0's first attempt, with the wrong coverage, lands on a; its second attempt
+        // replaces it from b.
+        push(&mut nodes[0].client(), "r", "0", 1, shards[3].clone()).await;
+        push(&mut nodes[1].client(), "r", "0", 2, shards[0].clone()).await;
+        for (i, shard) in shards.iter().enumerate().skip(1) {
+            push(
+                &mut nodes[i % 3].client(),
+                "r",
+                &i.to_string(),
+                1,
+                shard.clone(),
+            )
+            .await;
+        }
+
+        let heard = tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .expect("the waiting export ends once the last shard finished elsewhere")
+            .unwrap();
+        assert!(!want.is_empty());
+        assert!(heard == want, "node c's export differs from one daemon's");
+        for node in &nodes {
+            assert!(export(node, false).await == want, "{}", node.url);
+            let status = node.client().status("r").await.unwrap();
+            assert!(status.complete, "{}", node.url);
+            assert_eq!(status.shards.len(), 16);
+            assert_eq!(status.shards[0].attempt, 2);
+        }
+    }
+}
