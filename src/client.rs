@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use roaring::RoaringBitmap;
@@ -212,12 +213,19 @@ impl Batcher {
     }
 }
 
-/// A connection to a covd daemon.
+/// A connection to a covd daemon (or to one of several nodes of a cluster: see
+/// [`Client::connect_using`]).
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: CoverageClient<InterceptedService<Channel, Bearer>>,
+    inner: Rpc,
+    /// Every daemon the client was given, in order; `inner` is one of them.
+    daemons: Arc<Vec<Rpc>>,
+    /// Which of `daemons` is `inner`.
+    current: usize,
     deadline: Option<Duration>,
 }
+
+type Rpc = CoverageClient<InterceptedService<Channel, Bearer>>;
 
 /// Sends the client's token, if it has one, with every call (`authorization: Bearer …`), and
 /// gives every call that has none the client's deadline (`grpc-timeout`, which both ends
@@ -395,8 +403,31 @@ impl Client {
         )
     }
 
-    /// [`Client::connect`], as `how` says.
+    /// [`Client::connect`], as `how` says. `url` may list several daemons, comma-separated
+    /// (the nodes of one cluster, any of which answers for any run): calls go to the first,
+    /// and a push whose daemon becomes unreachable resumes on the next.
     pub fn connect_using(url: &str, how: &Connect) -> Result<Client, ClientError> {
+        let daemons = url
+            .split(',')
+            .map(|u| Client::one(u.trim(), how))
+            .collect::<Result<Vec<Rpc>, ClientError>>()?;
+        Ok(Client {
+            inner: daemons[0].clone(),
+            daemons: Arc::new(daemons),
+            current: 0,
+            deadline: how.request_timeout,
+        })
+    }
+
+    /// Goes on with the next daemon the client was given, if it has several.
+    fn fail_over(&mut self) {
+        if self.daemons.len() > 1 {
+            self.current = (self.current + 1) % self.daemons.len();
+            self.inner = self.daemons[self.current].clone();
+        }
+    }
+
+    fn one(url: &str, how: &Connect) -> Result<Rpc, ClientError> {
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|_| ClientError::Address(url.to_owned()))?
             .connect_timeout(how.connect_timeout)
@@ -430,13 +461,11 @@ impl Client {
             token: bearer,
             deadline: how.request_timeout,
         };
-        let inner = CoverageClient::with_interceptor(endpoint.connect_lazy(), interceptor)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-        Ok(Client {
-            inner,
-            deadline: how.request_timeout,
-        })
+        Ok(
+            CoverageClient::with_interceptor(endpoint.connect_lazy(), interceptor)
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
     }
 
     pub async fn open_run(
@@ -1084,6 +1113,10 @@ impl Client {
                     let backoff = options.initial_backoff * 2u32.saturating_pow(failures.min(5));
                     failures += 1;
                     reconnects += 1;
+                    // Unreachable, or unable to store: another node of a cluster may be able.
+                    if matches!(&error, ClientError::Status(s) if s.code() == Code::Unavailable) {
+                        self.fail_over();
+                    }
                     tokio::time::sleep(backoff.min(Duration::from_secs(10))).await;
                 }
             }

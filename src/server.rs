@@ -73,6 +73,22 @@ pub struct Settings {
     /// How often an HTTP/2 ping checks that a connection's peer is still there (closed when
     /// no answer comes within 20 s); `None`: never.
     pub keepalive_interval: Option<Duration>,
+    /// Cluster mode: runs are stored in these shared stores instead of `data_dir` (which then
+    /// holds only the node's tokens and pseudonym key). Needs a build with the `cluster`
+    /// feature.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// Where a cluster node's shared stores are (see `docs/cluster.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// The catalogue: `postgres://user:password@host:port/database`.
+    pub postgres: String,
+    /// The segments: `s3://bucket/prefix`.
+    pub object_store: String,
+    /// Options of the object store client (`aws_endpoint`, `aws_allow_http`, …), after the
+    /// usual `AWS_*` environment variables.
+    pub object_store_options: Vec<(String, String)>,
 }
 
 /// What a started daemon tells the one that started it.
@@ -102,6 +118,7 @@ impl Default for Settings {
             admission: AdmissionLimits::default(),
             tls: None,
             keepalive_interval: Some(Duration::from_secs(60)),
+            cluster: None,
         }
     }
 }
@@ -386,9 +403,13 @@ fn exposed(
     )))
 }
 
-/// The storage `settings` name: the data directory's SQLite store, or memory.
+/// The storage `settings` name: the cluster's shared stores, the data directory's SQLite
+/// store, or memory.
 async fn open_storage(settings: &Settings) -> Result<Arc<dyn Storage>, ServerError> {
     let decoder = crate::rpc::convert::wire_delta_files;
+    if let Some(cluster) = &settings.cluster {
+        return open_cluster(cluster, decoder).await;
+    }
     let max_bytes = settings.max_db_bytes;
     Ok(match settings.data_dir.clone() {
         // Opening checks the database: blocking work.
@@ -400,6 +421,37 @@ async fn open_storage(settings: &Settings) -> Result<Arc<dyn Storage>, ServerErr
         .map(|s| Arc::new(s) as Arc<dyn Storage>)?,
         None => Arc::new(MemoryStore::new(max_bytes).with_wire_decoder(decoder)),
     })
+}
+
+#[cfg(feature = "cluster")]
+async fn open_cluster(
+    c: &ClusterSettings,
+    decoder: crate::persist::WireDecoder,
+) -> Result<Arc<dyn Storage>, ServerError> {
+    let options = c
+        .object_store_options
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    let segments = crate::cluster::Segments::connect(&c.object_store, options)
+        .map_err(|e| ServerError::Startup(e.to_string()))?;
+    let name = crate::cluster::node_name();
+    let store = crate::cluster::ClusterStore::connect(&name, &c.postgres, segments)
+        .await
+        .map_err(|e| ServerError::Startup(format!("joining the cluster: {e}")))?;
+    tracing::info!(node = %name, "a node of the cluster over {}", c.object_store);
+    Ok(Arc::new(store.with_wire_decoder(decoder)))
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn open_cluster(
+    _: &ClusterSettings,
+    _: crate::persist::WireDecoder,
+) -> Result<Arc<dyn Storage>, ServerError> {
+    Err(ServerError::Startup(
+        "this covd was built without cluster mode: build it with `cargo build --release \
+         --features cluster`"
+            .into(),
+    ))
 }
 
 async fn open_service(

@@ -108,7 +108,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServerArg {
-    /// The daemon's address.
+    /// The daemon's address; or the nodes of a cluster, comma-separated (a push whose node
+    /// becomes unreachable resumes on the next).
     #[arg(
         long,
         env = "COVD_SERVER",
@@ -248,6 +249,31 @@ struct ServeArgs {
     /// Keep everything in memory instead (lost when the daemon stops).
     #[arg(long, conflicts_with = "data_dir")]
     in_memory: bool,
+    /// Serve as one node of several over PostgreSQL (--postgres) and S3-compatible object
+    /// storage (--object-store) instead of the data directory, which keeps only this node's
+    /// tokens and pseudonym key (see docs/cluster.md). Needs a build with `--features cluster`.
+    #[arg(
+        long,
+        requires_all = ["postgres", "object_store"],
+        conflicts_with_all = ["in_memory", "max_db_bytes"]
+    )]
+    cluster: bool,
+    /// The cluster's PostgreSQL: `postgres://user:password@host:port/database`.
+    #[arg(
+        long,
+        env = "COVD_POSTGRES",
+        hide_env_values = true,
+        requires = "cluster"
+    )]
+    postgres: Option<String>,
+    /// The cluster's object storage: `s3://bucket/prefix`. Credentials and region come from
+    /// the usual AWS_* environment variables.
+    #[arg(long, requires = "cluster")]
+    object_store: Option<String>,
+    /// An option of the object store's client, KEY=VALUE (`aws_endpoint=http://…`,
+    /// `aws_allow_http=true`, …); repeatable.
+    #[arg(long = "object-store-option", value_name = "KEY=VALUE", requires = "cluster", value_parser = key_value)]
+    object_store_options: Vec<(String, String)>,
     /// Drop a run's raw data this long after it was opened (its summary stays); 0 keeps runs
     /// until deleted.
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
@@ -753,6 +779,13 @@ fn client(server: &ServerArg) -> Result<Client, Failure> {
     Client::connect_using(&server.server, &how).map_err(|e| bad_input(e.into()))
 }
 
+/// `KEY=VALUE`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
 async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
     let mut settings = Settings {
         max_message_bytes: a.max_message_bytes,
@@ -790,8 +823,21 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
             _ => None,
         },
         http_listen: (!a.no_http).then_some(a.http_listen),
+        cluster: match (a.cluster, &a.postgres, &a.object_store) {
+            (true, Some(postgres), Some(object_store)) => Some(covd::server::ClusterSettings {
+                postgres: postgres.clone(),
+                object_store: object_store.clone(),
+                object_store_options: a.object_store_options.clone(),
+            }),
+            _ => None,
+        },
         ..Settings::default()
     };
+    if settings.cluster.is_some() {
+        // The node's own files: its tokens and pseudonym key.
+        std::fs::create_dir_all(&a.data_dir)
+            .with_context(|| format!("cannot make {}", a.data_dir.display()))?;
+    }
     settings.limits.max_line = a.max_line;
     settings.limits.max_files_per_run = a.max_files_per_run;
     settings.limits.max_tests_per_run = a.max_tests_per_run as usize;
@@ -857,9 +903,10 @@ async fn serve(a: ServeArgs) -> Result<ExitCode, Failure> {
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr().context("no local address")?;
     let (ready_tx, ready) = tokio::sync::oneshot::channel::<server::Ready>();
-    let storage = match &settings.data_dir {
-        Some(dir) => format!("data in {}", dir.display()),
-        None => "in memory".to_owned(),
+    let storage = match (&settings.cluster, &settings.data_dir) {
+        (Some(c), _) => format!("a cluster node over {}", c.object_store),
+        (None, Some(dir)) => format!("data in {}", dir.display()),
+        (None, None) => "in memory".to_owned(),
     };
     // Announce the address once recovery is done and the port answers.
     let scheme = if settings.tls.is_some() {

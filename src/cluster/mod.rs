@@ -142,6 +142,18 @@ impl Node {
     }
 }
 
+/// A name for this node: the host's, and 32 random bits, so that two nodes on one host (or a
+/// node restarted) never take each other's changes for their own.
+pub fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    let suffix = unique().map_or_else(|_| std::process::id().to_string(), |u| u[..8].to_owned());
+    format!("{host}-{suffix}")
+}
+
 /// A key part no other segment has: 128 random bits.
 fn unique() -> Result<String, ClusterError> {
     let mut bytes = [0u8; 16];

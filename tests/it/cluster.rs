@@ -398,3 +398,201 @@ mod nodes {
         }
     }
 }
+
+/// Three `covd serve --cluster` processes; one is killed with SIGKILL while shards stream to it.
+mod killed {
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    use covd::client::{Client, PushInput, PushOptions, PushTarget};
+    use covd::model::{Coverage, FileBuilder};
+    use tokio::sync::{mpsc, watch};
+
+    use crate::cli::{COVD, address};
+    use crate::services::{Postgres, S3};
+    use crate::support::*;
+
+    /// A node: its process (killed when the test ends) and address.
+    struct Node {
+        child: Child,
+        url: String,
+        _data: tempfile::TempDir,
+    }
+
+    impl Node {
+        fn start(pg: &Postgres, s3: &S3) -> Node {
+            let data = tempfile::tempdir().unwrap();
+            let mut serve = Command::new(COVD);
+            serve
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--no-http",
+                    "--data-dir",
+                ])
+                .arg(data.path())
+                .args(["--cluster", "--postgres", &pg.url])
+                .args(["--object-store", "s3://covd/killed"]);
+            for (key, value) in s3.options() {
+                serve.args(["--object-store-option", &format!("{key}={value}")]);
+            }
+            let mut child = serve
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let url = address(&mut child);
+            Node {
+                child,
+                url,
+                _data: data,
+            }
+        }
+
+        fn kill(&mut self) {
+            self.child.kill().unwrap();
+            self.child.wait().unwrap();
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Shard `s` of 16: 1,200 files of 30 lines, a third of them shared with other shards,
+    /// with hit counts that differ by shard (so a delta counted twice or lost shows).
+    fn shard(s: u64) -> Coverage {
+        let mut c = Coverage::default();
+        for f in 0..1200u64 {
+            let n = if f % 3 == 0 { f } else { s * 10_000 + f };
+            let mut b = FileBuilder::new();
+            for line in 1..=30u32 {
+                b.line(line, (s + f + line as u64) % 4);
+            }
+            c.files.insert(format!("src/m{n}.c"), b.build());
+        }
+        c
+    }
+
+    /// Pushes `coverage` as shard `id` through `client`, holding the second half of its
+    /// deltas until `go` says so. The push's report.
+    async fn push_held(
+        mut client: Client,
+        id: String,
+        coverage: Coverage,
+        mut go: watch::Receiver<bool>,
+    ) -> covd::client::PushReport {
+        let (tx, rx) = mpsc::channel(4);
+        let deltas: Vec<Vec<(String, covd::model::FileCoverage)>> = coverage
+            .files
+            .into_iter()
+            .collect::<Vec<_>>()
+            .chunks(100)
+            .map(<[_]>::to_vec)
+            .collect();
+        let half = deltas.len() / 2;
+        let feeder = tokio::spawn(async move {
+            for (i, d) in deltas.into_iter().enumerate() {
+                if i == half {
+                    go.wait_for(|go| *go).await.unwrap();
+                }
+                let _ = tx.send(PushInput::Delta(d)).await;
+            }
+            let _ = tx.send(PushInput::Done(None)).await;
+        });
+        let target = PushTarget {
+            run_id: "r".into(),
+            shard_id: id,
+            attempt: 1,
+            ..PushTarget::default()
+        };
+        let report = client
+            .push(&target, rx, &PushOptions::default())
+            .await
+            .unwrap();
+        feeder.await.unwrap();
+        report
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_killed_mid_run_loses_nothing_and_its_shards_resume_elsewhere() {
+        let (pg, s3) = (Postgres::start(), S3::start());
+        let mut nodes: Vec<Node> = (0..3).map(|_| Node::start(&pg, &s3)).collect();
+        let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+        let params = crate::cluster::nodes::params();
+        let shards: Vec<Coverage> = (0..16).map(shard).collect();
+
+        // The same input through one daemon of its own.
+        let single = Daemon::start().await;
+        single.client().open_run("r", params.clone()).await.unwrap();
+        for (i, c) in shards.iter().enumerate() {
+            push(&mut single.client(), "r", &i.to_string(), 1, c.clone()).await;
+        }
+        let want = crate::cluster::nodes::export(&single, true).await;
+
+        Client::connect(&urls[0])
+            .unwrap()
+            .open_run("r", params)
+            .await
+            .unwrap();
+        // Shard i goes to node i % 3 first, then to the others.
+        let (go, held) = watch::channel(false);
+        let mut pushes = Vec::new();
+        for (i, c) in shards.iter().enumerate() {
+            let list = (0..3)
+                .map(|k| urls[(i + k) % 3].as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            let client = Client::connect(&list).unwrap();
+            pushes.push(tokio::spawn(push_held(
+                client,
+                i.to_string(),
+                c.clone(),
+                held.clone(),
+            )));
+        }
+        // Once node 0 sees the first half of every shard acknowledged (those of node 1
+        // through the catalogue), node 1 dies with its shards' streams open.
+        let mut watcher = Client::connect(&urls[0]).unwrap();
+        let watching = tokio::spawn(async move {
+            watcher
+                .watch("r", |status| {
+                    if status.shards.len() == 16 && status.shards.iter().all(|s| s.last_seq >= 6) {
+                        let _ = go.send(true);
+                    }
+                })
+                .await
+        });
+        let mut halfway = held.clone();
+        tokio::time::timeout(Duration::from_secs(60), halfway.wait_for(|go| *go))
+            .await
+            .expect("node 0 sees every shard halfway")
+            .unwrap();
+        watching.abort();
+        nodes[1].kill();
+        let mut resumed = 0;
+        for p in pushes {
+            let report = tokio::time::timeout(Duration::from_secs(120), p)
+                .await
+                .expect("every push ends")
+                .unwrap();
+            assert_eq!(report.deltas, 12);
+            resumed += usize::from(report.reconnects > 0);
+        }
+        assert!(resumed >= 5, "node 1's shards resumed elsewhere: {resumed}");
+
+        for url in [&urls[0], &urls[2]] {
+            let mut out = Vec::new();
+            Client::connect(url)
+                .unwrap()
+                .export("r", Some(Duration::from_secs(60)), &mut out)
+                .await
+                .unwrap();
+            assert!(out == want, "{url}'s export differs from one daemon's");
+        }
+    }
+}
