@@ -486,11 +486,14 @@ impl Client {
     ) -> Result<(bool, RunStatus), ClientError> {
         let r = self
             .inner
-            .open_run(proto::OpenRunRequest {
-                run_id: run_id.to_owned(),
-                params: Some(convert::params_to_proto(params)),
-                known_files,
-            })
+            .open_run(about(
+                run_id,
+                proto::OpenRunRequest {
+                    run_id: run_id.to_owned(),
+                    params: Some(convert::params_to_proto(params)),
+                    known_files,
+                },
+            ))
             .await?
             .into_inner();
         let status = r
@@ -502,9 +505,12 @@ impl Client {
     pub async fn status(&mut self, run_id: &str) -> Result<RunStatus, ClientError> {
         let s = self
             .inner
-            .get_run_status(proto::GetRunStatusRequest {
-                run_id: run_id.to_owned(),
-            })
+            .get_run_status(about(
+                run_id,
+                proto::GetRunStatusRequest {
+                    run_id: run_id.to_owned(),
+                },
+            ))
             .await?
             .into_inner();
         Ok(convert::status_from_proto(s))
@@ -518,9 +524,12 @@ impl Client {
     ) -> Result<(), ClientError> {
         let mut stream = self
             .inner
-            .watch_run(proto::WatchRunRequest {
-                run_id: run_id.to_owned(),
-            })
+            .watch_run(about(
+                run_id,
+                proto::WatchRunRequest {
+                    run_id: run_id.to_owned(),
+                },
+            ))
             .await?
             .into_inner();
         while let Some(s) = stream.message().await? {
@@ -608,10 +617,13 @@ impl Client {
                 sent.files += part.len() as u64;
                 sent.new_texts += u64::from(
                     self.inner
-                        .put_sources(proto::PutSourcesRequest {
-                            run_id: run_id.to_owned(),
-                            files: part,
-                        })
+                        .put_sources(about(
+                            run_id,
+                            proto::PutSourcesRequest {
+                                run_id: run_id.to_owned(),
+                                files: part,
+                            },
+                        ))
                         .await?
                         .into_inner()
                         .new_texts,
@@ -626,10 +638,13 @@ impl Client {
     pub async fn source(&mut self, run_id: &str, path: &str) -> Result<Vec<u8>, ClientError> {
         Ok(self
             .inner
-            .get_source(proto::GetSourceRequest {
-                run_id: run_id.to_owned(),
-                path: path.to_owned(),
-            })
+            .get_source(about(
+                run_id,
+                proto::GetSourceRequest {
+                    run_id: run_id.to_owned(),
+                    path: path.to_owned(),
+                },
+            ))
             .await?
             .into_inner()
             .text)
@@ -637,9 +652,12 @@ impl Client {
 
     pub async fn delete_run(&mut self, run_id: &str) -> Result<(), ClientError> {
         self.inner
-            .delete_run(proto::DeleteRunRequest {
-                run_id: run_id.to_owned(),
-            })
+            .delete_run(about(
+                run_id,
+                proto::DeleteRunRequest {
+                    run_id: run_id.to_owned(),
+                },
+            ))
             .await?;
         Ok(())
     }
@@ -652,12 +670,15 @@ impl Client {
         loop {
             let page = self
                 .inner
-                .get_file(proto::GetFileRequest {
-                    run_id: run_id.to_owned(),
-                    path: path.to_owned(),
-                    first_line,
-                    max_lines: FILE_PAGE_LINES,
-                })
+                .get_file(about(
+                    run_id,
+                    proto::GetFileRequest {
+                        run_id: run_id.to_owned(),
+                        path: path.to_owned(),
+                        first_line,
+                        max_lines: FILE_PAGE_LINES,
+                    },
+                ))
                 .await?
                 .into_inner();
             let next = page.next_line;
@@ -700,7 +721,11 @@ impl Client {
                 })
                 .collect(),
         };
-        let mut chunks = self.inner.get_tests_for_lines(request).await?.into_inner();
+        let mut chunks = self
+            .inner
+            .get_tests_for_lines(about(run_id, request))
+            .await?
+            .into_inner();
         let mut answer = TestsForLines::default();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
@@ -720,7 +745,12 @@ impl Client {
             run_id: run_id.to_owned(),
             test: test.to_owned(),
         };
-        let chunks = all(self.inner.get_test_lines(request).await?.into_inner()).await?;
+        let chunks = all(self
+            .inner
+            .get_test_lines(about(run_id, request))
+            .await?
+            .into_inner())
+        .await?;
         let files = chunks.into_iter().flat_map(|c| c.files).collect();
         convert::file_line_gaps_from_proto(files).map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -742,7 +772,12 @@ impl Client {
             has_collected: collected.is_some(),
             collected: collected.unwrap_or_default(),
         };
-        let chunks = all(self.inner.get_test_impact(request).await?.into_inner()).await?;
+        let chunks = all(self
+            .inner
+            .get_test_impact(about(run_id, request))
+            .await?
+            .into_inner())
+        .await?;
         convert::impact_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -804,7 +839,11 @@ impl Client {
         let request = proto::GetAttemptsRequest {
             run_id: run_id.to_owned(),
         };
-        let answer = self.inner.get_attempts(request).await?.into_inner();
+        let answer = self
+            .inner
+            .get_attempts(about(run_id, request))
+            .await?
+            .into_inner();
         answer
             .shards
             .into_iter()
@@ -828,7 +867,11 @@ impl Client {
             diff,
             strip,
         };
-        let answer = self.inner.get_patch_coverage(request).await?.into_inner();
+        let answer = self
+            .inner
+            .get_patch_coverage(about(run_id, request))
+            .await?
+            .into_inner();
         convert::patch_from_proto(answer).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -848,7 +891,12 @@ impl Client {
             diff: diff.unwrap_or_default(),
             strip,
         };
-        let chunks = all(self.inner.get_differential(request).await?.into_inner()).await?;
+        let chunks = all(self
+            .inner
+            .get_differential(about(run_id, request))
+            .await?
+            .into_inner())
+        .await?;
         convert::differential_from_proto(chunks).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -872,7 +920,11 @@ impl Client {
         let request = proto::ListTestsRequest {
             run_id: run_id.to_owned(),
         };
-        let mut chunks = self.inner.list_tests(request).await?.into_inner();
+        let mut chunks = self
+            .inner
+            .list_tests(about(run_id, request))
+            .await?
+            .into_inner();
         let mut tests = Vec::new();
         while let Some(chunk) = chunks.next().await {
             tests.extend(chunk?.tests);
@@ -887,10 +939,13 @@ impl Client {
     ) -> Result<DirectorySummary, ClientError> {
         let d = self
             .inner
-            .get_directory(proto::GetDirectoryRequest {
-                run_id: run_id.to_owned(),
-                path: path.to_owned(),
-            })
+            .get_directory(about(
+                run_id,
+                proto::GetDirectoryRequest {
+                    run_id: run_id.to_owned(),
+                    path: path.to_owned(),
+                },
+            ))
             .await?
             .into_inner();
         Ok(convert::directory_from_proto(d))
@@ -936,6 +991,7 @@ impl Client {
             include: include.to_vec(),
             exclude: exclude.to_vec(),
         });
+        routed(&mut request, run_id);
         // The daemon answers once the run is complete or the wait is over.
         if let (Some(wait), Some(deadline)) = (wait, self.deadline) {
             request.set_timeout(wait.saturating_add(deadline));
@@ -1011,12 +1067,13 @@ impl Client {
             finish,
         } = spooled;
         let shard = header.shard_id.clone();
+        let run_id = header.run_id.clone();
         let (tx, rx) = mpsc::channel::<proto::IngestRequest>(WINDOW + 2);
         let request = |msg| proto::IngestRequest { msg: Some(msg) };
         let _ = tx.send(request(ingest_request::Msg::Header(header))).await;
         let mut responses = self
             .inner
-            .ingest(ReceiverStream::new(rx))
+            .ingest(about(&run_id, ReceiverStream::new(rx)))
             .await?
             .into_inner();
         let resume = match responses.next().await {
@@ -1157,7 +1214,7 @@ impl Client {
         let _ = tx.send(request(ingest_request::Msg::Header(header))).await;
         let mut responses = self
             .inner
-            .ingest(ReceiverStream::new(rx))
+            .ingest(about(&target.run_id, ReceiverStream::new(rx)))
             .await
             .map_err(|s| fail(s.into()))?
             .into_inner();
@@ -1443,6 +1500,26 @@ fn retryable_code(code: Code) -> bool {
             | Code::Cancelled
             | Code::DeadlineExceeded
     )
+}
+
+/// The header that names the run a call is about, for a load balancer in front of a
+/// cluster's nodes to route by (see `docs/cluster.md`): a run's calls then go to one node,
+/// which merges each of its deltas once.
+pub const RUN_HEADER: &str = "x-covd-run";
+
+/// `message` as a request about run `run_id` ([`RUN_HEADER`]).
+fn about<T>(run_id: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    routed(&mut request, run_id);
+    request
+}
+
+/// Names the run `request` is about ([`RUN_HEADER`]), when its id can be a header's value
+/// (anything else is refused by the daemon anyway, with a better message than a header's).
+fn routed<T>(request: &mut tonic::Request<T>, run_id: &str) {
+    if let Ok(value) = run_id.parse() {
+        request.metadata_mut().insert(RUN_HEADER, value);
+    }
 }
 
 /// Every message of an answer's stream.

@@ -34,6 +34,7 @@ mod phpunit;
 mod power_cut;
 mod privacy;
 mod query_laws;
+mod routing;
 #[cfg(feature = "cluster")]
 mod services;
 mod sources;
