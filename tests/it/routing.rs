@@ -8,12 +8,15 @@ use std::time::Duration;
 use covd::client::{Client, PushInput, PushOptions, PushTarget, RUN_HEADER};
 use tokio::sync::mpsc;
 
+/// Each request a recorder saw: its path and its run header.
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// An HTTP/2 server on loopback that records each request's path and run header, and answers
 /// every call UNAVAILABLE (so a push tries the next daemon it was given).
-async fn recorder() -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
+async fn recorder() -> (String, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let record = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
