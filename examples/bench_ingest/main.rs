@@ -31,17 +31,17 @@ mod bench_data;
 mod browser;
 #[path = "../common/daemon.rs"]
 mod daemon;
+#[path = "../common/lcov_shards.rs"]
+mod lcov_shards;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use covd::client::{Batcher, Client, PushInput, PushOptions, PushTarget};
-use covd::formats::lcov;
-use covd::model::Coverage;
+use covd::client::{Client, PushOptions, PushTarget};
 use covd::service::RunParams;
 use tokio::sync::mpsc;
 
@@ -109,9 +109,9 @@ fn main() {
         .collect();
     shards.sort();
     let bytes: u64 = shards.iter().map(|p| p.metadata().unwrap().len()).sum();
-    let records: u64 = shards.iter().map(|p| count_records(p)).sum();
-    let measured = &shards[..shards.len().min(YARDSTICK_SHARDS)];
-    let yardstick = parse_and_union(measured);
+    let records: u64 = shards.iter().map(|p| lcov_shards::count_records(p)).sum();
+    let measured = &shards[..shards.len().min(lcov_shards::YARDSTICK_SHARDS)];
+    let yardstick = lcov_shards::parse_and_union(measured);
     println!(
         "data: {} shards in {}, {:.1} MB of LCOV, {} file records{}",
         shards.len(),
@@ -610,26 +610,7 @@ async fn run(
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 let (tx, rx) = mpsc::channel(4);
-                let reader = tokio::task::spawn_blocking(move || {
-                    let mut r = lcov::Reader::new(BufReader::with_capacity(
-                        1 << 20,
-                        File::open(path).unwrap(),
-                    ));
-                    let mut batcher = Batcher::default();
-                    let mut pending = Coverage::default();
-                    while let Some(rec) = r.next_record().unwrap() {
-                        pending.add(&rec.path, &rec.file);
-                    }
-                    for (p, f) in pending.files {
-                        if let Some(d) = batcher.push(p, f) {
-                            tx.blocking_send(PushInput::Delta(d)).unwrap();
-                        }
-                    }
-                    if let Some(d) = batcher.finish() {
-                        tx.blocking_send(PushInput::Delta(d)).unwrap();
-                    }
-                    tx.blocking_send(PushInput::Done(None)).unwrap();
-                });
+                let reader = tokio::task::spawn_blocking(move || lcov_shards::feed(&path, tx));
                 let target = PushTarget {
                     run_id: run_id.into(),
                     shard_id: id,
@@ -670,36 +651,6 @@ async fn run(
         totals: header.totals,
         scrapes,
     }
-}
-
-fn count_records(path: &Path) -> u64 {
-    BufReader::new(File::open(path).unwrap())
-        .split(b'\n')
-        .filter(|l| l.as_ref().is_ok_and(|l| l.starts_with(b"SF:")))
-        .count() as u64
-}
-
-/// Shards the yardstick reads: enough to merge, few enough to take seconds.
-const YARDSTICK_SHARDS: usize = 2;
-
-/// The machine's speed in this run, in seconds of one thread per file record: shards read and
-/// merged with covd's own LCOV reader and merge (issue 5's "plain single-threaded
-/// parse-and-union"). This machine's speed varies by ±20% from day to day; the daemon's CPU as
-/// a ratio to the yardstick is meant to compare across runs and days where its seconds do not.
-fn parse_and_union(shards: &[PathBuf]) -> f64 {
-    let start = Instant::now();
-    let mut union = Coverage::default();
-    let mut records = 0;
-    for path in shards {
-        let mut r = lcov::Reader::new(BufReader::with_capacity(1 << 20, File::open(path).unwrap()));
-        while let Some(rec) = r.next_record().unwrap() {
-            union.add(&rec.path, &rec.file);
-            records += 1;
-        }
-    }
-    let took = start.elapsed().as_secs_f64();
-    assert!(!union.files.is_empty(), "the shards hold coverage");
-    took / records as f64
 }
 
 /// The generator's ground truth against the merged totals.

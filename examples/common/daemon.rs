@@ -44,6 +44,14 @@ pub(crate) fn serve_if_asked(settings: impl FnOnce(Option<PathBuf>) -> covd::Set
 /// `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p` or
 /// `valgrind --tool=massif --depth=40`.
 pub(crate) fn spawn(data_dir: Option<&Path>) -> (Child, String, Duration) {
+    spawn_with(data_dir, &[])
+}
+
+/// [`spawn`], with these environment variables set for the daemon.
+pub(crate) fn spawn_with(
+    data_dir: Option<&Path>,
+    env: &[(&str, &str)],
+) -> (Child, String, Duration) {
     let started = Instant::now();
     let wrap = std::env::var("COVD_BENCH_WRAP").unwrap_or_default();
     let mut words = wrap.split_whitespace();
@@ -55,7 +63,7 @@ pub(crate) fn spawn(data_dir: Option<&Path>) -> (Child, String, Duration) {
         }
         None => Command::new(std::env::current_exe().unwrap()),
     };
-    cmd.arg("__daemon");
+    cmd.arg("__daemon").envs(env.iter().copied());
     if let Some(dir) = data_dir {
         cmd.arg(dir);
     }

@@ -241,6 +241,11 @@ impl Run {
         self.changed.subscribe()
     }
 
+    /// Whether anyone waits on the run's changes (a watch, an export waiting for it).
+    pub(super) fn watched(&self) -> bool {
+        self.changed.receiver_count() > 0
+    }
+
     pub(super) fn status(&self) -> RunStatus {
         let totals = self.totals();
         let state = self.state();

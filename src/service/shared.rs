@@ -200,9 +200,12 @@ impl CoverageService {
         Ok(())
     }
 
-    /// Follows what other daemons change in a shared store, for as long as the service lives:
-    /// each run they change is brought up to date here (waking its watchers), and every run
-    /// held after the store's connection was lost. Needs a runtime.
+    /// Follows what other daemons change in a shared store, for as long as the service lives.
+    /// A run this daemon does not hold is taken in (so that its lists show it); one it holds
+    /// is brought up to date only while someone here waits on it (a watch, an export waiting
+    /// for it), since every call about a run brings it up to date first anyway: a daemon that
+    /// nobody asks about a run does not merge its deltas. After the store's connection was
+    /// lost, every run held and waited on. Needs a runtime.
     pub(super) fn follow_changes(&self) {
         let Some(mut changes) = self.shared.storage.take_changes() else {
             return;
@@ -230,6 +233,10 @@ impl CoverageService {
                 };
                 let _ = tokio::task::spawn_blocking(move || {
                     for id in runs {
+                        let held = service.shared.runs.get(&id).map(|r| r.value().clone());
+                        if held.is_some_and(|run| !run.watched()) {
+                            continue;
+                        }
                         if let Err(e) = service.refresh_now(&id) {
                             tracing::warn!(run = %id, "catching up with another node failed: {e}");
                         }

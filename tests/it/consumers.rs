@@ -6,30 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use covd::model::path::PathRules;
 use covd::service::{ExportFormat, RunParams};
 
 use crate::support::*;
 
-/// The tools' directory, installed once per test process (the script locks across processes).
-pub(crate) fn tools() -> &'static Path {
-    static TOOLS: OnceLock<PathBuf> = OnceLock::new();
-    TOOLS.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(root.join(".ci/tools"))
-            .output()
-            .expect("run .ci/tools");
-        assert!(
-            out.status.success(),
-            "the tools the tests use could not be installed by .ci/tools:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        root.join("target/tools")
-    })
-}
+pub(crate) use crate::services::tools;
 
 #[derive(Debug, Clone, Copy)]
 enum Lcov {

@@ -35,7 +35,8 @@ mod power_cut;
 mod privacy;
 mod query_laws;
 mod routing;
-#[cfg(feature = "cluster")]
+// Its PostgreSQL and S3 servers serve the cluster tests only.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 mod services;
 mod sources;
 mod spool;

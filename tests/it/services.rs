@@ -2,15 +2,32 @@
 //! PostgreSQL (Debian's binaries; `initdb` runs as the `postgres` user when the tests run as
 //! root) and an S3 server (moto, from `.ci/tools`' virtual environment). A service that cannot
 //! start fails the test, saying why: nothing is skipped.
+//!
+//! The cluster benchmark (`examples/bench_cluster.rs`) starts them with this file too, so it
+//! uses nothing but std and tempfile.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-/// The project's tools (`.ci/tools`), installed if missing.
-fn tools() -> PathBuf {
-    crate::consumers::tools().to_path_buf()
+/// The project's tools (`.ci/tools`: lcov, pycobertura, moto, PostgreSQL, Chromium, …),
+/// installed once per process (the script locks across processes), in `target/tools`.
+pub(crate) fn tools() -> &'static std::path::Path {
+    static TOOLS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join(".ci/tools"))
+            .output()
+            .expect("run .ci/tools");
+        assert!(
+            out.status.success(),
+            "the tools could not be installed by .ci/tools:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join("target/tools")
+    })
 }
 
 /// A port free on loopback now (the services below take a port number, not a listener).
@@ -205,6 +222,12 @@ impl S3 {
             "making the bucket: {answer}"
         );
         S3 { child, endpoint }
+    }
+
+    /// The server's process id (its CPU is part of what the cluster benchmark costs).
+    #[allow(dead_code)] // the benchmark's, not the tests'
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The options that point the `object_store` crate at this server.
