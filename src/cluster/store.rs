@@ -1063,21 +1063,8 @@ impl Storage for ClusterStore {
         attempts: &[(String, u32, u64)],
         f: &mut dyn FnMut(&str, FileBatch),
     ) -> Result<(), StoreError> {
-        let ranges: Vec<(String, u32, u64, u64)> = attempts
-            .iter()
-            .map(|(shard, attempt, last)| (shard.clone(), *attempt, 0, *last))
-            .collect();
-        self.for_each_delta_after(run_id, &ranges, f)
-    }
-
-    fn for_each_delta_after(
-        &self,
-        run_id: &str,
-        ranges: &[(String, u32, u64, u64)],
-        f: &mut dyn FnMut(&str, FileBatch),
-    ) -> Result<(), StoreError> {
-        for (shard, attempt, after, last_seq) in ranges {
-            if last_seq <= after {
+        for (shard, attempt, last_seq) in attempts {
+            if *last_seq == 0 {
                 continue;
             }
             let bodies = self.block(async {
@@ -1086,15 +1073,9 @@ impl Storage for ClusterStore {
                         "SELECT g.key, d.start_offset, d.length
                          FROM covd_segment_deltas d JOIN covd_segments g ON g.id = d.segment_id
                          WHERE d.run_id = $1 AND d.shard_id = $2 AND d.attempt = $3
-                           AND d.published AND d.seq > $4 AND d.seq <= $5
+                           AND d.published AND d.seq BETWEEN 1 AND $4
                          ORDER BY d.seq",
-                        &[
-                            &run_id,
-                            shard,
-                            &(*attempt as i32),
-                            &big(*after)?,
-                            &big(*last_seq)?,
-                        ],
+                        &[&run_id, shard, &(*attempt as i32), &big(*last_seq)?],
                     )
                     .await?;
                 self.fetch(&placed(&rows, 0, 1)).await
@@ -1102,6 +1083,67 @@ impl Storage for ClusterStore {
             for body in bodies {
                 f(shard, codec::decode_delta(&body, self.wire)?);
             }
+        }
+        Ok(())
+    }
+
+    /// One query for every shard, and the deltas read a segment at a time (a node catching up
+    /// with another reads each of its segments once, not once per shard in it).
+    fn for_each_delta_after(
+        &self,
+        run_id: &str,
+        ranges: &[(String, u32, u64, u64)],
+        f: &mut dyn FnMut(&str, FileBatch),
+    ) -> Result<(), StoreError> {
+        let ranges: Vec<&(String, u32, u64, u64)> = ranges
+            .iter()
+            .filter(|(_, _, after, last)| last > after)
+            .collect();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let shards: Vec<&str> = ranges.iter().map(|r| r.0.as_str()).collect();
+        let attempts: Vec<i32> = ranges.iter().map(|r| r.1 as i32).collect();
+        let afters = ranges
+            .iter()
+            .map(|r| big(r.2))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let lasts = ranges
+            .iter()
+            .map(|r| big(r.3))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let rows = self.block(self.query(
+            "SELECT g.key, d.shard_id, d.start_offset, d.length
+             FROM covd_segment_deltas d
+             JOIN covd_segments g ON g.id = d.segment_id
+             JOIN unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[])
+                  AS w(shard_id, attempt, after_seq, last_seq)
+               ON d.shard_id = w.shard_id AND d.attempt = w.attempt
+              AND d.seq > w.after_seq AND d.seq <= w.last_seq
+             WHERE d.run_id = $1 AND d.published
+             ORDER BY g.key, d.start_offset",
+            &[&run_id, &shards, &attempts, &afters, &lasts],
+        ))?;
+        let mut i = 0;
+        while i < rows.len() {
+            let key: &str = rows[i].get(0);
+            let n = rows[i..]
+                .iter()
+                .take_while(|r| r.get::<_, &str>(0) == key)
+                .count();
+            let of_key = &rows[i..i + n];
+            let ranges: Vec<Range<u64>> = of_key
+                .iter()
+                .map(|r| {
+                    let at = r.get::<_, i64>(2) as u64;
+                    at..at + r.get::<_, i64>(3) as u64
+                })
+                .collect();
+            let bodies = self.block(self.node.segments().read_ranges(key, &ranges))?;
+            for (row, body) in of_key.iter().zip(bodies) {
+                f(row.get(1), codec::decode_delta(&body, self.wire)?);
+            }
+            i += n;
         }
         Ok(())
     }

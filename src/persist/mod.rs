@@ -142,7 +142,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
 
     /// [`Storage::for_each_delta`] for the deltas after the first of each `(shard, attempt,
-    /// after, last_seq)`: those a daemon that merged `after` of them lacks. Blocking.
+    /// after, last_seq)`: those a daemon that merged `after` of them lacks. In no particular
+    /// order (what merges them does not depend on it). Blocking.
     fn for_each_delta_after(
         &self,
         run_id: &str,
