@@ -422,19 +422,25 @@ impl Catalogue {
         let client = self.client().await?;
         // A reference to a segment is only ever made by the transaction that publishes it,
         // so one unreferenced once published stays so.
+        // The unreferenced ones are chosen from what the statement's snapshot shows as
+        // published: a segment being published right now is `staged` there, so a sweep that
+        // waits for its row lock never claims it (rechecking `published` against references
+        // its snapshot cannot see).
         let rows = client
             .query(
-                "UPDATE covd_segments g SET state = 'swept'
+                "WITH unreferenced AS (
+                     SELECT g.id FROM covd_segments g
+                     WHERE g.state = 'published'
+                       AND g.staged_at < now() - make_interval(secs => $1)
+                       AND NOT EXISTS (SELECT 1 FROM covd_segment_deltas d
+                                       WHERE d.segment_id = g.id AND d.published)
+                       AND NOT EXISTS (SELECT 1 FROM covd_merged m WHERE m.segment_id = g.id)
+                       AND NOT EXISTS (SELECT 1 FROM covd_shard_lines l
+                                       WHERE l.segment_id = g.id))
+                 UPDATE covd_segments g SET state = 'swept'
                  WHERE g.state = 'swept'
-                    OR (g.staged_at < now() - make_interval(secs => $1)
-                        AND (g.state = 'staged'
-                             OR (g.state = 'published'
-                                 AND NOT EXISTS (SELECT 1 FROM covd_segment_deltas d
-                                                 WHERE d.segment_id = g.id AND d.published)
-                                 AND NOT EXISTS (SELECT 1 FROM covd_merged m
-                                                 WHERE m.segment_id = g.id)
-                                 AND NOT EXISTS (SELECT 1 FROM covd_shard_lines l
-                                                 WHERE l.segment_id = g.id))))
+                    OR (g.state = 'staged' AND g.staged_at < now() - make_interval(secs => $1))
+                    OR (g.state = 'published' AND g.id IN (SELECT id FROM unreferenced))
                  RETURNING g.id, g.key",
                 &[&older_than.as_secs_f64()],
             )

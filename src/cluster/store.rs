@@ -331,6 +331,12 @@ async fn commit_group(
                     outcome = Err(why);
                     break;
                 }
+                // PostgreSQL refused a statement of this call (a deadlock with another node,
+                // a value it does not take): this call is rolled back, the others go on.
+                Err(Fail::Store(ClusterError::Postgres(e))) if e.as_db_error().is_some() => {
+                    outcome = Err(format!("the cluster's PostgreSQL refused it: {e}"));
+                    break;
+                }
                 Err(Fail::Store(e)) => return Err(e),
             }
         }
@@ -508,14 +514,15 @@ async fn apply(
                 )
                 .await?
                 == 1
-                || tx
-                    .execute(
-                        "INSERT INTO covd_shards (run_id, shard_id, attempt, acked_seq, record)
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                        &[&run_id, &shard.shard_id, &attempt, &seq, &record],
-                    )
-                    .await?
-                    == 1;
+                || (seq == 1
+                    && tx
+                        .execute(
+                            "INSERT INTO covd_shards (run_id, shard_id, attempt, acked_seq, record)
+                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                            &[&run_id, &shard.shard_id, &attempt, &seq, &record],
+                        )
+                        .await?
+                        == 1);
             if !advanced {
                 return Err(Fail::Refused(refusal(tx, &run_id, &shard, "delta").await?));
             }
@@ -685,6 +692,13 @@ async fn apply(
             if !stored(tx, &run_id).await? {
                 return Ok(());
             }
+            // Nodes recording the same branch's tests one after the other: a test seen for
+            // the first time has no row to lock yet.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 1))",
+                &[&format!("tests\n{project}\n{branch}")],
+            )
+            .await?;
             for (test, outcome) in outcomes {
                 let old = tx
                     .query_opt(
@@ -888,6 +902,12 @@ async fn down_sample(
     before_ms: u64,
     tests_before_ms: u64,
 ) -> Result<(), Fail> {
+    // One node folds at a time: a month made for the first time has no row to lock yet.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('months', 1))",
+        &[],
+    )
+    .await?;
     // A run still held keeps its summary: it answers for itself until it expires.
     let rows = tx
         .query(
@@ -1124,6 +1144,21 @@ impl Storage for ClusterStore {
              ORDER BY g.key, d.start_offset",
             &[&run_id, &shards, &attempts, &afters, &lasts],
         ))?;
+        // All of them or none: fewer means they left meanwhile (the run was compacted, or the
+        // attempt replaced), and a merge of part would look whole.
+        for (shard, _, after, last) in &ranges {
+            let held = rows
+                .iter()
+                .filter(|r| r.get::<_, &str>(1) == shard.as_str())
+                .count() as u64;
+            if held != last - after {
+                return Err(StoreError::Shared(format!(
+                    "the catalogue holds {held} of the {} deltas of shard `{shard}` of run \
+                     `{run_id}` after {after}: the run changed meanwhile",
+                    last - after
+                )));
+            }
+        }
         let mut i = 0;
         while i < rows.len() {
             let key: &str = rows[i].get(0);

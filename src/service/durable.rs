@@ -165,7 +165,7 @@ pub struct Recovery {
     pub resident_files: usize,
 }
 
-fn totals_of(s: &SummaryRecord) -> crate::model::Totals {
+pub(super) fn totals_of(s: &SummaryRecord) -> crate::model::Totals {
     crate::model::Totals {
         files: s.files,
         lines: s.lines,
@@ -558,6 +558,13 @@ impl CoverageService {
 
     /// Drops one run's raw data, keeping its summary for history.
     async fn retire(&self, run: &Arc<Run>) -> Result<(), Error> {
+        // In a cluster, the summary from what the store holds, not from a copy that nobody
+        // asked about here; and none at all for a run another node deleted meanwhile (its
+        // retention wrote the summary, or a user dropped it).
+        self.refreshed(&run.id).await?;
+        if run.state().deleted {
+            return Ok(());
+        }
         let summary = summary(&run.status());
         self.shared
             .storage

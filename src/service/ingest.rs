@@ -190,7 +190,7 @@ impl CoverageService {
     ) -> Result<ShardSession> {
         let limits = self.limits();
         // Bookkeeping first, under the lock; the store and the rebuild after it.
-        let (start, replaced, previous, reopened) = {
+        let (start, replaced, previous, reopened, before) = {
             let mut state = run.state();
             state.check_live(&run.id)?;
             let stale = state.stale;
@@ -278,6 +278,8 @@ impl CoverageService {
                             .map(super::durable::telemetry_record),
                         lines: Vec::new(),
                     });
+            // What the shard was, to go back to if the new attempt cannot be stored.
+            let before = start.then(|| shard_record(&shard_id, shard));
             if start {
                 shard.attempt = attempt;
                 shard.last_seq = 0;
@@ -297,7 +299,7 @@ impl CoverageService {
             } else {
                 Vec::new()
             };
-            (record, replaced, previous, reopened)
+            (record, replaced, previous, reopened, before)
         };
         // The session exists from here on, so an error below still closes the stream count.
         let mut session = ShardSession {
@@ -347,7 +349,21 @@ impl CoverageService {
                 shard: record,
                 replaced,
             });
-            self.shared.storage.write(writes).await?;
+            if let Err(e) = self.shared.storage.write(writes).await {
+                // Nothing of the new attempt is stored: the shard goes back to what it was,
+                // so that a retry starts the attempt again (in a cluster, a failed write is
+                // not the end of the store).
+                if let Some(before) = &before {
+                    let mut state = run.state();
+                    if let Some(shard) = state.shards.get_mut(&session.shard_id)
+                        && shard.attempt == attempt
+                        && shard.last_seq == 0
+                    {
+                        super::shared::take(shard, before);
+                    }
+                }
+                return Err(e.into());
+            }
         }
         if replaced {
             let service = self.clone();

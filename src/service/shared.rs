@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::durable::{from_ms, telemetry_from_record};
+use super::durable::{from_ms, telemetry_from_record, totals_of};
 use super::run::{Run, Shard};
 use super::{CoverageService, Error, Result};
 use crate::persist::{LoadedRun, ShardRecord};
@@ -46,12 +46,16 @@ impl CoverageService {
     fn refresh_now(&self, run_id: &str) -> Result<()> {
         let store = &*self.shared.storage;
         let held = self.shared.runs.get(run_id).map(|r| r.value().clone());
+        // Read before the store: a run whose record this daemon is storing right now is not
+        // in what the store answers, and is not gone.
+        let was_stored = held
+            .as_ref()
+            .is_some_and(|r| r.stored.load(Ordering::Acquire));
         match (held, store.load_run(run_id)?) {
             (None, None) => {}
-            (Some(run), None) => {
-                // Deleted by another daemon (one whose record is not stored yet is this
-                // daemon's own, on its way).
-                if run.stored.load(Ordering::Acquire) {
+            (Some(_), None) => {
+                // Deleted by another daemon.
+                if was_stored {
                     self.let_go(run_id);
                 }
             }
@@ -80,6 +84,15 @@ impl CoverageService {
         let _one = run.syncing.lock().unwrap_or_else(|e| e.into_inner());
         let store = &*self.shared.storage;
         let interner = &self.shared.interner;
+        if loaded.compacted != run.compacted.load(Ordering::Acquire) {
+            // Serialized with this daemon's own compaction and reopening of the run.
+            let _compacting = run.compacting.lock().unwrap_or_else(|e| e.into_inner());
+            if loaded.compacted && !run.compacted.load(Ordering::Acquire) {
+                return self.take_compacted(run, loaded);
+            }
+        }
+        // Reopened elsewhere (a retried shard): its coverage is its deltas' again.
+        let reopened = !loaded.compacted && run.compacted.swap(false, Ordering::AcqRel);
         // Shards whose later deltas are merged here: (shard, attempt, merged, last), and the
         // records they take once merged. They are marked busy meanwhile, so that no stream
         // of this daemon writes them.
@@ -92,7 +105,7 @@ impl CoverageService {
             if state.deleted {
                 return Ok(());
             }
-            rebuild = state.stale;
+            rebuild = state.stale || reopened;
             if state.params.expected_shards.is_empty() && !loaded.run.expected_shards.is_empty() {
                 for id in &loaded.run.expected_shards {
                     state.shards.entry(id.clone()).or_default().expected = true;
@@ -133,9 +146,11 @@ impl CoverageService {
                     ));
                     records.push(record);
                 } else if record.last_seq == shard.last_seq
-                    && (record.finished_at_ms.is_some() != shard.finished_at.is_some()
-                        || *record.writer_session != *shard.writer)
+                    && record.finished_at_ms.is_some()
+                    && shard.finished_at.is_none()
                 {
+                    // Finished elsewhere (a record read before this daemon's own finish
+                    // never takes it back).
                     take(shard, &record);
                     changed = true;
                 }
@@ -146,7 +161,8 @@ impl CoverageService {
             shards: behind.iter().map(|b| (b.0.clone(), b.1)).collect(),
         };
         if rebuild {
-            // Every shard at what the store holds, then the aggregate from their deltas.
+            // Every shard at what the store holds, then the aggregate from their deltas; stale
+            // until that is done, so that a rebuild that fails is done again.
             {
                 let mut state = run.state();
                 for record in &records {
@@ -154,14 +170,16 @@ impl CoverageService {
                         take(shard, record);
                     }
                 }
+                state.stale = true;
             }
             drop(released);
             run.rebuild(interner, store)?;
             run.state().stale = false;
         } else if !behind.is_empty() {
             // A complete run left in storage changes no more: nothing to merge into.
+            // The gate first: a rebuild replaces the aggregate under it.
+            let _gate = run.gate_shared();
             if let Some(aggregate) = run.aggregate() {
-                let _gate = run.gate_shared();
                 let merged = store.for_each_delta_after(&run.id, &behind, &mut |_, files| {
                     aggregate.merge_batch(interner, &files);
                 });
@@ -197,6 +215,39 @@ impl CoverageService {
         if changed || rebuild || !behind.is_empty() {
             run.notify();
         }
+        Ok(())
+    }
+
+    /// Takes in a run another daemon completed and compacted: its shards as stored, and its
+    /// coverage left in storage (its merged files), whatever this daemon had merged of it.
+    fn take_compacted(&self, run: &Arc<Run>, loaded: LoadedRun) -> Result<()> {
+        {
+            let mut state = run.state();
+            for record in &loaded.shards {
+                let shard = state.shards.entry(record.shard_id.clone()).or_default();
+                take(shard, record);
+            }
+            if let Some(ms) = loaded.run.completed_at_ms {
+                state.completed_at = Some(from_ms(ms));
+            }
+            state.update_completion();
+            state.stale = false;
+        }
+        {
+            let _gate = run.gate_exclusive();
+            match &loaded.summary {
+                Some(summary) => run.set_stored(totals_of(summary)),
+                None => run.set_stored(crate::model::Totals::default()),
+            }
+        }
+        if loaded.summary.is_none() {
+            // No summary to take the totals from: read it.
+            let (aggregate, _) = run.load(&self.shared.interner, &*self.shared.storage)?;
+            self.shared.cache.admit(run, aggregate.heap_bytes());
+        }
+        run.deltas_kept
+            .store(loaded.run.deltas_kept, Ordering::Release);
+        run.notify();
         Ok(())
     }
 
@@ -248,8 +299,9 @@ impl CoverageService {
     }
 }
 
-/// Takes a shard's progress from its stored record (what another daemon stored).
-fn take(shard: &mut Shard, r: &ShardRecord) {
+/// Takes a shard's progress from its stored record (what another daemon stored, or what it
+/// was before a start that could not be stored).
+pub(super) fn take(shard: &mut Shard, r: &ShardRecord) {
     shard.attempt = r.attempt;
     shard.last_seq = r.last_seq;
     shard.finished_at = r.finished_at_ms.map(from_ms);
@@ -268,6 +320,10 @@ struct Release<'a> {
 impl Drop for Release<'_> {
     fn drop(&mut self) {
         let mut state = self.run.state();
+        // Unwinding from a panic in a merge: the aggregate may hold part of it.
+        if std::thread::panicking() {
+            state.stale = true;
+        }
         for (id, attempt) in &self.shards {
             if let Some(s) = state.shards.get_mut(id)
                 && s.busy == Some(*attempt)

@@ -338,6 +338,80 @@ mod nodes {
         out
     }
 
+    /// A node that merged part of a run, then another completed and compacted it there (its
+    /// deltas gone from the catalogue, with no reopen window): the first answers from the
+    /// compacted run, exactly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_compacted_on_another_node_answers_exactly() {
+        let (pg, s3) = (Postgres::start(), S3::start());
+        let mut settings = Settings::default();
+        settings.limits.reopen_window = None;
+        let on = |name: &'static str| {
+            let (settings, pg, s3) = (settings.clone(), &pg, &s3);
+            async move {
+                let segments = Segments::connect("s3://covd/compacted", s3.options()).unwrap();
+                let store = ClusterStore::connect(name, &pg.url, segments)
+                    .await
+                    .unwrap()
+                    .with_wire_decoder(covd::rpc::convert::wire_delta_files);
+                Daemon::on(settings, Arc::new(store)).await
+            }
+        };
+        let (a, b) = (on("a").await, on("b").await);
+        let shards = sixteen_shards();
+        let two = RunParams {
+            expected_shards: vec!["0".into(), "1".into()],
+            ..params()
+        };
+        let single = Daemon::start().await;
+        single.client().open_run("r", two.clone()).await.unwrap();
+        push(&mut single.client(), "r", "0", 1, shards[0].clone()).await;
+        push(&mut single.client(), "r", "1", 1, shards[5].clone()).await;
+        let want = export(&single, true).await;
+
+        a.client().open_run("r", two).await.unwrap();
+        push(&mut a.client(), "r", "0", 1, shards[0].clone()).await;
+        // b takes the run in, with shard 0 merged.
+        let status = b.client().status("r").await.unwrap();
+        assert_eq!(status.shards.iter().filter(|s| s.last_seq > 0).count(), 1);
+        push(&mut a.client(), "r", "1", 1, shards[5].clone()).await;
+        let (catalogue, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let compacted = async {
+            loop {
+                let merged: i64 = catalogue
+                    .query_one("SELECT count(*) FROM covd_merged WHERE run_id = 'r'", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if merged > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), compacted)
+            .await
+            .expect("node a compacts the complete run");
+        let deltas: i64 = catalogue
+            .query_one(
+                "SELECT count(*) FROM covd_segment_deltas WHERE run_id = 'r'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            deltas, 0,
+            "no reopen window: the compaction dropped the deltas"
+        );
+        assert!(export(&b, false).await == want, "node b's export differs");
+        let status = b.client().status("r").await.unwrap();
+        assert!(status.complete);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn any_node_answers_exactly_for_a_run_spread_over_three() {
         let (pg, s3) = (Postgres::start(), S3::start());
