@@ -412,6 +412,37 @@ mod nodes {
         assert!(status.complete);
     }
 
+    /// PostgreSQL down while a retried shard's new attempt starts: the start is refused and
+    /// nothing changes; once PostgreSQL is back, the same retry goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_attempt_refused_while_postgres_is_down_starts_once_it_is_back() {
+        let (mut pg, s3) = (Postgres::start(), S3::start());
+        let a = node("a", &pg, &s3).await;
+        let shards = sixteen_shards();
+        let two = RunParams {
+            expected_shards: vec!["0".into(), "1".into()],
+            ..params()
+        };
+        let single = Daemon::start().await;
+        single.client().open_run("r", two.clone()).await.unwrap();
+        push(&mut single.client(), "r", "0", 1, shards[2].clone()).await;
+        push(&mut single.client(), "r", "1", 1, shards[5].clone()).await;
+        let want = export(&single, true).await;
+
+        a.client().open_run("r", two).await.unwrap();
+        push(&mut a.client(), "r", "0", 1, shards[0].clone()).await;
+        pg.kill();
+        let refused = try_push(&mut a.client(), "r", "0", 2, shards[2].clone()).await;
+        assert!(refused.is_err(), "no attempt starts without PostgreSQL");
+        pg.restart();
+        push(&mut a.client(), "r", "0", 2, shards[2].clone()).await;
+        push(&mut a.client(), "r", "1", 1, shards[5].clone()).await;
+        assert!(
+            export(&a, true).await == want,
+            "the retried attempt replaced the first"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn any_node_answers_exactly_for_a_run_spread_over_three() {
         let (pg, s3) = (Postgres::start(), S3::start());
