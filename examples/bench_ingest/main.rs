@@ -102,12 +102,7 @@ fn main() {
         .data
         .clone()
         .unwrap_or_else(|| bench_data::generate(a.shards, a.files));
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("data directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "info"))
-        .collect();
-    shards.sort();
+    let shards = lcov_shards::list(&dir);
     let bytes: u64 = shards.iter().map(|p| p.metadata().unwrap().len()).sum();
     let records: u64 = shards.iter().map(|p| lcov_shards::count_records(p)).sum();
     let measured = &shards[..shards.len().min(lcov_shards::YARDSTICK_SHARDS)];

@@ -11,6 +11,17 @@ use covd::formats::lcov;
 use covd::model::Coverage;
 use tokio::sync::mpsc;
 
+/// The LCOV shards (`*.info`) in `dir`, in order.
+pub(crate) fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("data directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "info"))
+        .collect();
+    shards.sort();
+    shards
+}
+
 /// The file records (`SF:` lines) of an LCOV file.
 pub(crate) fn count_records(path: &Path) -> u64 {
     BufReader::new(File::open(path).unwrap())

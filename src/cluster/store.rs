@@ -1281,13 +1281,7 @@ impl Storage for ClusterStore {
                     months.push(m);
                 }
             }
-            months.sort_by(|a, b| {
-                (a.month_start_ms, &a.project, &a.branch).cmp(&(
-                    b.month_start_ms,
-                    &b.project,
-                    &b.branch,
-                ))
-            });
+            crate::persist::oldest_month_first(&mut months);
             Ok((runs, months))
         })
     }

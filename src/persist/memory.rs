@@ -603,13 +603,7 @@ impl Storage for MemoryStore {
                 out.push(m);
             }
         }
-        out.sort_by(|a, b| {
-            (a.month_start_ms, &a.project, &a.branch).cmp(&(
-                b.month_start_ms,
-                &b.project,
-                &b.branch,
-            ))
-        });
+        crate::persist::oldest_month_first(&mut out);
         Ok((runs, out))
     }
 

@@ -442,6 +442,14 @@ fn newest_first(summaries: &mut [SummaryRecord]) {
     });
 }
 
+/// Orders months oldest first, then by project and branch, so that every backend lists them
+/// alike.
+pub(crate) fn oldest_month_first(months: &mut [MonthRecord]) {
+    months.sort_by(|a, b| {
+        (a.month_start_ms, &a.project, &a.branch).cmp(&(b.month_start_ms, &b.project, &b.branch))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
