@@ -701,3 +701,190 @@ mod killed {
         }
     }
 }
+
+/// A cluster node whose store refuses one write chosen by the test, as PostgreSQL going away
+/// at that moment would.
+mod faults {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use covd::cluster::{ClusterStore, Segments};
+    use covd::model::{FileBatch, FileCoverage};
+    use covd::persist::{
+        AttemptRecord, CommitStats, Digest, HistoryQuery, LoadedRun, MonthRecord, Storage,
+        StoreError, SummaryRecord, TestHistoryRecord, Write,
+    };
+    use covd::server::Settings;
+    use futures_util::future::BoxFuture;
+    use roaring::RoaringBitmap;
+
+    use crate::cluster::nodes::{export, params, sixteen_shards};
+    use crate::services::{Postgres, S3};
+    use crate::support::*;
+
+    /// A store that refuses the next write starting an attempt while `refuse_start` is set.
+    #[derive(Debug)]
+    struct Faulty {
+        inner: ClusterStore,
+        refuse_start: AtomicBool,
+    }
+
+    impl Faulty {
+        fn refused(&self, writes: &[Write]) -> bool {
+            writes
+                .iter()
+                .any(|w| matches!(w, Write::StartAttempt { .. }))
+                && self.refuse_start.swap(false, Ordering::AcqRel)
+        }
+    }
+
+    fn injected() -> StoreError {
+        StoreError::Shared("PostgreSQL went away (injected by the test)".into())
+    }
+
+    impl Storage for Faulty {
+        fn is_durable(&self) -> bool {
+            self.inner.is_durable()
+        }
+        fn failure(&self) -> Option<String> {
+            self.inner.failure()
+        }
+        fn write(&self, writes: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
+            if self.refused(&writes) {
+                return Box::pin(async { Err(injected()) });
+            }
+            self.inner.write(writes)
+        }
+        fn write_blocking(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+            if self.refused(&writes) {
+                return Err(injected());
+            }
+            self.inner.write_blocking(writes)
+        }
+        fn load_runs(&self) -> Result<Vec<LoadedRun>, StoreError> {
+            self.inner.load_runs()
+        }
+        fn for_each_delta(
+            &self,
+            run_id: &str,
+            attempts: &[(String, u32, u64)],
+            f: &mut dyn FnMut(&str, FileBatch),
+        ) -> Result<(), StoreError> {
+            self.inner.for_each_delta(run_id, attempts, f)
+        }
+        fn for_each_merged(
+            &self,
+            run_id: &str,
+            f: &mut dyn FnMut(Vec<(Arc<str>, FileCoverage)>),
+        ) -> Result<(), StoreError> {
+            self.inner.for_each_merged(run_id, f)
+        }
+        fn for_each_shard_lines(
+            &self,
+            run_id: &str,
+            shard_id: &str,
+            f: &mut dyn FnMut(Vec<(Arc<str>, RoaringBitmap)>),
+        ) -> Result<bool, StoreError> {
+            self.inner.for_each_shard_lines(run_id, shard_id, f)
+        }
+        fn summaries(&self, q: &HistoryQuery) -> Result<Vec<SummaryRecord>, StoreError> {
+            self.inner.summaries(q)
+        }
+        fn history(
+            &self,
+            q: &HistoryQuery,
+        ) -> Result<(Vec<SummaryRecord>, Vec<MonthRecord>), StoreError> {
+            self.inner.history(q)
+        }
+        fn attempts(&self, run_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+            self.inner.attempts(run_id)
+        }
+        fn test_histories(
+            &self,
+            project: &str,
+            branch: &str,
+        ) -> Result<Vec<(String, TestHistoryRecord)>, StoreError> {
+            self.inner.test_histories(project, branch)
+        }
+        fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
+            self.inner.usage()
+        }
+        fn missing_sources(&self, digests: &[Digest]) -> Result<Vec<bool>, StoreError> {
+            self.inner.missing_sources(digests)
+        }
+        fn source_digests(
+            &self,
+            run_id: &str,
+            paths: &[String],
+        ) -> Result<Vec<Option<Digest>>, StoreError> {
+            self.inner.source_digests(run_id, paths)
+        }
+        fn source(
+            &self,
+            run_id: &str,
+            path: &str,
+        ) -> Result<Option<(Digest, Vec<u8>)>, StoreError> {
+            self.inner.source(run_id, path)
+        }
+        fn stats(&self) -> &CommitStats {
+            self.inner.stats()
+        }
+        fn is_shared(&self) -> bool {
+            self.inner.is_shared()
+        }
+        fn load_run(&self, run_id: &str) -> Result<Option<LoadedRun>, StoreError> {
+            self.inner.load_run(run_id)
+        }
+        fn for_each_delta_after(
+            &self,
+            run_id: &str,
+            ranges: &[(String, u32, u64, u64)],
+            f: &mut dyn FnMut(&str, FileBatch),
+        ) -> Result<(), StoreError> {
+            self.inner.for_each_delta_after(run_id, ranges, f)
+        }
+        fn take_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Option<String>>> {
+            self.inner.take_changes()
+        }
+    }
+
+    /// The write that starts a retried shard's new attempt fails: the shard stays at its
+    /// earlier attempt, so the same retry, sent again, starts the new attempt and counts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_attempt_whose_start_failed_starts_when_retried() {
+        let (pg, s3) = (Postgres::start(), S3::start());
+        let segments = Segments::connect("s3://covd/faults", s3.options()).unwrap();
+        let inner = ClusterStore::connect("a", &pg.url, segments)
+            .await
+            .unwrap()
+            .with_wire_decoder(covd::rpc::convert::wire_delta_files);
+        let store = Arc::new(Faulty {
+            inner,
+            refuse_start: AtomicBool::new(false),
+        });
+        let a = Daemon::on(Settings::default(), store.clone()).await;
+        let shards = sixteen_shards();
+        let two = covd::service::RunParams {
+            expected_shards: vec!["0".into(), "1".into()],
+            ..params()
+        };
+        let single = Daemon::start().await;
+        single.client().open_run("r", two.clone()).await.unwrap();
+        push(&mut single.client(), "r", "0", 1, shards[2].clone()).await;
+        push(&mut single.client(), "r", "1", 1, shards[5].clone()).await;
+        let want = export(&single, true).await;
+
+        a.client().open_run("r", two).await.unwrap();
+        push(&mut a.client(), "r", "0", 1, shards[0].clone()).await;
+        store.refuse_start.store(true, Ordering::Release);
+        // The push retries by itself: its first stream is refused, the next one starts.
+        let report = push(&mut a.client(), "r", "0", 2, shards[2].clone()).await;
+        assert!(report.reconnects > 0, "the injected failure was met");
+        assert!(!store.refuse_start.load(Ordering::Acquire));
+        push(&mut a.client(), "r", "1", 1, shards[5].clone()).await;
+        assert!(
+            export(&a, true).await == want,
+            "the retried attempt replaced the first"
+        );
+    }
+}
