@@ -495,7 +495,7 @@ async fn apply(
         }
         Write::PutShard { run_id, shard } => {
             if stored(tx, &run_id).await? {
-                put_shard(tx, &run_id, &shard, "PutShard").await?;
+                put_shard(tx, &run_id, &shard, "record", NEVER_BACK).await?;
             }
         }
         Write::AppendDelta { run_id, shard, .. } => {
@@ -551,28 +551,7 @@ async fn apply(
             if !stored(tx, &run_id).await? {
                 return Ok(());
             }
-            let started = tx
-                .execute(
-                    "INSERT INTO covd_shards (run_id, shard_id, attempt, acked_seq, record)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (run_id, shard_id) DO UPDATE
-                     SET attempt = EXCLUDED.attempt, acked_seq = EXCLUDED.acked_seq,
-                         record = EXCLUDED.record
-                     WHERE covd_shards.attempt < EXCLUDED.attempt",
-                    &[
-                        &run_id,
-                        &shard.shard_id,
-                        &(shard.attempt as i32),
-                        &big(shard.last_seq)?,
-                        &codec::encode(&shard),
-                    ],
-                )
-                .await?;
-            if started != 1 {
-                return Err(Fail::Refused(
-                    refusal(tx, &run_id, &shard, "attempt").await?,
-                ));
-            }
+            put_shard(tx, &run_id, &shard, "attempt", STARTS_LATER).await?;
             if let Some(a) = replaced {
                 tx.execute(
                     "INSERT INTO covd_attempts (run_id, shard_id, attempt, record)
@@ -730,24 +709,32 @@ async fn apply(
     Ok(())
 }
 
-/// Stores a shard's record unless the catalogue holds a later attempt of it, or more of this
-/// one: a record never goes back.
+/// When a shard's stored record may be replaced: a new attempt only over an earlier one ...
+const STARTS_LATER: &str = "covd_shards.attempt < EXCLUDED.attempt";
+/// ... and any other record unless the catalogue holds a later attempt, or more of this one.
+const NEVER_BACK: &str = "covd_shards.attempt < EXCLUDED.attempt
+    OR (covd_shards.attempt = EXCLUDED.attempt AND covd_shards.acked_seq <= EXCLUDED.acked_seq)";
+
+/// Stores a shard's record (its attempt and acknowledged sequence in their columns) where
+/// `only` ([`STARTS_LATER`], [`NEVER_BACK`]) allows it; refuses the call otherwise, saying
+/// what the catalogue holds.
 async fn put_shard(
     tx: &impl GenericClient,
     run_id: &str,
     shard: &ShardRecord,
     what: &str,
+    only: &str,
 ) -> Result<(), Fail> {
     let put = tx
         .execute(
-            "INSERT INTO covd_shards (run_id, shard_id, attempt, acked_seq, record)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (run_id, shard_id) DO UPDATE
-             SET attempt = EXCLUDED.attempt, acked_seq = EXCLUDED.acked_seq,
-                 record = EXCLUDED.record
-             WHERE covd_shards.attempt < EXCLUDED.attempt
-                OR (covd_shards.attempt = EXCLUDED.attempt
-                    AND covd_shards.acked_seq <= EXCLUDED.acked_seq)",
+            &format!(
+                "INSERT INTO covd_shards (run_id, shard_id, attempt, acked_seq, record)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (run_id, shard_id) DO UPDATE
+                 SET attempt = EXCLUDED.attempt, acked_seq = EXCLUDED.acked_seq,
+                     record = EXCLUDED.record
+                 WHERE {only}"
+            ),
             &[
                 &run_id,
                 &shard.shard_id,
@@ -957,11 +944,11 @@ async fn down_sample(
 }
 
 /// The object places of a read: each row's key and range, in order.
-fn placed(rows: &[tokio_postgres::Row], key: usize, start: usize) -> Vec<(String, Range<u64>)> {
+fn placed(rows: &[tokio_postgres::Row]) -> Vec<(String, Range<u64>)> {
     rows.iter()
         .map(|r| {
-            let at = r.get::<_, i64>(start) as u64;
-            (r.get(key), at..at + r.get::<_, i64>(start + 1) as u64)
+            let at = r.get::<_, i64>(1) as u64;
+            (r.get(0), at..at + r.get::<_, i64>(2) as u64)
         })
         .collect()
 }
@@ -979,6 +966,18 @@ impl ClusterStore {
             i += n;
         }
         Ok(out)
+    }
+
+    /// The bytes the rows of `sql` place (key, offset, length), in the rows' order. Blocking.
+    fn read_placed(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Bytes>, StoreError> {
+        self.block(async {
+            let rows = self.query(sql, params).await?;
+            self.fetch(&placed(&rows)).await
+        })
     }
 
     async fn query(
@@ -1087,19 +1086,14 @@ impl Storage for ClusterStore {
             if *last_seq == 0 {
                 continue;
             }
-            let bodies = self.block(async {
-                let rows = self
-                    .query(
-                        "SELECT g.key, d.start_offset, d.length
-                         FROM covd_segment_deltas d JOIN covd_segments g ON g.id = d.segment_id
-                         WHERE d.run_id = $1 AND d.shard_id = $2 AND d.attempt = $3
-                           AND d.published AND d.seq BETWEEN 1 AND $4
-                         ORDER BY d.seq",
-                        &[&run_id, shard, &(*attempt as i32), &big(*last_seq)?],
-                    )
-                    .await?;
-                self.fetch(&placed(&rows, 0, 1)).await
-            })?;
+            let bodies = self.read_placed(
+                "SELECT g.key, d.start_offset, d.length
+                 FROM covd_segment_deltas d JOIN covd_segments g ON g.id = d.segment_id
+                 WHERE d.run_id = $1 AND d.shard_id = $2 AND d.attempt = $3
+                   AND d.published AND d.seq BETWEEN 1 AND $4
+                 ORDER BY d.seq",
+                &[&run_id, shard, &(*attempt as i32), &big(*last_seq)?],
+            )?;
             for body in bodies {
                 f(shard, codec::decode_delta(&body, self.wire)?);
             }
@@ -1203,17 +1197,12 @@ impl Storage for ClusterStore {
         run_id: &str,
         f: &mut dyn FnMut(Vec<(Arc<str>, FileCoverage)>),
     ) -> Result<(), StoreError> {
-        let parts = self.block(async {
-            let rows = self
-                .query(
-                    "SELECT g.key, m.start_offset, m.length
-                     FROM covd_merged m JOIN covd_segments g ON g.id = m.segment_id
-                     WHERE m.run_id = $1 ORDER BY m.part",
-                    &[&run_id],
-                )
-                .await?;
-            self.fetch(&placed(&rows, 0, 1)).await
-        })?;
+        let parts = self.read_placed(
+            "SELECT g.key, m.start_offset, m.length
+             FROM covd_merged m JOIN covd_segments g ON g.id = m.segment_id
+             WHERE m.run_id = $1 ORDER BY m.part",
+            &[&run_id],
+        )?;
         for part in parts {
             f(codec::decode_files(&part)?);
         }
@@ -1226,17 +1215,12 @@ impl Storage for ClusterStore {
         shard_id: &str,
         f: &mut dyn FnMut(Vec<(Arc<str>, RoaringBitmap)>),
     ) -> Result<bool, StoreError> {
-        let parts = self.block(async {
-            let rows = self
-                .query(
-                    "SELECT g.key, l.start_offset, l.length
-                     FROM covd_shard_lines l JOIN covd_segments g ON g.id = l.segment_id
-                     WHERE l.run_id = $1 AND l.shard_id = $2 ORDER BY l.part",
-                    &[&run_id, &shard_id],
-                )
-                .await?;
-            self.fetch(&placed(&rows, 0, 1)).await
-        })?;
+        let parts = self.read_placed(
+            "SELECT g.key, l.start_offset, l.length
+             FROM covd_shard_lines l JOIN covd_segments g ON g.id = l.segment_id
+             WHERE l.run_id = $1 AND l.shard_id = $2 ORDER BY l.part",
+            &[&run_id, &shard_id],
+        )?;
         for part in &parts {
             f(codec::decode_shard_lines(part)?);
         }

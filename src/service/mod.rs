@@ -243,7 +243,14 @@ impl CoverageService {
     /// The project a run belongs to (as kept), without building its whole status: every call
     /// that names a run asks it, for its token's reach.
     pub fn run_project(&self, run_id: &str) -> Result<String> {
-        Ok(self.run(run_id)?.state().params.project.clone())
+        // A run's project never changes: one held here answers without asking a shared store
+        // (the call itself brings the run up to date right after).
+        let held = self.shared.runs.get(run_id).map(|r| r.value().clone());
+        let run = match held {
+            Some(run) => run,
+            None => self.run(run_id)?,
+        };
+        Ok(run.state().params.project.clone())
     }
 
     /// A receiver that changes whenever the run does.

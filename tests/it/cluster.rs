@@ -328,6 +328,23 @@ mod nodes {
         }
     }
 
+    /// A run of two expected shards (`first`, then `second`) through one daemon of its own:
+    /// its parameters, and its merged LCOV.
+    pub(crate) async fn two_shards_alone(
+        first: &Coverage,
+        second: &Coverage,
+    ) -> (RunParams, Vec<u8>) {
+        let two = RunParams {
+            expected_shards: vec!["0".into(), "1".into()],
+            ..params()
+        };
+        let single = Daemon::start().await;
+        single.client().open_run("r", two.clone()).await.unwrap();
+        push(&mut single.client(), "r", "0", 1, first.clone()).await;
+        push(&mut single.client(), "r", "1", 1, second.clone()).await;
+        (two, export(&single, true).await)
+    }
+
     pub(crate) async fn export(daemon: &Daemon, wait: bool) -> Vec<u8> {
         let mut out = Vec::new();
         daemon
@@ -359,15 +376,7 @@ mod nodes {
         };
         let (a, b) = (on("a").await, on("b").await);
         let shards = sixteen_shards();
-        let two = RunParams {
-            expected_shards: vec!["0".into(), "1".into()],
-            ..params()
-        };
-        let single = Daemon::start().await;
-        single.client().open_run("r", two.clone()).await.unwrap();
-        push(&mut single.client(), "r", "0", 1, shards[0].clone()).await;
-        push(&mut single.client(), "r", "1", 1, shards[5].clone()).await;
-        let want = export(&single, true).await;
+        let (two, want) = two_shards_alone(&shards[0], &shards[5]).await;
 
         a.client().open_run("r", two).await.unwrap();
         push(&mut a.client(), "r", "0", 1, shards[0].clone()).await;
@@ -419,15 +428,7 @@ mod nodes {
         let (mut pg, s3) = (Postgres::start(), S3::start());
         let a = node("a", &pg, &s3).await;
         let shards = sixteen_shards();
-        let two = RunParams {
-            expected_shards: vec!["0".into(), "1".into()],
-            ..params()
-        };
-        let single = Daemon::start().await;
-        single.client().open_run("r", two.clone()).await.unwrap();
-        push(&mut single.client(), "r", "0", 1, shards[2].clone()).await;
-        push(&mut single.client(), "r", "1", 1, shards[5].clone()).await;
-        let want = export(&single, true).await;
+        let (two, want) = two_shards_alone(&shards[2], &shards[5]).await;
 
         a.client().open_run("r", two).await.unwrap();
         push(&mut a.client(), "r", "0", 1, shards[0].clone()).await;
@@ -718,7 +719,7 @@ mod faults {
     use futures_util::future::BoxFuture;
     use roaring::RoaringBitmap;
 
-    use crate::cluster::nodes::{export, params, sixteen_shards};
+    use crate::cluster::nodes::{export, sixteen_shards, two_shards_alone};
     use crate::services::{Postgres, S3};
     use crate::support::*;
 
@@ -864,15 +865,7 @@ mod faults {
         });
         let a = Daemon::on(Settings::default(), store.clone()).await;
         let shards = sixteen_shards();
-        let two = covd::service::RunParams {
-            expected_shards: vec!["0".into(), "1".into()],
-            ..params()
-        };
-        let single = Daemon::start().await;
-        single.client().open_run("r", two.clone()).await.unwrap();
-        push(&mut single.client(), "r", "0", 1, shards[2].clone()).await;
-        push(&mut single.client(), "r", "1", 1, shards[5].clone()).await;
-        let want = export(&single, true).await;
+        let (two, want) = two_shards_alone(&shards[2], &shards[5]).await;
 
         a.client().open_run("r", two).await.unwrap();
         push(&mut a.client(), "r", "0", 1, shards[0].clone()).await;
